@@ -158,6 +158,7 @@ __all__ = [
     "register_configs",
     "to_container",
     "to_json",
+    "to_config",
     "from_json",
 ]
 
@@ -178,6 +179,19 @@ def to_json(cfg: Any) -> str:
     return json.dumps(to_container(cfg), sort_keys=True)
 
 
+def to_config(cfg: Any) -> Config:
+    """A typed :class:`Config` from a composed config, dict or JSON-decoded object.
+
+    Merging into the structured schema rejects keys it does not know, including ones forced in
+    with Hydra's ``+key=value`` (which ``OmegaConf.to_object`` would silently drop), and values of
+    the wrong type; the error names the key.
+    """
+    from omegaconf import OmegaConf
+
+    container = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), container))
+
+
 _PARSED: dict[str, Config] = {}
 
 
@@ -185,9 +199,6 @@ def from_json(text: str) -> Config:
     """Validate JSON against the schema and return a typed :class:`Config` (cached per text)."""
     import json
 
-    from omegaconf import OmegaConf
-
     if text not in _PARSED:
-        merged = OmegaConf.merge(OmegaConf.structured(Config), json.loads(text))
-        _PARSED[text] = OmegaConf.to_object(merged)
+        _PARSED[text] = to_config(json.loads(text))
     return _PARSED[text]

@@ -147,6 +147,23 @@ def normalise(ds: Dataset, cfg: DataConfig, *, need_labels: bool) -> tuple[Datas
     return out, names
 
 
+def drop_duplicates(ds: Dataset) -> Dataset:
+    """Keep the first of identical texts: a duplicate on both sides of the test split leaks it.
+
+    (BBC News holds about 100 exact duplicate articles.)
+    """
+    seen: set[str] = set()
+    keep = []
+    for i, text in enumerate(ds[TEXT]):
+        if text not in seen:
+            seen.add(text)
+            keep.append(i)
+    if len(keep) < len(ds):
+        log.info("dropped %d duplicate texts of %d", len(ds) - len(keep), len(ds))
+        ds = ds.select(keep)
+    return ds
+
+
 def stratified_indices(labels: Sequence[int], fraction: float, *, seed: int) -> tuple[list[int], list[int]]:
     """(kept, taken): ``fraction`` of every label's examples taken at random, the rest kept."""
     rng = np.random.default_rng(seed)
@@ -192,6 +209,7 @@ def build(cfg: DataConfig, *, seed: int, num_clients: int, need_labels: bool = T
     """Read, split and partition (uncached; see :func:`prepare`)."""
     check_data_config(cfg, num_clients=num_clients)
     ds, names = normalise(read_raw(cfg), cfg, need_labels=need_labels)
+    ds = drop_duplicates(ds)
     if cfg.max_samples is not None:
         if cfg.max_samples < 2:
             raise DataError(f"data.max_samples must be >= 2, got {cfg.max_samples}")

@@ -18,11 +18,14 @@ import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from transformers import logging as hf_logging
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
 from fedpeft.config import EMBEDDED_MODEL, LoraSettings, ModelConfig
 
 log = logging.getLogger(__name__)
+# transformers prints a load report for every fresh head ("classifier: MISSING"): expected here.
+hf_logging.set_verbosity_error()
 
 TASKS = ("seq_cls", "causal_lm")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}

@@ -14,7 +14,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from fedpeft.config import Config, register_configs
+from fedpeft.config import Config, register_configs, to_config
 
 log = logging.getLogger("fedpeft")
 MODES = ("simulation", "centralized")
@@ -64,7 +64,7 @@ def execute(cfg: Config, run_dir: Path) -> list[dict[str, Any]]:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(dcfg: DictConfig) -> float | None:
-    cfg: Config = OmegaConf.to_object(dcfg)
+    cfg = to_config(dcfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     log.info("run directory: %s", run_dir)
     rows = execute(cfg, run_dir)

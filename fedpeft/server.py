@@ -134,7 +134,7 @@ def round_row(strategy: LoRAStrategy, server_round: int, *, wall: float, result:
         "bytes_down": down,
         "cumulative_bytes_up": totals["up"],
         "cumulative_bytes_down": totals["down"],
-        "bytes_down_per_client": dict(sorted((strategy.nodes[n].partition_id, b) for n, b in report.bytes_down.items())),
+        "bytes_down_per_client": {str(p): b for p, b in sorted((strategy.nodes[n].partition_id, b) for n, b in report.bytes_down.items())},
         "residual": report.extra.get("residual"),
         "max_epsilon": max(epsilons) if epsilons else None,
         "clients": clients,

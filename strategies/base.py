@@ -127,6 +127,10 @@ class LoRAStrategy(FedAvg):
         """Tensors and instructions for one client: by default the global adapter at its rank."""
         return resize_rank(self.adapter, node.rank), {"lora-init": "load"}
 
+    def extra_payload(self, node: NodeInfo, server_round: int) -> dict[str, State]:
+        """Further named records for one client (FLoRA: the base updates it has not seen)."""
+        return {}
+
     def upload_keys(self, rank: int) -> set[str]:
         """Keys a rank-``rank`` client must send back (default: every adapter tensor)."""
         return set(self.adapter)
@@ -176,9 +180,10 @@ class LoRAStrategy(FedAvg):
         for node_id in report.sampled:
             node = self.nodes[node_id]
             tensors, instructions = self.payload(node, server_round)
+            extra = self.extra_payload(node, server_round)
             cfg = ConfigRecord({**dict(config), **self.train_config, **instructions, "server-round": server_round, "rank": node.rank})
-            report.bytes_down[node_id] = state_nbytes(tensors)
-            content = RecordDict({self.arrayrecord_key: to_record(tensors), self.configrecord_key: cfg})
+            report.bytes_down[node_id] = state_nbytes(tensors) + sum(state_nbytes(t) for t in extra.values())
+            content = RecordDict({self.arrayrecord_key: to_record(tensors), self.configrecord_key: cfg, **{k: to_record(v) for k, v in extra.items()}})
             messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node_id))
         return messages
 

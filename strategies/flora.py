@@ -1,0 +1,129 @@
+"""FLoRA: stacking heterogeneous LoRA adapters, merged into the base every round.
+
+"FLoRA: Federated Fine-Tuning Large Language Models with Heterogeneous Low-Rank Adaptations",
+Wang et al., NeurIPS 2024, https://arxiv.org/abs/2409.05976
+
+Server (Eq. 5-6 of the paper, scalings folded into A):
+``A_stack = [p_1 s_1 A_1; …; p_K s_K A_K]`` (Σ r_k × d_in), ``B_stack = [B_1 | … | B_K]``
+(d_out × Σ r_k), so ``B_stack A_stack = Σ_k p_k s_k B_k A_k`` exactly, whatever the ranks. The
+round's ΔW is merged into the base (``W ← W + ΔW_t``) and every client starts the next round with
+a fresh LoRA (seeded A, B = 0). A client that skipped rounds receives every stack it missed, so
+all clients train on ``W_0 + Σ_τ ΔW_τ`` (FederatedLLM issue #4); downlink bytes are those stacks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Mapping
+
+import torch
+
+from fedpeft.records import LORA_A_SUFFIX, LORA_B_SUFFIX, State, exact_product, seeded_lora_a, split_state
+from strategies.base import ClientUpdate, GlobalModel, LoRAStrategy, NodeInfo
+from strategies.lora_math import check_weights, ideal_delta, relative_residual, residual_parts, weighted_sum
+
+
+def stack_pair(
+    lora_as: Sequence[torch.Tensor], lora_bs: Sequence[torch.Tensor], weights: torch.Tensor, *, scalings: Sequence[float]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack one layer's factors: ``lora_as[k]: (r_k, d_in)``, ``lora_bs[k]: (d_out, r_k)``.
+
+    Returns ``(a_stack: (Σ r_k, d_in), b_stack: (d_out, Σ r_k))`` with ``b_stack @ a_stack ==
+    Σ_k weights[k] * scalings[k] * lora_bs[k] @ lora_as[k]``; blocks keep the client order.
+    """
+    check_weights(weights, count=len(lora_as))
+    a_blocks = [(p * s) * a.to(torch.float64) for p, s, a in zip(weights.tolist(), scalings, lora_as)]
+    a_stack = torch.cat(a_blocks, dim=0).to(lora_as[0].dtype)
+    b_stack = torch.cat(list(lora_bs), dim=1)
+    return a_stack, b_stack
+
+
+def stacked_delta(a_stack: torch.Tensor, b_stack: torch.Tensor) -> torch.Tensor:
+    """``ΔW = b_stack @ a_stack`` (d_out, d_in) in float64, bit-reproducible in every process."""
+    return exact_product(b_stack, a_stack)
+
+
+class FLoRA(LoRAStrategy):
+    """Stack the clients' adapters, merge the product into the global base, restart LoRA each round."""
+
+    name = "flora"
+
+    def __init__(self, initial_adapter: State, **kwargs: Any) -> None:
+        super().__init__(initial_adapter, **kwargs)
+        self.updates: list[State] = []  # updates[t]: the stacks merged after round t + 1
+        self.synced: dict[int, int] = {}  # node id -> how many updates it has received
+        self.adapter = self.fresh_adapter(server_round=1)
+
+    def round_seed(self, server_round: int) -> int:
+        return self.seed * 1_000_003 + server_round
+
+    def fresh_adapter(self, *, server_round: int) -> State:
+        """The adapter every client starts round ``server_round`` from: seeded A, B = 0, the head."""
+        state = seeded_lora_a(self.adapter, seed=self.round_seed(server_round))
+        return {k: torch.zeros_like(v) if k.endswith(LORA_B_SUFFIX) else v for k, v in state.items()}
+
+    def payload(self, node: NodeInfo, server_round: int) -> tuple[State, dict[str, Any]]:
+        heads = {k: v.clone() for k, v in self.adapter.items() if not k.endswith((LORA_A_SUFFIX, LORA_B_SUFFIX))}
+        instructions = {
+            "lora-init": "fresh",
+            "a-seed": self.round_seed(server_round),
+            "max-rank": self.max_rank,
+            "base-version": len(self.updates),
+        }
+        return heads, instructions
+
+    def extra_payload(self, node: NodeInfo, server_round: int) -> dict[str, State]:
+        missed = range(self.synced.get(node.node_id, 0), len(self.updates))
+        if not missed:
+            return {}
+        return {"base-updates": {f"{t + 1}|{k}": v for t in missed for k, v in self.updates[t].items()}}
+
+    def aggregate_train(self, server_round, replies):
+        replies = list(replies)
+        for msg in replies:  # a node that replied has stored the updates it was sent
+            if not msg.has_error() and msg.metadata.src_node_id in self.nodes:
+                self.synced[msg.metadata.src_node_id] = len(self.updates)
+        return super().aggregate_train(server_round, replies)
+
+    def aggregate(self, updates: list[ClientUpdate], weights: torch.Tensor, server_round: int) -> dict[str, float]:
+        pairs, heads = split_state(updates[0].state)
+        stack: State = {}
+        parts = []
+        for pair in pairs:
+            lora_as = [u.state[pair.a_key] for u in updates]
+            lora_bs = [u.state[pair.b_key] for u in updates]
+            a_stack, b_stack = stack_pair(lora_as, lora_bs, weights, scalings=[self.scaling] * len(updates))
+            stack[pair.a_key], stack[pair.b_key] = a_stack, b_stack
+            target = ideal_delta(lora_as, lora_bs, weights, scalings=[self.scaling] * len(updates))
+            parts.append(residual_parts(target, stacked_delta(a_stack, b_stack)))
+        self.updates.append(stack)
+        for key in heads:
+            self.adapter[key] = weighted_sum([u.state[key] for u in updates], weights)
+        self.adapter = self.fresh_adapter(server_round=server_round + 1)
+        return {"residual": relative_residual(parts), "stack_rank": float(sum(u.rank for u in updates))}
+
+    @property
+    def scaling(self) -> float:
+        """``s = alpha / r``, the same for every rank (alpha is scaled with the rank)."""
+        return float(self.train_config.get("lora-scaling", 1.0))
+
+    @classmethod
+    def from_config(cls, cfg: Any, initial_adapter: State) -> "FLoRA":
+        return cls(
+            initial_adapter,
+            clients_per_round=cfg.clients_per_round,
+            seed=cfg.seed,
+            min_clients=cfg.min_clients,
+            train_config={"lora-scaling": cfg.model.lora.alpha / cfg.model.lora.r},
+        )
+
+    def global_model(self) -> GlobalModel:
+        return GlobalModel(adapter={k: v.clone() for k, v in self.adapter.items()}, rank=self.max_rank, base_updates=list(self.updates))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "updates": self.updates, "synced": dict(self.synced)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.updates = [dict(u) for u in state["updates"]]
+        self.synced = dict(state["synced"])

@@ -1,0 +1,28 @@
+"""Shared fixtures: tiny random-init models (no download) and the repo's conf/ folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+REPO = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO / "conf"
+
+
+@pytest.fixture
+def tiny_bert():
+    """A 2-layer random-init BERT classifier wrapped with LoRA r=4 on query/value + the head."""
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37, num_labels=3)
+    model = BertForSequenceClassification(config)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], modules_to_save=["classifier"], task_type=TaskType.SEQ_CLS)
+    return get_peft_model(model, lora)

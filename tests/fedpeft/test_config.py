@@ -1,0 +1,76 @@
+"""Config composition: every experiment composes, typos and wrong types fail at composition."""
+
+from __future__ import annotations
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from fedpeft.config import Config, from_json, register_configs, to_config, to_json
+from fedpeft.run import check_config
+from tests.conftest import CONF_DIR
+
+register_configs()
+EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "exp").glob("*.yaml"))
+
+
+def compose_cfg(overrides: list[str]) -> Config:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return to_config(compose(config_name="config", overrides=overrides))
+
+
+def test_default_config_composes_and_passes_checks():
+    cfg = compose_cfg([])
+    assert isinstance(cfg, Config)
+    assert (cfg.seed, cfg.num_rounds, cfg.num_clients, cfg.clients_per_round) == (0, 10, 10, 4)
+    assert cfg.model.name_or_path == "embedded:minilm" and cfg.data.name == "embedded:bbc"
+    check_config(cfg)
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_composes_and_passes_checks(name):
+    cfg = compose_cfg([f"+exp={name}"])
+    check_config(cfg)
+
+
+def test_experiment_list_is_not_empty():
+    assert "smoke" in EXPERIMENTS and "fedavg_hetero" in EXPERIMENTS
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("strategy.lamda=0.1", "lamda"),
+        ("+client.learning_rate=0.1", "learning_rate"),
+        ("num_rounds=ten", "num_rounds"),
+        ("client.batch_size=1.5", "batch_size"),
+    ],
+)
+def test_typo_or_wrong_type_fails_at_composition_naming_the_key(override, fragment):
+    with pytest.raises((ConfigCompositionException, ConfigKeyError, ValidationError)) as info:
+        compose_cfg([override])
+    assert fragment in str(info.value) or fragment in str(info.value.__cause__)
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        (["strategy.name=fedprox"], "unknown strategy 'fedprox'"),
+        (["strategy.ranks=[8,4]"], "strategy.ranks has 2 entries but num_clients is 10"),
+        (["clients_per_round=11"], "clients_per_round=11 exceeds num_clients=10"),
+        (["model.name_or_path=/nonexistent/model"], "does not exist"),
+        (["data.partitioner=zipf"], "data.partitioner must be one of"),
+        (["mode=federated"], "mode must be one of"),
+    ],
+)
+def test_bad_values_fail_before_training(overrides, fragment):
+    cfg = compose_cfg(overrides)
+    with pytest.raises(ValueError, match=fragment.replace("[", r"\[").replace("]", r"\]")):
+        check_config(cfg)
+
+
+def test_json_round_trip_is_exact():
+    cfg = compose_cfg(["+exp=fedavg_hetero", "seed=7"])
+    again = from_json(to_json(cfg))
+    assert again == cfg and again.strategy.ranks == cfg.strategy.ranks
