@@ -43,7 +43,7 @@ class ModelConfig:
         metadata={"help": "'embedded:minilm', a Hugging Face model id, or a local directory."},
     )
     task: str = field(default="seq_cls", metadata={"help": "'seq_cls' or 'causal_lm'."})
-    max_length: int = 128
+    max_length: int = 64
     dtype: str = "float32"
     lora: LoraSettings = field(default_factory=LoraSettings)
 

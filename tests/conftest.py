@@ -26,3 +26,16 @@ def tiny_bert():
     model = BertForSequenceClassification(config)
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], modules_to_save=["classifier"], task_type=TaskType.SEQ_CLS)
     return get_peft_model(model, lora)
+
+
+@pytest.fixture(autouse=True)
+def flower_task_identity():
+    """Messages built outside a running ServerApp need a run id (Flower reads it from the process)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    for name, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):
+        if getattr(TaskIdentity, name) is None:
+            setattr(TaskIdentity, name, value)
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
