@@ -127,6 +127,9 @@ class Config:
         default=None, metadata={"help": "Stop once cumulative up+down traffic exceeds this many MB."}
     )
     save_adapter: bool = True
+    resume: Optional[str] = field(
+        default=None, metadata={"help": "A run directory to continue from its last complete round (same config)."}
+    )
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)

@@ -49,8 +49,18 @@ def execute(cfg: Config, run_dir: Path) -> list[dict[str, Any]]:
     check_config(cfg)
     from fedpeft import data as fdata
 
+    if cfg.resume:  # continue in the interrupted run's own directory
+        run_dir = Path(cfg.resume)
+        if not run_dir.is_dir():
+            raise ValueError(f"resume={cfg.resume!r}: no such run directory")
+        if cfg.mode != "simulation":
+            raise ValueError("resume works for federated runs (mode=simulation)")
+        from fedpeft.server import load_checkpoint
+
+        load_checkpoint(run_dir, cfg)  # fails now, not after Ray started, if it does not fit
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    if not cfg.resume:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     # Read and split the data once here, so a bad path or column fails before Ray starts.
     fdata.prepare(cfg.data, seed=cfg.seed, num_clients=cfg.num_clients, need_labels=cfg.model.task == "seq_cls")
     if cfg.mode == "centralized":

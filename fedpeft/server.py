@@ -144,21 +144,68 @@ def round_row(strategy: LoRAStrategy, server_round: int, *, wall: float, result:
     }
 
 
+CHECKPOINT = "checkpoint.pt"
+
+
+def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> None:
+    """Write ``checkpoint.pt`` atomically: a crash mid-write leaves the previous one intact."""
+    import io
+
+    from clients.state import atomic_write_bytes
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(run_dir / CHECKPOINT, buf.getvalue())
+
+
+def load_checkpoint(run_dir: Path, cfg: Config) -> dict[str, Any]:
+    """The last complete round of ``run_dir``; its config must be the one being resumed."""
+    path = run_dir / CHECKPOINT
+    if not path.exists():
+        raise RunError(f"resume={str(run_dir)!r}: no {CHECKPOINT} there (the run finished no round, or this is not a run directory)")
+    state = torch.load(path, map_location="cpu", weights_only=False)  # our own file, written above
+    saved, wanted = state["config"], to_json(_without_resume(cfg))
+    if saved != wanted:
+        import json
+
+        a, b = json.loads(saved), json.loads(wanted)
+        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        raise RunError(f"resume={str(run_dir)!r}: the config differs from the checkpoint's in {diff}")
+    return state
+
+
+def _without_resume(cfg: Config) -> Config:
+    import dataclasses
+
+    return dataclasses.replace(cfg, resume=None)
+
+
 def run_federated(cfg: Config, grid: Grid, run_dir: Path) -> list[dict[str, Any]]:
-    """Run ``cfg.num_rounds`` rounds of federated LoRA over ``grid``; returns the metrics rows."""
+    """Run ``cfg.num_rounds`` rounds of federated LoRA over ``grid``; returns the metrics rows.
+
+    After every round the complete server state goes to ``checkpoint.pt``; with ``cfg.resume``
+    the run continues from it and ends exactly as an uninterrupted run would.
+    """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ranks = client_ranks(cfg)
     data = fdata.prepare(cfg.data, seed=cfg.seed, num_clients=cfg.num_clients, need_labels=cfg.model.task == "seq_cls")
-    lineage = f"{run_dir.name}-{time.time_ns():x}"
+    checkpoint = load_checkpoint(run_dir, cfg) if cfg.resume else None
+    lineage = checkpoint["lineage"] if checkpoint else f"{run_dir.name}-{time.time_ns():x}"
     evaluator = ServerEvaluator(cfg, data, lineage=lineage)
     strategy = get_strategy(cfg.strategy.name).from_config(cfg, initial_adapter(evaluator.cm, rank=max(ranks), seed=cfg.seed))
-    config = ConfigRecord({"fedpeft-config": to_json(cfg), "sim-state-dir": str(run_dir / "nodes"), "base-lineage": lineage})
+    config = ConfigRecord({"fedpeft-config": to_json(_without_resume(cfg)), "sim-state-dir": str(run_dir / "nodes"), "base-lineage": lineage})
     strategy.register_nodes(handshake(grid, cfg, config))
 
+    first_round, totals = 1, {"up": 0, "down": 0}
     writer = MetricsWriter(run_dir, num_rounds=cfg.num_rounds)
-    totals = {"up": 0, "down": 0}
-    for server_round in range(1, cfg.num_rounds + 1):
+    if checkpoint:
+        strategy.load_state_dict(checkpoint["strategy"])
+        first_round, totals = checkpoint["round"] + 1, dict(checkpoint["totals"])
+        for row in checkpoint["rows"]:  # metrics.jsonl/csv rewritten up to the checkpoint
+            writer.write(row, rounds_done=row["round"])
+        log.info("resumed %s after round %d", run_dir, checkpoint["round"])
+    for server_round in range(first_round, cfg.num_rounds + 1):
         started = time.perf_counter()
         messages = list(strategy.configure_train(server_round, ArrayRecord(), config, grid))
         replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
@@ -174,12 +221,16 @@ def run_federated(cfg: Config, grid: Grid, run_dir: Path) -> list[dict[str, Any]
         last = server_round == cfg.num_rounds
         result = evaluator(strategy.global_model()) if last or server_round % cfg.eval_every == 0 else None
         row = round_row(strategy, server_round, wall=time.perf_counter() - started, result=result, totals=totals)
+        stop = cfg.comm_budget_mb is not None and (totals["up"] + totals["down"]) / 1e6 >= cfg.comm_budget_mb
+        if stop and result is None:
+            row.update(_eval_fields(evaluator(strategy.global_model())))
         writer.write(row)
-        if cfg.comm_budget_mb is not None and (totals["up"] + totals["down"]) / 1e6 >= cfg.comm_budget_mb:
+        save_checkpoint(
+            run_dir,
+            {"round": server_round, "strategy": strategy.state_dict(), "totals": totals, "rows": writer.rows, "lineage": lineage, "config": config["fedpeft-config"]},
+        )
+        if stop:
             log.info("communication budget of %.2f MB reached after round %d; stopping", cfg.comm_budget_mb, server_round)
-            if result is None:
-                row.update(_eval_fields(evaluator(strategy.global_model())))
-                writer.rows[-1] = row
             break
     if cfg.save_adapter:
         save_final(evaluator, strategy.global_model(), run_dir)

@@ -51,7 +51,7 @@ class FLoRA(LoRAStrategy):
     def __init__(self, initial_adapter: State, **kwargs: Any) -> None:
         super().__init__(initial_adapter, **kwargs)
         self.updates: list[State] = []  # updates[t]: the stacks merged after round t + 1
-        self.synced: dict[int, int] = {}  # node id -> how many updates it has received
+        self.synced: dict[int, int] = {}  # partition id -> how many updates that node has received
         self.adapter = self.fresh_adapter(server_round=1)
 
     def round_seed(self, server_round: int) -> int:
@@ -73,7 +73,7 @@ class FLoRA(LoRAStrategy):
         return heads, instructions
 
     def extra_payload(self, node: NodeInfo, server_round: int) -> dict[str, State]:
-        missed = range(self.synced.get(node.node_id, 0), len(self.updates))
+        missed = range(self.synced.get(node.partition_id, 0), len(self.updates))
         if not missed:
             return {}
         return {"base-updates": {f"{t + 1}|{k}": v for t in missed for k, v in self.updates[t].items()}}
@@ -82,7 +82,7 @@ class FLoRA(LoRAStrategy):
         replies = list(replies)
         for msg in replies:  # a node that replied has stored the updates it was sent
             if not msg.has_error() and msg.metadata.src_node_id in self.nodes:
-                self.synced[msg.metadata.src_node_id] = len(self.updates)
+                self.synced[self.nodes[msg.metadata.src_node_id].partition_id] = len(self.updates)
         return super().aggregate_train(server_round, replies)
 
     def aggregate(self, updates: list[ClientUpdate], weights: torch.Tensor, server_round: int) -> dict[str, float]:

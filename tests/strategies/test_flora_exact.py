@@ -120,7 +120,7 @@ def test_flora_restarts_lora_and_sends_missed_stacks_only():
         node = strategy.nodes[msg.metadata.dst_node_id]
         got = msg.content.array_records.get("base-updates")
         n_updates = 0 if got is None else len({k.split("|")[0] for k in got})
-        assert n_updates == len(strategy.updates) - strategy.synced.get(node.node_id, 0)
+        assert n_updates == len(strategy.updates) - strategy.synced.get(node.partition_id, 0)
         assert all(not k.endswith(("lora_A.weight", "lora_B.weight")) for k in msg.content["arrays"])  # fresh LoRA: A from a seed, B = 0
         assert msg.content["config"]["lora-init"] == "fresh"
         strategy.aggregate_train(server_round, [reply_for(msg, node, seed=server_round)])
