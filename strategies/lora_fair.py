@@ -1,0 +1,159 @@
+"""LoRA-FAIR: FedAvg of A and B plus a server-side correction of B̄ toward the ideal update.
+
+"LoRA-FAIR: Federated LoRA Fine-Tuning with Aggregation and Initialization Refinement",
+Bian et al., ICCV 2025, https://arxiv.org/abs/2411.14961
+
+Server: ``ΔW = Σ_k p_k B_k A_k``, ``Ā = Σ p_k A_k``, ``B̄ = Σ p_k B_k``, then
+
+    ΔB* = argmin_ΔB  S(ΔW, (B̄ + ΔB) Ā) + λ ‖ΔB‖_F
+
+with S = 1 − cosine similarity (the paper; solved by a few gradient steps) or the squared
+Frobenius distance (closed form ``ΔB = (ΔW − B̄Ā) Āᵀ (ĀĀᵀ + λI)⁻¹``; it can only correct the part of
+ΔW in the row space of Ā). Clients start the next round from ``(Ā, B̄ + ΔB*)``; W never changes.
+Up 1×, down 1×. No official code was found; this follows the paper's equations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from fedpeft.records import State, split_state
+from strategies.base import ClientUpdate, LoRAStrategy
+from strategies.fedavg import fedit_pair
+from strategies.lora_math import ideal_delta, relative_residual, residual_parts, weighted_sum
+
+METHODS = ("cosine", "frobenius")
+
+
+def fair_correction_frobenius(delta_w: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, *, lam: float) -> torch.Tensor:
+    """Closed form of ``argmin ‖ΔW − (B̄+ΔB)Ā‖²_F + λ‖ΔB‖²_F``.
+
+    ``delta_w: (d_out, d_in)``, ``lora_a: (r, d_in)``, ``lora_b: (d_out, r)`` -> ``ΔB: (d_out, r)``,
+    in float64: ``ΔB (ĀĀᵀ + λI) = (ΔW − B̄Ā) Āᵀ``, solved without forming an inverse.
+    """
+    a, b, dw = lora_a.to(torch.float64), lora_b.to(torch.float64), delta_w.to(torch.float64)
+    rhs = (dw - b @ a) @ a.T  # (d_out, r)
+    gram = a @ a.T + lam * torch.eye(a.shape[0], dtype=torch.float64)
+    if lam <= 0 and torch.linalg.matrix_rank(gram) < a.shape[0]:
+        return torch.linalg.lstsq(gram, rhs.T).solution.T  # rank-deficient Ā: the least-norm solution
+    return torch.linalg.solve(gram, rhs.T).T  # gram is symmetric: ΔB = rhs gram⁻¹
+
+
+def cosine_dissimilarity(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``1 − <x, y> / (‖x‖ ‖y‖)`` over flattened matrices (1 when either is zero)."""
+    nx, ny = x.norm(), y.norm()
+    if nx == 0 or ny == 0:
+        return torch.ones((), dtype=x.dtype)
+    return 1 - (x * y).sum() / (nx * ny)
+
+
+def fair_objective(delta_w: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, delta_b: torch.Tensor, *, lam: float) -> torch.Tensor:
+    """The paper's objective ``1 − cos(ΔW, (B̄+ΔB)Ā) + λ‖ΔB‖_F``."""
+    return cosine_dissimilarity(delta_w, (lora_b + delta_b) @ lora_a) + lam * delta_b.norm()
+
+
+def fair_correction_cosine(delta_w: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, *, lam: float, steps: int, lr: float) -> torch.Tensor:
+    """The paper's correction: ``steps`` Adam steps on :func:`fair_objective` from ΔB = 0 (float64).
+
+    Returns the best iterate, so the objective is never worse than at ΔB = 0 (which is returned
+    when nothing improves it, e.g. when all clients are identical and B̄Ā = ΔW already).
+    """
+    a, b, dw = lora_a.to(torch.float64), lora_b.to(torch.float64), delta_w.to(torch.float64)
+    zero = torch.zeros_like(b)
+    if dw.norm() == 0:
+        return zero
+    # Scale-free step size: ΔB moves relative to the size of B̄ (or of the ideal update's scale).
+    scale = float(b.norm()) or float(dw.norm() / max(a.norm(), 1e-12))
+    delta_b = zero.clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([delta_b], lr=lr * scale / max(b.numel(), 1) ** 0.5)
+    best, best_value = zero, float(fair_objective(dw, a, b, zero, lam=lam))
+    for _ in range(steps):
+        value = fair_objective(dw, a, b, delta_b, lam=lam)
+        if float(value) < best_value - 1e-15:
+            best, best_value = delta_b.detach().clone(), float(value)
+        optimizer.zero_grad()
+        value.backward()
+        if delta_b.grad is not None and not torch.isfinite(delta_b.grad).all():
+            break
+        optimizer.step()
+    final = float(fair_objective(dw, a, b, delta_b.detach(), lam=lam))
+    if final < best_value - 1e-15:
+        best = delta_b.detach().clone()
+    return safeguard(dw, a, b, best)
+
+
+def safeguard(delta_w: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, delta_b: torch.Tensor) -> torch.Tensor:
+    """Scale ΔB by the t ∈ [0, 1] that minimises ‖ΔW − (B̄ + tΔB)Ā‖_F.
+
+    The cosine objective is blind to scale, so its ΔB can point the right way yet overshoot; this
+    line search keeps the direction and guarantees the corrected residual never exceeds FedAvg's
+    (METHODS.md invariant 5). ``t = <R, ΔBĀ> / ‖ΔBĀ‖²`` with ``R = ΔW − B̄Ā``, clipped to [0, 1].
+    """
+    step = delta_b @ lora_a
+    denom = float((step * step).sum())
+    if denom == 0.0:
+        return torch.zeros_like(delta_b)
+    t = float(((delta_w - lora_b @ lora_a) * step).sum()) / denom
+    return delta_b * min(max(t, 0.0), 1.0)
+
+
+def lora_fair(
+    states: Sequence[Mapping[str, torch.Tensor]], weights: torch.Tensor, *, rank: int, method: str, lam: float, steps: int, lr: float
+) -> tuple[State, float, float]:
+    """LoRA-FAIR over whole adapters; returns (adapter with B̄ + ΔB, residual, FedAvg's residual)."""
+    pairs, others = split_state(states[0])
+    out: State = {}
+    parts, fedavg_parts = [], []
+    for pair in pairs:
+        lora_as = [s[pair.a_key] for s in states]
+        lora_bs = [s[pair.b_key] for s in states]
+        lora_a, lora_b = fedit_pair(lora_as, lora_bs, weights, rank=rank)
+        delta_w = ideal_delta(lora_as, lora_bs, weights, scalings=[1.0] * len(states))
+        if method == "frobenius":
+            delta_b = fair_correction_frobenius(delta_w, lora_a, lora_b, lam=lam)
+        else:
+            delta_b = fair_correction_cosine(delta_w, lora_a, lora_b, lam=lam, steps=steps, lr=lr)
+        corrected = (lora_b.to(torch.float64) + delta_b).to(lora_b.dtype)
+        out[pair.a_key], out[pair.b_key] = lora_a, corrected
+        parts.append(residual_parts(delta_w, corrected.to(torch.float64) @ lora_a.to(torch.float64)))
+        fedavg_parts.append(residual_parts(delta_w, lora_b.to(torch.float64) @ lora_a.to(torch.float64)))
+    for key in others:
+        out[key] = weighted_sum([s[key] for s in states], weights)
+    return dict(sorted(out.items())), relative_residual(parts), relative_residual(fedavg_parts)
+
+
+class LoRAFAIR(LoRAStrategy):
+    """FedIT plus the server-side correction ΔB of B̄."""
+
+    name = "lora_fair"
+
+    def __init__(self, initial_adapter: State, *, fair_method: str = "cosine", fair_lambda: float = 0.01, fair_steps: int = 50, fair_lr: float = 0.01, **kwargs: Any) -> None:
+        super().__init__(initial_adapter, **kwargs)
+        if fair_method not in METHODS:
+            raise ValueError(f"strategy.fair_method must be one of {METHODS}, got {fair_method!r}")
+        if fair_lambda < 0 or fair_steps < 0 or fair_lr <= 0:
+            raise ValueError(f"LoRA-FAIR needs fair_lambda >= 0, fair_steps >= 0, fair_lr > 0 (got {fair_lambda}, {fair_steps}, {fair_lr})")
+        self.method, self.lam, self.steps, self.lr = fair_method, fair_lambda, fair_steps, fair_lr
+
+    @classmethod
+    def from_config(cls, cfg: Any, initial_adapter: State) -> "LoRAFAIR":
+        s = cfg.strategy
+        return cls(
+            initial_adapter,
+            clients_per_round=cfg.clients_per_round,
+            seed=cfg.seed,
+            min_clients=cfg.min_clients,
+            fair_method=s.fair_method,
+            fair_lambda=s.fair_lambda,
+            fair_steps=s.fair_steps,
+            fair_lr=s.fair_lr,
+        )
+
+    def aggregate(self, updates: list[ClientUpdate], weights: torch.Tensor, server_round: int) -> dict[str, float]:
+        self.adapter, residual, fedavg_residual = lora_fair(
+            [u.state for u in updates], weights, rank=self.max_rank, method=self.method, lam=self.lam, steps=self.steps, lr=self.lr
+        )
+        return {"residual": residual, "fedavg_residual": fedavg_residual}

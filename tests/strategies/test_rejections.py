@@ -1,0 +1,126 @@
+"""Malformed updates are rejected before aggregation by the real strategy code of every rule."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from fedpeft.records import resize_rank, to_record
+from strategies import STRATEGIES
+from strategies.base import NodeInfo
+
+NODE = NodeInfo(node_id=7, partition_id=0, rank=2, num_examples=12)
+
+
+def adapter() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "m.q.lora_A.weight": torch.randn(4, 6, generator=g),
+        "m.q.lora_B.weight": torch.randn(5, 4, generator=g),
+        "m.head.weight": torch.randn(3, 6, generator=g),
+    }
+
+
+def good_state(strategy) -> dict[str, torch.Tensor]:
+    state = resize_rank(strategy.adapter, NODE.rank)
+    return {k: v + 0.5 for k, v in state.items() if k in strategy.upload_keys(NODE.rank)}
+
+
+def corrupt(kind: str, state: dict, metrics: dict) -> None:
+    key = "m.q.lora_B.weight"
+    if kind == "missing key":
+        del state[key]
+    elif kind == "extra key":
+        state["m.k.lora_A.weight"] = torch.zeros(2, 6)
+    elif kind == "wrong shape":
+        state[key] = torch.zeros(5, 3)
+    elif kind == "wrong dtype":
+        state[key] = state[key].double()
+    elif kind == "nan":
+        state[key][0, 0] = float("nan")
+    elif kind == "inf":
+        state[key][0, 0] = float("inf")
+    elif kind == "rank other than assigned":
+        metrics["rank"] = 4
+    elif kind == "zero num-examples":
+        metrics["num-examples"] = 0
+    elif kind == "negative num-examples":
+        metrics["num-examples"] = -3
+    elif kind == "implausible num-examples":
+        metrics["num-examples"] = 10**9
+    elif kind == "non-finite metric":
+        metrics["train-loss"] = float("nan")
+
+
+KINDS = [
+    "missing key",
+    "extra key",
+    "wrong shape",
+    "wrong dtype",
+    "nan",
+    "inf",
+    "rank other than assigned",
+    "zero num-examples",
+    "negative num-examples",
+    "implausible num-examples",
+    "non-finite metric",
+]
+
+
+@pytest.mark.parametrize("rule", sorted(STRATEGIES))
+@pytest.mark.parametrize("kind", KINDS)
+def test_malformed_update_is_rejected_and_never_touches_the_global_model(rule, kind):
+    # Prepare
+    strategy = STRATEGIES[rule](adapter(), clients_per_round=1, seed=0, train_config={"lora-scaling": 2.0})
+    strategy.register_nodes([NODE])
+    msg = list(strategy.configure_train(1, ArrayRecord(), ConfigRecord({}), grid=None))[0]
+    before = {k: v.clone() for k, v in strategy.global_model().adapter.items()}
+    state, metrics = good_state(strategy), {"num-examples": NODE.num_examples, "rank": NODE.rank, "train-loss": 0.7}
+    corrupt(kind, state, metrics)
+    reply = Message(RecordDict({"arrays": to_record(state), "metrics": MetricRecord(metrics)}), reply_to=msg)
+    # Execute
+    arrays, _ = strategy.aggregate_train(1, [reply])
+    # Assert
+    report = strategy.reports[1]
+    assert arrays is None and not report.clients
+    assert len(report.rejected) == 1 and report.rejected[0]["node"] == NODE.node_id and report.rejected[0]["reason"]
+    after = strategy.global_model()
+    assert after.base_updates == [] and all(torch.equal(after.adapter[k], v) for k, v in before.items())
+
+
+@pytest.mark.parametrize("rule", sorted(STRATEGIES))
+def test_a_well_formed_update_is_accepted(rule):
+    strategy = STRATEGIES[rule](adapter(), clients_per_round=1, seed=0, train_config={"lora-scaling": 2.0})
+    strategy.register_nodes([NODE])
+    msg = list(strategy.configure_train(1, ArrayRecord(), ConfigRecord({}), grid=None))[0]
+    metrics = {"num-examples": NODE.num_examples, "rank": NODE.rank, "train-loss": 0.7}
+    reply = Message(RecordDict({"arrays": to_record(good_state(strategy)), "metrics": MetricRecord(metrics)}), reply_to=msg)
+    arrays, out = strategy.aggregate_train(1, [reply])
+    assert arrays is not None and strategy.reports[1].clients and not strategy.reports[1].rejected
+    assert out["train-loss"] == pytest.approx(0.7)
+
+
+def test_fedit_matches_flowers_own_fedavg_on_the_same_replies():
+    """Equal ranks: FedIT's A and B averages equal Flower's FedAvg of the same ArrayRecords."""
+    from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+    # Prepare
+    nodes = [NodeInfo(node_id=10 + k, partition_id=k, rank=4, num_examples=n) for k, n in enumerate((5, 17, 40))]
+    strategy = STRATEGIES["fedavg"](adapter(), clients_per_round=3, seed=0)
+    strategy.register_nodes(nodes)
+    messages = list(strategy.configure_train(1, ArrayRecord(), ConfigRecord({}), grid=None))
+    replies = []
+    for msg in messages:
+        node = strategy.nodes[msg.metadata.dst_node_id]
+        g = torch.Generator().manual_seed(node.partition_id)
+        state = {k: torch.randn(v.shape, generator=g) for k, v in strategy.adapter.items()}
+        metrics = MetricRecord({"num-examples": node.num_examples, "rank": 4, "train-loss": 1.0})
+        replies.append(Message(RecordDict({"arrays": to_record(state), "metrics": metrics}), reply_to=msg))
+    # Execute
+    ours, _ = strategy.aggregate_train(1, replies)
+    theirs = aggregate_arrayrecords([r.content for r in replies], "num-examples")
+    # Assert
+    assert set(ours) == set(theirs)
+    for key in ours:
+        torch.testing.assert_close(torch.from_numpy(ours[key].numpy()), torch.from_numpy(theirs[key].numpy()), rtol=1e-6, atol=1e-7)
