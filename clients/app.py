@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +145,19 @@ def sync_base(cm: models.CachedModel, store: NodeStore | None, msg: Message, ins
     cm.use_base(lineage, deltas, version=version)
 
 
+def inject_faults(cfg: Config, pid: int, server_round: int, *, attempt: int) -> None:
+    """Raise or hang with the configured probabilities (``faults.*``); seeded, so runs repeat."""
+    faults = cfg.faults
+    if faults.raise_prob <= 0 and faults.hang_prob <= 0:
+        return
+    draw = random.Random(f"{cfg.seed}-{server_round}-{attempt}-{pid}").random()
+    if draw < faults.raise_prob:
+        raise RuntimeError(f"injected fault: client {pid} raises in round {server_round} (faults.raise_prob={faults.raise_prob})")
+    if draw < faults.raise_prob + faults.hang_prob:
+        log.warning("injected fault: client %d hangs for %.0f s in round %d", pid, faults.hang_seconds, server_round)
+        time.sleep(faults.hang_seconds)
+
+
 # ------------------------------------------------------------------------------ handlers
 @app.query()
 def query(msg: Message, context: Context) -> Message:
@@ -164,6 +179,7 @@ def train(msg: Message, context: Context) -> Message:
     rank = int(instructions["rank"])
     server_round = int(instructions["server-round"])
     data, train_examples, val_examples = local_data(cfg, pid)
+    inject_faults(cfg, pid, server_round, attempt=int(instructions.get("attempt", 0)))
 
     cm = worker_model(cfg, data.num_labels)
     store = node_store(cfg, context, instructions) if int(instructions.get("base-version", 0)) else None
@@ -198,6 +214,8 @@ def train(msg: Message, context: Context) -> Message:
         val = evaluate(model, fdata.make_loader(val_examples, pad_token_id=pad_id, batch_size=cfg.client.eval_batch_size, shuffle=False), device=cm.device)
         metrics.update({"val-loss": val.loss, "val-accuracy": val.accuracy})
     state = cm.adapter_state(rank)
+    # A fingerprint of this client's A, so a run can show FFA-LoRA's A never changed anywhere.
+    metrics["lora-a-crc32"] = zlib.crc32(b"".join(state[k].numpy().tobytes() for k in sorted(state) if k.endswith(LORA_A_SUFFIX)))
     if instructions.get("upload", "all") == "no-a":
         state = {k: v for k, v in state.items() if not k.endswith(LORA_A_SUFFIX)}
     content = RecordDict({"arrays": to_record(state), "metrics": MetricRecord(metrics)})

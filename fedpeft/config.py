@@ -101,14 +101,23 @@ class DPConfig:
 @dataclass
 class ClientConfig:
     local_epochs: int = 1
-    local_steps: int = field(default=0, metadata={"help": "If > 0, train exactly this many steps instead of epochs."})
+    local_steps: int = field(default=10, metadata={"help": "If > 0, train exactly this many steps instead of epochs."})
     batch_size: int = 16
-    lr: float = 5e-4
+    lr: float = 5e-3
     weight_decay: float = 0.0
     eval_batch_size: int = 64
     num_cpus: float = 1.0
     num_gpus: float = field(default=0.0, metadata={"help": "Fraction of a GPU per client; 0.25 puts four on one GPU."})
     dp: DPConfig = field(default_factory=DPConfig)
+
+
+@dataclass
+class FaultConfig:
+    """Fault injection, to test and demonstrate what a run does when clients fail."""
+
+    raise_prob: float = field(default=0.0, metadata={"help": "Probability that a client raises during a round."})
+    hang_prob: float = field(default=0.0, metadata={"help": "Probability that a client hangs (sleeps) during a round."})
+    hang_seconds: float = 3600.0
 
 
 @dataclass
@@ -122,6 +131,10 @@ class Config:
     eval_every: int = field(default=1, metadata={"help": "Evaluate the global model every k rounds (and after the last)."})
     min_clients: int = field(default=1, metadata={"help": "A round with fewer accepted replies leaves the global model unchanged."})
     round_timeout: float = field(default=3600.0, metadata={"help": "Seconds to wait for the replies of one round."})
+    on_too_few: str = field(
+        default="stop", metadata={"help": "A round with fewer than min_clients accepted replies: 'stop' the run or 'retry' it."}
+    )
+    max_retries: int = 2
     server_eval_batch_size: int = 64
     comm_budget_mb: Optional[float] = field(
         default=None, metadata={"help": "Stop once cumulative up+down traffic exceeds this many MB."}
@@ -134,6 +147,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     client: ClientConfig = field(default_factory=ClientConfig)
+    faults: FaultConfig = field(default_factory=FaultConfig)
     extra: dict[str, Any] = field(default_factory=dict, metadata={"help": "Free-form notes copied to results."})
 
 

@@ -207,17 +207,19 @@ def run_federated(cfg: Config, grid: Grid, run_dir: Path) -> list[dict[str, Any]
         log.info("resumed %s after round %d", run_dir, checkpoint["round"])
     for server_round in range(first_round, cfg.num_rounds + 1):
         started = time.perf_counter()
-        messages = list(strategy.configure_train(server_round, ArrayRecord(), config, grid))
-        replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
-        report = strategy.reports[server_round]
-        replied = {m.metadata.src_node_id for m in replies}
-        for msg in messages:
-            if msg.metadata.dst_node_id not in replied:
-                report.failures.append({"node": msg.metadata.dst_node_id, "reason": f"no reply within round_timeout={cfg.round_timeout} s"})
-        strategy.aggregate_train(server_round, replies)
-        if not report.clients and cfg.min_clients > 0:
+        for attempt in range(cfg.max_retries + 1 if cfg.on_too_few == "retry" else 1):
+            attempt_config = ConfigRecord({**dict(config), "attempt": attempt})
+            report = train_round(strategy, grid, server_round, attempt_config, timeout=cfg.round_timeout)
+            if len(report.clients) >= max(cfg.min_clients, 1):
+                break
             reasons = [f["reason"] for f in report.failures] + [r["reason"] for r in report.rejected]
-            raise RunError(f"round {server_round}: no client update was accepted: {reasons[:3]}")
+            if cfg.on_too_few == "retry" and attempt < cfg.max_retries:
+                log.warning("round %d: %d accepted updates < min_clients=%d; retrying (%d/%d): %s", server_round, len(report.clients), cfg.min_clients, attempt + 1, cfg.max_retries, reasons[:3])
+                continue
+            raise RunError(
+                f"round {server_round}: {len(report.clients)} accepted updates, fewer than min_clients={max(cfg.min_clients, 1)}; "
+                f"reasons: {reasons[:3]}. The last complete round is checkpointed in {run_dir}; continue with resume={run_dir}"
+            )
         last = server_round == cfg.num_rounds
         result = evaluator(strategy.global_model()) if last or server_round % cfg.eval_every == 0 else None
         row = round_row(strategy, server_round, wall=time.perf_counter() - started, result=result, totals=totals)
@@ -235,6 +237,21 @@ def run_federated(cfg: Config, grid: Grid, run_dir: Path) -> list[dict[str, Any]
     if cfg.save_adapter:
         save_final(evaluator, strategy.global_model(), run_dir)
     return writer.rows
+
+
+def train_round(strategy: LoRAStrategy, grid: Grid, server_round: int, config: ConfigRecord, *, timeout: float):
+    """Send one round's train messages, collect what comes back in time, aggregate; returns the report."""
+    strategy.reports.pop(server_round, None)  # a retried round starts a fresh report
+    messages = list(strategy.configure_train(server_round, ArrayRecord(), config, grid))
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    report = strategy.reports[server_round]
+    replied = {m.metadata.src_node_id for m in replies}
+    for msg in messages:
+        if msg.metadata.dst_node_id not in replied:
+            report.failures.append({"node": msg.metadata.dst_node_id, "reason": f"no reply within round_timeout={timeout} s"})
+            log.warning("round %d: node %d did not reply within %.0f s", server_round, msg.metadata.dst_node_id, timeout)
+    strategy.aggregate_train(server_round, replies)
+    return report
 
 
 def _eval_fields(result: EvalResult) -> dict[str, float]:

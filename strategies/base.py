@@ -79,6 +79,16 @@ class RoundReport:
     extra: dict[str, float] = field(default_factory=dict)
 
 
+def short_reason(reason: str, *, limit: int = 300) -> str:
+    """The client's own exception message out of a Ray/Flower traceback, cut to ``limit`` characters."""
+    marker = "Message: "
+    if marker in reason:
+        reason = reason[reason.rindex(marker) + len(marker) :]
+    reason = reason.strip().strip("'>").strip()
+    reason = reason.splitlines()[0] if reason else "unknown error"
+    return reason if len(reason) <= limit else reason[: limit - 3] + "..."
+
+
 class RejectedUpdate(ValueError):
     """A client reply that must not be aggregated; the message says why."""
 
@@ -230,8 +240,9 @@ class LoRAStrategy(FedAvg):
         for msg in replies:
             node_id = msg.metadata.src_node_id
             if msg.has_error():
-                report.failures.append({"node": node_id, "reason": msg.error.reason})
-                log.warning("round %d: node %d failed: %s", server_round, node_id, msg.error.reason)
+                reason = short_reason(msg.error.reason)
+                report.failures.append({"node": node_id, "reason": reason})
+                log.warning("round %d: node %d failed: %s", server_round, node_id, reason)
                 continue
             try:
                 update = self.check_reply(msg, server_round)

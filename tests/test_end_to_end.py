@@ -67,3 +67,55 @@ def test_centralized_reference_runs(tmp_path):
     assert len(rows) == 1 and rows[0]["test_accuracy"] is not None
     assert (tmp_path / "final_adapter" / "adapter_config.json").exists()
     assert torch.isfinite(torch.tensor(rows[0]["test_loss"]))
+
+
+def lora_a_crc32(state) -> int:
+    import zlib
+
+    return zlib.crc32(b"".join(state[k].numpy().tobytes() for k in sorted(state) if k.endswith(".lora_A.weight")))
+
+
+@pytest.mark.parametrize("rule", ["ffa_lora", "flora", "lora_fair"])
+def test_every_rule_runs_with_heterogeneous_ranks(tmp_path, rule):
+    cfg = compose_cfg(["+exp=smoke", f"strategy={rule}", "strategy.ranks=[4,2,1]", "model.lora.r=4"])
+    rows = execute(cfg, tmp_path)
+    assert [r["round"] for r in rows] == [1, 2]
+    for row in rows:
+        assert row["clients_replied"] == 3 and row["clients_rejected"] == 0
+        assert sorted(c["rank"] for c in row["clients"]) == [1, 2, 4]
+        assert 0.0 <= row["test_accuracy"] <= 1.0
+    if rule == "flora":
+        assert rows[0]["residual"] < 1e-6 and rows[1]["residual"] < 1e-6
+        # round 2 downlink = head + round 1's stack (Σ r_k = 7 per layer) for every client
+        head = rows[0]["bytes_down"] // 3
+        assert rows[1]["bytes_down"] > rows[0]["bytes_down"] and rows[1]["bytes_down"] // 3 - head > 0
+        from transformers import AutoModelForSequenceClassification
+
+        from fedpeft import data as fdata
+        from fedpeft.models import load_tokenizer
+        from fedpeft.training import evaluate
+
+        model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "final_model")
+        tok = load_tokenizer(cfg.model)
+        data = fdata.prepare(cfg.data, seed=cfg.seed, num_clients=cfg.num_clients)
+        examples = fdata.encode(data.test, tok, max_length=cfg.model.max_length, task=cfg.model.task)
+        result = evaluate(model, fdata.make_loader(examples, pad_token_id=tok.pad_token_id, batch_size=64, shuffle=False))
+        assert result.accuracy == pytest.approx(rows[-1]["test_accuracy"], abs=1e-9)
+    else:
+        reloaded = reload_and_evaluate(cfg, tmp_path)
+        assert reloaded.accuracy == pytest.approx(rows[-1]["test_accuracy"], abs=1e-9)
+    if rule == "lora_fair":
+        assert all(r["residual"] <= r["fedavg_residual"] + 1e-12 for r in rows)
+
+
+def test_ffa_lora_a_is_bit_identical_on_every_client_and_round_and_halves_the_uplink(tmp_path):
+    ffa_rows = execute(compose_cfg(["+exp=smoke", "strategy=ffa_lora"]), tmp_path / "ffa")
+    crcs = {c["lora_a_crc32"] for r in ffa_rows for c in r["clients"]}
+    assert len(crcs) == 1  # every client, every round: the same A
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "ffa" / "final_adapter" / "adapter_model.safetensors")
+    assert lora_a_crc32({k.replace(".weight", ".weight"): v for k, v in saved.items()}) == crcs.pop()
+    fedavg_rows = execute(compose_cfg(["+exp=smoke", "strategy=fedavg"]), tmp_path / "fedavg")
+    ratio = ffa_rows[0]["bytes_up"] / fedavg_rows[0]["bytes_up"]
+    assert 0.5 <= ratio < 0.52  # B and the small head only

@@ -1,0 +1,29 @@
+"""Failing clients in a real simulation: counted, logged, and the run goes on or stops clearly."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedpeft.run import execute
+from fedpeft.server import RunError
+from tests.fedpeft.test_config import compose_cfg
+
+pytestmark = pytest.mark.slow
+
+
+def test_run_completes_with_the_clients_that_did_not_raise(tmp_path):
+    cfg = compose_cfg(["+exp=smoke", "num_rounds=3", "faults.raise_prob=0.4", "min_clients=1", "on_too_few=retry", "max_retries=5", "save_adapter=false"])
+    rows = execute(cfg, tmp_path)
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    failures = [f for r in rows for f in r["failures"]]
+    assert failures, "with p=0.4 over 9 client-rounds and this seed some client must fail"
+    assert all(f["reason"].startswith("injected fault: client") for f in failures)  # the client's message, not a traceback
+    for row in rows:
+        assert row["clients_failed"] + row["clients_replied"] == row["clients_sampled"]
+        assert row["test_accuracy"] is not None
+
+
+def test_too_few_clients_stops_with_a_clear_message(tmp_path):
+    cfg = compose_cfg(["+exp=smoke", "faults.raise_prob=1.0", "min_clients=2", "save_adapter=false"])
+    with pytest.raises(RunError, match=r"round 1: 0 accepted updates, fewer than min_clients=2.*injected fault"):
+        execute(cfg, tmp_path)
