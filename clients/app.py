@@ -39,6 +39,7 @@ from fedpeft import models
 from fedpeft.config import Config, from_json
 from fedpeft.records import LORA_A_SUFFIX, LORA_B_SUFFIX, State, from_record, resize_rank, seeded_lora_a, stack_to_delta, to_record
 from fedpeft.training import evaluate, num_local_steps, train_local
+from clients.dp import BudgetExhausted, calibrate_noise, epsilon, planned_steps, train_local_dp, would_exceed
 from clients.state import NodeStore
 
 log = logging.getLogger(__name__)
@@ -158,6 +159,47 @@ def inject_faults(cfg: Config, pid: int, server_round: int, *, attempt: int) -> 
         time.sleep(faults.hang_seconds)
 
 
+def dp_noise(cfg: Config, *, num_examples: int, steps: int) -> tuple[float, float]:
+    """(noise multiplier, sample rate) of this client: configured, or calibrated once for the whole run."""
+    dp = cfg.client.dp
+    sample_rate = min(cfg.client.batch_size / num_examples, 1.0)
+    if dp.noise_multiplier is not None:
+        return float(dp.noise_multiplier), sample_rate
+    total = planned_steps(rounds=cfg.num_rounds, clients_per_round=cfg.clients_per_round, num_clients=cfg.num_clients, steps_per_round=steps)
+    return calibrate_noise(target_epsilon=dp.target_epsilon, delta=dp.delta, sample_rate=sample_rate, total_steps=total, accountant=dp.accountant), sample_rate
+
+
+def dp_train(cfg: Config, model, examples: list, pad_id: int, store: NodeStore, *, pid: int, steps: int, seed: int, device) -> tuple[Any, dict[str, Any]]:
+    """A DP-SGD round whose privacy cost is added to the node's persistent ledger."""
+    dp = cfg.client.dp
+    noise, sample_rate = dp_noise(cfg, num_examples=len(examples), steps=steps)
+    ledger = [tuple(x) for x in store.load_json("dp-ledger", [])]
+    spent = epsilon(ledger, delta=dp.delta, accountant=dp.accountant)
+    if dp.target_epsilon is not None and would_exceed(ledger, (noise, sample_rate, steps), delta=dp.delta, target_epsilon=dp.target_epsilon, accountant=dp.accountant):
+        after = epsilon([*ledger, (noise, sample_rate, steps)], delta=dp.delta, accountant=dp.accountant)
+        raise BudgetExhausted(
+            f"privacy budget: client {pid} declines to train: another round would take ε from {spent:.3f} to {after:.3f} > target {dp.target_epsilon} (δ={dp.delta})"
+        )
+    result = train_local_dp(
+        model,
+        examples,
+        fdata.Collator(pad_id),
+        num_steps=steps,
+        batch_size=cfg.client.batch_size,
+        lr=cfg.client.lr,
+        weight_decay=cfg.client.weight_decay,
+        noise_multiplier=noise,
+        max_grad_norm=dp.max_grad_norm,
+        seed=seed,
+        device=device,
+        mode=dp.grad_sample_mode,
+    )
+    ledger.append((noise, sample_rate, steps))
+    store.save_json("dp-ledger", [list(x) for x in ledger])
+    eps = epsilon(ledger, delta=dp.delta, accountant=dp.accountant)
+    return result, {"epsilon": eps, "noise-multiplier": noise, "sample-rate": sample_rate, "dp-steps": steps, "dp-rounds": len(ledger)}
+
+
 # ------------------------------------------------------------------------------ handlers
 @app.query()
 def query(msg: Message, context: Context) -> Message:
@@ -182,7 +224,8 @@ def train(msg: Message, context: Context) -> Message:
     inject_faults(cfg, pid, server_round, attempt=int(instructions.get("attempt", 0)))
 
     cm = worker_model(cfg, data.num_labels)
-    store = node_store(cfg, context, instructions) if int(instructions.get("base-version", 0)) else None
+    needs_store = int(instructions.get("base-version", 0)) or cfg.client.dp.enabled
+    store = node_store(cfg, context, instructions) if needs_store else None
     sync_base(cm, store, msg, instructions)
     model = cm.activate(rank)
     received = from_record(msg.content["arrays"]) if "arrays" in msg.content.array_records else {}
@@ -199,9 +242,14 @@ def train(msg: Message, context: Context) -> Message:
         num_examples=len(train_examples), batch_size=cfg.client.batch_size, local_epochs=cfg.client.local_epochs, local_steps=cfg.client.local_steps
     )
     torch.manual_seed(shuffle_seed)  # LoRA dropout
-    result = train_local(model, loader, num_steps=steps, lr=cfg.client.lr, weight_decay=cfg.client.weight_decay, device=cm.device)
+    dp_metrics: dict[str, Any] = {}
+    if cfg.client.dp.enabled:
+        result, dp_metrics = dp_train(cfg, model, train_examples, pad_id, store, pid=pid, steps=steps, seed=shuffle_seed, device=cm.device)
+    else:
+        result = train_local(model, loader, num_steps=steps, lr=cfg.client.lr, weight_decay=cfg.client.weight_decay, device=cm.device)
 
     metrics: dict[str, Any] = {
+        **dp_metrics,
         "num-examples": len(train_examples),
         "rank": rank,
         "train-loss": result.loss,

@@ -94,7 +94,7 @@ class DPConfig:
     accountant: str = "rdp"
     grad_sample_mode: str = field(
         default="lora",
-        metadata={"help": "'lora' (fedpeft's direct per-sample LoRA gradients) or an Opacus mode: 'hooks', 'functorch'."},
+        metadata={"help": "'lora' (fedpeft's per-sample gradients of LoRA/linear layers) or 'opacus' (Opacus hooks, the reference)."},
     )
 
 

@@ -49,6 +49,28 @@ def check_config(cfg: Config) -> None:
     check_data_config(cfg.data, num_clients=cfg.num_clients)
 
 
+def check_dp(cfg: Config, sizes: list[int]) -> None:
+    """A DP target every client can reach, calibrated as the clients will (fails before training)."""
+    from clients.app import dp_noise
+    from clients.dp import DPError, check_dp_args
+    from fedpeft.training import num_local_steps
+
+    dp = cfg.client.dp
+    if (dp.noise_multiplier is None) == (dp.target_epsilon is None):
+        raise DPError("client.dp: set exactly one of noise_multiplier and target_epsilon")
+    if dp.noise_multiplier is not None and dp.noise_multiplier < 0:
+        raise DPError(f"client.dp.noise_multiplier must be >= 0, got {dp.noise_multiplier}")
+    if dp.max_grad_norm <= 0:
+        raise DPError(f"client.dp.max_grad_norm must be > 0, got {dp.max_grad_norm}")
+    for pid, n in enumerate(sizes):
+        steps = num_local_steps(num_examples=n, batch_size=cfg.client.batch_size, local_epochs=cfg.client.local_epochs, local_steps=cfg.client.local_steps)
+        check_dp_args(target_epsilon=dp.target_epsilon, delta=dp.delta, sample_rate=min(cfg.client.batch_size / n, 1.0))
+        try:
+            dp_noise(cfg, num_examples=n, steps=steps)
+        except DPError as err:
+            raise DPError(f"client {pid} ({n} examples): {err}") from None
+
+
 def execute(cfg: Config, run_dir: Path) -> list[dict[str, Any]]:
     """Check ``cfg``, write it to ``run_dir/config.yaml`` and run it; returns the metrics rows."""
     check_config(cfg)
@@ -67,7 +89,9 @@ def execute(cfg: Config, run_dir: Path) -> list[dict[str, Any]]:
     if not cfg.resume:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     # Read and split the data once here, so a bad path or column fails before Ray starts.
-    fdata.prepare(cfg.data, seed=cfg.seed, num_clients=cfg.num_clients, need_labels=cfg.model.task == "seq_cls")
+    data = fdata.prepare(cfg.data, seed=cfg.seed, num_clients=cfg.num_clients, need_labels=cfg.model.task == "seq_cls")
+    if cfg.client.dp.enabled:
+        check_dp(cfg, [len(data.client_split(k)[0]) for k in range(cfg.num_clients)])
     if cfg.mode == "centralized":
         from fedpeft.server import run_centralized
 

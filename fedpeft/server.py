@@ -116,7 +116,7 @@ def round_row(strategy: LoRAStrategy, server_round: int, *, wall: float, result:
     weights = [c["num-examples"] for c in report.clients]
     train_loss = sum(w * c["train-loss"] for w, c in zip(weights, report.clients)) / sum(weights) if weights else None
     clients = []
-    for c in report.clients:
+    for c in sorted(report.clients, key=lambda c: c["partition"]):
         node = c["node"]
         clients.append({k.replace("-", "_"): v for k, v in c.items()} | {"bytes_up": report.bytes_up.get(node, 0), "bytes_down": report.bytes_down.get(node, 0)})
     epsilons = [c["epsilon"] for c in clients if c.get("epsilon") is not None]
