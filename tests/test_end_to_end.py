@@ -119,3 +119,20 @@ def test_ffa_lora_a_is_bit_identical_on_every_client_and_round_and_halves_the_up
     fedavg_rows = execute(compose_cfg(["+exp=smoke", "strategy=fedavg"]), tmp_path / "fedavg")
     ratio = ffa_rows[0]["bytes_up"] / fedavg_rows[0]["bytes_up"]
     assert 0.5 <= ratio < 0.52  # B and the small head only
+
+
+@pytest.mark.parametrize("rule", ["fedavg", "ffa_lora", "flora", "lora_fair"])
+def test_dp_clients_work_with_every_rule_and_epsilon_composes(tmp_path, rule):
+    from clients.dp import epsilon
+
+    cfg = compose_cfg(["+exp=smoke", f"strategy={rule}", "client=dp", "client.dp.target_epsilon=8", "client.local_steps=2", "save_adapter=false"])
+    rows = execute(cfg, tmp_path)
+    history: dict[int, list] = {}
+    for row in rows:
+        assert row["clients_replied"] == 3
+        for c in row["clients"]:
+            history.setdefault(c["partition"], []).append((c["noise_multiplier"], c["sample_rate"], c["dp_steps"]))
+            # the reported ε is Opacus' ε for this client's whole history so far
+            assert c["epsilon"] == pytest.approx(epsilon(history[c["partition"]], delta=1e-5), rel=1e-9)
+        assert row["max_epsilon"] == max(c["epsilon"] for c in row["clients"])
+    assert rows[-1]["max_epsilon"] <= 8.0 + 1e-6 and rows[-1]["max_epsilon"] > rows[0]["max_epsilon"]

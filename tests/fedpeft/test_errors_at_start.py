@@ -1,0 +1,30 @@
+"""Each mistake stops the run before any training, with one clear message, and writes no results."""
+
+from __future__ import annotations
+
+import pytest
+
+from clients.dp import DPError
+from fedpeft.data import DataError
+from fedpeft.models import ModelError
+from fedpeft.run import execute
+from tests.fedpeft.test_config import compose_cfg
+
+
+@pytest.mark.parametrize(
+    "overrides, error, fragment",
+    [
+        (["data.name=/no/such/corpus"], DataError, "data path '/no/such/corpus' does not exist"),
+        (["strategy.name=fedsgd"], ValueError, "unknown strategy 'fedsgd'; valid: \\['fedavg', 'ffa_lora', 'flora', 'lora_fair'\\]"),
+        (["strategy.ranks=[4,2]"], ValueError, "strategy.ranks has 2 entries but num_clients is 3"),
+        (["model.name_or_path=./models/missing"], ModelError, "model path './models/missing' does not exist"),
+        (["client=dp", "client.dp.target_epsilon=0.001"], DPError, "unreachable.*smallest reachable ε is"),
+        (["client=dp", "client.dp.noise_multiplier=1.0"], DPError, "exactly one of noise_multiplier and target_epsilon"),
+        (["data.label_column=topic", "data.name=embedded:bbc"], DataError, "no column 'topic'"),
+    ],
+)
+def test_error_at_start(tmp_path, overrides, error, fragment):
+    cfg = compose_cfg(["+exp=smoke", *overrides])
+    with pytest.raises(error, match=fragment):
+        execute(cfg, tmp_path)
+    assert not (tmp_path / "metrics.jsonl").exists()
