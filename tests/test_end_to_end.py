@@ -136,3 +136,10 @@ def test_dp_clients_work_with_every_rule_and_epsilon_composes(tmp_path, rule):
             assert c["epsilon"] == pytest.approx(epsilon(history[c["partition"]], delta=1e-5), rel=1e-9)
         assert row["max_epsilon"] == max(c["epsilon"] for c in row["clients"])
     assert rows[-1]["max_epsilon"] <= 8.0 + 1e-6 and rows[-1]["max_epsilon"] > rows[0]["max_epsilon"]
+
+
+def test_run_stops_at_the_communication_budget(tmp_path):
+    rows = execute(compose_cfg(["+exp=smoke", "num_rounds=5", "comm_budget_mb=1.0"]), tmp_path)
+    assert len(rows) == 1  # round 1 alone moves 0.9 MB up + 0.9 MB down
+    assert (rows[0]["cumulative_bytes_up"] + rows[0]["cumulative_bytes_down"]) / 1e6 >= 1.0
+    assert rows[0]["test_accuracy"] is not None and (tmp_path / "final_adapter").exists()
