@@ -51,12 +51,16 @@ _ENCODED: dict[tuple, tuple[list, list]] = {}
 
 # ------------------------------------------------------------------------------ node setup
 def node_rank(cfg: Config, partition_id: int, node_config: dict[str, Any]) -> int:
-    """This node's LoRA rank: the node's own config wins, else ``strategy.ranks``, else ``model.lora.r``."""
+    """This node's LoRA rank: its own node config (``rank``, or ``tier`` looked up in ``strategy.tiers``) wins,
+    else the run config's rank for its partition (``strategy.ranks`` / ``client_tiers`` / ``model.lora.r``)."""
     if "rank" in node_config:
         return int(node_config["rank"])
-    if cfg.strategy.ranks:
-        return int(cfg.strategy.ranks[partition_id])
-    return cfg.model.lora.r
+    if "tier" in node_config:
+        tiers = cfg.strategy.tiers or {}
+        if str(node_config["tier"]) not in tiers:
+            raise ValueError(f"node tier {node_config['tier']!r} is not in strategy.tiers {sorted(tiers)}")
+        return int(tiers[str(node_config["tier"])])
+    return models.client_ranks(cfg)[partition_id]
 
 
 def partition_id(context: Context) -> int:

@@ -77,6 +77,12 @@ class StrategyConfig:
         default=None,
         metadata={"help": "Per-client LoRA ranks (length num_clients); None: every client uses model.lora.r."},
     )
+    tiers: Optional[dict[str, int]] = field(
+        default=None, metadata={"help": "Resource tiers and their ranks, e.g. {gpu: 16, laptop: 4, phone: 1}."}
+    )
+    client_tiers: Optional[list[str]] = field(
+        default=None, metadata={"help": "The tier of each client (length num_clients); used when ranks is None."}
+    )
     # LoRA-FAIR (arXiv 2411.14961): the server-side correction of B.
     fair_lambda: float = 0.01
     fair_method: str = field(default="cosine", metadata={"help": "'cosine' (the paper) or 'frobenius' (closed form)."})

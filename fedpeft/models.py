@@ -100,6 +100,33 @@ def load_base_model(cfg: ModelConfig, *, num_labels: int) -> PreTrainedModel:
     return model
 
 
+def client_ranks(cfg) -> list[int]:
+    """The LoRA rank of every client of a :class:`fedpeft.config.Config`.
+
+    ``strategy.ranks`` (one per client), else ``strategy.tiers`` looked up through
+    ``strategy.client_tiers``, else ``model.lora.r`` for everyone.
+    """
+    s, n = cfg.strategy, cfg.num_clients
+    if s.ranks is not None:
+        ranks = list(s.ranks)
+        if len(ranks) != n:
+            raise ValueError(f"strategy.ranks has {len(ranks)} entries but num_clients is {n}")
+    elif s.client_tiers is not None:
+        if not s.tiers:
+            raise ValueError("strategy.client_tiers needs strategy.tiers (tier name -> rank)")
+        if len(s.client_tiers) != n:
+            raise ValueError(f"strategy.client_tiers has {len(s.client_tiers)} entries but num_clients is {n}")
+        unknown = sorted(set(s.client_tiers) - set(s.tiers))
+        if unknown:
+            raise ValueError(f"strategy.client_tiers names unknown tiers {unknown}; known: {sorted(s.tiers)}")
+        ranks = [int(s.tiers[t]) for t in s.client_tiers]
+    else:
+        ranks = [cfg.model.lora.r] * n
+    if any(r < 1 for r in ranks):
+        raise ValueError(f"LoRA ranks must all be >= 1, got {ranks}")
+    return ranks
+
+
 def adapter_name(rank: int) -> str:
     return f"r{rank}"
 

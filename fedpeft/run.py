@@ -25,8 +25,7 @@ register_configs()
 def check_config(cfg: Config) -> None:
     """Every mistake that can be caught before training, raised as one clear ``ValueError``."""
     from fedpeft.data import check_data_config
-    from fedpeft.models import check_model_config
-    from fedpeft.server import client_ranks
+    from fedpeft.models import check_model_config, client_ranks
     from strategies import get_strategy
 
     if cfg.mode not in MODES:

@@ -23,6 +23,7 @@ from fedpeft import data as fdata
 from fedpeft import models
 from fedpeft.config import Config, to_json
 from fedpeft.records import LORA_A_SUFFIX, LORA_B_SUFFIX, State, resize_rank, seeded_lora_a, stack_to_delta
+from fedpeft.models import client_ranks
 from fedpeft.results import MetricsWriter
 from fedpeft.training import EvalResult, evaluate, num_local_steps, train_local
 from strategies import LoRAStrategy, get_strategy
@@ -33,18 +34,6 @@ log = logging.getLogger("fedpeft")
 
 class RunError(RuntimeError):
     """The run cannot go on (too few nodes, every client failed, ...); the message says why."""
-
-
-def client_ranks(cfg: Config) -> list[int]:
-    """The LoRA rank of every client (``strategy.ranks`` or ``model.lora.r`` for all)."""
-    if cfg.strategy.ranks is None:
-        return [cfg.model.lora.r] * cfg.num_clients
-    ranks = list(cfg.strategy.ranks)
-    if len(ranks) != cfg.num_clients:
-        raise ValueError(f"strategy.ranks has {len(ranks)} entries but num_clients is {cfg.num_clients}")
-    if any(r < 1 for r in ranks):
-        raise ValueError(f"strategy.ranks must all be >= 1, got {ranks}")
-    return ranks
 
 
 def initial_adapter(cm: models.CachedModel, *, rank: int, seed: int) -> State:

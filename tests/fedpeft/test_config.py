@@ -74,3 +74,13 @@ def test_json_round_trip_is_exact():
     cfg = compose_cfg(["+exp=fedavg_hetero", "seed=7"])
     again = from_json(to_json(cfg))
     assert again == cfg and again.strategy.ranks == cfg.strategy.ranks
+
+
+def test_ranks_from_resource_tiers():
+    from fedpeft.models import client_ranks
+
+    cfg = compose_cfg(["+exp=flora_tiers"])
+    assert client_ranks(cfg) == [16, 16, 4, 4, 4, 1, 1, 1, 1, 1]
+    bad = compose_cfg(["+exp=flora_tiers", "strategy.client_tiers=[gpu,gpu,laptop,laptop,laptop,phone,phone,phone,phone,watch]"])
+    with pytest.raises(ValueError, match=r"unknown tiers \['watch'\]"):
+        check_config(bad)
