@@ -153,9 +153,13 @@ def sync_base(cm: models.CachedModel, store: NodeStore | None, msg: Message, ins
 def inject_faults(cfg: Config, pid: int, server_round: int, *, attempt: int) -> None:
     """Raise or hang with the configured probabilities (``faults.*``); seeded, so runs repeat."""
     faults = cfg.faults
-    if faults.raise_prob <= 0 and faults.hang_prob <= 0:
+    if faults.raise_prob <= 0 and faults.hang_prob <= 0 and faults.crash_prob <= 0:
         return
     draw = random.Random(f"{cfg.seed}-{server_round}-{attempt}-{pid}").random()
+    if draw < faults.crash_prob:
+        log.error("injected fault: client %d kills its worker process in round %d", pid, server_round)
+        os._exit(17)
+    draw -= faults.crash_prob
     if draw < faults.raise_prob:
         raise RuntimeError(f"injected fault: client {pid} raises in round {server_round} (faults.raise_prob={faults.raise_prob})")
     if draw < faults.raise_prob + faults.hang_prob:

@@ -124,6 +124,7 @@ class FaultConfig:
     raise_prob: float = field(default=0.0, metadata={"help": "Probability that a client raises during a round."})
     hang_prob: float = field(default=0.0, metadata={"help": "Probability that a client hangs (sleeps) during a round."})
     hang_seconds: float = 3600.0
+    crash_prob: float = field(default=0.0, metadata={"help": "Probability that a client's worker process dies (os._exit)."})
 
 
 @dataclass

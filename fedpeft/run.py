@@ -39,7 +39,7 @@ def check_config(cfg: Config) -> None:
         raise ValueError(f"min_clients={cfg.min_clients} exceeds clients_per_round={cfg.clients_per_round}")
     if cfg.on_too_few not in ("stop", "retry"):
         raise ValueError(f"on_too_few must be 'stop' or 'retry', got {cfg.on_too_few!r}")
-    for key in ("raise_prob", "hang_prob"):
+    for key in ("raise_prob", "hang_prob", "crash_prob"):
         if not 0.0 <= getattr(cfg.faults, key) <= 1.0:
             raise ValueError(f"faults.{key} must be in [0, 1], got {getattr(cfg.faults, key)}")
     get_strategy(cfg.strategy.name)

@@ -27,3 +27,18 @@ def test_too_few_clients_stops_with_a_clear_message(tmp_path):
     cfg = compose_cfg(["+exp=smoke", "faults.raise_prob=1.0", "min_clients=2", "save_adapter=false"])
     with pytest.raises(RunError, match=r"round 1: 0 accepted updates, fewer than min_clients=2.*injected fault"):
         execute(cfg, tmp_path)
+
+
+@pytest.mark.parametrize(
+    "fault, reason",
+    [
+        (["faults.hang_prob=0.3", "faults.hang_seconds=25", "round_timeout=12"], "no reply within round_timeout"),
+        (["faults.crash_prob=0.3"], ""),
+    ],
+)
+def test_hanging_or_dying_clients_are_counted_and_the_run_finishes(tmp_path, fault, reason):
+    cfg = compose_cfg(["+exp=smoke", "num_rounds=2", "min_clients=1", "on_too_few=retry", "max_retries=3", "save_adapter=false", *fault])
+    rows = execute(cfg, tmp_path)
+    assert [r["round"] for r in rows] == [1, 2]
+    failures = [f for r in rows for f in r["failures"]]
+    assert failures and all(reason in f["reason"] for f in failures)
