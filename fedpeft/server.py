@@ -22,7 +22,7 @@ from flwr.serverapp import Grid
 from fedpeft import data as fdata
 from fedpeft import models
 from fedpeft.config import Config, to_json
-from fedpeft.records import LORA_A_SUFFIX, LORA_B_SUFFIX, State, resize_rank, seeded_lora_a, stack_to_delta
+from fedpeft.records import LORA_B_SUFFIX, State, exact_product, seeded_lora_a, split_state, stack_to_delta
 from fedpeft.models import client_ranks
 from fedpeft.results import MetricsWriter
 from fedpeft.training import EvalResult, evaluate, num_local_steps, train_local
@@ -281,7 +281,6 @@ def merged_checkpoint(cm: models.CachedModel, global_model: GlobalModel) -> torc
         state[module[len(prefix) :] + ".weight"] = layer.weight.detach().cpu().clone()
     adapter = global_model.adapter
     scaling = cm.cfg.lora.alpha / cm.cfg.lora.r
-    from fedpeft.records import exact_product, split_state
 
     pairs, heads = split_state(adapter)
     for pair in pairs:

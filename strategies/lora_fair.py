@@ -10,7 +10,10 @@ Server: ``ΔW = Σ_k p_k B_k A_k``, ``Ā = Σ p_k A_k``, ``B̄ = Σ p_k B_k``, t
 with S = 1 − cosine similarity (the paper; solved by a few gradient steps) or the squared
 Frobenius distance (closed form ``ΔB = (ΔW − B̄Ā) Āᵀ (ĀĀᵀ + λI)⁻¹``; it can only correct the part of
 ΔW in the row space of Ā). Clients start the next round from ``(Ā, B̄ + ΔB*)``; W never changes.
-Up 1×, down 1×. No official code was found; this follows the paper's equations.
+Up 1×, down 1×. No official code was found; this follows the paper's equations, with one
+addition: the cosine ignores the length of (B̄+ΔB)Ā, so the best iterate is rescaled by a line
+search on the Frobenius residual (:func:`safeguard`), which makes the corrected residual
+never exceed FedAvg's (METHODS.md invariant 5) without making the cosine worse.
 """
 
 from __future__ import annotations
@@ -28,6 +31,11 @@ from strategies.lora_math import ideal_delta, relative_residual, residual_parts,
 METHODS = ("cosine", "frobenius")
 
 
+def nothing_to_correct(delta_w: torch.Tensor, fedavg: torch.Tensor) -> bool:
+    """True when ``B̄Ā`` already equals ``ΔW`` up to float64 rounding (e.g. all clients identical)."""
+    return bool((delta_w - fedavg).norm() <= 1e-12 * delta_w.norm())
+
+
 def fair_correction_frobenius(delta_w: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, *, lam: float) -> torch.Tensor:
     """Closed form of ``argmin ‖ΔW − (B̄+ΔB)Ā‖²_F + λ‖ΔB‖²_F``.
 
@@ -35,6 +43,8 @@ def fair_correction_frobenius(delta_w: torch.Tensor, lora_a: torch.Tensor, lora_
     in float64: ``ΔB (ĀĀᵀ + λI) = (ΔW − B̄Ā) Āᵀ``, solved without forming an inverse.
     """
     a, b, dw = lora_a.to(torch.float64), lora_b.to(torch.float64), delta_w.to(torch.float64)
+    if nothing_to_correct(dw, b @ a):
+        return torch.zeros_like(b)  # exactly zero, not a rounding-level solve
     rhs = (dw - b @ a) @ a.T  # (d_out, r)
     gram = a @ a.T + lam * torch.eye(a.shape[0], dtype=torch.float64)
     if lam <= 0 and torch.linalg.matrix_rank(gram) < a.shape[0]:
@@ -58,31 +68,38 @@ def fair_objective(delta_w: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Te
 def fair_correction_cosine(delta_w: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, *, lam: float, steps: int, lr: float) -> torch.Tensor:
     """The paper's correction: ``steps`` Adam steps on :func:`fair_objective` from ΔB = 0 (float64).
 
-    Returns the best iterate, so the objective is never worse than at ΔB = 0 (which is returned
-    when nothing improves it, e.g. when all clients are identical and B̄Ā = ΔW already).
+    ``delta_w: (d_out, d_in)``, ``lora_a: (r, d_in)``, ``lora_b: (d_out, r)`` -> ``ΔB: (d_out, r)``.
+    Keeps the best iterate, then :func:`safeguard` sets its length. The result is never worse than
+    ΔB = 0 in cosine dissimilarity nor in the Frobenius residual (METHODS.md invariant 5); ΔB = 0
+    exactly when there is nothing to correct (ΔW = 0, B̄Ā = 0, or B̄Ā = ΔW already, as when all
+    clients are identical).
     """
     a, b, dw = lora_a.to(torch.float64), lora_b.to(torch.float64), delta_w.to(torch.float64)
     zero = torch.zeros_like(b)
-    if dw.norm() == 0:
+    fedavg = b @ a
+    # cos(ΔW, B̄Ā) is undefined when either is zero; and an already exact B̄Ā must stay as it is
+    # (Adam normalises its steps, so it would wander away on rounding-level gradients).
+    if steps == 0 or dw.norm() == 0 or fedavg.norm() == 0 or nothing_to_correct(dw, fedavg):
         return zero
-    # Scale-free step size: ΔB moves relative to the size of B̄ (or of the ideal update's scale).
-    scale = float(b.norm()) or float(dw.norm() / max(a.norm(), 1e-12))
+    # Scale-free step size: ΔB moves relative to the size of B̄ (Adam steps are about lr per entry).
     delta_b = zero.clone().requires_grad_(True)
-    optimizer = torch.optim.Adam([delta_b], lr=lr * scale / max(b.numel(), 1) ** 0.5)
-    best, best_value = zero, float(fair_objective(dw, a, b, zero, lam=lam))
-    for _ in range(steps):
-        value = fair_objective(dw, a, b, delta_b, lam=lam)
-        if float(value) < best_value - 1e-15:
-            best, best_value = delta_b.detach().clone(), float(value)
+    optimizer = torch.optim.Adam([delta_b], lr=lr * float(b.norm()) / b.numel() ** 0.5)
+    best, best_value = zero, fair_objective(dw, a, b, zero, lam=lam).item()
+    for step in range(steps + 1):
+        value = fair_objective(dw, a, b, delta_b, lam=lam)  # ‖ΔB‖ has gradient 0 at ΔB = 0 (the subgradient torch picks)
+        if value.item() < best_value:
+            best, best_value = delta_b.detach().clone(), value.item()
+        if step == steps:  # the last pass only scores the final iterate
+            break
         optimizer.zero_grad()
         value.backward()
-        if delta_b.grad is not None and not torch.isfinite(delta_b.grad).all():
+        if not torch.isfinite(delta_b.grad).all():
             break
         optimizer.step()
-    final = float(fair_objective(dw, a, b, delta_b.detach(), lam=lam))
-    if final < best_value - 1e-15:
-        best = delta_b.detach().clone()
-    return safeguard(dw, a, b, best)
+    corrected = safeguard(dw, a, b, best)
+    if cosine_dissimilarity(dw, (b + corrected) @ a) > cosine_dissimilarity(dw, fedavg):
+        return zero  # the line search crossed the antipode of ΔW (possible only when cos(ΔW, B̄Ā) < 0)
+    return corrected
 
 
 def safeguard(delta_w: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, delta_b: torch.Tensor) -> torch.Tensor:
