@@ -100,27 +100,3 @@ def test_a_well_formed_update_is_accepted(rule):
     assert arrays is not None and strategy.reports[1].clients and not strategy.reports[1].rejected
     assert out["train-loss"] == pytest.approx(0.7)
 
-
-def test_fedit_matches_flowers_own_fedavg_on_the_same_replies():
-    """Equal ranks: FedIT's A and B averages equal Flower's FedAvg of the same ArrayRecords."""
-    from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
-
-    # Prepare
-    nodes = [NodeInfo(node_id=10 + k, partition_id=k, rank=4, num_examples=n) for k, n in enumerate((5, 17, 40))]
-    strategy = STRATEGIES["fedavg"](adapter(), clients_per_round=3, seed=0)
-    strategy.register_nodes(nodes)
-    messages = list(strategy.configure_train(1, ArrayRecord(), ConfigRecord({}), grid=None))
-    replies = []
-    for msg in messages:
-        node = strategy.nodes[msg.metadata.dst_node_id]
-        g = torch.Generator().manual_seed(node.partition_id)
-        state = {k: torch.randn(v.shape, generator=g) for k, v in strategy.adapter.items()}
-        metrics = MetricRecord({"num-examples": node.num_examples, "rank": 4, "train-loss": 1.0})
-        replies.append(Message(RecordDict({"arrays": to_record(state), "metrics": metrics}), reply_to=msg))
-    # Execute
-    ours, _ = strategy.aggregate_train(1, replies)
-    theirs = aggregate_arrayrecords([r.content for r in replies], "num-examples")
-    # Assert
-    assert set(ours) == set(theirs)
-    for key in ours:
-        torch.testing.assert_close(torch.from_numpy(ours[key].numpy()), torch.from_numpy(theirs[key].numpy()), rtol=1e-6, atol=1e-7)
