@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedpeft.records import from_record, resize_rank, to_record
+from tests.strategies import draw
 from strategies import STRATEGIES
 from strategies.base import NodeInfo
 from strategies.fedavg import FedIT, fedit, fedit_pair
@@ -21,15 +22,7 @@ from strategies.fedavg import FedIT, fedit, fedit_pair
 SETTINGS = settings(max_examples=40, deadline=None)
 A, B, HEAD = "m.q.lora_A.weight", "m.q.lora_B.weight", "m.head.weight"
 
-sizes = st.fixed_dictionaries(
-    {
-        "clients": st.integers(1, 5),
-        "d_in": st.integers(1, 7),
-        "d_out": st.integers(1, 7),
-        "ranks": st.lists(st.integers(1, 5), min_size=5, max_size=5),
-        "seed": st.integers(0, 10_000),
-    }
-)
+sizes = draw.sizes()
 
 
 def client_states(sz, *, equal_ranks: bool = False) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor, list[int]]:

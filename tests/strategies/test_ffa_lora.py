@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedpeft.records import LORA_A_SUFFIX, from_record, resize_rank, seeded_lora_a, state_nbytes, to_record
+from tests.strategies import draw
 from strategies.base import NodeInfo
 from strategies.fedavg import FedIT
 from strategies.ffa_lora import FFALoRA, ffa, ffa_aggregate
@@ -135,16 +136,7 @@ def test_seeded_a_of_a_smaller_rank_is_a_prefix_of_the_max_rank_draw(max_rank, d
 
 
 # ------------------------------------------------------------------------------ exactness
-sizes = st.fixed_dictionaries(
-    {
-        "clients": st.integers(1, 5),
-        "d_in": st.integers(1, 7),
-        "d_out": st.integers(1, 7),
-        "ranks": st.lists(st.integers(1, 5), min_size=5, max_size=5),
-        "spare": st.integers(0, 2),
-        "seed": st.integers(0, 10_000),
-    }
-)
+sizes = draw.sizes(spare=True)
 
 
 @SETTINGS
