@@ -100,3 +100,15 @@ def test_a_well_formed_update_is_accepted(rule):
     assert arrays is not None and strategy.reports[1].clients and not strategy.reports[1].rejected
     assert out["train-loss"] == pytest.approx(0.7)
 
+
+
+def test_client_sampling_is_seeded_and_independent_of_node_ids():
+    """Two runs with one seed pick the same partitions every round, whatever ids Flower gave the nodes."""
+
+    def picks(seed: int, id_offset: int) -> list[list[int]]:
+        strategy = STRATEGIES["fedavg"](adapter(), clients_per_round=3, seed=seed)
+        strategy.register_nodes([NodeInfo(node_id=id_offset + 97 * k, partition_id=k, rank=2, num_examples=10) for k in range(8)])
+        return [[strategy.nodes[n].partition_id for n in strategy.sample(r)] for r in range(1, 6)]
+
+    assert picks(3, 1000) == picks(3, 5) and picks(3, 5) != picks(4, 5)
+    assert all(len(set(p)) == 3 for p in picks(3, 5))
