@@ -32,7 +32,7 @@ def test_too_few_clients_stops_with_a_clear_message(tmp_path):
 @pytest.mark.parametrize(
     "fault, reason",
     [
-        (["faults.hang_prob=0.3", "faults.hang_seconds=25", "round_timeout=12"], "no reply within round_timeout"),
+        (["faults.hang_prob=0.3", "faults.hang_seconds=40", "round_timeout=20"], "no reply within round_timeout"),
         (["faults.crash_prob=0.3"], ""),
     ],
 )
