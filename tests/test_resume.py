@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,9 +23,10 @@ ARGS = ["+exp=smoke", "num_rounds=4", "clients_per_round=2", "seed=5"]
 SAME = ["round", "test_accuracy", "test_loss", "train_loss", "clients_sampled", "clients_replied", "bytes_up", "bytes_down", "cumulative_bytes_up", "cumulative_bytes_down", "residual"]
 
 
-def fedpeft_run(run_dir: Path, *extra: str) -> subprocess.Popen:
+def fedpeft_run(run_dir: Path, *extra: str, ray_dir: Path | None = None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "fedpeft.run", *ARGS, f"hydra.run.dir={run_dir}", *extra]
-    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    env = dict(os.environ, RAY_TMPDIR=str(ray_dir)) if ray_dir else None  # so its Ray processes can be found
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
 def checkpoint_round(run_dir: Path) -> int:
@@ -37,10 +39,23 @@ def checkpoint_round(run_dir: Path) -> int:
         return 0
 
 
-def stop_ray_leftovers() -> None:
-    ray = Path(sys.executable).with_name("ray")
-    if ray.exists():
-        subprocess.run([str(ray), "stop", "--force"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+def kill_leftovers(marker: str) -> None:
+    """SIGKILL the processes of the killed run's own Ray cluster (their command lines name its temp dir).
+
+    Never ``ray stop``: that would also stop every other Ray cluster on the machine.
+    """
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if marker in cmdline:
+            try:
+                os.kill(int(proc.name), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def test_killed_and_resumed_run_matches_uninterrupted_run(tmp_path):
@@ -49,7 +64,8 @@ def test_killed_and_resumed_run_matches_uninterrupted_run(tmp_path):
     assert fedpeft_run(reference).wait(timeout=600) == 0
     # Execute: the same run, killed as soon as round 2 is checkpointed, then resumed
     killed = tmp_path / "killed"
-    proc = fedpeft_run(killed)
+    ray_dir = Path(tempfile.mkdtemp(prefix="fpr", dir="/tmp"))  # short: Ray's socket paths must fit in 107 bytes
+    proc = fedpeft_run(killed, ray_dir=ray_dir)
     try:
         deadline = time.monotonic() + 600
         while checkpoint_round(killed) < 2:
@@ -61,7 +77,8 @@ def test_killed_and_resumed_run_matches_uninterrupted_run(tmp_path):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-        stop_ray_leftovers()
+        kill_leftovers(str(ray_dir))
+        shutil.rmtree(ray_dir, ignore_errors=True)
     interrupted_round = checkpoint_round(killed)
     assert 2 <= interrupted_round < 4 and not (killed / "final_adapter").exists()
     assert fedpeft_run(tmp_path / "unused", f"resume={killed}").wait(timeout=600) == 0
