@@ -22,6 +22,9 @@ Nothing here knows which aggregation rule the server runs.
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import logging
 import os
 import random
@@ -36,7 +39,7 @@ from flwr.clientapp import ClientApp
 
 from fedpeft import data as fdata
 from fedpeft import models
-from fedpeft.config import Config, from_json
+from fedpeft.config import Config, from_json, to_container
 from fedpeft.records import LORA_A_SUFFIX, LORA_B_SUFFIX, State, from_record, resize_rank, seeded_lora_a, stack_to_delta, to_record
 from fedpeft.training import evaluate, num_local_steps, train_local
 from clients.dp import BudgetExhausted, calibrate_noise, epsilon, planned_steps, train_local_dp, would_exceed
@@ -46,7 +49,7 @@ log = logging.getLogger(__name__)
 
 app = ClientApp()
 
-_ENCODED: dict[tuple, tuple[list, list]] = {}
+_ENCODED: dict[str, tuple[int, list, list]] = {}
 
 
 # ------------------------------------------------------------------------------ node setup
@@ -73,7 +76,7 @@ def node_store(cfg: Config, context: Context, instructions: ConfigRecord) -> Nod
     """The node's persistent folder: ``state-dir`` from the node config, else the run's node folder."""
     root = context.node_config.get("state-dir") or instructions.get("sim-state-dir")
     if not root:
-        raise ValueError("no node state folder: set 'state-dir' in the node config")
+        raise ValueError("no node state folder: start the SuperNode with --node-config \"state-dir='<folder>' ...\" (FLoRA's base and the DP ledger live there)")
     return NodeStore(Path(str(root)) / f"node-{partition_id(context)}")
 
 
@@ -83,18 +86,50 @@ def setup(msg: Message) -> Config:
     return cfg
 
 
-def local_data(cfg: Config, pid: int):
-    """(data, encoded train examples, encoded validation examples) of partition ``pid`` (cached)."""
-    data = fdata.prepare(cfg.data, seed=cfg.seed, num_clients=cfg.num_clients, need_labels=cfg.model.task == "seq_cls")
-    key = (id(data), pid, cfg.model.name_or_path, cfg.model.max_length, cfg.model.task)
-    if key not in _ENCODED:
-        tokenizer = models.load_tokenizer(cfg.model)
-        train_ds, val_ds = data.client_split(pid)
-        _ENCODED[key] = (
-            fdata.encode(train_ds, tokenizer, max_length=cfg.model.max_length, task=cfg.model.task),
-            fdata.encode(val_ds, tokenizer, max_length=cfg.model.max_length, task=cfg.model.task),
-        )
-    return data, *_ENCODED[key]
+def local_data(cfg: Config, pid: int, context: Context, instructions: ConfigRecord) -> tuple[int, list, list]:
+    """(number of labels, encoded train examples, encoded validation examples) of this node.
+
+    A node whose node config names a ``data-path`` trains on that file or folder (deployment:
+    the data never leaves the node); otherwise on partition ``pid`` of the run's data (simulation
+    and demos). Cached per process, and on a node with a ``state-dir`` also on its disk: a
+    deployed ``flwr-clientapp`` process lives for one message, and reading, splitting and
+    tokenising the corpus again each time would cost more than loading the model.
+    """
+    need_labels = cfg.model.task == "seq_cls"
+    path = context.node_config.get("data-path")
+    names = [str(n) for n in instructions.get("label-names", [])]
+    if path:
+        if need_labels and not names:
+            raise ValueError("the server sent no 'label-names'; a node with its own data-path needs them to number its labels")
+        source = Path(str(path)).expanduser()
+        stamp = [source.stat().st_mtime_ns, source.stat().st_size] if source.exists() else None
+        key = json.dumps(["path", str(source), stamp, names, cfg.seed, pid, to_container(cfg.data), to_container(cfg.model)], sort_keys=True)
+    else:
+        key = json.dumps(["partition", cfg.seed, cfg.num_clients, pid, to_container(cfg.data), to_container(cfg.model)], sort_keys=True)
+    if key in _ENCODED:
+        return _ENCODED[key]
+    disk = NodeStore(Path(str(context.node_config["state-dir"])) / f"node-{pid}") if "state-dir" in context.node_config else None
+    disk_key = "data-" + hashlib.sha256(key.encode()).hexdigest()[:20]
+    cached = disk.load_cached(disk_key) if disk is not None else None
+    if cached is not None:
+        _ENCODED[key] = (int(cached["num-labels"]), cached["train"], cached["val"])
+        return _ENCODED[key]
+    if path:
+        train_ds, val_ds = fdata.node_data(cfg.data, str(path), label_names=names, seed=cfg.seed, node=pid, need_labels=need_labels)
+        num_labels = len(names)
+    else:
+        data = fdata.prepare(cfg.data, seed=cfg.seed, num_clients=cfg.num_clients, need_labels=need_labels)
+        (train_ds, val_ds), num_labels = data.client_split(pid), data.num_labels
+    _ENCODED[key] = (num_labels, *encode_split(cfg, train_ds, val_ds))
+    if disk is not None:
+        disk.save_cached(disk_key, {"num-labels": num_labels, "train": _ENCODED[key][1], "val": _ENCODED[key][2]})
+    return _ENCODED[key]
+
+
+def encode_split(cfg: Config, train_ds, val_ds) -> tuple[list, list]:
+    tokenizer = models.load_tokenizer(cfg.model)
+    encode = functools.partial(fdata.encode, tokenizer=tokenizer, max_length=cfg.model.max_length, task=cfg.model.task)
+    return encode(train_ds), encode(val_ds)
 
 
 def worker_model(cfg: Config, num_labels: int) -> models.CachedModel:
@@ -125,8 +160,13 @@ def starting_state(current: State, received: State, instructions: ConfigRecord, 
     return out
 
 
-def sync_base(cm: models.CachedModel, store: NodeStore | None, msg: Message, instructions: ConfigRecord) -> None:
-    """Bring the worker's base to ``base-version`` (FLoRA); a no-op for rules that never move W."""
+def sync_base(cm: models.CachedModel, store: NodeStore | None, msg: Message, instructions: ConfigRecord, *, persist: bool = False) -> None:
+    """Bring the worker's base to ``base-version`` (FLoRA); a no-op for rules that never move W.
+
+    With ``persist`` (a deployed node, whose process lives for one message) the merged base is
+    also kept on the node's disk, so the next process restores it instead of replaying every
+    update since round 1.
+    """
     version = int(instructions.get("base-version", 0))
     lineage = str(instructions.get("base-lineage", ""))
     if version == 0:
@@ -140,6 +180,10 @@ def sync_base(cm: models.CachedModel, store: NodeStore | None, msg: Message, ins
             received.setdefault(int(round_), {})[name] = tensor
     for round_, tensors in sorted(received.items()):
         store.save_base_update(lineage, round_, tensors)
+    if persist and (cm.base_lineage != lineage or cm.base_version == 0):
+        saved = store.load_merged_base(lineage)
+        if saved is not None and saved[0] <= version:
+            cm.restore_base(lineage, saved[1], version=saved[0])
     start = cm.base_version + 1 if cm.base_lineage == lineage and version >= cm.base_version else 1
     deltas = []
     for round_ in range(start, version + 1):
@@ -148,6 +192,8 @@ def sync_base(cm: models.CachedModel, store: NodeStore | None, msg: Message, ins
             raise ValueError(f"base update of round {round_} is neither in the message nor in the node store")
         deltas.append(stack_to_delta(stacks))
     cm.use_base(lineage, deltas, version=version)
+    if persist and deltas:
+        store.save_merged_base(lineage, version, cm.merged_base())
 
 
 def inject_faults(cfg: Config, pid: int, server_round: int, *, attempt: int) -> None:
@@ -214,7 +260,7 @@ def query(msg: Message, context: Context) -> Message:
     """Handshake: which partition, rank and how many training examples this node has."""
     cfg = setup(msg)
     pid = partition_id(context)
-    _, train_examples, _ = local_data(cfg, pid)
+    _, train_examples, _ = local_data(cfg, pid, context, msg.content["config"])
     metrics = MetricRecord({"partition-id": pid, "rank": node_rank(cfg, pid, context.node_config), "num-examples": len(train_examples)})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
@@ -228,13 +274,13 @@ def train(msg: Message, context: Context) -> Message:
     pid = partition_id(context)
     rank = int(instructions["rank"])
     server_round = int(instructions["server-round"])
-    data, train_examples, val_examples = local_data(cfg, pid)
+    num_labels, train_examples, val_examples = local_data(cfg, pid, context, instructions)
     inject_faults(cfg, pid, server_round, attempt=int(instructions.get("attempt", 0)))
 
-    cm = worker_model(cfg, data.num_labels)
+    cm = worker_model(cfg, num_labels)
     needs_store = int(instructions.get("base-version", 0)) or cfg.client.dp.enabled
     store = node_store(cfg, context, instructions) if needs_store else None
-    sync_base(cm, store, msg, instructions)
+    sync_base(cm, store, msg, instructions, persist="state-dir" in context.node_config)
     model = cm.activate(rank)
     received = from_record(msg.content["arrays"]) if "arrays" in msg.content.array_records else {}
     cm.load_adapter_state(rank, starting_state(cm.adapter_state(rank), received, instructions, rank=rank))
@@ -285,8 +331,8 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
     instructions = msg.content["config"]
     pid = partition_id(context)
     rank = int(instructions["rank"])
-    data, _, val_examples = local_data(cfg, pid)
-    cm = worker_model(cfg, data.num_labels)
+    num_labels, _, val_examples = local_data(cfg, pid, context, instructions)
+    cm = worker_model(cfg, num_labels)
     model = cm.activate(rank)
     received = from_record(msg.content["arrays"])
     cm.load_adapter_state(rank, starting_state(cm.adapter_state(rank), received, instructions, rank=rank))

@@ -32,7 +32,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 class NodeStore:
-    """A folder of small files owned by one node: ``base-update-<round>.pt`` and ``<name>.json``."""
+    """A folder owned by one node: ``<lineage>/base-update-<round>.pt``, ``<lineage>/merged-base.safetensors``,
+    ``cache/`` and ``<name>.json``."""
 
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
@@ -61,3 +62,35 @@ class NodeStore:
 
     def save_json(self, name: str, value: Any) -> None:
         atomic_write_bytes(self.root / f"{name}.json", json.dumps(value, sort_keys=True).encode())
+
+    # --- the merged base (FLoRA): W_0 + all updates so far, so a new process need not replay them
+    def save_merged_base(self, lineage: str, version: int, weights: dict[str, torch.Tensor]) -> None:
+        """The adapted layers' merged weights at ``version`` (safetensors: memory-mapped on load)."""
+        from safetensors.torch import save
+
+        data = save({k: v.detach().to("cpu").contiguous() for k, v in weights.items()}, metadata={"version": str(version)})
+        atomic_write_bytes(self.root / lineage / "merged-base.safetensors", data)
+
+    def load_merged_base(self, lineage: str) -> tuple[int, dict[str, torch.Tensor]] | None:
+        from safetensors import safe_open
+
+        path = self.root / lineage / "merged-base.safetensors"
+        if not path.exists():
+            return None
+        with safe_open(str(path), framework="pt") as fh:
+            version = int(fh.metadata()["version"])
+            return version, {k: fh.get_tensor(k) for k in fh.keys()}
+
+    # --- anything costly to rebuild in every short-lived process (encoded data)
+    def load_cached(self, key: str) -> Any:
+        path = self.root / "cache" / f"{key}.pt"
+        if not path.exists():
+            return None
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+    def save_cached(self, key: str, value: Any) -> None:
+        import io
+
+        buf = io.BytesIO()
+        torch.save(value, buf)
+        atomic_write_bytes(self.root / "cache" / f"{key}.pt", buf.getvalue())

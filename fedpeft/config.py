@@ -128,12 +128,31 @@ class FaultConfig:
 
 
 @dataclass
+class DeployConfig:
+    """Where ``mode=deploy`` submits the run: a SuperLink's Control API (see README, "Deploying on edge devices")."""
+
+    superlink: str = field(default="127.0.0.1:8000", metadata={"help": "host:port of the SuperLink (its --host/--port; one port serves nodes and runs)."})
+    root_certificates: Optional[str] = field(
+        default=None, metadata={"help": "CA certificate (PEM) that signed the SuperLink's TLS certificate."}
+    )
+    insecure: bool = field(default=False, metadata={"help": "Plain HTTP, no TLS: only for a trusted local network."})
+    run_dir: Optional[str] = field(
+        default=None,
+        metadata={"help": "Where the ServerApp writes results, on the SuperLink's machine; default: the Hydra run directory."},
+    )
+    timeout: float = field(default=86400.0, metadata={"help": "Seconds to wait for the deployed run to finish."})
+
+
+@dataclass
 class Config:
     seed: int = 0
     num_rounds: int = 10
     num_clients: int = 10
     clients_per_round: int = 5
-    mode: str = field(default="simulation", metadata={"help": "'simulation' (Flower on Ray) or 'centralized'."})
+    mode: str = field(
+        default="simulation",
+        metadata={"help": "'simulation' (Flower on Ray), 'deploy' (a SuperLink and its SuperNodes) or 'centralized'."},
+    )
     device: str = field(default="auto", metadata={"help": "'auto', 'cpu' or 'cuda'."})
     eval_every: int = field(default=1, metadata={"help": "Evaluate the global model every k rounds (and after the last)."})
     min_clients: int = field(default=1, metadata={"help": "A round with fewer accepted replies leaves the global model unchanged."})
@@ -155,6 +174,7 @@ class Config:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     client: ClientConfig = field(default_factory=ClientConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)
+    deploy: DeployConfig = field(default_factory=DeployConfig)
     extra: dict[str, Any] = field(default_factory=dict, metadata={"help": "Free-form notes copied to results."})
 
 
@@ -176,6 +196,7 @@ __all__ = [
     "StrategyConfig",
     "ClientConfig",
     "DPConfig",
+    "DeployConfig",
     "EMBEDDED_DATA",
     "EMBEDDED_MODEL",
     "MISSING",

@@ -16,6 +16,7 @@ per process.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -234,6 +235,30 @@ def build(cfg: DataConfig, *, seed: int, num_clients: int, need_labels: bool = T
     if empty:
         raise DataError(f"partitioner {cfg.partitioner!r} left clients {empty} without examples; use fewer clients or another partitioner")
     return FederatedData(label_names=names, train=train, test=test, partitions=partitions, val_fraction=cfg.val_fraction, seed=seed)
+
+
+def node_data(cfg: DataConfig, path: str, *, label_names: Sequence[str], seed: int, node: int, need_labels: bool = True) -> tuple[Dataset, Dataset]:
+    """A deployed node's own data (``data-path`` in its node config) as (train, validation).
+
+    The file or folder is read with the run's column settings; its labels are mapped onto the
+    run's ``label_names`` (a label the run does not know is an error), and a seeded
+    ``val_fraction`` slice is held out. Nothing of it leaves the node.
+    """
+    local = dataclasses.replace(cfg, name=str(Path(path).expanduser()), max_samples=None)
+    if not Path(local.name).exists():
+        raise DataError(f"node data-path {path!r} does not exist")
+    ds, names = normalise(read_raw(local), local, need_labels=need_labels)
+    if need_labels:
+        index = {name: i for i, name in enumerate(label_names)}
+        unknown = sorted(set(names) - set(index))
+        if unknown:
+            raise DataError(f"node data {path!r} has labels the run does not know: {unknown[:5]} (the run's labels: {list(label_names)})")
+        ids = [index[names[i]] for i in ds[LABEL]]
+        ds = Dataset.from_dict({TEXT: ds[TEXT], LABEL: ids}).cast_column(LABEL, ClassLabel(names=list(label_names)))
+    ds = drop_duplicates(ds)
+    n_val = int(round(len(ds) * cfg.val_fraction)) if len(ds) > 1 else 0
+    order = np.random.default_rng([seed, node]).permutation(len(ds))
+    return ds.select(sorted(order[n_val:].tolist())), ds.select(sorted(order[:n_val].tolist()))
 
 
 _CACHE: dict[str, FederatedData] = {}

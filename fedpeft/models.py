@@ -191,6 +191,22 @@ class CachedModel:
                 layers[name] = module.get_base_layer()
         return layers
 
+    def merged_base(self) -> dict[str, torch.Tensor]:
+        """The adapted layers' current base weights (what :meth:`restore_base` takes back)."""
+        return {n: m.weight.detach().to("cpu", copy=True) for n, m in self.base_layers().items()}
+
+    def restore_base(self, lineage: str, weights: dict[str, torch.Tensor], *, version: int) -> None:
+        """Set the base to saved :meth:`merged_base` weights of ``lineage`` at ``version`` (bit-exact)."""
+        layers = self.base_layers()
+        if set(weights) != set(layers):
+            raise ValueError(f"saved base has layers {sorted(weights)[:2]}..., the model {sorted(layers)[:2]}...")
+        if not self.pristine:
+            self.pristine = {n: m.weight.detach().to("cpu", copy=True) for n, m in layers.items()}
+        with torch.no_grad():
+            for name, layer in layers.items():
+                layer.weight.copy_(weights[name].to(layer.weight.device, layer.weight.dtype))
+        self.base_lineage, self.base_version = lineage, version
+
     def use_base(self, lineage: str, deltas: list[dict[str, torch.Tensor]], *, version: int) -> None:
         """Make the base weights ``W_0 + Σ deltas[:version]`` for the run ``lineage``.
 

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from fedpeft.config import Config, register_configs, to_config
 
 log = logging.getLogger("fedpeft")
-MODES = ("simulation", "centralized")
+MODES = ("simulation", "deploy", "centralized")
 
 register_configs()
 
@@ -42,6 +42,10 @@ def check_config(cfg: Config) -> None:
     for key in ("raise_prob", "hang_prob", "crash_prob"):
         if not 0.0 <= getattr(cfg.faults, key) <= 1.0:
             raise ValueError(f"faults.{key} must be in [0, 1], got {getattr(cfg.faults, key)}")
+    if cfg.mode == "deploy":
+        from fedpeft.deploy import check_deploy_config
+
+        check_deploy_config(cfg)
     get_strategy(cfg.strategy.name)
     client_ranks(cfg)
     check_model_config(cfg.model)
@@ -79,8 +83,8 @@ def execute(cfg: Config, run_dir: Path) -> list[dict[str, Any]]:
         run_dir = Path(cfg.resume)
         if not run_dir.is_dir():
             raise ValueError(f"resume={cfg.resume!r}: no such run directory")
-        if cfg.mode != "simulation":
-            raise ValueError("resume works for federated runs (mode=simulation)")
+        if cfg.mode == "centralized":
+            raise ValueError("resume works for federated runs (mode=simulation or mode=deploy)")
         from fedpeft.server import load_checkpoint
 
         load_checkpoint(run_dir, cfg)  # fails now, not after Ray started, if it does not fit
@@ -95,6 +99,10 @@ def execute(cfg: Config, run_dir: Path) -> list[dict[str, Any]]:
         from fedpeft.server import run_centralized
 
         return run_centralized(cfg, run_dir)
+    if cfg.mode == "deploy":
+        from fedpeft.deploy import submit
+
+        return submit(cfg, run_dir)
     from fedpeft.simulation import run_simulation
 
     return run_simulation(cfg, run_dir)

@@ -183,7 +183,9 @@ def run_federated(cfg: Config, grid: Grid, run_dir: Path) -> list[dict[str, Any]
     lineage = checkpoint["lineage"] if checkpoint else f"{run_dir.name}-{time.time_ns():x}"
     evaluator = ServerEvaluator(cfg, data, lineage=lineage)
     strategy = get_strategy(cfg.strategy.name).from_config(cfg, initial_adapter(evaluator.cm, rank=max(ranks), seed=cfg.seed))
-    config = ConfigRecord({"fedpeft-config": to_json(_without_resume(cfg)), "sim-state-dir": str(run_dir / "nodes"), "base-lineage": lineage})
+    config = ConfigRecord({"fedpeft-config": to_json(_without_resume(cfg)), "base-lineage": lineage, "label-names": list(data.label_names)})
+    if cfg.mode != "deploy":  # simulated nodes keep their state under the run; deployed ones in their own state-dir
+        config["sim-state-dir"] = str(run_dir / "nodes")
     strategy.register_nodes(handshake(grid, cfg, config))
 
     first_round, totals = 1, {"up": 0, "down": 0}
@@ -233,13 +235,16 @@ def train_round(strategy: LoRAStrategy, grid: Grid, server_round: int, config: C
     strategy.reports.pop(server_round, None)  # a retried round starts a fresh report
     messages = list(strategy.configure_train(server_round, ArrayRecord(), config, grid))
     replies = list(grid.send_and_receive(messages, timeout=timeout))
+    # A reply belongs to the node its request went to: an error reply the SuperLink writes for a
+    # node that stopped sending heartbeats comes from the SuperLink, not from that node.
+    destination = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
     report = strategy.reports[server_round]
-    replied = {m.metadata.src_node_id for m in replies}
+    replied = {destination.get(m.metadata.reply_to_message_id, m.metadata.src_node_id) for m in replies}
     for msg in messages:
         if msg.metadata.dst_node_id not in replied:
             report.failures.append({"node": msg.metadata.dst_node_id, "reason": f"no reply within round_timeout={timeout} s"})
             log.warning("round %d: node %d did not reply within %.0f s", server_round, msg.metadata.dst_node_id, timeout)
-    strategy.aggregate_train(server_round, replies)
+    strategy.aggregate_train(server_round, replies, sources=destination)
     return report
 
 
