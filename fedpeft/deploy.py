@@ -263,6 +263,27 @@ def make_node_key(path: Path) -> tuple[Path, Path]:
     return path, pub
 
 
+# ------------------------------------------------------------------------------ demo data for nodes
+def export_partitions(cfg: Config, root: Path) -> list[Path]:
+    """Write each client's training partition of ``cfg``'s data as a ``<label>/<i>.txt`` folder.
+
+    To demo deployment with real node-local data: node k is started with
+    ``data-path='<root>/node<k>-data'`` and trains on exactly what partition k would hold.
+    """
+    from fedpeft import data as fdata
+
+    data = fdata.prepare(cfg.data, seed=cfg.seed, num_clients=cfg.num_clients, need_labels=True)
+    folders = []
+    for k, part in enumerate(data.partitions):
+        folder = Path(root) / f"node{k}-data"
+        for i, row in enumerate(part):
+            doc = folder / data.label_names[row["label"]] / f"{i:05d}.txt"
+            doc.parent.mkdir(parents=True, exist_ok=True)
+            doc.write_text(row["text"])
+        folders.append(folder)
+    return folders
+
+
 # ------------------------------------------------------------------------------ a federation on one machine
 def free_port() -> int:
     with socket.socket() as sock:
@@ -379,8 +400,21 @@ def cli(argv: list[str] | None = None) -> None:
     certs.add_argument("--days", type=int, default=365)
     node = sub.add_parser("node-key", help="a SuperNode authentication key pair (PATH and PATH.pub)")
     node.add_argument("path", type=Path)
+    parts = sub.add_parser("partitions", help="write each client's partition of a run config as a node data folder")
+    parts.add_argument("out", type=Path)
+    parts.add_argument("overrides", nargs="*", help="config keys as for fedpeft.run, e.g. num_clients=2 data.max_samples=600")
     args = parser.parse_args(argv)
-    if args.command == "certs":
+    if args.command == "partitions":
+        from hydra import compose, initialize_config_dir
+
+        from fedpeft.config import register_configs, to_config
+
+        register_configs()
+        with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+            cfg = to_config(compose(config_name="config", overrides=args.overrides))
+        for path in export_partitions(cfg, args.out):
+            print(path)
+    elif args.command == "certs":
         for name, path in make_certificates(args.out, args.host, days=args.days).items():
             print(f"{name}: {path}")
     else:

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from fedpeft import data as fdata
 from fedpeft.config import to_config
-from fedpeft.deploy import LocalFederation
+from fedpeft.deploy import LocalFederation, export_partitions
 from fedpeft.results import read_metrics
 from tests.conftest import REPO
 
@@ -26,18 +25,8 @@ SMOKE = {"seed": 3, "data": {"max_samples": 150, "partitioner": "iid"}}
 
 
 def write_node_folders(root: Path, num_nodes: int) -> list[Path]:
-    """Each node's share of the smoke data as a ``<label>/<k>.txt`` folder."""
-    cfg = to_config({**SMOKE, "num_clients": num_nodes})
-    data = fdata.prepare(cfg.data, seed=cfg.seed, num_clients=num_nodes)
-    folders = []
-    for k in range(num_nodes):
-        folder = root / f"node{k}-data"
-        for i, row in enumerate(data.partitions[k]):
-            doc = folder / data.label_names[row["label"]] / f"{i}.txt"
-            doc.parent.mkdir(parents=True, exist_ok=True)
-            doc.write_text(row["text"])
-        folders.append(folder)
-    return folders
+    """Each node's share of the smoke data as a ``<label>/<i>.txt`` folder."""
+    return export_partitions(to_config({**SMOKE, "num_clients": num_nodes}), root)
 
 
 def submit(fed: LocalFederation, run_dir: Path, *extra: str) -> subprocess.Popen:

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from fedpeft.config import DataConfig
-from fedpeft.data import DataError, build, encode, label_histogram, make_loader, prepare
+from fedpeft.data import DataError, build, encode, label_histogram, make_loader, node_data, prepare
 
 
 def test_embedded_bbc_has_five_sorted_topics_and_a_stratified_test_split():
@@ -110,3 +110,19 @@ def test_encode_and_collate_pad_to_the_longest():
     lm = encode(data.test, tok, max_length=16, task="causal_lm")
     batch = next(iter(make_loader(lm, pad_token_id=tok.pad_token_id, batch_size=4, shuffle=False)))
     assert batch["labels"].shape == batch["input_ids"].shape
+
+
+def test_node_data_maps_labels_onto_the_runs_and_rejects_unknown_ones(tmp_path):
+    for label, texts in {"sport": ["a goal", "a match", "a race"], "tech": ["a chip", "a phone"]}.items():
+        for i, text in enumerate(texts):
+            (tmp_path / label).mkdir(exist_ok=True)
+            (tmp_path / label / f"{i}.txt").write_text(text)
+    names = ["business", "entertainment", "politics", "sport", "tech"]
+    train, val = node_data(DataConfig(val_fraction=0.2), str(tmp_path), label_names=names, seed=0, node=1)
+    assert len(train) + len(val) == 5 and len(val) == 1
+    pooled = {t: names[l] for ds in (train, val) for t, l in zip(ds["text"], ds["label"])}
+    assert pooled["a chip"] == "tech" and pooled["a race"] == "sport"  # the run's ids, not the folder's
+    with pytest.raises(DataError, match=r"labels the run does not know: \['sport'\]"):
+        node_data(DataConfig(), str(tmp_path), label_names=["business", "tech"], seed=0, node=1)
+    with pytest.raises(DataError, match="node data-path '/no/where' does not exist"):
+        node_data(DataConfig(), "/no/where", label_names=names, seed=0, node=1)

@@ -21,6 +21,9 @@ from tests.fedpeft.test_config import compose_cfg
         (["client=dp", "client.dp.target_epsilon=0.001"], DPError, "unreachable.*smallest reachable ε is"),
         (["client=dp", "client.dp.noise_multiplier=1.0"], DPError, "exactly one of noise_multiplier and target_epsilon"),
         (["data.label_column=topic", "data.name=embedded:bbc"], DataError, "no column 'topic'"),
+        (["mode=deploy"], ValueError, "mode=deploy uses TLS: set deploy.root_certificates"),
+        (["mode=deploy", "deploy.root_certificates=/no/ca.crt"], ValueError, "deploy.root_certificates: no such file '/no/ca.crt'"),
+        (["mode=deploy", "deploy.superlink=superlink.lan", "deploy.insecure=true"], ValueError, "deploy.superlink must be host:port"),
     ],
 )
 def test_error_at_start(tmp_path, overrides, error, fragment):
