@@ -69,6 +69,25 @@ class ServerEvaluator:
         return evaluate(self.load(global_model), self.loader, device=self.cm.device)
 
 
+def exchange(grid: Grid, messages: list[Message], *, timeout: float, poll: float = 0.2) -> list[Message]:
+    """Send ``messages`` and collect the replies that arrive within ``timeout`` seconds.
+
+    ``Grid.send_and_receive`` with a short poll: Flower's deployment grid sleeps 3 s between
+    pulls, which a deployed round pays once per exchange for nothing.
+    """
+    pending = set(grid.push_messages(messages))
+    replies: list[Message] = []
+    deadline = time.monotonic() + timeout
+    while pending:
+        arrived = list(grid.pull_messages(pending))
+        replies.extend(arrived)
+        pending -= {m.metadata.reply_to_message_id for m in arrived}
+        if not pending or time.monotonic() >= deadline:
+            break
+        time.sleep(poll)
+    return replies
+
+
 def handshake(grid: Grid, cfg: Config, config: ConfigRecord, *, timeout: float = 600.0) -> list[NodeInfo]:
     """Wait for ``num_clients`` nodes, ask each for its partition, rank and data size."""
     deadline = time.monotonic() + timeout
@@ -79,7 +98,7 @@ def handshake(grid: Grid, cfg: Config, config: ConfigRecord, *, timeout: float =
         time.sleep(1.0)
         node_ids = list(grid.get_node_ids())
     messages = [Message(RecordDict({"config": config}), dst_node_id=n, message_type=MessageType.QUERY) for n in sorted(node_ids)]
-    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    replies = exchange(grid, messages, timeout=timeout)
     nodes, seen = [], {}
     for reply in replies:
         node_id = reply.metadata.src_node_id
@@ -234,7 +253,7 @@ def train_round(strategy: LoRAStrategy, grid: Grid, server_round: int, config: C
     """Send one round's train messages, collect what comes back in time, aggregate; returns the report."""
     strategy.reports.pop(server_round, None)  # a retried round starts a fresh report
     messages = list(strategy.configure_train(server_round, ArrayRecord(), config, grid))
-    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    replies = exchange(grid, messages, timeout=timeout)
     # A reply belongs to the node its request went to: an error reply the SuperLink writes for a
     # node that stopped sending heartbeats comes from the SuperLink, not from that node.
     destination = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
