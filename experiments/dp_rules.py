@@ -41,7 +41,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 3.0, 8.0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=48)
     parser.add_argument("--out", default=str(REPO / "experiments" / "results" / "dp_rules"))
     args = parser.parse_args()
@@ -64,7 +64,8 @@ def main() -> None:
                 results.setdefault((rule, eps), []).append(rows)
                 print(f"[dp_rules] {rule:9s} ε={eps:g} seed {seed}: accuracy {100 * rows[-1]['test_accuracy']:.1f}%", flush=True)
     lines = [
-        f"Client-side DP-SGD, δ = 1e-5, noise calibrated for the whole run, clipping C = 1, seeds {args.seeds}, {args.rounds} rounds.",
+        f"Client-side DP-SGD (conf/exp/<rule>_dp.yaml: 4 IID clients, all in every round, batch 64, 10 local steps), δ = 1e-5, "
+        f"noise calibrated for the whole run, clipping C = 1, seeds {args.seeds}, {args.rounds} rounds, max_length {args.max_length}.",
         "",
         "| rule | target ε | accuracy (%) | max client ε spent |",
         "|---|---|---|---|",

@@ -155,7 +155,7 @@ def submit(cfg: Config, run_dir: Path) -> list[dict[str, Any]]:
     log.info("submitting to SuperLink %s: %s", cfg.deploy.superlink, " ".join(cmd))
     with open(run_dir / "flwr-run.log", "w") as out:
         proc = subprocess.Popen(cmd, env=flwr_env(flwr_home), stdout=out, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + cfg.deploy.timeout
+        deadline, ended = time.monotonic() + cfg.deploy.timeout, None
         try:
             while not (results_dir / DONE).exists() and not (results_dir / FAILED).exists():
                 if proc.poll() is not None and proc.returncode != 0:
@@ -163,6 +163,10 @@ def submit(cfg: Config, run_dir: Path) -> list[dict[str, Any]]:
                 if proc.poll() is not None and not results_dir.exists():
                     log.info("the run was submitted; its results are written on the SuperLink's machine in %s", results_dir)
                     return []
+                if proc.poll() is not None:  # the run ended; its ServerApp writes a marker as its last act
+                    ended = ended or time.monotonic()
+                    if time.monotonic() - ended > 60:
+                        raise DeployError(f"the run ended without finishing its rounds (see {run_dir / 'flwr-run.log'}): {tail(run_dir / 'flwr-run.log')}")
                 if time.monotonic() > deadline:
                     raise DeployError(f"the deployed run did not finish within deploy.timeout={cfg.deploy.timeout} s")
                 time.sleep(1.0)
