@@ -102,7 +102,8 @@ def local_data(cfg: Config, pid: int, context: Context, instructions: ConfigReco
         if need_labels and not names:
             raise ValueError("the server sent no 'label-names'; a node with its own data-path needs them to number its labels")
         source = Path(str(path)).expanduser()
-        stamp = [source.stat().st_mtime_ns, source.stat().st_size] if source.exists() else None
+        files = sorted(f for f in source.rglob("*") if f.is_file()) if source.is_dir() else [source] if source.exists() else []
+        stamp = [[str(f), f.stat().st_mtime_ns, f.stat().st_size] for f in files]  # an edited file invalidates the cache
         key = json.dumps(["path", str(source), stamp, names, cfg.seed, pid, to_container(cfg.data), to_container(cfg.model)], sort_keys=True)
     else:
         key = json.dumps(["partition", cfg.seed, cfg.num_clients, pid, to_container(cfg.data), to_container(cfg.model)], sort_keys=True)

@@ -5,13 +5,14 @@ seed this runs ``conf/exp/<rule>_dp.yaml`` and writes ``<out>/results.md`` (fina
 largest client ε actually spent), ``<out>/accuracy_vs_epsilon.png`` and
 ``<out>/accuracy_vs_round.png``. Finished runs are not repeated.
 
-    python experiments/dp_rules.py [--epsilons 1 3 8] [--seeds 0] [--rounds 6]
+    python experiments/dp_rules.py [--epsilons 1 3 8 inf] [--seeds 0] [--rounds 8]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -32,14 +33,15 @@ def compose(rule: str, eps: float, seed: int, rounds: int, max_length: int):
     from fedpeft.config import register_configs, to_config
 
     register_configs()
-    overrides = [f"+exp={rule}_dp", f"client.dp.target_epsilon={eps}", f"seed={seed}", f"num_rounds={rounds}", f"model.max_length={max_length}"]
+    privacy = "client.dp.enabled=false" if math.isinf(eps) else f"client.dp.target_epsilon={eps}"  # ε = ∞: the same run without DP
+    overrides = [f"+exp={rule}_dp", privacy, f"seed={seed}", f"num_rounds={rounds}", f"model.max_length={max_length}"]
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return to_config(hydra_compose(config_name="config", overrides=overrides))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 3.0, 8.0])
+    parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 3.0, 8.0, math.inf], help="inf: the same run without DP")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=48)
@@ -74,7 +76,7 @@ def main() -> None:
         accs = [100 * r[-1]["test_accuracy"] for r in runs]
         spent = max(max((row.get("max_epsilon") or 0.0) for row in r) for r in runs)
         acc = f"{statistics.mean(accs):.1f}" + (f" ± {statistics.stdev(accs):.1f}" if len(accs) > 1 else "")
-        lines.append(f"| {rule} | {eps:g} | {acc} | {spent:.2f} |")
+        lines.append(f"| {rule} | {eps:g} | {acc} | {spent:.2f} |" if not math.isinf(eps) else f"| {rule} | ∞ (no DP) | {acc} | — |")
     text = "\n".join(lines) + "\n"
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(text)
@@ -86,9 +88,11 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 4))
-    for rule in RULES:
-        xs = [e for e in args.epsilons if (rule, e) in results]
-        ax.plot(xs, [statistics.mean(100 * r[-1]["test_accuracy"] for r in results[(rule, e)]) for e in xs], marker="o", label=rule)
+    for rule, color in zip(RULES, ("tab:blue", "tab:orange")):
+        xs = [e for e in args.epsilons if (rule, e) in results and not math.isinf(e)]
+        ax.plot(xs, [statistics.mean(100 * r[-1]["test_accuracy"] for r in results[(rule, e)]) for e in xs], marker="o", label=rule, color=color)
+        if (rule, math.inf) in results:
+            ax.axhline(statistics.mean(100 * r[-1]["test_accuracy"] for r in results[(rule, math.inf)]), linestyle=":", color=color, label=f"{rule}, no DP")
     ax.set_xlabel("ε (δ = 1e-5)")
     ax.set_ylabel("final test accuracy (%)")
     ax.legend()
@@ -99,7 +103,8 @@ def main() -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for (rule, eps), runs in results.items():
         rows = runs[0]
-        ax.plot([r["round"] for r in rows], [100 * r["test_accuracy"] for r in rows], marker="o", label=f"{rule} ε={eps:g}", linestyle="-" if rule == "ffa_lora" else "--")
+        label = f"{rule} no DP" if math.isinf(eps) else f"{rule} ε={eps:g}"
+        ax.plot([r["round"] for r in rows], [100 * r["test_accuracy"] for r in rows], marker="o", label=label, linestyle="-" if rule == "ffa_lora" else "--")
     ax.set_xlabel("round")
     ax.set_ylabel("test accuracy (%)")
     ax.legend(fontsize=8)
