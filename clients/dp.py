@@ -116,18 +116,18 @@ class LinearGradSampler:
                 raise DPError(f"mode='lora' handles trainable nn.Linear layers only, found a trainable {type(module).__name__}; use client.dp.grad_sample_mode=opacus")
             owners[module] = own
         self.layers = list(owners)
-        self._inputs: dict[nn.Module, torch.Tensor] = {}
         self._samples: dict[int, torch.Tensor] = {}
-        self._handles = []
-        for layer in self.layers:
-            self._handles.append(layer.register_forward_hook(self._save_input))
-            self._handles.append(layer.register_full_backward_hook(self._per_sample))
+        # A forward hook hangs a gradient hook on each output: cheaper than a module backward hook
+        # (no wrapping of inputs and outputs), and a layer used twice gets one hook per use.
+        self._handles = [layer.register_forward_hook(self._on_forward) for layer in self.layers]
 
-    def _save_input(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        self._inputs[module] = inputs[0].detach()
+    def _on_forward(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        if output.requires_grad:
+            x = inputs[0].detach()
+            output.register_hook(lambda grad: self._per_sample(module, x, grad))
 
-    def _per_sample(self, module: nn.Module, grad_input: Any, grad_output: tuple[torch.Tensor, ...]) -> None:
-        x, g = self._inputs.pop(module), grad_output[0].detach()
+    def _per_sample(self, module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> None:
+        g = grad.detach()
         if x.dim() == 2:  # (batch, d): one token per sample
             x, g = x.unsqueeze(1), g.unsqueeze(1)
         x, g = x.reshape(x.shape[0], -1, x.shape[-1]), g.reshape(g.shape[0], -1, g.shape[-1])
@@ -151,7 +151,6 @@ class LinearGradSampler:
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
-        self._inputs.clear()
         self._samples.clear()
 
 
