@@ -78,6 +78,7 @@ def prepare_node(store_dir: Path, base_rounds: int) -> None:
     from clients.app import local_data, worker_model
     from clients.state import NodeStore
     from fedpeft.config import to_config
+    from fedpeft.records import stack_to_delta
 
     cfg = to_config(NODE_CFG)
     ctx = _context({"partition-id": 0, "state-dir": str(store_dir)})
@@ -86,15 +87,12 @@ def prepare_node(store_dir: Path, base_rounds: int) -> None:
     store = NodeStore(store_dir / "node-0")
     gen = torch.Generator().manual_seed(0)
     deltas = []
-    from fedpeft.records import stack_to_delta
-
     for round_ in range(1, base_rounds + 1):
         stacks = {}
         for name, layer in cm.base_layers().items():
             d_out, d_in = layer.weight.shape
-            key = name.replace("base_model.model.", "base_model.model.", 1)
-            stacks[f"{key}.lora_A.weight"] = torch.randn(16, d_in, generator=gen) * 0.01
-            stacks[f"{key}.lora_B.weight"] = torch.randn(d_out, 16, generator=gen) * 0.01
+            stacks[f"{name}.lora_A.weight"] = torch.randn(16, d_in, generator=gen) * 0.01
+            stacks[f"{name}.lora_B.weight"] = torch.randn(d_out, 16, generator=gen) * 0.01
         store.save_base_update("bench", round_, stacks)
         deltas.append(stack_to_delta(stacks))
     cm.use_base("bench", deltas, version=base_rounds)

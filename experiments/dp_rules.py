@@ -27,16 +27,10 @@ RULES = ["fedavg", "ffa_lora"]
 
 
 def compose(rule: str, eps: float, seed: int, rounds: int, max_length: int):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from fedpeft.config import compose_config
 
-    from fedpeft.config import register_configs, to_config
-
-    register_configs()
     privacy = "client.dp.enabled=false" if math.isinf(eps) else f"client.dp.target_epsilon={eps}"  # ε = ∞: the same run without DP
-    overrides = [f"+exp={rule}_dp", privacy, f"seed={seed}", f"num_rounds={rounds}", f"model.max_length={max_length}"]
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return to_config(hydra_compose(config_name="config", overrides=overrides))
+    return compose_config([f"+exp={rule}_dp", privacy, f"seed={seed}", f"num_rounds={rounds}", f"model.max_length={max_length}"])
 
 
 def main() -> None:

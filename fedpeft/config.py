@@ -8,6 +8,7 @@ message naming the key, not twenty minutes into a run.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -205,6 +206,7 @@ __all__ = [
     "to_json",
     "to_config",
     "from_json",
+    "compose_config",
 ]
 
 
@@ -247,3 +249,16 @@ def from_json(text: str) -> Config:
     if text not in _PARSED:
         _PARSED[text] = to_config(json.loads(text))
     return _PARSED[text]
+
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def compose_config(overrides: list[str]) -> Config:
+    """The typed config ``python -m fedpeft.run <overrides>`` would run, composed without starting a run
+    (for scripts and tests)."""
+    from hydra import compose, initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return to_config(compose(config_name="config", overrides=overrides))

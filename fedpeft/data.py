@@ -77,10 +77,14 @@ class FederatedData:
         """(train, validation) of one client; the slice is seeded by the run seed and the client id."""
         if not 0 <= partition_id < len(self.partitions):
             raise DataError(f"partition id {partition_id} out of range [0, {len(self.partitions)})")
-        part = self.partitions[partition_id]
-        n_val = int(round(len(part) * self.val_fraction)) if len(part) > 1 else 0
-        order = np.random.default_rng([self.seed, partition_id]).permutation(len(part))
-        return part.select(sorted(order[n_val:].tolist())), part.select(sorted(order[:n_val].tolist()))
+        return hold_out(self.partitions[partition_id], self.val_fraction, seed=self.seed, client=partition_id)
+
+
+def hold_out(ds: Dataset, fraction: float, *, seed: int, client: int) -> tuple[Dataset, Dataset]:
+    """(train, validation) of one client's examples; the validation slice is seeded by run seed and client."""
+    n_val = int(round(len(ds) * fraction)) if len(ds) > 1 else 0
+    order = np.random.default_rng([seed, client]).permutation(len(ds))
+    return ds.select(sorted(order[n_val:].tolist())), ds.select(sorted(order[:n_val].tolist()))
 
 
 # ---------------------------------------------------------------------------------- reading
@@ -267,10 +271,7 @@ def node_data(cfg: DataConfig, path: str, *, label_names: Sequence[str], seed: i
         ids = [index[names[i]] for i in ds[LABEL]]
         hf = _hf()
         ds = hf.Dataset.from_dict({TEXT: ds[TEXT], LABEL: ids}).cast_column(LABEL, hf.ClassLabel(names=list(label_names)))
-    ds = drop_duplicates(ds)
-    n_val = int(round(len(ds) * cfg.val_fraction)) if len(ds) > 1 else 0
-    order = np.random.default_rng([seed, node]).permutation(len(ds))
-    return ds.select(sorted(order[n_val:].tolist())), ds.select(sorted(order[:n_val].tolist()))
+    return hold_out(drop_duplicates(ds), cfg.val_fraction, seed=seed, client=node)
 
 
 _CACHE: dict[str, FederatedData] = {}

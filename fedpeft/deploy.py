@@ -35,7 +35,7 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedpeft.config import Config, from_json, to_json
+from fedpeft.config import Config, DeployConfig, from_json, to_json
 
 log = logging.getLogger("fedpeft")
 
@@ -105,9 +105,8 @@ def write_app(app_dir: Path, cfg: Config, run_dir: Path) -> Path:
     return app_dir
 
 
-def write_connection(flwr_home: Path, cfg: Config) -> None:
+def write_connection(flwr_home: Path, dep: DeployConfig) -> None:
     """A Flower CLI configuration (``FLWR_HOME``) naming one SuperLink connection, ``fedpeft``."""
-    dep = cfg.deploy
     lines = ["[superlink]", 'default = "fedpeft"', "", "[superlink.fedpeft]", f"address = {_toml_str(dep.superlink)}"]
     if dep.insecure:
         lines.append("insecure = true")
@@ -147,7 +146,7 @@ def submit(cfg: Config, run_dir: Path) -> list[dict[str, Any]]:
     results_dir = Path(cfg.deploy.run_dir or run_dir).expanduser().resolve()
     app_dir = write_app(run_dir / "flwr-app", cfg, results_dir)
     flwr_home = run_dir / "flwr-home"
-    write_connection(flwr_home, cfg)
+    write_connection(flwr_home, cfg.deploy)
     for stale in (DONE, FAILED):
         (results_dir / stale).unlink(missing_ok=True)
     flwr = Path(sys.executable).with_name("flwr")
@@ -158,12 +157,13 @@ def submit(cfg: Config, run_dir: Path) -> list[dict[str, Any]]:
         deadline, ended = time.monotonic() + cfg.deploy.timeout, None
         try:
             while not (results_dir / DONE).exists() and not (results_dir / FAILED).exists():
-                if proc.poll() is not None and proc.returncode != 0:
-                    raise DeployError(f"flwr run failed (exit {proc.returncode}): {tail(run_dir / 'flwr-run.log')}")
-                if proc.poll() is not None and not results_dir.exists():
-                    log.info("the run was submitted; its results are written on the SuperLink's machine in %s", results_dir)
-                    return []
-                if proc.poll() is not None:  # the run ended; its ServerApp writes a marker as its last act
+                code = proc.poll()
+                if code is not None:  # `flwr run --stream` is done; the ServerApp's marker is its last act
+                    if code != 0:
+                        raise DeployError(f"flwr run failed (exit {code}): {tail(run_dir / 'flwr-run.log')}")
+                    if not results_dir.exists():
+                        log.info("the run was submitted; its results are written on the SuperLink's machine in %s", results_dir)
+                        return []
                     ended = ended or time.monotonic()
                     if time.monotonic() - ended > 60:
                         raise DeployError(f"the run ended without finishing its rounds (see {run_dir / 'flwr-run.log'}): {tail(run_dir / 'flwr-run.log')}")
@@ -350,10 +350,7 @@ class LocalFederation:
             superlink.append("--enable-supernode-auth")
         self._start("superlink", superlink)
         wait_for_port(self.port, proc=self.procs["superlink"], log_path=self.workdir / "superlink.log")
-        connection = Config()
-        connection.deploy.superlink, connection.deploy.insecure = self.address, not self.tls
-        connection.deploy.root_certificates = str(self.ca) if self.ca else None
-        write_connection(self.flwr_home, connection)
+        write_connection(self.flwr_home, DeployConfig(**self.config_overrides()))
         for k, node_config in enumerate(self.node_configs):
             supernode = [str(bin_dir / "flower-supernode"), "--superlink", self.address, "--port", str(free_port()), "--node-config", _node_config(node_config)]
             supernode += ["--root-certificates", str(self.ca)] if self.tls else ["--insecure"]
@@ -409,14 +406,9 @@ def cli(argv: list[str] | None = None) -> None:
     parts.add_argument("overrides", nargs="*", help="config keys as for fedpeft.run, e.g. num_clients=2 data.max_samples=600")
     args = parser.parse_args(argv)
     if args.command == "partitions":
-        from hydra import compose, initialize_config_dir
+        from fedpeft.config import compose_config
 
-        from fedpeft.config import register_configs, to_config
-
-        register_configs()
-        with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
-            cfg = to_config(compose(config_name="config", overrides=args.overrides))
-        for path in export_partitions(cfg, args.out):
+        for path in export_partitions(compose_config(args.overrides), args.out):
             print(path)
     elif args.command == "certs":
         for name, path in make_certificates(args.out, args.host, days=args.days).items():

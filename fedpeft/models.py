@@ -200,8 +200,7 @@ class CachedModel:
         layers = self.base_layers()
         if set(weights) != set(layers):
             raise ValueError(f"saved base has layers {sorted(weights)[:2]}..., the model {sorted(layers)[:2]}...")
-        if not self.pristine:
-            self.pristine = {n: m.weight.detach().to("cpu", copy=True) for n, m in layers.items()}
+        self.pristine = self.pristine or self.merged_base()
         with torch.no_grad():
             for name, layer in layers.items():
                 layer.weight.copy_(weights[name].to(layer.weight.device, layer.weight.dtype))
@@ -217,8 +216,7 @@ class CachedModel:
         the same process) or a lower version restores ``W_0`` first.
         """
         layers = self.base_layers()
-        if not self.pristine:
-            self.pristine = {n: m.weight.detach().to("cpu", copy=True) for n, m in layers.items()}
+        self.pristine = self.pristine or self.merged_base()
         if lineage != self.base_lineage or version < self.base_version:
             with torch.no_grad():
                 for name, layer in layers.items():

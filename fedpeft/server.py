@@ -27,7 +27,7 @@ from fedpeft.models import client_ranks
 from fedpeft.results import MetricsWriter
 from fedpeft.training import EvalResult, evaluate, num_local_steps, train_local
 from strategies import LoRAStrategy, get_strategy
-from strategies.base import GlobalModel, NodeInfo
+from strategies.base import GlobalModel, NodeInfo, short_reason
 
 log = logging.getLogger("fedpeft")
 
@@ -69,18 +69,21 @@ class ServerEvaluator:
         return evaluate(self.load(global_model), self.loader, device=self.cm.device)
 
 
-def exchange(grid: Grid, messages: list[Message], *, timeout: float, poll: float = 0.2) -> list[Message]:
-    """Send ``messages`` and collect the replies that arrive within ``timeout`` seconds.
+def exchange(grid: Grid, messages: list[Message], *, timeout: float, poll: float = 0.2) -> list[tuple[int, Message]]:
+    """Send ``messages``; returns the replies that arrive within ``timeout`` s, each with its node.
 
-    ``Grid.send_and_receive`` with a short poll: Flower's deployment grid sleeps 3 s between
-    pulls, which a deployed round pays once per exchange for nothing.
+    ``Grid.send_and_receive`` with two differences: a short poll (Flower's deployment grid sleeps
+    3 s between pulls, which every exchange would pay for nothing), and a reply is attributed to
+    the node its request went to — an error reply the SuperLink writes for a node that stopped
+    sending heartbeats has the SuperLink, not that node, as its sender.
     """
     pending = set(grid.push_messages(messages))
-    replies: list[Message] = []
+    sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+    replies: list[tuple[int, Message]] = []
     deadline = time.monotonic() + timeout
     while pending:
         arrived = list(grid.pull_messages(pending))
-        replies.extend(arrived)
+        replies.extend((sent_to[m.metadata.reply_to_message_id], m) for m in arrived)
         pending -= {m.metadata.reply_to_message_id for m in arrived}
         if not pending or time.monotonic() >= deadline:
             break
@@ -98,10 +101,8 @@ def handshake(grid: Grid, cfg: Config, config: ConfigRecord, *, timeout: float =
         time.sleep(1.0)
         node_ids = list(grid.get_node_ids())
     messages = [Message(RecordDict({"config": config}), dst_node_id=n, message_type=MessageType.QUERY) for n in sorted(node_ids)]
-    replies = exchange(grid, messages, timeout=timeout)
     nodes, seen = [], {}
-    for reply in replies:
-        node_id = reply.metadata.src_node_id
+    for node_id, reply in exchange(grid, messages, timeout=timeout):
         if reply.has_error():
             raise RunError(f"node {node_id} failed the handshake: {reply.error.reason}")
         m = reply.content["metrics"]
@@ -253,17 +254,20 @@ def train_round(strategy: LoRAStrategy, grid: Grid, server_round: int, config: C
     """Send one round's train messages, collect what comes back in time, aggregate; returns the report."""
     strategy.reports.pop(server_round, None)  # a retried round starts a fresh report
     messages = list(strategy.configure_train(server_round, ArrayRecord(), config, grid))
-    replies = exchange(grid, messages, timeout=timeout)
-    # A reply belongs to the node its request went to: an error reply the SuperLink writes for a
-    # node that stopped sending heartbeats comes from the SuperLink, not from that node.
-    destination = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
     report = strategy.reports[server_round]
-    replied = {destination.get(m.metadata.reply_to_message_id, m.metadata.src_node_id) for m in replies}
+    answered, replies = set(), []
+    for node_id, reply in exchange(grid, messages, timeout=timeout):
+        answered.add(node_id)
+        if reply.has_error():  # failed on the node, or the node is gone: counted here, never aggregated
+            report.failures.append({"node": node_id, "reason": short_reason(reply.error.reason)})
+            log.warning("round %d: node %d failed: %s", server_round, node_id, report.failures[-1]["reason"])
+        else:
+            replies.append(reply)
     for msg in messages:
-        if msg.metadata.dst_node_id not in replied:
+        if msg.metadata.dst_node_id not in answered:
             report.failures.append({"node": msg.metadata.dst_node_id, "reason": f"no reply within round_timeout={timeout} s"})
             log.warning("round %d: node %d did not reply within %.0f s", server_round, msg.metadata.dst_node_id, timeout)
-    strategy.aggregate_train(server_round, replies, sources=destination)
+    strategy.aggregate_train(server_round, replies)
     return report
 
 

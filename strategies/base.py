@@ -234,14 +234,11 @@ class LoRAStrategy(FedAvg):
                 raise RejectedUpdate(f"{key}: contains NaN or Inf")
         return ClientUpdate(node_id=node_id, rank=node.rank, num_examples=num_examples, state=state, metrics=metrics)
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message], *, sources: dict[str, int] | None = None
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Check every reply, aggregate the accepted ones; ``sources`` maps request ids to the nodes they went to."""
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         report = self.reports.setdefault(server_round, RoundReport())
         updates: list[ClientUpdate] = []
         for msg in replies:
-            node_id = (sources or {}).get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+            node_id = msg.metadata.src_node_id
             if msg.has_error():
                 reason = short_reason(msg.error.reason)
                 report.failures.append({"node": node_id, "reason": reason})

@@ -78,12 +78,12 @@ class FLoRA(LoRAStrategy):
             return {}
         return {"base-updates": {f"{t + 1}|{k}": v for t in missed for k, v in self.updates[t].items()}}
 
-    def aggregate_train(self, server_round, replies, *, sources=None):
+    def aggregate_train(self, server_round, replies):
         replies = list(replies)
         for msg in replies:  # a node that replied has stored the updates it was sent
             if not msg.has_error() and msg.metadata.src_node_id in self.nodes:
                 self.synced[self.nodes[msg.metadata.src_node_id].partition_id] = len(self.updates)
-        return super().aggregate_train(server_round, replies, sources=sources)
+        return super().aggregate_train(server_round, replies)
 
     def aggregate(self, updates: list[ClientUpdate], weights: torch.Tensor, server_round: int) -> dict[str, float]:
         pairs, heads = split_state(updates[0].state)

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from fedpeft.config import Config, from_json, register_configs, to_config, to_json
+from fedpeft.config import Config, compose_config, from_json, register_configs, to_json
 from fedpeft.run import check_config
 from tests.conftest import CONF_DIR
 
@@ -15,9 +14,7 @@ register_configs()
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "exp").glob("*.yaml"))
 
 
-def compose_cfg(overrides: list[str]) -> Config:
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return to_config(compose(config_name="config", overrides=overrides))
+compose_cfg = compose_config
 
 
 def test_default_config_composes_and_passes_checks():
