@@ -54,7 +54,7 @@ def check_config(cfg: Config) -> None:
 
 def check_dp(cfg: Config, sizes: list[int]) -> None:
     """A DP target every client can reach, calibrated as the clients will (fails before training)."""
-    from clients.app import dp_noise
+    from clients.job import dp_noise
     from clients.dp import DPError, check_dp_args
     from fedpeft.training import num_local_steps
 
