@@ -145,6 +145,34 @@ class DeployConfig:
 
 
 @dataclass
+class CompressionConfig:
+    """Uplink compression of client updates (``fedpeft/compression.py``)."""
+
+    name: str = field(default="none", metadata={"help": "'none' or 'compeft' (ComPEFT, arXiv 2311.13171: top-k of the update, ternarised)."})
+    density: float = field(default=0.1, metadata={"help": "Fraction of each tensor's update entries that travel (largest |Δ|)."})
+    alpha: float = field(default=1.0, metadata={"help": "ComPEFT's α: the kept entries become sign(Δ) · α · std(Δ) (scale=std)."})
+    scale: str = field(
+        default="std",
+        metadata={"help": "'std' (α · std(Δ), ComPEFT), 'mean' (the kept entries' mean |Δ|) or 'exact' (kept values as floats: sparsification only)."},
+    )
+    error_feedback: bool = field(default=False, metadata={"help": "Keep what compression dropped on the node and add it to the next round's update."})
+
+
+@dataclass
+class AuditConfig:
+    """The privacy audit of the final model (``fedpeft/audit.py``; ``python -m fedpeft.audit <run dir>``)."""
+
+    enabled: bool = field(default=False, metadata={"help": "Run the audit at the end of the run (writes audit.json)."})
+    max_examples: Optional[int] = field(default=None, metadata={"help": "Score at most this many examples per client and held out (seeded choice)."})
+    batch_size: int = 64
+    canaries: int = field(default=0, metadata={"help": "Random secrets planted in one client's data (causal LMs only); 0: none."})
+    canary_repeats: int = field(default=10, metadata={"help": "How many times each canary is planted."})
+    canary_client: int = field(default=0, metadata={"help": "The partition whose training data holds the canaries."})
+    canary_digits: int = field(default=6, metadata={"help": "Digits of each secret (the space is 10^digits)."})
+    candidates: int = field(default=1000, metadata={"help": "M: random secrets each canary is ranked against (exposure is at most log2(M+1) bits)."})
+
+
+@dataclass
 class Config:
     seed: int = 0
     num_rounds: int = 10
@@ -176,6 +204,8 @@ class Config:
     client: ClientConfig = field(default_factory=ClientConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)
     deploy: DeployConfig = field(default_factory=DeployConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     extra: dict[str, Any] = field(default_factory=dict, metadata={"help": "Free-form notes copied to results."})
 
 
@@ -198,6 +228,8 @@ __all__ = [
     "ClientConfig",
     "DPConfig",
     "DeployConfig",
+    "CompressionConfig",
+    "AuditConfig",
     "EMBEDDED_DATA",
     "EMBEDDED_MODEL",
     "MISSING",

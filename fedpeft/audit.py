@@ -1,0 +1,322 @@
+"""Privacy audit of a finished run: membership inference and canary exposure.
+
+``python -m fedpeft.audit <run dir>`` (or ``audit.enabled=true`` on the run) writes
+``<run dir>/audit.json`` with
+
+* **membership inference** on the final global model: the AUC of the loss-threshold attack
+  (Yeom et al., "Privacy Risk in Machine Learning", CSF 2018: "the lower the loss, the more likely
+  a member") separating each client's training examples from held-out ones, overall and per client;
+  and its calibrated variant (score = loss under the final model minus loss under the round-0 model,
+  which removes how hard an example is by itself; Watson et al., "On the Importance of Difficulty
+  Calibration in Membership Inference Attacks", ICLR 2022). Held-out ("non-members") are the
+  server's test split and every client's validation slice: examples no client trained on, drawn
+  from the same pool. AUC 0.5 is chance, 1.0 a perfect attack.
+* **canary exposure** (causal LMs): ``audit.canaries`` random secrets ``"<prefix> d d d d d d"`` were
+  planted ``audit.canary_repeats`` times each in client ``audit.canary_client``'s training data;
+  each canary's log-perplexity (summed token NLL) is ranked among ``audit.candidates`` = M random
+  secrets of the same format, and ``exposure = log2(M + 1) - log2(rank)`` bits, rank 1 = the most
+  likely ("The Secret Sharer", Carlini et al., USENIX Security 2019, §4, with the candidate set
+  sampled as in their §4.2 extrapolation). M + 1 ≥ 2^exposure: ``log2(M + 1)`` is the most this
+  estimate can show; a candidate tied with the canary counts as more likely (rank is an upper bound).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger("fedpeft")
+
+AUDIT_FILE = "audit.json"
+
+
+# ------------------------------------------------------------------------------ the statistics
+def average_ranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks of ``values`` in ascending order, ties given the mean of their ranks."""
+    order = np.argsort(values, kind="stable")
+    sorted_values = values[order]
+    # boundaries of runs of equal values
+    starts = np.flatnonzero(np.concatenate([[True], sorted_values[1:] != sorted_values[:-1]]))
+    ends = np.concatenate([starts[1:], [values.size]])
+    ranks = np.empty(values.size, dtype=np.float64)
+    for s, e in zip(starts, ends):
+        ranks[order[s:e]] = (s + 1 + e) / 2.0
+    return ranks
+
+
+def auc(positive: Sequence[float], negative: Sequence[float]) -> float:
+    """``P(score of a positive > score of a negative) + P(equal) / 2``, exactly (Mann-Whitney U / (n_pos n_neg)).
+
+    For the loss-threshold attack call it with ``positive = -member_losses``,
+    ``negative = -nonmember_losses``.
+    """
+    pos, neg = np.asarray(positive, dtype=np.float64), np.asarray(negative, dtype=np.float64)
+    if pos.size == 0 or neg.size == 0:
+        raise ValueError(f"AUC needs both classes, got {pos.size} positives and {neg.size} negatives")
+    if not (np.isfinite(pos).all() and np.isfinite(neg).all()):
+        raise ValueError("AUC of non-finite scores")
+    ranks = average_ranks(np.concatenate([pos, neg]))
+    u = ranks[: pos.size].sum() - pos.size * (pos.size + 1) / 2.0
+    return float(u / (pos.size * neg.size))
+
+
+def exposure(canary_nll: float, candidate_nlls: Sequence[float]) -> tuple[float, int]:
+    """(exposure in bits, rank) of a canary among M candidates: ``log2(M + 1) - log2(rank)``.
+
+    ``rank = 1 + #{candidates with NLL <= the canary's}``: 1 when the canary is the most likely.
+    """
+    cands = np.asarray(candidate_nlls, dtype=np.float64)
+    rank = 1 + int(np.count_nonzero(cands <= canary_nll))
+    return math.log2(cands.size + 1) - math.log2(rank), rank
+
+
+# ------------------------------------------------------------------------------ canaries
+@dataclass(frozen=True)
+class Canaries:
+    """The planted secrets of a run and the candidates they are ranked against (all seeded)."""
+
+    prefix: str
+    secrets: list[str]
+    candidates: list[str]
+
+    def text(self, secret: str) -> str:
+        return f"{self.prefix} {secret}"
+
+
+def make_canaries(*, count: int, candidates: int, digits: int, seed: int, prefix: str = "my secret number is") -> Canaries:
+    """``count`` distinct random digit strings ("4 0 9 1 7 2") and ``candidates`` others of the same format.
+
+    The candidates are drawn uniformly from the secrets' space, excluding the secrets, so a
+    canary's rank measures what training taught the model, not the format.
+    """
+    space = 10**digits
+    if count + candidates > space // 2:
+        raise ValueError(f"{count} canaries + {candidates} candidates is too many for {digits}-digit secrets (space {space})")
+    rng = random.Random(f"canaries-{seed}")
+    drawn = rng.sample(range(space), count + candidates)
+
+    def spell(value: int) -> str:
+        return " ".join(f"{value:0{digits}d}")
+
+    return Canaries(prefix=prefix, secrets=[spell(v) for v in drawn[:count]], candidates=[spell(v) for v in drawn[count:]])
+
+
+def plant_canaries(train, canaries: Canaries, *, repeats: int):
+    """``train`` (a ``datasets.Dataset`` with ``text`` and ``label``) with every canary text appended ``repeats`` times.
+
+    Canaries are for causal LMs, which train on the text alone; their label is the first class
+    (ignored by the LM loss, present only because every fedpeft dataset has the column).
+    """
+    from datasets import Dataset, concatenate_datasets
+
+    texts = [canaries.text(s) for s in canaries.secrets for _ in range(repeats)]
+    extra = Dataset.from_dict({"text": texts, "label": [0] * len(texts)}, features=train.features)
+    return concatenate_datasets([train, extra])
+
+
+# ------------------------------------------------------------------------------ model scores
+@torch.no_grad()
+def example_losses(model: torch.nn.Module, examples: Sequence[dict[str, Any]], *, pad_token_id: int, batch_size: int = 64, device: torch.device | str = "cpu") -> np.ndarray:
+    """Per-example loss (the training loss: cross-entropy, or mean token NLL for LMs), in order."""
+    from fedpeft.data import make_loader
+    from fedpeft.training import per_sample_loss, to_device
+
+    model.eval()
+    out = [per_sample_loss(model, to_device(b, device)).double().cpu() for b in make_loader(examples, pad_token_id=pad_token_id, batch_size=batch_size, shuffle=False)]
+    return torch.cat(out).numpy() if out else np.zeros(0)
+
+
+@torch.no_grad()
+def sequence_nll(model: torch.nn.Module, sequences: Sequence[Sequence[int]], *, pad_token_id: int, batch_size: int = 64, device: torch.device | str = "cpu") -> np.ndarray:
+    """Log-perplexity of each token sequence: the summed NLL of tokens 2..T given their prefix (nats)."""
+    from fedpeft.data import make_loader
+    from fedpeft.training import forward_logits, to_device
+
+    model.eval()
+    examples = [{"input_ids": list(s), "attention_mask": [1] * len(s), "labels": list(s)} for s in sequences]
+    out = []
+    for batch in make_loader(examples, pad_token_id=pad_token_id, batch_size=batch_size, shuffle=False):
+        batch = to_device(batch, device)
+        logits = forward_logits(model, batch)[:, :-1].double()
+        labels = batch["labels"][:, 1:]
+        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), reduction="none", ignore_index=-100)
+        out.append(nll.view(labels.shape).sum(dim=1).cpu())
+    return torch.cat(out).numpy() if out else np.zeros(0)
+
+
+# ------------------------------------------------------------------------------ the report
+def membership_report(members: dict[int, np.ndarray], nonmembers: np.ndarray, *, members_base: dict[int, np.ndarray], nonmembers_base: np.ndarray) -> dict[str, Any]:
+    """Loss-threshold and calibrated AUCs, overall and per client (losses: lower = more member-like)."""
+
+    def both(m: np.ndarray, m_base: np.ndarray) -> dict[str, Any]:
+        return {
+            "auc": auc(-m, -nonmembers),
+            "calibrated_auc": auc(-(m - m_base), -(nonmembers - nonmembers_base)),
+            "members": int(m.size),
+            "member_loss": float(m.mean()),
+        }
+
+    pooled = np.concatenate(list(members.values()))
+    pooled_base = np.concatenate(list(members_base.values()))
+    return {
+        "overall": both(pooled, pooled_base) | {"nonmembers": int(nonmembers.size), "nonmember_loss": float(nonmembers.mean())},
+        "per_client": {str(k): both(members[k], members_base[k]) for k in sorted(members) if members[k].size},
+    }
+
+
+def subsample(items: list, limit: int | None, *, seed: int) -> list:
+    """At most ``limit`` items, a seeded uniform choice in their original order."""
+    if limit is None or len(items) <= limit:
+        return list(items)
+    keep = sorted(random.Random(seed).sample(range(len(items)), limit))
+    return [items[i] for i in keep]
+
+
+def load_final_model(cfg, run_dir: Path, *, num_labels: int, device: torch.device) -> torch.nn.Module:
+    """The run's final global model: base + ``final_adapter/`` (peft), or ``final_model/`` (FLoRA, merged)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from fedpeft import models
+
+    if (run_dir / "final_model").is_dir():
+        cls = AutoModelForSequenceClassification if cfg.model.task == "seq_cls" else AutoModelForCausalLM
+        return cls.from_pretrained(run_dir / "final_model").to(device)
+    if not (run_dir / "final_adapter").is_dir():
+        raise FileNotFoundError(f"{run_dir} has neither final_adapter/ nor final_model/: was the run finished with save_adapter=true?")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)  # the head as every process of the run built it (overwritten by the adapter's copy)
+        base = models.load_base_model(cfg.model, num_labels=num_labels)
+    return PeftModel.from_pretrained(base, str(run_dir / "final_adapter")).to(device)
+
+
+def round0_model(cfg, *, num_labels: int, device: torch.device) -> torch.nn.Module:
+    """The model every client started from (base, B = 0, seeded A and head): the calibration reference."""
+    from fedpeft import models
+    from fedpeft.server import initial_adapter  # function-local: fedpeft.server imports the strategies
+
+    cm = models.cached_model(cfg.model, num_labels=num_labels, device=device, seed=cfg.seed)
+    rank = max(models.client_ranks(cfg))  # the global adapter's rank, as fedpeft.server builds it
+    adapter = initial_adapter(cm, rank=rank, seed=cfg.seed)
+    cm.load_adapter_state(rank, adapter)
+    return cm.model
+
+
+def run_audit(run_dir: str | Path) -> dict[str, Any]:
+    """Audit a finished run directory (its ``config.yaml`` and final model); writes and returns ``audit.json``."""
+    from omegaconf import OmegaConf
+
+    from fedpeft import data as fdata
+    from fedpeft import models
+    from fedpeft.config import to_config
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").exists():
+        raise FileNotFoundError(f"{run_dir} has no config.yaml: not a fedpeft run directory")
+    cfg = to_config(OmegaConf.load(run_dir / "config.yaml"))
+    settings = cfg.audit
+    device = models.resolve_device(cfg.device)
+    task = cfg.model.task
+    data = fdata.prepare(cfg.data, seed=cfg.seed, num_clients=cfg.num_clients, need_labels=task == "seq_cls")
+    tokenizer = models.load_tokenizer(cfg.model)
+    pad = tokenizer.pad_token_id
+
+    def encode(ds) -> list:
+        return fdata.encode(ds, tokenizer, max_length=cfg.model.max_length, task=task)
+
+    splits = [data.client_split(k) for k in range(cfg.num_clients)]
+    members = {k: subsample(encode(train), settings.max_examples, seed=cfg.seed + k) for k, (train, _) in enumerate(splits)}
+    held_out = encode(data.test) + [e for _, val in splits for e in encode(val)]
+    nonmembers = subsample(held_out, settings.max_examples, seed=cfg.seed - 1)
+
+    final = load_final_model(cfg, run_dir, num_labels=data.num_labels, device=device)
+    scores = {k: example_losses(final, ex, pad_token_id=pad, batch_size=settings.batch_size, device=device) for k, ex in members.items()}
+    held = example_losses(final, nonmembers, pad_token_id=pad, batch_size=settings.batch_size, device=device)
+    reference = round0_model(cfg, num_labels=data.num_labels, device=device)
+    scores_base = {k: example_losses(reference, ex, pad_token_id=pad, batch_size=settings.batch_size, device=device) for k, ex in members.items()}
+    held_base = example_losses(reference, nonmembers, pad_token_id=pad, batch_size=settings.batch_size, device=device)
+    report: dict[str, Any] = {
+        "run": str(run_dir),
+        "model": "final_model" if (run_dir / "final_model").is_dir() else "final_adapter",
+        "dp": {"enabled": cfg.client.dp.enabled, "target_epsilon": cfg.client.dp.target_epsilon, "noise_multiplier": cfg.client.dp.noise_multiplier},
+        "membership": membership_report(scores, held, members_base=scores_base, nonmembers_base=held_base),
+        "participation": participation(run_dir),
+    }
+    if settings.canaries:
+        report["canaries"] = canary_report(final, cfg, tokenizer, device=device)
+    (run_dir / AUDIT_FILE).write_text(json.dumps(report, indent=2, sort_keys=True))
+    return report
+
+
+def canary_report(model: torch.nn.Module, cfg, tokenizer, *, device: torch.device) -> dict[str, Any]:
+    settings = cfg.audit
+    canaries = make_canaries(count=settings.canaries, candidates=settings.candidates, digits=settings.canary_digits, seed=cfg.seed)
+
+    def tokens(secrets: list[str]) -> list[list[int]]:
+        return tokenizer([canaries.text(s) for s in secrets], truncation=True, max_length=cfg.model.max_length)["input_ids"]
+
+    pad = tokenizer.pad_token_id
+    canary_nll = sequence_nll(model, tokens(canaries.secrets), pad_token_id=pad, batch_size=settings.batch_size, device=device)
+    candidate_nll = sequence_nll(model, tokens(canaries.candidates), pad_token_id=pad, batch_size=settings.batch_size, device=device)
+    ranked = [exposure(float(c), candidate_nll) for c in canary_nll]
+    bits = [e for e, _ in ranked]
+    return {
+        "client": settings.canary_client,
+        "count": settings.canaries,
+        "repeats": settings.canary_repeats,
+        "candidates": settings.candidates,
+        "max_exposure": math.log2(settings.candidates + 1),
+        "exposure": bits,
+        "rank": [r for _, r in ranked],
+        "mean_exposure": float(np.mean(bits)),
+    }
+
+
+def participation(run_dir: Path) -> dict[str, int]:
+    """Rounds each client (partition) trained in, from ``metrics.jsonl`` (empty if absent)."""
+    path = run_dir / "metrics.jsonl"
+    counts: dict[str, int] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            for client in json.loads(line).get("clients", []):
+                key = str(client.get("partition"))
+                counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: int(kv[0]) if kv[0].isdigit() else -1))
+
+
+def summary(report: dict[str, Any]) -> str:
+    """A few lines for the console and the run's report."""
+    overall = report["membership"]["overall"]
+    lines = [f"membership AUC {overall['auc']:.3f} (calibrated {overall['calibrated_auc']:.3f}), {overall['members']} members vs {overall['nonmembers']} held out"]
+    per = report["membership"]["per_client"]
+    if per:
+        aucs = [v["auc"] for v in per.values()]
+        lines.append(f"per client AUC: min {min(aucs):.3f}, max {max(aucs):.3f}")
+    if "canaries" in report:
+        c = report["canaries"]
+        lines.append(f"canary exposure: mean {c['mean_exposure']:.2f} bits of at most {c['max_exposure']:.2f} ({c['count']} canaries x {c['repeats']} in client {c['client']})")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m fedpeft.audit", description="Membership inference and canary exposure of a finished fedpeft run.")
+    parser.add_argument("run_dir", help="a run directory (holds config.yaml and final_adapter/ or final_model/)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    report = run_audit(args.run_dir)
+    print(summary(report))
+    print(f"written: {Path(args.run_dir) / AUDIT_FILE}")
+
+
+if __name__ == "__main__":
+    main()
