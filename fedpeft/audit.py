@@ -124,6 +124,33 @@ def plant_canaries(train, canaries: Canaries, *, repeats: int):
     return concatenate_datasets([train, extra])
 
 
+def check_audit_config(cfg) -> None:
+    """Audit settings that cannot work, refused before training (``ValueError`` naming the key)."""
+    a = cfg.audit
+    if a.enabled and not cfg.save_adapter:
+        raise ValueError("audit.enabled=true audits the final model, which save_adapter=false does not write")
+    if a.max_examples is not None and a.max_examples < 1:
+        raise ValueError(f"audit.max_examples must be >= 1, got {a.max_examples}")
+    if a.canaries < 0 or a.canary_repeats < 1 or a.candidates < 1 or a.canary_digits < 1:
+        raise ValueError("audit.canaries must be >= 0 and audit.canary_repeats, audit.candidates, audit.canary_digits >= 1")
+    if a.canaries:
+        if cfg.model.task != "causal_lm":
+            raise ValueError(f"audit.canaries plants secrets in text a language model learns: it needs model.task=causal_lm, not {cfg.model.task!r}")
+        if not 0 <= a.canary_client < cfg.num_clients:
+            raise ValueError(f"audit.canary_client={a.canary_client} is not a client of num_clients={cfg.num_clients}")
+        make_canaries(count=a.canaries, candidates=a.candidates, digits=a.canary_digits, seed=cfg.seed)  # space large enough
+
+
+def client_train_split(cfg, data, partition_id: int):
+    """Client ``partition_id``'s training set as it trains on it: with the canaries if it is the canary client."""
+    train, _ = data.client_split(partition_id)
+    a = cfg.audit
+    if a.canaries and partition_id == a.canary_client:
+        canaries = make_canaries(count=a.canaries, candidates=a.candidates, digits=a.canary_digits, seed=cfg.seed)
+        train = plant_canaries(train, canaries, repeats=a.canary_repeats)
+    return train
+
+
 # ------------------------------------------------------------------------------ model scores
 @torch.no_grad()
 def example_losses(model: torch.nn.Module, examples: Sequence[dict[str, Any]], *, pad_token_id: int, batch_size: int = 64, device: torch.device | str = "cpu") -> np.ndarray:
@@ -212,8 +239,13 @@ def round0_model(cfg, *, num_labels: int, device: torch.device) -> torch.nn.Modu
     return cm.model
 
 
-def run_audit(run_dir: str | Path) -> dict[str, Any]:
-    """Audit a finished run directory (its ``config.yaml`` and final model); writes and returns ``audit.json``."""
+def run_audit(run_dir: str | Path, *, cfg=None) -> dict[str, Any]:
+    """Audit a finished run directory (its final model; the config from ``config.yaml`` unless given).
+
+    Writes and returns ``audit.json``. Members are the clients' examples as the run's own
+    partitions define them: a deployed node training on its own ``data-path`` keeps its data, and
+    only its owner can audit it.
+    """
     from omegaconf import OmegaConf
 
     from fedpeft import data as fdata
@@ -221,9 +253,10 @@ def run_audit(run_dir: str | Path) -> dict[str, Any]:
     from fedpeft.config import to_config
 
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").exists():
-        raise FileNotFoundError(f"{run_dir} has no config.yaml: not a fedpeft run directory")
-    cfg = to_config(OmegaConf.load(run_dir / "config.yaml"))
+    if cfg is None:
+        if not (run_dir / "config.yaml").exists():
+            raise FileNotFoundError(f"{run_dir} has no config.yaml: not a fedpeft run directory")
+        cfg = to_config(OmegaConf.load(run_dir / "config.yaml"))
     settings = cfg.audit
     device = models.resolve_device(cfg.device)
     task = cfg.model.task

@@ -78,6 +78,18 @@ class ComPEFT:
             raise CompressionError(f"compression alpha must be a finite number > 0, got {self.alpha}")
 
 
+COMPRESSIONS = ("none", "compeft")
+
+
+def codec_from_config(cfg) -> ComPEFT | None:
+    """The codec a :class:`fedpeft.config.CompressionConfig` asks for (None: dense uploads); checks it."""
+    if cfg.name not in COMPRESSIONS:
+        raise CompressionError(f"compression must be one of {COMPRESSIONS}, got {cfg.name!r}")
+    if cfg.name == "none":
+        return None
+    return ComPEFT(density=cfg.density, alpha=cfg.alpha, scale=cfg.scale)
+
+
 @dataclass(frozen=True)
 class CompressedTensor:
     """One tensor's compressed update, before packing.

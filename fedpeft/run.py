@@ -24,6 +24,8 @@ register_configs()
 
 def check_config(cfg: Config) -> None:
     """Every mistake that can be caught before training, raised as one clear ``ValueError``."""
+    from fedpeft.audit import check_audit_config
+    from fedpeft.compression import codec_from_config
     from fedpeft.data import check_data_config
     from fedpeft.models import check_model_config, client_ranks
     from strategies import get_strategy
@@ -48,6 +50,8 @@ def check_config(cfg: Config) -> None:
         check_deploy_config(cfg)
     get_strategy(cfg.strategy.name)
     client_ranks(cfg)
+    codec_from_config(cfg.compression)
+    check_audit_config(cfg)
     check_model_config(cfg.model)
     check_data_config(cfg.data, num_clients=cfg.num_clients)
 
@@ -78,6 +82,7 @@ def execute(cfg: Config, run_dir: Path) -> list[dict[str, Any]]:
     """Check ``cfg``, write it to ``run_dir/config.yaml`` and run it; returns the metrics rows."""
     check_config(cfg)
     from fedpeft import data as fdata
+    from fedpeft.audit import client_train_split
 
     if cfg.resume:  # continue in the interrupted run's own directory
         run_dir = Path(cfg.resume)
@@ -94,7 +99,7 @@ def execute(cfg: Config, run_dir: Path) -> list[dict[str, Any]]:
     # Read and split the data once here, so a bad path or column fails before Ray starts.
     data = fdata.prepare(cfg.data, seed=cfg.seed, num_clients=cfg.num_clients, need_labels=cfg.model.task == "seq_cls")
     if cfg.client.dp.enabled:
-        check_dp(cfg, [len(data.client_split(k)[0]) for k in range(cfg.num_clients)])
+        check_dp(cfg, [len(client_train_split(cfg, data, k)) for k in range(cfg.num_clients)])
     if cfg.mode == "centralized":
         from fedpeft.server import run_centralized
 
@@ -102,10 +107,17 @@ def execute(cfg: Config, run_dir: Path) -> list[dict[str, Any]]:
     if cfg.mode == "deploy":
         from fedpeft.deploy import submit
 
-        return submit(cfg, run_dir)
-    from fedpeft.simulation import run_simulation
+        rows = submit(cfg, run_dir)
+        results_dir = Path(cfg.deploy.run_dir or run_dir)
+    else:
+        from fedpeft.simulation import run_simulation
 
-    return run_simulation(cfg, run_dir)
+        rows, results_dir = run_simulation(cfg, run_dir), run_dir
+    if cfg.audit.enabled and rows:
+        from fedpeft.audit import run_audit, summary
+
+        log.info("privacy audit:\n%s", summary(run_audit(results_dir, cfg=cfg)))
+    return rows
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

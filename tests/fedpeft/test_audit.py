@@ -206,3 +206,33 @@ def test_run_audit_reads_a_run_directory_and_writes_audit_json(tmp_path):
     assert report["model"] == "final_adapter" and "canaries" not in report
     with pytest.raises(FileNotFoundError, match="no config.yaml"):
         main([str(tmp_path / "nowhere")])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        (["audit.canaries=2"], "needs model.task=causal_lm"),
+        (["audit.enabled=true", "save_adapter=false"], "save_adapter=false"),
+        (["audit.max_examples=0"], "max_examples must be >= 1"),
+        (["audit.canary_repeats=0"], "canary_repeats"),
+    ],
+)
+def test_audit_settings_that_cannot_work_fail_before_training(overrides, fragment):
+    from fedpeft.config import compose_config
+    from fedpeft.run import check_config
+
+    with pytest.raises(ValueError, match=fragment):
+        check_config(compose_config(overrides))
+
+
+def test_canary_client_trains_on_its_canaries_and_only_it():
+    from fedpeft import data as fdata
+    from fedpeft.audit import client_train_split
+    from fedpeft.config import compose_config
+
+    cfg = compose_config(["num_clients=2", "data.max_samples=30", "data.partitioner=iid", "audit.canaries=2", "audit.canary_repeats=3", "audit.canary_client=1", "audit.candidates=10"])
+    data = fdata.prepare(cfg.data, seed=cfg.seed, num_clients=2, need_labels=False)
+    assert len(client_train_split(cfg, data, 0)) == len(data.client_split(0)[0])
+    planted = client_train_split(cfg, data, 1)
+    assert len(planted) == len(data.client_split(1)[0]) + 6
+    assert sum(t.startswith("my secret number is") for t in planted["text"]) == 6

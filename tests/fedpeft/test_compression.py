@@ -252,3 +252,14 @@ def test_bad_settings_are_refused(kw, fragment):
 def test_non_finite_update_is_refused_at_the_client():
     with pytest.raises(CompressionError, match="NaN or Inf"):
         compress(torch.tensor([1.0, float("nan")]), ComPEFT())
+
+
+def test_compression_config_is_checked_at_start():
+    from fedpeft.config import compose_config
+    from fedpeft.run import check_config
+
+    assert compose_config(["compression=compeft"]).compression.name == "compeft"
+    with pytest.raises(CompressionError, match="density must be in"):
+        check_config(compose_config(["compression=compeft", "compression.density=0"]))
+    with pytest.raises(CompressionError, match="compression must be one of"):
+        check_config(compose_config(["compression.name=gzip"]))
