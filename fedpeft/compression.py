@@ -29,10 +29,10 @@ arrays (and the same Flower framing) as an uncompressed one. Little-endian::
     | sign bits: ceil(count / 8) bytes, LSB first, 1 = negative (ternary only)
     | positions: the rest of the array
 
-``flags``: bit 0 — positions as run lengths (else a bitmask), bit 1 — exact values (else
-ternary). Positions travel as a bitmask of n bits (``ceil(n / 8)`` bytes, LSB first) or as the
-gaps between kept positions (``p_0, p_1 - p_0 - 1, ...``) in LEB128 varints, whichever is smaller
-for that tensor. :func:`payload_nbytes` counts exactly these bytes.
+``flags``: bit 0 — positions as run lengths, bit 2 — every entry kept (no position bytes), neither —
+a bitmask; bit 1 — exact values (else ternary). Positions travel as a bitmask of n bits
+(``ceil(n / 8)`` bytes, LSB first) or as the gaps between kept positions (``p_0, p_1 - p_0 - 1, ...``)
+in LEB128 varints, whichever is smaller for that tensor, or not at all when all n entries are kept. :func:`payload_nbytes` counts exactly these bytes.
 
 Error feedback (``error_feedback``): the client adds what compression dropped last time
 (the residual ``e``) to this round's delta before compressing, and keeps ``e' = delta + e - delta_hat``;
@@ -51,7 +51,7 @@ import torch
 
 VERSION = 1
 SCALES = ("std", "mean", "exact")
-_GAPS, _EXACT = 0b01, 0b10
+_GAPS, _EXACT, _ALL = 0b001, 0b010, 0b100
 _DTYPES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 _DTYPE_OF_CODE = {code: dtype for dtype, code in _DTYPES.items()}
 _MAX_VARINT_BYTES = 5  # gaps are < 2**32
@@ -187,7 +187,9 @@ def read_leb128(buf: np.ndarray) -> np.ndarray:
 
 
 def encode_positions(positions: np.ndarray, numel: int) -> tuple[int, bytes]:
-    """(flag, bytes): the bitmask or the LEB128 gaps, whichever is smaller (a tie goes to the bitmask)."""
+    """(flag, bytes): nothing if every entry is kept, else the bitmask or the LEB128 gaps, whichever is smaller (a tie goes to the bitmask)."""
+    if positions.size == numel:
+        return _ALL, b""
     gaps = np.diff(positions, prepend=-1) - 1
     runs = leb128(gaps)
     if len(runs) < (numel + 7) // 8:
@@ -218,7 +220,7 @@ def unpack(buf: np.ndarray, *, expected_shape: tuple[int, ...] | None = None, ex
     version, flags, dtype_code, ndim = struct.unpack_from("<4B", raw)
     if version != VERSION:
         raise CompressionError(f"unknown compression format version {version} (this fedpeft reads version {VERSION})")
-    if flags & ~(_GAPS | _EXACT):
+    if flags & ~(_GAPS | _EXACT | _ALL) or (flags & _GAPS and flags & _ALL):
         raise CompressionError(f"unknown compression flags {flags:#04x}")
     if dtype_code not in _DTYPE_OF_CODE:
         raise CompressionError(f"unknown dtype code {dtype_code}")
@@ -255,7 +257,11 @@ def unpack(buf: np.ndarray, *, expected_shape: tuple[int, ...] | None = None, ex
             raise CompressionError("compressed tensor has sign bits set past its kept entries")
         offset += n_signs
     rest = np.frombuffer(raw, dtype=np.uint8, offset=offset)
-    if flags & _GAPS:
+    if flags & _ALL:
+        if count != numel or rest.size:
+            raise CompressionError(f"'every entry kept' with {count} of {numel} entries and {rest.size} position bytes")
+        positions = np.arange(numel)
+    elif flags & _GAPS:
         gaps = read_leb128(rest)
         if gaps.size != count:
             raise CompressionError(f"run-length positions hold {gaps.size} entries, the header says {count}")

@@ -53,7 +53,7 @@ def expected_nbytes(delta: torch.Tensor, positions: list[int], *, exact: bool) -
     values = k * item if exact else item + math.ceil(k / 8)
     gaps = [p - q - 1 for p, q in zip(positions, [-1] + positions[:-1])]
     runs = sum(varint_len(g) for g in gaps)
-    return header + values + (runs if runs < math.ceil(n / 8) else math.ceil(n / 8))
+    return header + values + (0 if k == n else runs if runs < math.ceil(n / 8) else math.ceil(n / 8))
 
 
 # ------------------------------------------------------------------------------ properties
@@ -151,6 +151,13 @@ def test_hand_worked_example():
     assert decompress(compress(delta, std)).tolist()[1] == pytest.approx(-2.0 * float(delta.std()))
 
 
+def test_density_one_sends_no_positions():
+    delta = torch.tensor([[1.0, -2.0], [3.0, -4.0]])
+    arrays, _ = encode_update({"w": delta}, {"w": torch.zeros_like(delta)}, ComPEFT(density=1.0))
+    assert arrays["w"][1] == 0b100 and payload_nbytes(arrays) == 4 + 8 + 4 + 4 + 1  # header, shape, count, scale, 4 sign bits
+    assert decompress(unpack(arrays["w"])).abs().unique().numel() == 1
+
+
 def test_long_sparse_tensor_uses_run_lengths_and_compresses():
     delta = torch.zeros(384, 8)
     delta[::37, 3] = torch.arange(1.0, 12.0)
@@ -202,6 +209,8 @@ def patched(buf: np.ndarray, offset: int, fmt: str, *values) -> np.ndarray:
         (good()[:-1], "bitmask has 0 bytes"),
         (patched(good(), 21, "<B", 0b11000000), "bits set past the end"),
         (patched(good(scale="exact"), 20, "<f", float("nan")), "NaN or Inf value"),
+        (patched(good(), 1, "<B", 0b101), "unknown compression flags"),
+        (patched(good(), 1, "<B", 0b100)[:-1], "'every entry kept' with 3 of 6 entries"),
     ],
 )
 def test_malformed_payloads_are_rejected(buf, fragment):
