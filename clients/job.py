@@ -32,6 +32,7 @@ from clients.state import NodeStore
 from fedpeft import data as fdata
 from fedpeft import models
 from fedpeft import protocol
+from fedpeft.compression import ComPEFT, codec_from_config, compress_uploads
 from fedpeft.config import Config, from_json
 from fedpeft.protocol import ClientPlan, Evaluate, ProtocolError, RunInfo, Source
 from fedpeft.records import State, round_seed, seeded_tensors, stack_to_delta
@@ -127,7 +128,12 @@ def decode(msg: Message, context: Context) -> Job:
     num_labels, train_examples, val_examples = local_data(cfg, pid, context, run)
     if not evaluate_only:
         inject_faults(cfg, pid, plan.server_round, attempt=plan.attempt)
-    needs_store = plan.base.version > 0 or (cfg.client.dp.enabled and not evaluate_only) or any(g.keep or Source.NODE in (g.source, g.fallback) for g in plan.groups)
+    feedback = cfg.compression.name != "none" and cfg.compression.error_feedback  # the residual lives on the node
+    needs_store = (
+        plan.base.version > 0
+        or ((cfg.client.dp.enabled or feedback) and not evaluate_only)
+        or any(g.keep or Source.NODE in (g.source, g.fallback) for g in plan.groups)
+    )
     store = node_store(context, run) if needs_store else None
     store_base_updates(store, plan)
     cm = worker_model(cfg, num_labels)
@@ -217,7 +223,26 @@ def encode(job: Job, result: JobResult) -> Message:
     a_keys = protocol.keys_with_roles(list(state), frozenset({protocol.LORA_A}))
     metrics[protocol.LORA_A_CRC32] = zlib.crc32(b"".join(state[k].numpy().tobytes() for k in a_keys))
     uploads = {k: state[k] for k in plan.keys(list(state), upload=True)}
-    return Message(protocol.encode_reply(uploads, metrics), reply_to=job.request)
+    codec = codec_from_config(job.cfg.compression)
+    if codec is None or not uploads:
+        return Message(protocol.encode_reply(uploads, metrics), reply_to=job.request)
+    dense, packed = compressed_uploads(job, uploads, codec)
+    return Message(protocol.encode_reply(dense, metrics, packed=packed), reply_to=job.request)
+
+
+def compressed_uploads(job: Job, uploads: State, codec: ComPEFT) -> tuple[State, dict[str, Any]]:
+    """(dense, packed) uploads under ComPEFT: the update of each tensor from the start it trained from.
+
+    Applied to the tensors training produced — under DP, already noised — so it is post-processing
+    and leaves ε unchanged. With error feedback the node keeps what was dropped and adds it next round.
+    """
+    feedback = job.cfg.compression.error_feedback
+    lineage = job.plan.base.lineage
+    residual = job.store.load_residual(lineage) if feedback else None
+    dense, packed, dropped = compress_uploads(uploads, job.start, job.plan, codec, residual=residual)
+    if feedback:
+        job.store.save_residual(lineage, dropped)
+    return dense, packed
 
 
 # ------------------------------------------------------------------------------ helpers of the steps

@@ -18,6 +18,7 @@ from clients.state import NodeStore
 from fedpeft import data as fdata
 from fedpeft import models
 from fedpeft import protocol
+from fedpeft.audit import client_train_split
 from fedpeft.config import Config, to_container
 from fedpeft.protocol import RunInfo
 
@@ -71,7 +72,8 @@ def local_data(cfg: Config, pid: int, context: Context, run: RunInfo) -> tuple[i
         stamp = [[str(f), f.stat().st_mtime_ns, f.stat().st_size] for f in files]  # an edited file invalidates the cache
         key = json.dumps(["path", str(source), stamp, names, cfg.seed, pid, to_container(cfg.data), to_container(cfg.model)], sort_keys=True)
     else:
-        key = json.dumps(["partition", cfg.seed, cfg.num_clients, pid, to_container(cfg.data), to_container(cfg.model)], sort_keys=True)
+        canaries = to_container(cfg.audit) if cfg.audit.canaries and pid == cfg.audit.canary_client else None
+        key = json.dumps(["partition", cfg.seed, cfg.num_clients, pid, to_container(cfg.data), to_container(cfg.model), canaries], sort_keys=True)
     if key in _ENCODED:
         return _ENCODED[key]
     state_dir = context.node_config.get(protocol.NODE_STATE_DIR)
@@ -86,7 +88,8 @@ def local_data(cfg: Config, pid: int, context: Context, run: RunInfo) -> tuple[i
         num_labels = len(names)
     else:
         data = fdata.prepare(cfg.data, seed=cfg.seed, num_clients=cfg.num_clients, need_labels=need_labels)
-        (train_ds, val_ds), num_labels = data.client_split(pid), data.num_labels
+        train_ds, val_ds = client_train_split(cfg, data, pid), data.client_split(pid)[1]  # with the audit's canaries, if any
+        num_labels = data.num_labels
     _ENCODED[key] = (num_labels, *encode_split(cfg, train_ds, val_ds))
     if disk is not None:
         disk.save_cached(disk_key, {"num-labels": num_labels, "train": _ENCODED[key][1], "val": _ENCODED[key][2]})

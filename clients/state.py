@@ -95,6 +95,18 @@ class NodeStore:
         path = self.root / lineage / "kept.safetensors"
         return load_file(str(path)) if path.exists() else None
 
+    # --- what uplink compression dropped, added back next round (``compression.error_feedback``)
+    def save_residual(self, lineage: str, tensors: dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save
+
+        atomic_write_bytes(self.root / lineage / "compression-residual.safetensors", save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}))
+
+    def load_residual(self, lineage: str) -> dict[str, torch.Tensor] | None:
+        from safetensors.torch import load_file
+
+        path = self.root / lineage / "compression-residual.safetensors"
+        return load_file(str(path)) if path.exists() else None
+
     # --- anything costly to rebuild in every short-lived process (encoded data)
     def load_cached(self, key: str) -> Any:
         path = self.root / "cache" / f"{key}.pt"

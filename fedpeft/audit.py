@@ -34,6 +34,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from fedpeft import data as fdata
+from fedpeft import models
+from fedpeft.config import to_config
+from fedpeft.data import make_loader
+from fedpeft.training import forward_logits, per_sample_loss, to_device
 
 log = logging.getLogger("fedpeft")
 
@@ -117,7 +126,7 @@ def plant_canaries(train, canaries: Canaries, *, repeats: int):
     Canaries are for causal LMs, which train on the text alone; their label is the first class
     (ignored by the LM loss, present only because every fedpeft dataset has the column).
     """
-    from datasets import Dataset, concatenate_datasets
+    from datasets import Dataset, concatenate_datasets  # function-local: datasets is imported on first use, as in fedpeft.data
 
     texts = [canaries.text(s) for s in canaries.secrets for _ in range(repeats)]
     extra = Dataset.from_dict({"text": texts, "label": [0] * len(texts)}, features=train.features)
@@ -155,9 +164,6 @@ def client_train_split(cfg, data, partition_id: int):
 @torch.no_grad()
 def example_losses(model: torch.nn.Module, examples: Sequence[dict[str, Any]], *, pad_token_id: int, batch_size: int = 64, device: torch.device | str = "cpu") -> np.ndarray:
     """Per-example loss (the training loss: cross-entropy, or mean token NLL for LMs), in order."""
-    from fedpeft.data import make_loader
-    from fedpeft.training import per_sample_loss, to_device
-
     model.eval()
     out = [per_sample_loss(model, to_device(b, device)).double().cpu() for b in make_loader(examples, pad_token_id=pad_token_id, batch_size=batch_size, shuffle=False)]
     return torch.cat(out).numpy() if out else np.zeros(0)
@@ -166,9 +172,6 @@ def example_losses(model: torch.nn.Module, examples: Sequence[dict[str, Any]], *
 @torch.no_grad()
 def sequence_nll(model: torch.nn.Module, sequences: Sequence[Sequence[int]], *, pad_token_id: int, batch_size: int = 64, device: torch.device | str = "cpu") -> np.ndarray:
     """Log-perplexity of each token sequence: the summed NLL of tokens 2..T given their prefix (nats)."""
-    from fedpeft.data import make_loader
-    from fedpeft.training import forward_logits, to_device
-
     model.eval()
     examples = [{"input_ids": list(s), "attention_mask": [1] * len(s), "labels": list(s)} for s in sequences]
     out = []
@@ -211,11 +214,6 @@ def subsample(items: list, limit: int | None, *, seed: int) -> list:
 
 def load_final_model(cfg, run_dir: Path, *, num_labels: int, device: torch.device) -> torch.nn.Module:
     """The run's final global model: base + ``final_adapter/`` (peft), or ``final_model/`` (FLoRA, merged)."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    from fedpeft import models
-
     if (run_dir / "final_model").is_dir():
         cls = AutoModelForSequenceClassification if cfg.model.task == "seq_cls" else AutoModelForCausalLM
         return cls.from_pretrained(run_dir / "final_model").to(device)
@@ -229,8 +227,7 @@ def load_final_model(cfg, run_dir: Path, *, num_labels: int, device: torch.devic
 
 def round0_model(cfg, *, num_labels: int, device: torch.device) -> torch.nn.Module:
     """The model every client started from (base, B = 0, seeded A and head): the calibration reference."""
-    from fedpeft import models
-    from fedpeft.server import initial_adapter  # function-local: fedpeft.server imports the strategies
+    from fedpeft.server import initial_adapter  # function-local: keeps the server and the strategies off a ClientApp's imports
 
     cm = models.cached_model(cfg.model, num_labels=num_labels, device=device, seed=cfg.seed)
     rank = max(models.client_ranks(cfg))  # the global adapter's rank, as fedpeft.server builds it
@@ -246,12 +243,6 @@ def run_audit(run_dir: str | Path, *, cfg=None) -> dict[str, Any]:
     partitions define them: a deployed node training on its own ``data-path`` keeps its data, and
     only its owner can audit it.
     """
-    from omegaconf import OmegaConf
-
-    from fedpeft import data as fdata
-    from fedpeft import models
-    from fedpeft.config import to_config
-
     run_dir = Path(run_dir)
     if cfg is None:
         if not (run_dir / "config.yaml").exists():

@@ -43,11 +43,14 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from fedpeft.protocol import ClientPlan, Source, keys_with_roles
+from fedpeft.records import seeded_tensors
 
 VERSION = 1
 SCALES = ("std", "mean", "exact")
@@ -329,4 +332,42 @@ def decode_update(arrays: Mapping[str, np.ndarray], reference: Mapping[str, torc
         except CompressionError as err:
             raise CompressionError(f"{key}: {err}") from None
         out[key] = (ref.to(torch.float64) + decompress(ct).to(torch.float64)).to(ref.dtype)
+    return out
+
+
+# ------------------------------------------------------------------------------ the protocol's uploads
+def compressible_keys(plan: ClientPlan, keys: Iterable[str]) -> list[str]:
+    """Uploaded keys whose start the server knows (sent, seeded or zero): their update can travel compressed.
+
+    A group that starts from the node's own state has a start only the node knows, so it travels dense.
+    """
+    return sorted(k for k in keys if plan.group_of(k).source != Source.NODE)
+
+
+def compress_uploads(
+    uploads: Mapping[str, torch.Tensor], start: Mapping[str, torch.Tensor], plan: ClientPlan, codec: ComPEFT, *, residual: Mapping[str, torch.Tensor] | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, np.ndarray], dict[str, torch.Tensor]]:
+    """A client's uploads as (dense tensors, packed updates, new error-feedback residual).
+
+    A residual tensor whose shape no longer fits (the node's rank changed) is dropped.
+    """
+    keys = compressible_keys(plan, uploads)
+    fitting = {k: r for k, r in (residual or {}).items() if k in uploads and tuple(r.shape) == tuple(uploads[k].shape)}
+    packed, dropped = encode_update({k: uploads[k] for k in keys}, {k: start[k] for k in keys}, codec, residual=fitting)
+    return {k: v for k, v in uploads.items() if k not in packed}, packed, dropped
+
+
+def upload_starts(plan: ClientPlan, adapter: Mapping[str, torch.Tensor], keys: Iterable[str]) -> dict[str, torch.Tensor]:
+    """The start of each compressible uploaded key as the server knows it: ``adapter`` (the tensors it
+    sent, at the client's rank), a seeded draw, or zeros (the client's :func:`clients.job.start_state`)."""
+    out: dict[str, torch.Tensor] = {}
+    for key in compressible_keys(plan, keys):
+        group = plan.group_of(key)
+        if group.source == Source.MESSAGE:
+            out[key] = adapter[key]
+        elif group.source == Source.SEED:  # drawn group-wide, key by key, exactly as the client draws it
+            drawn = seeded_tensors(adapter, keys_with_roles(list(adapter), group.roles), seed=group.seed, seed_rank=group.seed_rank)
+            out[key] = drawn[key]
+        else:
+            out[key] = torch.zeros_like(adapter[key])
     return out

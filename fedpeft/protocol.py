@@ -28,8 +28,9 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedpeft.records import LORA_A_SUFFIX, LORA_B_SUFFIX, State, from_record, to_record
 
@@ -41,6 +42,7 @@ PLAN_RECORD = "plan"  # ConfigRecord: the client plan of a train or evaluate mes
 ARRAYS_RECORD = "arrays"  # ArrayRecord: adapter tensors (down: message-sourced groups; up: uploads)
 BASE_UPDATES_RECORD = "base-updates"  # ArrayRecord: missed base updates, keys "<round>|<stack key>"
 METRICS_RECORD = "metrics"  # MetricRecord of a reply
+COMPRESSED_RECORD = "compressed"  # ArrayRecord of a reply: packed updates (uint8, fedpeft.compression), keyed like the tensors
 
 # --- keys of the run record (and of a deployed run's run config)
 FEDPEFT_CONFIG = "fedpeft-config"  # the run's Config as JSON
@@ -424,12 +426,24 @@ def decode_instruction(content: RecordDict, *, evaluate_only: bool = False) -> I
 
 
 # ------------------------------------------------------------------------------ replies (client -> server)
-def encode_reply(tensors: Mapping[str, torch.Tensor] | None, metrics: Mapping[str, Any]) -> RecordDict:
-    """A train reply (uploaded tensors and metrics) or, with ``tensors=None``, an evaluate or query reply."""
+def encode_reply(tensors: Mapping[str, torch.Tensor] | None, metrics: Mapping[str, Any], *, packed: Mapping[str, np.ndarray] | None = None) -> RecordDict:
+    """A train reply (uploaded tensors and metrics) or, with ``tensors=None``, an evaluate or query reply.
+
+    ``packed``: uploads that travel compressed (:mod:`fedpeft.compression`), in their own record.
+    """
     content = RecordDict({METRICS_RECORD: MetricRecord(dict(metrics))})
     if tensors is not None:
         content[ARRAYS_RECORD] = to_record(tensors)
+    if packed:
+        content[COMPRESSED_RECORD] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in packed.items()})
     return content
+
+
+def decode_packed(content: RecordDict) -> dict[str, np.ndarray]:
+    """The compressed uploads of a reply as raw arrays (empty when it has none); decoding is the server's."""
+    if COMPRESSED_RECORD not in content.array_records:
+        return {}
+    return {key: array.numpy() for key, array in content.array_records[COMPRESSED_RECORD].items()}
 
 
 def decode_reply(content: RecordDict, *, with_tensors: bool = True) -> tuple[State, dict[str, Any]]:

@@ -29,6 +29,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedpeft import protocol
+from fedpeft.compression import CompressionError, decode_update, payload_nbytes, upload_starts
 from fedpeft.protocol import BasePlan, ClientPlan, Evaluate, GroupPlan, RunInfo, Source
 from fedpeft.records import State, resize_rank, split_state, state_nbytes, to_record
 
@@ -54,6 +55,7 @@ class ClientUpdate:
     num_examples: int
     state: State
     metrics: dict[str, float]
+    nbytes: int | None = None  # bytes the upload took on the wire (compressed or dense)
 
 
 @dataclass
@@ -262,7 +264,8 @@ class LoRAStrategy(FedAvg):
             raise RejectedUpdate("reply from a node that was not registered or sent no plan")
         try:
             state, metrics = protocol.decode_reply(msg.content)
-        except protocol.ProtocolError as err:
+            packed = protocol.decode_packed(msg.content)
+        except ValueError as err:  # a ProtocolError, or a compressed record Flower cannot read as numpy
             raise RejectedUpdate(str(err)) from None
         for key, value in metrics.items():
             values = value if isinstance(value, list) else [value]
@@ -276,6 +279,9 @@ class LoRAStrategy(FedAvg):
         if metrics.get(protocol.RANK) != plan.rank:
             raise RejectedUpdate(f"rank {metrics.get(protocol.RANK)} differs from the assigned rank {plan.rank}")
         expected = self.upload_keys(node, plan)
+        nbytes = state_nbytes(state) + payload_nbytes(packed)  # what travelled, compressed or not
+        if packed:
+            state = self.unpack_uploads(node, plan, state, packed, expected=expected)
         if set(state) != expected:
             missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
             raise RejectedUpdate(f"adapter keys differ: missing {missing[:2]}{'...' if len(missing) > 2 else ''}, unexpected {extra[:2]}")
@@ -288,7 +294,24 @@ class LoRAStrategy(FedAvg):
                 raise RejectedUpdate(f"{key}: dtype {tensor.dtype}, expected {ref.dtype}")
             if not torch.isfinite(tensor).all():
                 raise RejectedUpdate(f"{key}: contains NaN or Inf")
-        return ClientUpdate(node_id=node_id, rank=node.rank, num_examples=num_examples, state=state, metrics=metrics)
+        return ClientUpdate(node_id=node_id, rank=node.rank, num_examples=num_examples, state=state, metrics=metrics, nbytes=nbytes)
+
+    def unpack_uploads(self, node: NodeInfo, plan: ClientPlan, dense: State, packed: Mapping[str, Any], *, expected: set[str]) -> State:
+        """Dense uploads plus the compressed ones decoded onto the start the server knows (ComPEFT)."""
+        both = sorted(set(dense) & set(packed))
+        if both:
+            raise RejectedUpdate(f"{both[0]} is uploaded both dense and compressed")
+        unexpected = sorted(set(packed) - expected)
+        if unexpected:
+            raise RejectedUpdate(f"adapter keys differ: unexpected compressed {unexpected[:2]}")
+        starts = upload_starts(plan, self.node_adapter(node), sorted(expected))
+        unknown = sorted(set(packed) - set(starts))
+        if unknown:
+            raise RejectedUpdate(f"{unknown[0]} starts from the node's own state, which the server does not know: it must travel dense")
+        try:
+            return {**dense, **decode_update(packed, {k: starts[k] for k in packed})}
+        except CompressionError as err:
+            raise RejectedUpdate(f"compressed upload: {err}") from None
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Check every reply, aggregate the accepted ones; error replies are counted by the caller.
@@ -310,7 +333,7 @@ class LoRAStrategy(FedAvg):
                 report.rejected.append({"node": node_id, "reason": str(err)})
                 log.warning("round %d: rejected the update of node %d: %s", server_round, node_id, err)
                 continue
-            report.bytes_up[node_id] = state_nbytes(update.state)
+            report.bytes_up[node_id] = update.nbytes if update.nbytes is not None else state_nbytes(update.state)
             report.clients.append({"node": node_id, "partition": self.nodes[node_id].partition_id, "rank": update.rank, **update.metrics})
             updates.append(update)
         if len(updates) < max(self.min_clients, 1):
