@@ -214,6 +214,7 @@ def test_run_audit_reads_a_run_directory_and_writes_audit_json(tmp_path):
         (["audit.canaries=2"], "needs model.task=causal_lm"),
         (["audit.enabled=true", "save_adapter=false"], "save_adapter=false"),
         (["audit.max_examples=0"], "max_examples must be >= 1"),
+        (["audit.enabled=true", "mode=centralized"], "mode=centralized has none"),
         (["audit.canary_repeats=0"], "canary_repeats"),
     ],
 )
