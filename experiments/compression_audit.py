@@ -1,15 +1,16 @@
 """ComPEFT uplink compression and the privacy audit, on the embedded default (MiniLM + BBC News).
 
+(ratios) bytes of one upload under each density, the codec alone;
 (a) accuracy against MB uplink for FedIT (``fedavg``) and FFA-LoRA at ComPEFT densities 1, 0.2, 0.1
     and 0.05, with and without error feedback, next to dense uploads;
 (b) membership-inference AUC (loss-threshold and calibrated) of the final model without DP and at
     ε = 8, 3, 1 (``conf/exp/fedavg_dp.yaml``'s setting, audited with ``audit.enabled=true``);
     with ``--llm-model`` also canary exposure on a causal LM.
 
-Writes ``<out>/results.md``, ``<out>/accuracy_vs_uplink.png`` and one run folder per setting;
+Writes ``<out>/results-<parts>.md``, ``<out>/accuracy_vs_uplink.png`` and one run folder per setting;
 finished runs are not repeated.
 
-    python experiments/compression_audit.py [--part a b] [--rounds 8] [--seeds 0] [--densities 1 0.2 0.1 0.05]
+    python experiments/compression_audit.py [--part ratios a b] [--rounds 8] [--seeds 0] [--densities 1 0.2 0.1 0.05]
 """
 
 from __future__ import annotations
@@ -43,6 +44,45 @@ def run(overrides: list[str], run_dir: Path) -> list[dict]:
         done.write_text(json.dumps({"seconds": time.perf_counter() - started, "overrides": overrides}))
         models.clear_cache()
     return read_metrics(run_dir)
+
+
+def codec_ratios(args, out: Path) -> list[str]:
+    """Bytes of one upload of the default adapter (MiniLM, r = 8, query/value + head) under each density.
+
+    No training: the update is Gaussian noise, so every entry is non-zero and the kept positions
+    are spread at random (what run lengths see in a trained update may differ a little). Payload
+    bytes as fedpeft counts them; "npy" adds the .npy header Flower puts on every array.
+    """
+    import torch
+    from flwr.app import Array
+
+    from fedpeft import models
+    from fedpeft.compression import ComPEFT, encode_update, payload_nbytes
+    from fedpeft.config import compose_config
+    from fedpeft.records import LORA_A_SUFFIX, state_nbytes
+
+    cfg = compose_config([])
+    cm = models.cached_model(cfg.model, num_labels=5, device=torch.device("cpu"), seed=0)
+    cm.activate(cfg.model.lora.r)
+    start = cm.adapter_state(cfg.model.lora.r)
+    g = torch.Generator().manual_seed(0)
+    trained = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in start.items()}
+    lines = [
+        "",
+        "Codec ratios on one upload of the default adapter (MiniLM r = 8 on query/value + head; a random update, no training):",
+        "",
+        "| uploads | density | dense bytes | ComPEFT bytes | ratio | ratio with .npy headers |",
+        "|---|---|---|---|---|---|",
+    ]
+    for rule, keys in (("fedavg (A, B, head)", list(trained)), ("ffa_lora (B, head)", [k for k in trained if not k.endswith(LORA_A_SUFFIX)])):
+        up = {k: trained[k] for k in keys}
+        dense = state_nbytes(up)
+        dense_npy = sum(len(Array(v.numpy()).data) for v in up.values())
+        for density in args.densities:
+            packed, _ = encode_update(up, {k: start[k] for k in keys}, ComPEFT(density=density))
+            npy = sum(len(Array(a).data) for a in packed.values())
+            lines.append(f"| {rule} | {density:g} | {dense} | {payload_nbytes(packed)} | {dense / payload_nbytes(packed):.1f}× | {dense_npy / npy:.1f}× |")
+    return lines
 
 
 def compression_sweep(args, out: Path) -> list[str]:
@@ -130,7 +170,7 @@ def audit_sweep(args, out: Path) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", nargs="+", default=["a", "b"], choices=["a", "b"])
+    parser.add_argument("--part", nargs="+", default=["ratios", "a", "b"], choices=["ratios", "a", "b"], help="ratios: the codec alone, no training")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--clients", type=int, default=10)
@@ -145,12 +185,14 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     lines: list[str] = []
+    if "ratios" in args.part:
+        lines += codec_ratios(args, out)
     if "a" in args.part:
         lines += compression_sweep(args, out)
     if "b" in args.part:
         lines += audit_sweep(args, out)
     text = "\n".join(lines) + "\n"
-    (out / "results.md").write_text(text)
+    (out / f"results-{'-'.join(args.part)}.md").write_text(text)
     print(text)
 
 
