@@ -15,10 +15,11 @@ from fedpeft.protocol import ClientPlan, RunInfo, Source
 from fedpeft.records import state_nbytes
 from fedpeft.server import initial_adapter
 
-CFG = compose_config(
-    ["+exp=smoke", "num_clients=2", "data.max_samples=60", "model.max_length=16", "client.local_steps=2", "model.lora.r=2",
-     "compression=compeft", "compression.density=0.1", "compression.error_feedback=true"]
-)
+CFG_OVERRIDES = [
+    "+exp=smoke", "num_clients=2", "data.max_samples=60", "model.max_length=16", "client.local_steps=2", "model.lora.r=2",
+    "compression=compeft", "compression.density=0.1", "compression.error_feedback=true",
+]
+CFG = compose_config(CFG_OVERRIDES)
 
 
 def one_round(run: RunInfo, context: Context, sent: dict, server_round: int):
@@ -59,3 +60,21 @@ def test_uploads_travel_compressed_and_error_feedback_loses_nothing(tmp_path):
             torch.testing.assert_close(lhs, rhs, rtol=0, atol=1e-6)
         assert any(torch.count_nonzero(v) for v in kept.values())
         residual, sent = kept, decoded  # the next round starts from what the server rebuilt
+
+
+def test_dp_clients_compress_the_noised_update(tmp_path):
+    """DP-SGD trains (and accounts) first; compression then encodes the noised result: ε is the plain DP round's."""
+    from fedpeft import data as fdata
+
+    cfg = compose_config([*CFG_OVERRIDES, "client.dp.enabled=true", "client.dp.noise_multiplier=1.0", "client.batch_size=8"])
+    data = fdata.prepare(cfg.data, seed=cfg.seed, num_clients=cfg.num_clients)
+    cm = cached_model(cfg.model, num_labels=data.num_labels, device=resolve_device(cfg.device), seed=cfg.seed)
+    sent = initial_adapter(cm, rank=2, seed=cfg.seed)
+    context = Context(run_id=1, node_id=0, node_config={"partition-id": 1}, state=RecordDict(), run_config={})
+    job, result, reply = one_round(RunInfo(config_json=to_json(cfg), sim_state_dir=str(tmp_path)), context, sent, 1)
+    _, metrics = protocol.decode_reply(reply.content)
+    packed = protocol.decode_packed(reply.content)
+    assert set(packed) == set(sent) and metrics[protocol.EPSILON] > 0 and metrics[protocol.DP_ROUNDS] == 1
+    decoded = decode_update(packed, job.start)
+    changed = [k for k in sent if not torch.equal(decoded[k], job.start[k])]
+    assert changed  # the noised update travelled, sparsified
