@@ -466,17 +466,21 @@ class NodeHello:
     """A node's answer to the handshake."""
 
     partition_id: int
-    rank: int
+    rank: int | None  # None: the node's peft method has no rank
     num_examples: int
 
 
 def encode_query_reply(hello: NodeHello) -> RecordDict:
-    return encode_reply(None, {PARTITION_ID: hello.partition_id, RANK: hello.rank, NUM_EXAMPLES: hello.num_examples})
+    metrics = {PARTITION_ID: hello.partition_id, NUM_EXAMPLES: hello.num_examples}
+    if hello.rank is not None:
+        metrics[RANK] = hello.rank
+    return encode_reply(None, metrics)
 
 
 def decode_query_reply(content: RecordDict) -> NodeHello:
     _, m = decode_reply(content, with_tensors=False)
-    missing = sorted({PARTITION_ID, RANK, NUM_EXAMPLES} - set(m))
+    missing = sorted({PARTITION_ID, NUM_EXAMPLES} - set(m))
     if missing:
         raise ProtocolError(f"handshake reply lacks {missing}")
-    return NodeHello(partition_id=int(m[PARTITION_ID]), rank=int(m[RANK]), num_examples=int(m[NUM_EXAMPLES]))
+    rank = m.get(RANK)
+    return NodeHello(partition_id=int(m[PARTITION_ID]), rank=None if rank is None else int(rank), num_examples=int(m[NUM_EXAMPLES]))

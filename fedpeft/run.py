@@ -28,7 +28,7 @@ def check_config(cfg: Config) -> None:
     from fedpeft.compression import codec_from_config
     from fedpeft.data import check_data_config
     from fedpeft.models import check_model_config, client_ranks
-    from strategies import get_strategy
+    from strategies import STRATEGIES, get_strategy
 
     if cfg.mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {cfg.mode!r}")
@@ -48,11 +48,14 @@ def check_config(cfg: Config) -> None:
         from fedpeft.deploy import check_deploy_config
 
         check_deploy_config(cfg)
-    get_strategy(cfg.strategy.name)
+    check_model_config(cfg.model)
+    rule = get_strategy(cfg.strategy.name)
+    if rule.peft_methods is not None and cfg.model.peft not in rule.peft_methods:
+        accepting = sorted(name for name, r in STRATEGIES.items() if r.peft_methods is None or cfg.model.peft in r.peft_methods)
+        raise ValueError(f"strategy={cfg.strategy.name} federates {'/'.join(rule.peft_methods)} adapters only, not model.peft={cfg.model.peft}; rules that accept it: {accepting}")
     client_ranks(cfg)
     codec_from_config(cfg.compression)
     check_audit_config(cfg)
-    check_model_config(cfg.model)
     check_data_config(cfg.data, num_clients=cfg.num_clients)
 
 
@@ -63,6 +66,8 @@ def check_dp(cfg: Config, sizes: list[int]) -> None:
     from fedpeft.training import num_local_steps
 
     dp = cfg.client.dp
+    if cfg.model.peft != "lora" and dp.grad_sample_mode == "lora":
+        raise DPError(f"client.dp.grad_sample_mode=lora computes per-sample gradients of LoRA layers only; model.peft={cfg.model.peft} needs grad_sample_mode=loop")
     if (dp.noise_multiplier is None) == (dp.target_epsilon is None):
         raise DPError("client.dp: set exactly one of noise_multiplier and target_epsilon")
     if dp.noise_multiplier is not None and dp.noise_multiplier < 0:
