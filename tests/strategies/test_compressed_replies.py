@@ -37,7 +37,7 @@ def client_round(strategy):
     msg = list(strategy.configure_train(1, ArrayRecord(), ConfigRecord({}), grid=None))[0]
     instruction = protocol.decode_instruction(msg.content)
     template = strategy.node_adapter(NODE)
-    start = start_state(template, instruction.tensors, instruction.plan, kept=None)
+    start = start_state(template, instruction.tensors, plan=instruction.plan, kept=None)
     g = torch.Generator().manual_seed(1)
     trained = {k: v + torch.randn(v.shape, generator=g) for k, v in start.items()}
     uploads = {k: trained[k] for k in instruction.plan.keys(list(trained), upload=True)}
