@@ -25,11 +25,14 @@ layout ``(d_out, d_in)``, the same as ``lora_b @ lora_a``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 
-from strategies.lora_math import check_weights, weighted_sum
+from fedpeft.records import State, exact_product, split_state
+from strategies.base import ClientUpdate, LoRAStrategy, NodeInfo
+from strategies.lora_math import check_weights, ideal_delta, relative_residual, residual_parts, weighted_sum
 
 
 def fedex_average(lora_as: Sequence[torch.Tensor], lora_bs: Sequence[torch.Tensor], weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,3 +80,63 @@ def fedex_pair(
     lora_a, lora_b = fedex_average(lora_as, lora_bs, weights)
     a_stack, b_stack = residual_stack(lora_as, lora_bs, weights, lora_a=lora_a, lora_b=lora_b, scaling=scaling)
     return lora_a, lora_b, a_stack, b_stack
+
+
+# ---------------------------------------------------------------------------------- the strategy
+class FedExLoRA(LoRAStrategy):
+    """FedIT of A and B, plus the exact residual merged into the base through the moving-base ledger.
+
+    ``scaling`` is peft's ``s = lora_alpha / r``. Clients train every tensor from the message
+    (Ā, B̄ and the head) on the base the ledger describes; only a node's missed stacks travel on
+    top of the adapter.
+    """
+
+    name = "fedex_lora"
+
+    def __init__(self, initial_adapter: State, *, scaling: float = 1.0, **kwargs: Any) -> None:
+        super().__init__(initial_adapter, **kwargs)
+        if self.max_rank is None:
+            raise ValueError("fedex_lora aggregates LoRA factors and the adapter has none; use fedavg for other peft methods")
+        self.scaling = scaling
+
+    def register_nodes(self, nodes: Iterable[NodeInfo]) -> None:
+        nodes = list(nodes)
+        check_equal_ranks(self.name, [n.rank for n in nodes], max_rank=self.max_rank)
+        super().register_nodes(nodes)
+
+    def aggregate(self, updates: list[ClientUpdate], weights: torch.Tensor, server_round: int) -> dict[str, float]:
+        pairs, heads = split_state(updates[0].state)
+        stack: State = {}
+        parts, fedavg_parts = [], []
+        for pair in pairs:
+            lora_as = [u.state[pair.a_key] for u in updates]
+            lora_bs = [u.state[pair.b_key] for u in updates]
+            lora_a, lora_b, a_stack, b_stack = fedex_pair(lora_as, lora_bs, weights, scaling=self.scaling)
+            self.adapter[pair.a_key], self.adapter[pair.b_key] = lora_a, lora_b
+            stack[pair.a_key], stack[pair.b_key] = a_stack, b_stack
+            target = ideal_delta(lora_as, lora_bs, weights, scalings=[self.scaling] * len(updates))
+            fedavg = self.scaling * exact_product(lora_b, lora_a)
+            parts.append(residual_parts(target, exact_product(b_stack, a_stack) + fedavg))
+            fedavg_parts.append(residual_parts(target, fedavg))
+        self.merge_into_base(stack)
+        for key in heads:
+            self.adapter[key] = weighted_sum([u.state[key] for u in updates], weights)
+        return {"residual": relative_residual(parts), "fedavg_residual": relative_residual(fedavg_parts), "stack_rank": float(a_stack.shape[0])}
+
+    @classmethod
+    def from_config(cls, cfg: Any, initial_adapter: State) -> "FedExLoRA":
+        from fedpeft.models import client_ranks  # local: keeps transformers off the import of the rule's math
+
+        check_equal_ranks(cls.name, client_ranks(cfg), max_rank=None)
+        return cls(initial_adapter, clients_per_round=cfg.clients_per_round, seed=cfg.seed, min_clients=cfg.min_clients, scaling=cfg.model.lora.alpha / cfg.model.lora.r)
+
+
+def check_equal_ranks(rule: str, ranks: Sequence[int], *, max_rank: int | None) -> None:
+    """Refuse heterogeneous ranks at start, naming the rules that take them."""
+    distinct = sorted(set(ranks) | ({max_rank} if max_rank is not None else set()))
+    if len(distinct) > 1:
+        raise ValueError(
+            f"{rule} needs the same LoRA rank on every client, got ranks {distinct}: the residual is folded into one "
+            "shared base, so every client must start from the whole (Ā, B̄). For heterogeneous ranks use "
+            "flexlora, flora, hetlora, fedavg, ffa_lora, rolora, fedsa_lora or fedsvd (strategy.ranks: null here)."
+        )

@@ -15,15 +15,19 @@ mean and its spread. Up 0.5×, down 0.5× (A and the head; the head is averaged 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
-from strategies.lora_math import check_weights, pad_a, weighted_sum
+from fedpeft.protocol import LORA_A, LORA_B, OTHER, VAL_ACCURACY, VAL_EXAMPLES, GroupPlan, Source
+from fedpeft.records import State, resize_factor, split_state
+from strategies.base import ClientUpdate, LoRAStrategy, NodeInfo
+from strategies.lora_math import check_weights, weighted_sum
 
 
 def fedsa_aggregate(lora_as: Sequence[torch.Tensor], weights: torch.Tensor, *, rank: int) -> torch.Tensor:
     """``Ā = Σ_k p_k pad(A_k)``: ``lora_as[k]: (r_k, d_in)`` -> ``(rank, d_in)``."""
-    return weighted_sum([pad_a(a, rank) for a in lora_as], weights)
+    return weighted_sum([resize_factor(a, rank, dim=0) for a in lora_as], weights)
 
 
 def personal_summary(values: Sequence[float], weights: torch.Tensor) -> tuple[float, float]:
@@ -37,3 +41,44 @@ def personal_summary(values: Sequence[float], weights: torch.Tensor) -> tuple[fl
     v = torch.tensor(list(values), dtype=torch.float64)
     mean = float((weights * v).sum())
     return mean, float((weights * (v - mean) ** 2).sum().sqrt())
+
+
+# ---------------------------------------------------------------------------------- the strategy
+class FedSALoRA(LoRAStrategy):
+    """Ā shared, B_k (and, with ``keep_head``, the head) personal and kept in node k's state."""
+
+    name = "fedsa_lora"
+
+    def __init__(self, initial_adapter: State, *, keep_head: bool = True, **kwargs: Any) -> None:
+        super().__init__(initial_adapter, **kwargs)
+        if self.max_rank is None:
+            raise ValueError("fedsa_lora shares LoRA A factors and the adapter has none; use fedavg for other peft methods")
+        self.keep_head = keep_head
+
+    def groups(self, node: NodeInfo, server_round: int) -> tuple[GroupPlan, ...]:
+        # B_k lives on the node: from its state (zero on a node that never trained), never uploaded.
+        personal = GroupPlan(roles={LORA_B}, source=Source.NODE, fallback=Source.ZERO, upload=False, keep=True)
+        if self.keep_head:  # the head too, starting from the initial head the message carries
+            return (GroupPlan(roles={LORA_A}, source=Source.MESSAGE), personal, GroupPlan(roles={OTHER}, source=Source.NODE, fallback=Source.MESSAGE, upload=False, keep=True))
+        return (GroupPlan(roles={LORA_A, OTHER}, source=Source.MESSAGE), personal)
+
+    def aggregate(self, updates: list[ClientUpdate], weights: torch.Tensor, server_round: int) -> dict[str, float]:
+        pairs, heads = split_state(self.adapter)
+        for pair in pairs:
+            self.adapter[pair.a_key] = fedsa_aggregate([u.state[pair.a_key] for u in updates], weights, rank=self.max_rank)
+        for key in heads if not self.keep_head else ():
+            self.adapter[key] = weighted_sum([u.state[key] for u in updates], weights)
+        accuracies = [(u.metrics.get(VAL_ACCURACY), u.metrics.get(VAL_EXAMPLES, 0)) for u in updates]
+        evaluated = [(a, n) for a, n in accuracies if a is not None and n]
+        if not evaluated:
+            return {}
+        counts = torch.tensor([float(n) for _, n in evaluated], dtype=torch.float64)
+        mean, spread = personal_summary([a for a, _ in evaluated], counts / counts.sum())
+        return {"personal_accuracy": mean, "personal_accuracy_spread": spread}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "keep_head": self.keep_head}
+
+    @classmethod
+    def from_config(cls, cfg: Any, initial_adapter: State) -> "FedSALoRA":
+        return cls(initial_adapter, clients_per_round=cfg.clients_per_round, seed=cfg.seed, min_clients=cfg.min_clients, keep_head=getattr(cfg.strategy, "keep_head", True))

@@ -17,11 +17,15 @@ first r_k singular directions, ``B[:, :r_k] A[:r_k]`` = the best rank-r_k approx
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
-from strategies.lora_math import pad_b, weighted_sum
+from fedpeft.protocol import LORA_A, LORA_B, OTHER, GroupPlan, Source
+from fedpeft.records import State, exact_product, resize_factor, seeded_tensors, split_state
+from strategies.base import ClientUpdate, LoRAStrategy, NodeInfo
+from strategies.lora_math import ideal_delta, relative_residual, residual_parts, weighted_sum
 
 
 def svd_refactor(lora_b: torch.Tensor, lora_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,5 +55,55 @@ def fedsvd_pair(lora_bs: Sequence[torch.Tensor], weights: torch.Tensor, *, lora_
 
     ``lora_bs[k]: (d_out, r_k)``, ``r_k ≤ r`` -> ``(A_new: (r, d_in), B_new: (d_out, r))`` in float64.
     """
-    lora_b = weighted_sum([pad_b(b.to(torch.float64), lora_a.shape[0]) for b in lora_bs], weights)
+    lora_b = weighted_sum([resize_factor(b.to(torch.float64), lora_a.shape[0], dim=1) for b in lora_bs], weights)
     return svd_refactor(lora_b, lora_a)
+
+
+# ---------------------------------------------------------------------------------- the strategy
+class FedSVD(LoRAStrategy):
+    """A frozen (seeded in round 1, the SVD basis after), B trained; the server re-factors B̄A by SVD."""
+
+    name = "fedsvd"
+
+    def __init__(self, initial_adapter: State, **kwargs: Any) -> None:
+        super().__init__(initial_adapter, **kwargs)
+        if self.max_rank is None:
+            raise ValueError("fedsvd re-factors LoRA products and the adapter has none; use fedavg for other peft methods")
+        pairs, _ = split_state(self.adapter)
+        narrow = sorted({pair.module for pair in pairs if self.adapter[pair.a_key].shape[1] < self.max_rank})
+        if narrow:
+            raise ValueError(f"fedsvd needs rank <= d_in of every adapted layer (r orthonormal rows of A); rank {self.max_rank} is too large for {narrow[:3]}")
+        self.a_seed = self.seed + 7919  # every client regenerates round 1's A from it
+        self.adapter.update(seeded_tensors(self.adapter, [p.a_key for p in pairs], seed=self.a_seed))
+        self.refactored = False  # True once A is the SVD basis, which has to travel
+
+    def groups(self, node: NodeInfo, server_round: int) -> tuple[GroupPlan, ...]:
+        if self.refactored:
+            frozen = GroupPlan(roles={LORA_A}, source=Source.MESSAGE, train=False, upload=False)
+        else:
+            frozen = GroupPlan(roles={LORA_A}, source=Source.SEED, seed=self.a_seed, seed_rank=self.max_rank, train=False, upload=False)
+        return (frozen, GroupPlan(roles={LORA_B, OTHER}, source=Source.MESSAGE))
+
+    def aggregate(self, updates: list[ClientUpdate], weights: torch.Tensor, server_round: int) -> dict[str, float]:
+        pairs, heads = split_state(self.adapter)
+        parts, orthogonality = [], 0.0
+        for pair in pairs:
+            lora_a = self.adapter[pair.a_key]
+            lora_bs = [u.state[pair.b_key] for u in updates]
+            a_new, b_new = fedsvd_pair(lora_bs, weights, lora_a=lora_a)
+            target = ideal_delta([resize_factor(lora_a, b.shape[1], dim=0) for b in lora_bs], lora_bs, weights, scalings=[1.0] * len(updates))
+            self.adapter[pair.a_key], self.adapter[pair.b_key] = a_new.to(lora_a.dtype), b_new.to(lora_a.dtype)
+            parts.append(residual_parts(target, exact_product(self.adapter[pair.b_key], self.adapter[pair.a_key])))
+            a = self.adapter[pair.a_key].to(torch.float64)
+            orthogonality = max(orthogonality, float((a @ a.T - torch.eye(a.shape[0], dtype=torch.float64)).abs().max()))
+        for key in heads:
+            self.adapter[key] = weighted_sum([u.state[key] for u in updates], weights)
+        self.refactored = True
+        return {"residual": relative_residual(parts), "a_orthogonality_error": orthogonality}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "a_seed": self.a_seed, "refactored": self.refactored}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.a_seed, self.refactored = state["a_seed"], state["refactored"]

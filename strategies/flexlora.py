@@ -20,8 +20,15 @@ changes; the global model is ``W + G`` at full rank.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
+
+from fedpeft.records import State, exact_product, split_state
+from strategies.base import ClientUpdate, GlobalModel, LoRAStrategy
+from strategies.flora import stack_pair
+from strategies.lora_math import ideal_delta, relative_residual, residual_parts, weighted_sum
 
 
 def factored_svd(lora_b: torch.Tensor, lora_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -69,3 +76,67 @@ def compact_factors(u: torch.Tensor, sigma: torch.Tensor, vh: torch.Tensor) -> t
     keep = max(int((sigma > 0).sum()), 1)
     root = sigma[:keep].to(torch.float64).clamp_min(0).sqrt()
     return root[:, None] * vh[:keep].to(torch.float64), u[:, :keep].to(torch.float64) * root
+
+
+# ---------------------------------------------------------------------------------- the strategy
+class FlexLoRA(LoRAStrategy):
+    """Keep ``G = Σ p_k s B_k A_k`` at full rank; send each client the first r_k SVD components.
+
+    The rank-r_max approximation is stored as the adapter, so a rank-r_k client's prefix of it
+    (:func:`fedpeft.records.resize_rank`) is exactly its best rank-r_k fit (the balanced split
+    keeps each component on its own). ``global_model`` is ``W + G`` itself, as an adapter of rank
+    ``Σ r_k`` of the round's clients (zero components where G's rank is lower).
+    """
+
+    name = "flexlora"
+
+    def __init__(self, initial_adapter: State, *, scaling: float = 1.0, **kwargs: Any) -> None:
+        super().__init__(initial_adapter, **kwargs)
+        if self.max_rank is None:
+            raise ValueError("flexlora aggregates LoRA factors and the adapter has none; use fedavg for other peft methods")
+        self.scaling = scaling
+        self.full: State = {}  # G at rank Σ r_k (LoRA factors for scaling s) and the heads; empty before round 1
+        self.full_rank: int | None = None
+
+    def aggregate(self, updates: list[ClientUpdate], weights: torch.Tensor, server_round: int) -> dict[str, float]:
+        pairs, heads = split_state(updates[0].state)
+        full_rank = sum(u.rank for u in updates)
+        full: State = {}
+        parts, kept = [], []
+        for pair in pairs:
+            lora_as = [u.state[pair.a_key] for u in updates]
+            lora_bs = [u.state[pair.b_key] for u in updates]
+            a_stack, b_stack = stack_pair(lora_as, lora_bs, weights, scalings=[self.scaling] * len(updates))
+            u, sigma, vh = factored_svd(b_stack.to(torch.float64), a_stack.to(torch.float64))
+            dtype = self.adapter[pair.a_key].dtype
+            lora_a, lora_b = rank_approximation(u, sigma, vh, rank=self.max_rank, scaling=self.scaling)
+            self.adapter[pair.a_key], self.adapter[pair.b_key] = lora_a.to(dtype), lora_b.to(dtype)
+            full_a, full_b = rank_approximation(u, sigma, vh, rank=full_rank, scaling=self.scaling)
+            full[pair.a_key], full[pair.b_key] = full_a.to(dtype), full_b.to(dtype)
+            target = ideal_delta(lora_as, lora_bs, weights, scalings=[self.scaling] * len(updates))
+            parts.append(residual_parts(target, self.scaling * exact_product(full[pair.b_key], full[pair.a_key])))
+            kept.append(residual_parts(target, self.scaling * exact_product(self.adapter[pair.b_key], self.adapter[pair.a_key])))
+        for key in heads:
+            self.adapter[key] = weighted_sum([u.state[key] for u in updates], weights)
+            full[key] = self.adapter[key].clone()
+        self.full, self.full_rank = full, full_rank
+        # residual: the global model W + G against Σ p_k s B_k A_k (zero up to rounding);
+        # truncation: what the rank-r_max clients lose, ‖G − G_{r_max}‖ / ‖G‖.
+        return {"residual": relative_residual(parts), "truncation": relative_residual(kept), "global_rank": float(full_rank)}
+
+    def global_model(self) -> GlobalModel:
+        if not self.full:
+            return super().global_model()
+        return GlobalModel(adapter={k: v.clone() for k, v in self.full.items()}, rank=self.full_rank, base_updates=list(self.base_updates))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "full": self.full, "full_rank": self.full_rank}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.full = {k: v.clone() for k, v in state["full"].items()}
+        self.full_rank = state["full_rank"]
+
+    @classmethod
+    def from_config(cls, cfg: Any, initial_adapter: State) -> "FlexLoRA":
+        return cls(initial_adapter, clients_per_round=cfg.clients_per_round, seed=cfg.seed, min_clients=cfg.min_clients, scaling=cfg.model.lora.alpha / cfg.model.lora.r)

@@ -17,12 +17,14 @@ self-pruning on the clients is not implemented (clients train the rank the serve
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
-from fedpeft.records import State, split_state
+from fedpeft.records import State, exact_product, split_state
+from strategies.base import ClientUpdate, LoRAStrategy
 from strategies.fedavg import fedit_pair
-from strategies.lora_math import weighted_sum
+from strategies.lora_math import ideal_delta, relative_residual, residual_parts, weighted_sum
 
 
 def product_norm(lora_a: torch.Tensor, lora_b: torch.Tensor) -> float:
@@ -75,3 +77,30 @@ def hetlora(states: Sequence[Mapping[str, torch.Tensor]], counts: Sequence[int],
     for key in others:
         out[key] = weighted_sum([s[key] for s in states], weights)
     return dict(sorted(out.items())), weights
+
+
+# ---------------------------------------------------------------------------------- the strategy
+class HetLoRA(LoRAStrategy):
+    """Zero-padded FedAvg of every tensor with sparsity weights; each client takes its first r_k components."""
+
+    name = "hetlora"
+
+    def __init__(self, initial_adapter: State, *, scaling: float = 1.0, **kwargs: Any) -> None:
+        super().__init__(initial_adapter, **kwargs)
+        if self.max_rank is None:
+            raise ValueError("hetlora weights clients by their LoRA update and the adapter has none; use fedavg for other peft methods")
+        self.scaling = scaling
+
+    def aggregate(self, updates: list[ClientUpdate], weights: torch.Tensor, server_round: int) -> dict[str, float]:
+        states = [u.state for u in updates]
+        self.adapter, sparsity = hetlora(states, [u.num_examples for u in updates], scaling=self.scaling, rank=self.max_rank)
+        pairs, _ = split_state(self.adapter)
+        parts = []
+        for pair in pairs:  # against the example-weighted ideal update Σ p_k s B_k A_k
+            target = ideal_delta([s[pair.a_key] for s in states], [s[pair.b_key] for s in states], weights, scalings=[self.scaling] * len(states))
+            parts.append(residual_parts(target, self.scaling * exact_product(self.adapter[pair.b_key], self.adapter[pair.a_key])))
+        return {"residual": relative_residual(parts), "max_weight": float(sparsity.max())}
+
+    @classmethod
+    def from_config(cls, cfg: Any, initial_adapter: State) -> "HetLoRA":
+        return cls(initial_adapter, clients_per_round=cfg.clients_per_round, seed=cfg.seed, min_clients=cfg.min_clients, scaling=cfg.model.lora.alpha / cfg.model.lora.r)

@@ -18,10 +18,14 @@ message.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
-from strategies.lora_math import pad_a, pad_b, weighted_sum
+from fedpeft.protocol import LORA_A, LORA_B, OTHER, GroupPlan, Source
+from fedpeft.records import State, exact_product, resize_factor, split_state
+from strategies.base import ClientUpdate, LoRAStrategy, NodeInfo
+from strategies.lora_math import ideal_delta, relative_residual, residual_parts, weighted_sum
 
 FACTORS = ("lora_B", "lora_A")
 
@@ -40,7 +44,47 @@ def rolora_aggregate(trained: Sequence[torch.Tensor], weights: torch.Tensor, *, 
     ``factor == "lora_A"``: ``trained[k]: (r_k, d_in)`` -> ``Ā: (rank, d_in)``.
     """
     if factor == "lora_B":
-        return weighted_sum([pad_b(b, rank) for b in trained], weights)
+        return weighted_sum([resize_factor(b, rank, dim=1) for b in trained], weights)
     if factor == "lora_A":
-        return weighted_sum([pad_a(a, rank) for a in trained], weights)
+        return weighted_sum([resize_factor(a, rank, dim=0) for a in trained], weights)
     raise ValueError(f"factor must be one of {FACTORS}, got {factor!r}")
+
+
+# ---------------------------------------------------------------------------------- the strategy
+FACTOR_ROLE = {"lora_B": LORA_B, "lora_A": LORA_A}
+
+
+class RoLoRA(LoRAStrategy):
+    """Odd rounds train and upload B (A frozen at Ā), even rounds A (B frozen at B̄); the head every round."""
+
+    name = "rolora"
+
+    def __init__(self, initial_adapter: State, **kwargs: Any) -> None:
+        super().__init__(initial_adapter, **kwargs)
+        if self.max_rank is None:
+            raise ValueError("rolora alternates LoRA A and B and the adapter has none; use fedavg for other peft methods")
+
+    def groups(self, node: NodeInfo, server_round: int) -> tuple[GroupPlan, ...]:
+        trained = FACTOR_ROLE[trained_factor(server_round)]
+        frozen = LORA_A if trained == LORA_B else LORA_B
+        return (GroupPlan(roles={frozen}, source=Source.MESSAGE, train=False, upload=False), GroupPlan(roles={trained, OTHER}, source=Source.MESSAGE))
+
+    def aggregate(self, updates: list[ClientUpdate], weights: torch.Tensor, server_round: int) -> dict[str, float]:
+        factor = trained_factor(server_round)
+        pairs, heads = split_state(self.adapter)
+        parts = []
+        for pair in pairs:
+            shared_key, trained_key = (pair.a_key, pair.b_key) if factor == "lora_B" else (pair.b_key, pair.a_key)
+            trained = [u.state[trained_key] for u in updates]
+            self.adapter[trained_key] = rolora_aggregate(trained, weights, factor=factor, rank=self.max_rank)
+            # the clients' products, each with its prefix of the shared factor, against B̄Ā
+            shared = self.adapter[shared_key]
+            if factor == "lora_B":
+                lora_as, lora_bs = [resize_factor(shared, t.shape[1], dim=0) for t in trained], trained
+            else:
+                lora_as, lora_bs = trained, [resize_factor(shared, t.shape[0], dim=1) for t in trained]
+            target = ideal_delta(lora_as, lora_bs, weights, scalings=[1.0] * len(updates))
+            parts.append(residual_parts(target, exact_product(self.adapter[pair.b_key], self.adapter[pair.a_key])))
+        for key in heads:
+            self.adapter[key] = weighted_sum([u.state[key] for u in updates], weights)
+        return {"residual": relative_residual(parts), "trained_factor_is_b": float(factor == "lora_B")}

@@ -9,9 +9,11 @@ import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from strategies.flexlora import compact_factors, factored_svd, rank_approximation
+from fedpeft import protocol
+from fedpeft.records import state_nbytes
+from strategies.flexlora import FlexLoRA, compact_factors, factored_svd, rank_approximation
 from strategies.flora import stack_pair
-from tests.strategies import draw
+from tests.strategies import draw, replies
 
 scalings = st.sampled_from([0.5, 1.0, 2.0, 16.0])
 
@@ -133,3 +135,58 @@ def test_bad_inputs_are_refused():
         rank_approximation(u, sigma, vh, rank=0, scaling=1.0)
     with pytest.raises(ValueError, match="scaling > 0"):
         rank_approximation(u, sigma, vh, rank=1, scaling=0.0)
+
+
+# ------------------------------------------------------------------------------ the strategy
+def flex_with(ranks, *, clients_per_round: int, scaling: float = 2.0) -> FlexLoRA:
+    strategy = FlexLoRA(replies.initial_adapter(max(ranks)), clients_per_round=clients_per_round, seed=3, scaling=scaling)
+    strategy.register_nodes(replies.nodes(ranks))
+    return strategy
+
+
+def test_each_client_starts_from_the_best_rank_r_k_fit_of_the_last_global_update():
+    # Prepare: heterogeneous ranks, every node in every round
+    ranks = [4, 1, 3, 2]
+    strategy = flex_with(ranks, clients_per_round=4)
+    g = torch.Generator().manual_seed(5)
+    messages, sent = replies.play_round(strategy, 1, g)
+    uploads = [protocol.decode_reply(r.content)[0] for r in sent]
+    counts = torch.tensor([float(strategy.nodes[m.metadata.dst_node_id].num_examples) for m in messages], dtype=torch.float64)
+    weights = counts / counts.sum()
+    s = strategy.scaling
+    dense = {m: sum(p * s * u[f"{m}.lora_B.weight"].double() @ u[f"{m}.lora_A.weight"].double() for p, u in zip(weights.tolist(), uploads)) for m in replies.LAYERS}
+    # Execute
+    round_two = replies.train_messages(strategy, 2)
+    # Assert: s B_k A_k = G_{r_k}, the dense SVD truncation; ‖G − s B_k A_k‖² = Σ_{i>r_k} σ_i²
+    for msg in round_two:
+        node = strategy.nodes[msg.metadata.dst_node_id]
+        tensors = protocol.decode_instruction(msg.content).tensors
+        for m, G in dense.items():
+            a, b = tensors[f"{m}.lora_A.weight"], tensors[f"{m}.lora_B.weight"]
+            assert a.shape == (node.rank, 8) and b.shape == (6, node.rank)
+            got = s * b.double() @ a.double()
+            torch.testing.assert_close(got, dense_truncation(G, node.rank), rtol=0, atol=1e-4 * float(G.norm()))
+            tail = float(torch.linalg.svdvals(G)[node.rank :].pow(2).sum())
+            assert float((G - got).pow(2).sum()) == pytest.approx(tail, rel=1e-3, abs=1e-6 * float(G.norm()) ** 2)
+    # the global model is W + G itself, at rank Σ r_k
+    global_model = strategy.global_model()
+    assert global_model.rank == sum(ranks) and not global_model.base_updates
+    for m, G in dense.items():
+        got = s * global_model.adapter[f"{m}.lora_B.weight"].double() @ global_model.adapter[f"{m}.lora_A.weight"].double()
+        torch.testing.assert_close(got, G, rtol=0, atol=1e-5 * float(G.norm()))
+    assert strategy.reports[1].extra["residual"] < 1e-6
+    assert strategy.reports[1].extra["truncation"] > 0.0  # r_max = 4 < rank(G)
+
+
+def test_flexlora_bytes_are_one_adapter_each_way_and_state_survives_a_checkpoint():
+    strategy = flex_with([4, 2], clients_per_round=2)
+    g = torch.Generator().manual_seed(6)
+    messages, sent = replies.play_round(strategy, 1, g)
+    for msg, rep in zip(messages, sent):
+        node = msg.metadata.dst_node_id
+        assert strategy.reports[1].bytes_down[node] == state_nbytes(protocol.decode_instruction(msg.content).tensors)
+        assert strategy.reports[1].bytes_up[node] == state_nbytes(protocol.decode_reply(rep.content)[0])
+    copy = flex_with([4, 2], clients_per_round=2)
+    copy.load_state_dict(strategy.state_dict())
+    a, b = copy.global_model(), strategy.global_model()
+    assert a.rank == b.rank == 6 and all(torch.equal(a.adapter[k], b.adapter[k]) for k in a.adapter)

@@ -7,8 +7,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from strategies.hetlora import client_norm, hetlora, product_norm, sparsity_weights
-from tests.strategies import draw
+from fedpeft import protocol
+from strategies.hetlora import HetLoRA, client_norm, hetlora, product_norm, sparsity_weights
+from tests.strategies import draw, replies
 
 
 def clients(sz):
@@ -74,3 +75,25 @@ def test_the_global_adapter_is_the_sparsity_weighted_zero_padded_average(sz, sca
     torch.testing.assert_close(out[draw.A], sum(w * a for w, a in zip(oracle, pad_a)), rtol=0, atol=1e-10)
     torch.testing.assert_close(out[draw.B], sum(w * b for w, b in zip(oracle, pad_b)), rtol=0, atol=1e-10)
     torch.testing.assert_close(out[draw.HEAD], sum(w * a[:1] for w, a in zip(oracle, lora_as)), rtol=0, atol=1e-10)
+
+
+# ------------------------------------------------------------------------------ the strategy (mock replies)
+def test_aggregate_train_uses_the_sparsity_weights_and_each_client_gets_its_prefix():
+    # Prepare
+    ranks = [4, 1, 3]
+    strategy = HetLoRA(replies.initial_adapter(4), clients_per_round=3, seed=0, scaling=2.0)
+    strategy.register_nodes(replies.nodes(ranks))
+    g = torch.Generator().manual_seed(7)
+    # Execute
+    messages, sent = replies.play_round(strategy, 1, g)
+    # Assert
+    uploads = [protocol.decode_reply(r.content)[0] for r in sent]
+    counts = [strategy.nodes[m.metadata.dst_node_id].num_examples for m in messages]
+    expected, weights = hetlora(uploads, counts, scaling=2.0, rank=4)
+    assert all(torch.equal(strategy.adapter[k], v) for k, v in expected.items())
+    assert strategy.reports[1].extra["max_weight"] == pytest.approx(float(weights.max()))
+    for msg in replies.train_messages(strategy, 2):
+        node = strategy.nodes[msg.metadata.dst_node_id]
+        tensors = protocol.decode_instruction(msg.content).tensors
+        assert torch.equal(tensors["m.layer0.q.lora_A.weight"], expected["m.layer0.q.lora_A.weight"][: node.rank])
+        assert torch.equal(tensors["m.layer0.q.lora_B.weight"], expected["m.layer0.q.lora_B.weight"][:, : node.rank])

@@ -7,8 +7,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from strategies.rolora import rolora_aggregate, trained_factor
-from tests.strategies import draw
+from fedpeft import protocol
+from strategies.rolora import RoLoRA, rolora_aggregate, trained_factor
+from tests.strategies import draw, replies
 
 
 def explicit(weights, products):
@@ -86,3 +87,37 @@ def test_over_alternating_rounds_the_frozen_factor_never_moves_and_every_round_i
             torch.testing.assert_close(shared @ new, explicit(weights, [shared @ a for a in trained]), rtol=0, atol=1e-10)
             lora_a = new
         assert (lora_a if factor == "lora_B" else lora_b) is shared  # the frozen factor is the same object
+
+
+# ------------------------------------------------------------------------------ the strategy (mock replies)
+def rolora_with(ranks, *, clients_per_round: int) -> RoLoRA:
+    strategy = RoLoRA(replies.initial_adapter(max(ranks)), clients_per_round=clients_per_round, seed=3)
+    strategy.register_nodes(replies.nodes(ranks))
+    return strategy
+
+
+def test_each_round_uploads_exactly_one_factor_and_sends_the_other_identically_to_all():
+    # Prepare: heterogeneous ranks, 3 of 4 nodes per round
+    strategy = rolora_with([4, 2, 3, 1], clients_per_round=3)
+    g = torch.Generator().manual_seed(2)
+    for server_round in range(1, 7):
+        trained = ".lora_B.weight" if server_round % 2 else ".lora_A.weight"
+        frozen = ".lora_A.weight" if server_round % 2 else ".lora_B.weight"
+        before = {k: v.clone() for k, v in strategy.adapter.items()}
+        # Execute
+        messages, sent = replies.play_round(strategy, server_round, g)
+        # Assert: uploads hold the trained factor (and head) only; the frozen one is the server's, prefix by prefix
+        for msg, rep in zip(messages, sent):
+            node = strategy.nodes[msg.metadata.dst_node_id]
+            instruction = protocol.decode_instruction(msg.content)
+            group = instruction.plan.group_of(f"m.layer0.q{frozen}")
+            assert (group.train, group.upload) == (False, False)
+            assert {k for k in strategy.upload_keys(node, instruction.plan) if "lora" in k} == {f"{m}{trained}" for m in replies.LAYERS}
+            assert set(protocol.decode_reply(rep.content)[0]) == {f"{m}{trained}" for m in replies.LAYERS} | {replies.HEAD}
+            for m in replies.LAYERS:
+                dim = 0 if frozen == ".lora_A.weight" else 1
+                assert torch.equal(instruction.tensors[f"{m}{frozen}"], before[f"{m}{frozen}"].narrow(dim, 0, node.rank))
+        for m in replies.LAYERS:  # the frozen factor did not move on the server
+            assert torch.equal(strategy.adapter[f"{m}{frozen}"], before[f"{m}{frozen}"])
+        assert strategy.reports[server_round].extra["residual"] < 1e-6  # exact every round
+        assert strategy.reports[server_round].extra["trained_factor_is_b"] == float(server_round % 2)
