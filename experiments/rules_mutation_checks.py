@@ -113,6 +113,32 @@ MUTANTS = [
            (("return float(((b.T @ b) * (a @ a.T)).sum().clamp_min(0.0).sqrt())", "return float(b.norm() * a.norm())"),),
            (t("hetlora", "test_the_norm_from_factors_is_the_dense_frobenius_norm"),
             t("hetlora", "test_the_global_adapter_is_the_sparsity_weighted_zero_padded_average"))),
+    # ----------------------------------------------------------------- the strategy classes (plans, ledger, node state)
+    Mutant("fedex_lora", "residual not merged into the base (FedIT with a dropped residual)", "strategies/fedex_lora.py",
+           (("        self.merge_into_base(stack)\n", "        pass\n"),),
+           (t("fedex_lora", "test_every_round_moves_the_global_model_by_exactly_the_weighted_products_under_partial_participation"),)),
+    Mutant("flexlora", "global model kept at r_max instead of full rank Σ r_k", "strategies/flexlora.py",
+           (("full_a, full_b = rank_approximation(u, sigma, vh, rank=full_rank, scaling=self.scaling)",
+             "full_a, full_b = rank_approximation(u, sigma, vh, rank=self.max_rank, scaling=self.scaling); full_rank = self.max_rank"),),
+           (t("flexlora", "test_each_client_starts_from_the_best_rank_r_k_fit_of_the_last_global_update"),)),
+    Mutant("fedsa_lora", "B uploaded (and still kept)", "strategies/fedsa_lora.py",
+           (("source=Source.NODE, fallback=Source.ZERO, upload=False, keep=True)", "source=Source.NODE, fallback=Source.ZERO, upload=True, keep=True)"),),
+           (t("fedsa_lora", "test_b_stays_on_the_node_and_never_travels"),
+            "tests/strategies/test_rules_fakegrid.py::test_fedsa_lora_keeps_each_b_on_its_node_bit_for_bit_across_rounds_and_a_resume")),
+    Mutant("fedsa_lora", "B not kept on the node (restarts from zero every round)", "strategies/fedsa_lora.py",
+           (("source=Source.NODE, fallback=Source.ZERO, upload=False, keep=True)", "source=Source.ZERO, upload=False, keep=False)"),),
+           ("tests/strategies/test_rules_fakegrid.py::test_fedsa_lora_keeps_each_b_on_its_node_bit_for_bit_across_rounds_and_a_resume",)),
+    Mutant("rolora", "the frozen factor trains too (and is not uploaded)", "strategies/rolora.py",
+           (("GroupPlan(roles={frozen}, source=Source.MESSAGE, train=False, upload=False)", "GroupPlan(roles={frozen}, source=Source.MESSAGE, train=True, upload=False)"),),
+           (t("rolora", "test_each_round_uploads_exactly_one_factor_and_sends_the_other_identically_to_all"),
+            "tests/strategies/test_rules_fakegrid.py::test_rolora_alternates_the_trained_factor_and_keeps_the_frozen_one_identical_everywhere")),
+    Mutant("fedsvd", "A trained on the clients", "strategies/fedsvd.py",
+           (("frozen = GroupPlan(roles={LORA_A}, source=Source.MESSAGE, train=False, upload=False)", "frozen = GroupPlan(roles={LORA_A}, source=Source.MESSAGE, train=True, upload=False)"),),
+           (t("fedsvd", "test_a_is_seeded_then_the_svd_basis_and_never_trained_nor_uploaded"),)),
+    Mutant("hetlora", "data weights instead of sparsity weights in the strategy", "strategies/hetlora.py",
+           (("self.adapter, sparsity = hetlora(states, [u.num_examples for u in updates], scaling=self.scaling, rank=self.max_rank)",
+             "self.adapter, sparsity = hetlora(states, [u.num_examples for u in updates], scaling=0.0, rank=self.max_rank)"),),
+           (t("hetlora", "test_aggregate_train_uses_the_sparsity_weights_and_each_client_gets_its_prefix"),)),
 ]
 
 
@@ -122,7 +148,8 @@ def first_failure(output: str) -> str:
         if line.startswith("E ") and line[1:].strip():
             text = re.sub(r"\s+", " ", line[1:].strip())
             return text if len(text) <= 140 else text[:137] + "..."
-    return "(no E line)"
+    errors = [line.strip() for line in output.splitlines() if "Error" in line]
+    return errors[-1][:140] if errors else "(no E line)"
 
 
 def run_tests(tests: tuple[str, ...]) -> tuple[bool, str, str]:
