@@ -197,12 +197,12 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    walls: list[float] = []
+    walls: dict[str, float] = {}  # run name -> wall seconds (a run read twice counts once)
 
     def run(setting: str, rule: str | None, seed: int, lr: float) -> list[dict]:
         name = f"{setting}-{rule or 'centralized'}-lr{lr:g}-seed{seed}"
         rows, wall = run_one(out / "runs" / name, run_config(rule=rule, setting=setting, seed=seed, lr=lr, args=args))
-        walls.append(wall)
+        walls[name] = wall
         shown = accuracy(rule or "centralized", rows[-1])
         print(f"[compare_all_rules] {name}: accuracy {100 * (shown or 0):.1f}% in {wall:.0f} s", flush=True)
         return rows
@@ -222,7 +222,7 @@ def main() -> None:
             results.setdefault((setting, rule), []).append({"rows": run(setting, rule, seed, lrs[rule])})
         central_lr = args.lrs[len(args.lrs) // 2]
         results.setdefault(("reference", "centralized"), []).append({"rows": run("reference", None, seed, central_lr)})
-    text = table(results, lrs, args, sum(walls))
+    text = table(results, lrs, args, sum(walls.values()))
     (out / "results.md").write_text(text)
     plot(out, results)
     if not args.no_readme:

@@ -76,9 +76,6 @@ class FedSALoRA(LoRAStrategy):
         mean, spread = personal_summary([a for a, _ in evaluated], counts / counts.sum())
         return {"personal_accuracy": mean, "personal_accuracy_spread": spread}
 
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "keep_head": self.keep_head}
-
     @classmethod
     def from_config(cls, cfg: Any, initial_adapter: State) -> "FedSALoRA":
         return cls(initial_adapter, clients_per_round=cfg.clients_per_round, seed=cfg.seed, min_clients=cfg.min_clients, keep_head=getattr(cfg.strategy, "keep_head", True))
