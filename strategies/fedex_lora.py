@@ -124,10 +124,13 @@ class FedExLoRA(LoRAStrategy):
         return {"residual": relative_residual(parts), "fedavg_residual": relative_residual(fedavg_parts), "stack_rank": float(a_stack.shape[0])}
 
     @classmethod
-    def from_config(cls, cfg: Any, initial_adapter: State) -> "FedExLoRA":
+    def check_config(cls, cfg: Any) -> None:
         from fedpeft.models import client_ranks  # local: keeps transformers off the import of the rule's math
 
         check_equal_ranks(cls.name, client_ranks(cfg), max_rank=None)
+
+    @classmethod
+    def from_config(cls, cfg: Any, initial_adapter: State) -> "FedExLoRA":
         return cls(initial_adapter, clients_per_round=cfg.clients_per_round, seed=cfg.seed, min_clients=cfg.min_clients, scaling=cfg.model.lora.alpha / cfg.model.lora.r)
 
 

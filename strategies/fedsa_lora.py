@@ -75,7 +75,3 @@ class FedSALoRA(LoRAStrategy):
         counts = torch.tensor([float(n) for _, n in evaluated], dtype=torch.float64)
         mean, spread = personal_summary([a for a, _ in evaluated], counts / counts.sum())
         return {"personal_accuracy": mean, "personal_accuracy_spread": spread}
-
-    @classmethod
-    def from_config(cls, cfg: Any, initial_adapter: State) -> "FedSALoRA":
-        return cls(initial_adapter, clients_per_round=cfg.clients_per_round, seed=cfg.seed, min_clients=cfg.min_clients, keep_head=getattr(cfg.strategy, "keep_head", True))

@@ -7,10 +7,10 @@ fresh adapter's B = 0 would make every product check pass trivially).
 from __future__ import annotations
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message
 
 from fedpeft import protocol
-from fedpeft.records import resize_rank, to_record
+from fedpeft.records import resize_rank
 from strategies.base import LoRAStrategy, NodeInfo
 
 LAYERS = ("m.layer0.q", "m.layer0.v", "m.layer1.q")
