@@ -45,7 +45,14 @@ def personal_summary(values: Sequence[float], weights: torch.Tensor) -> tuple[fl
 
 # ---------------------------------------------------------------------------------- the strategy
 class FedSALoRA(LoRAStrategy):
-    """Ā shared, B_k (and, with ``keep_head``, the head) personal and kept in node k's state."""
+    """Ā shared, B_k (and, with ``keep_head``, the head) personal and kept in node k's state.
+
+    Each training client evaluates its own model after training (``Evaluate.PERSONAL``); the
+    round's ``personal_accuracy`` is their mean weighted by validation examples, with its spread.
+    The server-side ``test_accuracy`` of :meth:`global_model` (Ā with the initial B = 0 and head)
+    is not a FedSA-LoRA model and should not be read as one. ``keep_head`` is a constructor option
+    only: fedpeft has no per-rule config section yet.
+    """
 
     name = "fedsa_lora"
 
@@ -66,8 +73,9 @@ class FedSALoRA(LoRAStrategy):
         pairs, heads = split_state(self.adapter)
         for pair in pairs:
             self.adapter[pair.a_key] = fedsa_aggregate([u.state[pair.a_key] for u in updates], weights, rank=self.max_rank)
-        for key in heads if not self.keep_head else ():
-            self.adapter[key] = weighted_sum([u.state[key] for u in updates], weights)
+        if not self.keep_head:
+            for key in heads:
+                self.adapter[key] = weighted_sum([u.state[key] for u in updates], weights)
         accuracies = [(u.metrics.get(VAL_ACCURACY), u.metrics.get(VAL_EXAMPLES, 0)) for u in updates]
         evaluated = [(a, n) for a, n in accuracies if a is not None and n]
         if not evaluated:
