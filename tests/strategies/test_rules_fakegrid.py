@@ -198,3 +198,12 @@ def test_the_dp_rules_train_through_the_dp_client_path(tmp_path, tiny_model, rul
     assert [r["clients_replied"] for r in rows] == [2, 2]
     assert all(c["epsilon"] > 0 and c["noise_multiplier"] > 0 for r in rows for c in r["clients"])
     assert 0 < rows[0]["max_epsilon"] < rows[-1]["max_epsilon"] < float("inf")  # ε composes over rounds
+
+
+@pytest.mark.parametrize("rule", sorted(BYTES))
+def test_the_rule_and_its_hetero_experiment_compose(rule):
+    cfg = compose_config([f"strategy={rule}"])
+    assert cfg.strategy.name == rule and cfg.strategy.ranks is None
+    if BYTES[rule][0]:  # takes heterogeneous ranks
+        hetero = compose_config([f"+exp={rule}_hetero"])
+        assert hetero.strategy.name == rule and hetero.strategy.ranks == [16, 8, 4, 4, 2, 2, 1, 1, 1, 1]
