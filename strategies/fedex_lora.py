@@ -25,11 +25,13 @@ layout ``(d_out, d_in)``, the same as ``lora_b @ lora_a``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 
+from fedpeft.config import StrategyConfig
 from fedpeft.records import State, exact_product, split_state
 from strategies.base import ClientUpdate, LoRAStrategy, NodeInfo
 from strategies.lora_math import check_weights, ideal_delta, relative_residual, residual_parts, weighted_sum
@@ -83,6 +85,13 @@ def fedex_pair(
 
 
 # ---------------------------------------------------------------------------------- the strategy
+@dataclass
+class FedExLoRAConfig(StrategyConfig):
+    """FedEx-LoRA has no options of its own (its scaling is the model's ``lora.alpha / lora.r``; ranks must be equal)."""
+
+    name: str = "fedex_lora"
+
+
 class FedExLoRA(LoRAStrategy):
     """FedIT of A and B, plus the exact residual merged into the base through the moving-base ledger.
 
@@ -92,6 +101,7 @@ class FedExLoRA(LoRAStrategy):
     """
 
     name = "fedex_lora"
+    config_class = FedExLoRAConfig
 
     def __init__(self, initial_adapter: State, *, scaling: float = 1.0, **kwargs: Any) -> None:
         super().__init__(initial_adapter, **kwargs)

@@ -14,12 +14,14 @@ mean and its spread. Up 0.5×, down 0.5× (A and the head; the head is averaged 
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from fedpeft.protocol import LORA_A, LORA_B, OTHER, VAL_ACCURACY, VAL_EXAMPLES, GroupPlan, Source
+from fedpeft.config import StrategyConfig
+from fedpeft.protocol import LORA_A, LORA_B, OTHER, VAL_ACCURACY, VAL_EXAMPLES, ClientPlan, Evaluate, GroupPlan, Source
 from fedpeft.records import State, resize_factor, split_state
 from strategies.base import ClientUpdate, LoRAStrategy, NodeInfo
 from strategies.lora_math import check_weights, weighted_sum
@@ -44,17 +46,27 @@ def personal_summary(values: Sequence[float], weights: torch.Tensor) -> tuple[fl
 
 
 # ---------------------------------------------------------------------------------- the strategy
+@dataclass
+class FedSALoRAConfig(StrategyConfig):
+    """FedSA-LoRA's options (arXiv 2410.01463)."""
+
+    name: str = "fedsa_lora"
+    keep_head: bool = field(default=True, metadata={"help": "Keep the head on each node with B (the paper); false: average it like A."})
+
+
 class FedSALoRA(LoRAStrategy):
     """Ā shared, B_k (and, with ``keep_head``, the head) personal and kept in node k's state.
 
-    Each training client evaluates its own model after training (``Evaluate.PERSONAL``); the
-    round's ``personal_accuracy`` is their mean weighted by validation examples, with its spread.
-    The server-side ``test_accuracy`` of :meth:`global_model` (Ā with the initial B = 0 and head)
-    is not a FedSA-LoRA model and should not be read as one. ``keep_head`` is a constructor option
-    only: fedpeft has no per-rule config section yet.
+    There is no global model (``has_global_model = False``): the server evaluates and saves
+    nothing itself. After every round each node evaluates its own model, ``W + s B_k Ā`` with its
+    kept B_k (B = 0 on a node that never trained), on its validation slice (:meth:`evaluation_plan`);
+    ``client_val_accuracy_mean`` / ``_std`` in ``metrics.jsonl`` are their example-weighted mean and
+    spread. ``personal_accuracy`` is the same over the round's training clients, right after training.
     """
 
     name = "fedsa_lora"
+    config_class = FedSALoRAConfig
+    has_global_model = False
 
     def __init__(self, initial_adapter: State, *, keep_head: bool = True, **kwargs: Any) -> None:
         super().__init__(initial_adapter, **kwargs)
@@ -68,6 +80,16 @@ class FedSALoRA(LoRAStrategy):
         if self.keep_head:  # the head too, starting from the initial head the message carries
             return (GroupPlan(roles={LORA_A}, source=Source.MESSAGE), personal, GroupPlan(roles={OTHER}, source=Source.NODE, fallback=Source.MESSAGE, upload=False, keep=True))
         return (GroupPlan(roles={LORA_A, OTHER}, source=Source.MESSAGE), personal)
+
+    def evaluation_plan(self, node: NodeInfo, server_round: int) -> ClientPlan:
+        # Ā from the message; B_k (and the head) from the node's state, as in training.
+        groups = [g for g in self.groups(node, server_round)]
+        frozen = tuple(GroupPlan(roles=g.roles, source=g.source, fallback=g.fallback, train=False, upload=False) for g in groups)
+        return ClientPlan(groups=frozen, server_round=server_round, rank=self.node_rank(node), base=self.base_plan(node), evaluate=Evaluate.PERSONAL)
+
+    @classmethod
+    def from_config(cls, cfg: Any, initial_adapter: State) -> "FedSALoRA":
+        return cls(initial_adapter, clients_per_round=cfg.clients_per_round, seed=cfg.seed, min_clients=cfg.min_clients, keep_head=cfg.strategy.keep_head)
 
     def aggregate(self, updates: list[ClientUpdate], weights: torch.Tensor, server_round: int) -> dict[str, float]:
         pairs, heads = split_state(self.adapter)

@@ -17,11 +17,13 @@ first r_k singular directions, ``B[:, :r_k] A[:r_k]`` = the best rank-r_k approx
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
+from fedpeft.config import StrategyConfig
 from fedpeft.protocol import LORA_A, LORA_B, OTHER, GroupPlan, Source
 from fedpeft.records import State, exact_product, resize_factor, seeded_tensors, split_state
 from strategies.base import ClientUpdate, LoRAStrategy, NodeInfo
@@ -60,10 +62,18 @@ def fedsvd_pair(lora_bs: Sequence[torch.Tensor], weights: torch.Tensor, *, lora_
 
 
 # ---------------------------------------------------------------------------------- the strategy
+@dataclass
+class FedSVDConfig(StrategyConfig):
+    """FedSVD has no options of its own (round 1's A is drawn from the run's seed)."""
+
+    name: str = "fedsvd"
+
+
 class FedSVD(LoRAStrategy):
     """A frozen (seeded in round 1, the SVD basis after), B trained; the server re-factors B̄A by SVD."""
 
     name = "fedsvd"
+    config_class = FedSVDConfig
 
     def __init__(self, initial_adapter: State, **kwargs: Any) -> None:
         super().__init__(initial_adapter, **kwargs)

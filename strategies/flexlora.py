@@ -19,12 +19,14 @@ changes; the global model is ``W + G`` at full rank.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 import math
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
+from fedpeft.config import StrategyConfig
 from fedpeft.records import State, exact_product, split_state
 from strategies.base import ClientUpdate, GlobalModel, LoRAStrategy
 from strategies.flora import stack_pair
@@ -79,6 +81,13 @@ def compact_factors(u: torch.Tensor, sigma: torch.Tensor, vh: torch.Tensor) -> t
 
 
 # ---------------------------------------------------------------------------------- the strategy
+@dataclass
+class FlexLoRAConfig(StrategyConfig):
+    """FlexLoRA has no options of its own (its scaling is the model's ``lora.alpha / lora.r``)."""
+
+    name: str = "flexlora"
+
+
 class FlexLoRA(LoRAStrategy):
     """Keep ``G = Σ p_k s B_k A_k`` at full rank; send each client the first r_k SVD components.
 
@@ -89,6 +98,7 @@ class FlexLoRA(LoRAStrategy):
     """
 
     name = "flexlora"
+    config_class = FlexLoRAConfig
 
     def __init__(self, initial_adapter: State, *, scaling: float = 1.0, **kwargs: Any) -> None:
         super().__init__(initial_adapter, **kwargs)

@@ -16,11 +16,13 @@ self-pruning on the clients is not implemented (clients train the rank the serve
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
+from fedpeft.config import StrategyConfig
 from fedpeft.records import State, exact_product, split_state
 from strategies.base import ClientUpdate, LoRAStrategy
 from strategies.fedavg import fedit_pair
@@ -80,10 +82,18 @@ def hetlora(states: Sequence[Mapping[str, torch.Tensor]], counts: Sequence[int],
 
 
 # ---------------------------------------------------------------------------------- the strategy
+@dataclass
+class HetLoRAConfig(StrategyConfig):
+    """HetLoRA has no options of its own (rank self-pruning is not implemented)."""
+
+    name: str = "hetlora"
+
+
 class HetLoRA(LoRAStrategy):
     """Zero-padded FedAvg of every tensor with sparsity weights; each client takes its first r_k components."""
 
     name = "hetlora"
+    config_class = HetLoRAConfig
 
     def __init__(self, initial_adapter: State, *, scaling: float = 1.0, **kwargs: Any) -> None:
         super().__init__(initial_adapter, **kwargs)

@@ -17,11 +17,13 @@ message.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from fedpeft.config import StrategyConfig
 from fedpeft.protocol import LORA_A, LORA_B, OTHER, GroupPlan, Source
 from fedpeft.records import State, exact_product, resize_factor, split_state
 from strategies.base import ClientUpdate, LoRAStrategy, NodeInfo
@@ -51,6 +53,13 @@ def rolora_aggregate(trained: Sequence[torch.Tensor], weights: torch.Tensor, *, 
 
 
 # ---------------------------------------------------------------------------------- the strategy
+@dataclass
+class RoLoRAConfig(StrategyConfig):
+    """RoLoRA has no options of its own (odd rounds train B, even rounds A)."""
+
+    name: str = "rolora"
+
+
 FACTOR_ROLE = {"lora_B": LORA_B, "lora_A": LORA_A}
 
 
@@ -58,6 +67,7 @@ class RoLoRA(LoRAStrategy):
     """Odd rounds train and upload B (A frozen at Ā), even rounds A (B frozen at B̄); the head every round."""
 
     name = "rolora"
+    config_class = RoLoRAConfig
 
     def __init__(self, initial_adapter: State, **kwargs: Any) -> None:
         super().__init__(initial_adapter, **kwargs)
