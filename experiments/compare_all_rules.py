@@ -14,7 +14,7 @@ reference. Steps:
    README between the ``compare_all_rules`` markers.
 
 FedSA-LoRA has no global model (each client keeps its B): its accuracy is the example-weighted mean
-of the clients' own models on their validation slices (``personal_accuracy``), marked ``†``.
+of every node's own model on its validation slice (``client_val_accuracy_mean``), marked ``†``.
 Every run directory is kept under ``<out>/runs/``; a finished run is read, not repeated, so the
 script can be stopped and restarted, and its finished runs committed as it goes.
 
@@ -85,7 +85,9 @@ def run_one(run_dir: Path, cfg_dict: dict) -> tuple[list[dict], float]:
 
 
 def accuracy(rule: str, row: dict) -> float | None:
-    return row.get("personal_accuracy") if rule in PERSONAL else row.get("test_accuracy")
+    if rule in PERSONAL:  # every node's own model on its validation slice (the rule's evaluation round)
+        return row.get("client_val_accuracy_mean", row.get("personal_accuracy"))
+    return row.get("test_accuracy")
 
 
 def client_val_accuracy(row: dict) -> float:
