@@ -54,6 +54,7 @@ def check_config(cfg: Config) -> None:
         accepting = sorted(name for name, r in STRATEGIES.items() if r.peft_methods is None or cfg.model.peft in r.peft_methods)
         raise ValueError(f"strategy={cfg.strategy.name} federates {'/'.join(rule.peft_methods)} adapters only, not model.peft={cfg.model.peft}; rules that accept it: {accepting}")
     client_ranks(cfg)
+    rule.check_config(cfg)
     codec_from_config(cfg.compression)
     check_audit_config(cfg)
     check_data_config(cfg.data, num_clients=cfg.num_clients)

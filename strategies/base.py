@@ -297,6 +297,10 @@ class LoRAStrategy(FedAvg):
 
     # ------------------------------------------------------------------ Flower plumbing
     @classmethod
+    def check_config(cls, cfg: Any) -> None:
+        """Refuse, before anything starts, a :class:`fedpeft.config.Config` this rule cannot run (default: any)."""
+
+    @classmethod
     def from_config(cls, cfg: Any, initial_adapter: State) -> "LoRAStrategy":
         """Build from a :class:`fedpeft.config.Config`; rules with options of their own override this."""
         return cls(initial_adapter, clients_per_round=cfg.clients_per_round, seed=cfg.seed, min_clients=cfg.min_clients)

@@ -15,8 +15,9 @@ from tests.fedpeft.test_config import compose_cfg
     "overrides, error, fragment",
     [
         (["data.name=/no/such/corpus"], DataError, "data path '/no/such/corpus' does not exist"),
-        (["strategy.name=fedsgd"], ValueError, "unknown strategy 'fedsgd'; valid: \\['fedavg', 'ffa_lora', 'flora', 'lora_fair'\\]"),
+        (["strategy.name=fedsgd"], ValueError, "unknown strategy 'fedsgd'; valid: \\['fedavg', 'fedex_lora', 'fedsa_lora', 'fedsvd', 'ffa_lora', 'flexlora', 'flora', 'hetlora', 'lora_fair', 'rolora'\\]"),
         (["strategy.ranks=[4,2]"], ValueError, "strategy.ranks has 2 entries but num_clients is 3"),
+        (["strategy=fedex_lora", "strategy.ranks=[4,2,1]"], ValueError, r"fedex_lora needs the same LoRA rank on every client, got ranks \[1, 2, 4\]"),
         (["model.name_or_path=./models/missing"], ModelError, "model path './models/missing' does not exist"),
         (["client=dp", "client.dp.target_epsilon=0.001"], DPError, "unreachable.*smallest reachable ε is"),
         (["client=dp", "client.dp.noise_multiplier=1.0"], DPError, "exactly one of noise_multiplier and target_epsilon"),

@@ -14,13 +14,24 @@ from strategies.base import NodeInfo
 NODE = NodeInfo(node_id=7, partition_id=0, rank=2, num_examples=12)
 
 
-def adapter() -> dict[str, torch.Tensor]:
+def adapter(rank: int = 4) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     return {
-        "m.q.lora_A.weight": torch.randn(4, 6, generator=g),
-        "m.q.lora_B.weight": torch.randn(5, 4, generator=g),
+        "m.q.lora_A.weight": torch.randn(rank, 6, generator=g),
+        "m.q.lora_B.weight": torch.randn(5, rank, generator=g),
         "m.head.weight": torch.randn(3, 6, generator=g),
     }
+
+
+def strategy_for(rule: str):
+    """The rule on a rank-4 global adapter with a rank-2 node; a rule that refuses mixed ranks gets rank 2."""
+    strategy = STRATEGIES[rule](adapter(), clients_per_round=1, seed=0)
+    try:
+        strategy.register_nodes([NODE])
+    except ValueError:  # fedex_lora: one rank for every client
+        strategy = STRATEGIES[rule](adapter(NODE.rank), clients_per_round=1, seed=0)
+        strategy.register_nodes([NODE])
+    return strategy
 
 
 def good_state(strategy) -> dict[str, torch.Tensor]:
@@ -29,13 +40,13 @@ def good_state(strategy) -> dict[str, torch.Tensor]:
 
 
 def corrupt(kind: str, state: dict, metrics: dict) -> None:
-    key = "m.q.lora_B.weight"
+    key = next(k for k in sorted(state) if k.endswith((".lora_A.weight", ".lora_B.weight")))  # an uploaded factor
     if kind == "missing key":
         del state[key]
     elif kind == "extra key":
         state["m.k.lora_A.weight"] = torch.zeros(2, 6)
     elif kind == "wrong shape":
-        state[key] = torch.zeros(5, 3)
+        state[key] = torch.zeros(*(d + 1 for d in state[key].shape))
     elif kind == "wrong dtype":
         state[key] = state[key].double()
     elif kind == "nan":
@@ -73,8 +84,7 @@ KINDS = [
 @pytest.mark.parametrize("kind", KINDS)
 def test_malformed_update_is_rejected_and_never_touches_the_global_model(rule, kind):
     # Prepare
-    strategy = STRATEGIES[rule](adapter(), clients_per_round=1, seed=0)
-    strategy.register_nodes([NODE])
+    strategy = strategy_for(rule)
     msg = list(strategy.configure_train(1, ArrayRecord(), ConfigRecord({}), grid=None))[0]
     before = {k: v.clone() for k, v in strategy.global_model().adapter.items()}
     state, metrics = good_state(strategy), {"num-examples": NODE.num_examples, "rank": NODE.rank, "train-loss": 0.7}
@@ -92,8 +102,7 @@ def test_malformed_update_is_rejected_and_never_touches_the_global_model(rule, k
 
 @pytest.mark.parametrize("rule", sorted(STRATEGIES))
 def test_a_well_formed_update_is_accepted(rule):
-    strategy = STRATEGIES[rule](adapter(), clients_per_round=1, seed=0)
-    strategy.register_nodes([NODE])
+    strategy = strategy_for(rule)
     msg = list(strategy.configure_train(1, ArrayRecord(), ConfigRecord({}), grid=None))[0]
     metrics = {"num-examples": NODE.num_examples, "rank": NODE.rank, "train-loss": 0.7}
     reply = Message(RecordDict({"arrays": to_record(good_state(strategy)), "metrics": MetricRecord(metrics)}), reply_to=msg)

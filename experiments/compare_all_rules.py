@@ -1,0 +1,237 @@
+"""The ten-rule table: every rule at its own best learning rate, homogeneous and heterogeneous ranks, DP.
+
+Settings (issue 12): MiniLM + BBC News, 10 clients, 4 per round, Dirichlet(0.5); rank 8 everywhere
+("homogeneous") and ranks [16, 8, 4, 4, 2, 2, 1, 1, 1, 1] ("heterogeneous", for the rules that
+take them); FedIT, FFA-LoRA, FedSVD and RoLoRA also under DP-SGD at ε = 3; the centralised
+reference. Steps:
+
+1. learning-rate sweep (seed 0, homogeneous, ``--lrs``): each rule's rate is the one with the best
+   mean client validation accuracy in the last round (never the test split);
+2. every (setting, rule) at that rate for ``--seeds``;
+3. ``<out>/results.md`` — final and best test accuracy (mean ± std over seeds), MB up and down
+   per client over the run, rounds to reach 90 % of the centralised reference; ``<out>/
+   accuracy_vs_round.png`` and ``<out>/accuracy_vs_bytes.png``; the table is also written into the
+   README between the ``compare_all_rules`` markers.
+
+FedSA-LoRA has no global model (each client keeps its B): its accuracy is the example-weighted mean
+of every node's own model on its validation slice (``client_val_accuracy_mean``), marked ``†``.
+Every run directory is kept under ``<out>/runs/``; a finished run is read, not repeated, so the
+script can be stopped and restarted, and its finished runs committed as it goes.
+
+    PYTHONPATH=$PWD python experiments/compare_all_rules.py                 # the full sweep (hours)
+    PYTHONPATH=$PWD python experiments/compare_all_rules.py --quick         # a minutes-long smoke version
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from fedpeft.config import to_config  # noqa: E402
+from fedpeft.results import read_metrics  # noqa: E402
+
+RULES = ["fedavg", "ffa_lora", "flora", "lora_fair", "fedex_lora", "flexlora", "fedsa_lora", "rolora", "fedsvd", "hetlora"]
+EQUAL_RANKS_ONLY = {"fedex_lora"}  # refuses heterogeneous ranks at start
+DP_RULES = ["fedavg", "ffa_lora", "fedsvd", "rolora"]
+PERSONAL = {"fedsa_lora"}  # evaluated on the clients' own models only
+HETERO = [16, 8, 4, 4, 2, 2, 1, 1, 1, 1]
+README_START, README_END = "<!-- compare_all_rules:start -->", "<!-- compare_all_rules:end -->"
+
+
+def run_config(*, rule: str | None, setting: str, seed: int, lr: float, args: argparse.Namespace) -> dict:
+    cfg = {
+        "seed": seed,
+        "num_rounds": args.rounds,
+        "num_clients": 10,
+        "clients_per_round": 4,
+        "save_adapter": False,
+        "model": {"max_length": args.max_length},
+        "client": {"local_steps": args.local_steps, "lr": lr},
+        "data": {"partitioner": "dirichlet", "dirichlet_alpha": 0.5, **({"max_samples": args.max_samples} if args.max_samples else {})},
+    }
+    if rule is None:
+        cfg["mode"] = "centralized"
+        return cfg
+    cfg["strategy"] = {"name": rule, "ranks": HETERO if setting == "heterogeneous" else None}
+    if setting == "dp":
+        cfg["client"]["dp"] = {"enabled": True, "target_epsilon": args.epsilon, "noise_multiplier": None}
+    return cfg
+
+
+def run_one(run_dir: Path, cfg_dict: dict) -> tuple[list[dict], float]:
+    """The run's metrics rows and wall seconds; a finished run directory is read, not rerun."""
+    from fedpeft import models
+    from fedpeft.run import execute
+
+    cfg = to_config(cfg_dict)
+    wall_file = run_dir / "wall.json"
+    if wall_file.exists() and (run_dir / "metrics.jsonl").exists():
+        rows = read_metrics(run_dir)
+        if len(rows) == cfg.num_rounds:
+            return rows, json.loads(wall_file.read_text())["seconds"]
+    started = time.perf_counter()
+    rows = execute(cfg, run_dir)
+    wall = time.perf_counter() - started
+    wall_file.write_text(json.dumps({"seconds": wall}))
+    models.clear_cache()
+    return rows, wall
+
+
+def accuracy(rule: str, row: dict) -> float | None:
+    if rule in PERSONAL:  # every node's own model on its validation slice (the rule's evaluation round)
+        return row.get("client_val_accuracy_mean", row.get("personal_accuracy"))
+    return row.get("test_accuracy")
+
+
+def client_val_accuracy(row: dict) -> float:
+    """Example-weighted validation accuracy of the clients of one round (what the sweep selects on)."""
+    clients = [c for c in row["clients"] if c.get("val_accuracy") is not None]
+    total = sum(c.get("val_examples", 1) for c in clients)
+    return sum(c["val_accuracy"] * c.get("val_examples", 1) for c in clients) / total if total else float("nan")
+
+
+def mean_std(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{100 * values[0]:.1f}"
+    return f"{100 * statistics.mean(values):.1f} ± {100 * statistics.stdev(values):.1f}"
+
+
+def rounds_to(curve: list[float], target: float) -> str:
+    hit = next((i + 1 for i, a in enumerate(curve) if a is not None and a >= target), None)
+    return "-" if hit is None else str(hit)
+
+
+def table(results: dict, lrs: dict[str, float], args: argparse.Namespace, wall: float) -> str:
+    reference = results.get(("reference", "centralized"), [])
+    central = statistics.mean(r["rows"][-1]["test_accuracy"] for r in reference) if reference else None
+    lines = [
+        f"MiniLM + BBC News, 10 clients, 4 per round, Dirichlet α = 0.5; {args.rounds} rounds of {args.local_steps} local steps, "
+        f"max length {args.max_length}{f', {args.max_samples} examples' if args.max_samples else ''}; seeds {args.seeds}; "
+        f"DP at ε = {args.epsilon}. Learning rate per rule picked from {args.lrs} on client validation accuracy (seed 0, homogeneous). "
+        f"Whole sweep: {wall / 60:.0f} min of runs.",
+        "",
+        "| setting | rule | lr | final acc (%) | best acc (%) | MB up / client | MB down / client | rounds to 90 % of centralised |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (setting, rule), runs in results.items():
+        if setting == "reference":
+            continue
+        finals = [accuracy(rule, r["rows"][-1]) for r in runs]
+        bests = [max(a for a in (accuracy(rule, row) for row in r["rows"]) if a is not None) for r in runs]
+        up = statistics.mean(r["rows"][-1]["cumulative_bytes_up"] for r in runs) / 1e6 / 10
+        down = statistics.mean(r["rows"][-1]["cumulative_bytes_down"] for r in runs) / 1e6 / 10
+        curve = [statistics.mean(accuracy(rule, r["rows"][i]) or 0.0 for r in runs) for i in range(len(runs[0]["rows"]))]
+        reach = rounds_to(curve, 0.9 * central) if central else "-"
+        mark = " †" if rule in PERSONAL else ""
+        lines.append(f"| {setting} | {rule}{mark} | {lrs.get(rule, '-')} | {mean_std(finals)} | {mean_std(bests)} | {up:.2f} | {down:.2f} | {reach} |")
+    if reference:
+        lines.append(f"| bound | centralised | {args.lrs[1] if len(args.lrs) > 1 else args.lrs[0]} | {mean_std([r['rows'][-1]['test_accuracy'] for r in reference])} | "
+                     f"{mean_std([max(x['test_accuracy'] for x in r['rows']) for r in reference])} | 0 | 0 | - |")
+    lines += ["", "† FedSA-LoRA has no global model: mean accuracy of each client's own model on its validation slice.",
+              "Local-only bound: not measured (fedpeft has no local-only mode yet)."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(out: Path, results: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = sorted({s for s, _ in results if s != "reference"})
+    for x_key, name, label in (("round", "accuracy_vs_round.png", "round"), ("bytes", "accuracy_vs_bytes.png", "cumulative MB per client (up + down)")):
+        fig, axes = plt.subplots(1, len(settings), figsize=(6 * len(settings), 4.5), sharey=True, squeeze=False)
+        for ax, setting in zip(axes[0], settings):
+            for (s, rule), runs in results.items():
+                if s not in (setting, "reference") or (x_key == "bytes" and s == "reference"):
+                    continue
+                rows = runs[0]["rows"]
+                accs = [statistics.mean(accuracy(rule, run["rows"][i]) or 0.0 for run in runs) for i in range(len(rows))]
+                xs = [r["round"] for r in rows] if x_key == "round" else [(r["cumulative_bytes_up"] + r["cumulative_bytes_down"]) / 1e6 / 10 for r in rows]
+                ax.plot(xs, [100 * a for a in accs], marker=".", label=rule, linestyle="--" if s == "reference" else "-")
+            ax.set_title(setting)
+            ax.set_xlabel(label)
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel("test accuracy (%)")
+        axes[0][-1].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=120)
+        plt.close(fig)
+
+
+def write_readme(text: str, out: Path) -> None:
+    readme = REPO / "README.md"
+    body = readme.read_text()
+    rel = out.relative_to(REPO) if out.is_relative_to(REPO) else out
+    block = f"{README_START}\n{text}\n![accuracy vs round]({rel}/accuracy_vs_round.png)\n![accuracy vs MB]({rel}/accuracy_vs_bytes.png)\n{README_END}"
+    if README_START in body and README_END in body:
+        body = body[: body.index(README_START)] + block + body[body.index(README_END) + len(README_END) :]
+    else:
+        body = body.rstrip() + "\n\n## All ten rules\n\n" + block + "\n"
+    readme.write_text(body)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--lrs", type=float, nargs="+", default=[2e-3, 5e-3, 1e-2])
+    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--local-steps", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=48)
+    parser.add_argument("--max-samples", type=int, default=None)
+    parser.add_argument("--epsilon", type=float, default=3.0)
+    parser.add_argument("--rules", nargs="+", default=RULES)
+    parser.add_argument("--quick", action="store_true", help="1 seed, 2 rounds, 2 local steps, 300 examples, one lr: checks the pipeline")
+    parser.add_argument("--no-readme", action="store_true")
+    parser.add_argument("--out", default=str(REPO / "experiments" / "results" / "compare_all_rules"))
+    args = parser.parse_args()
+    if args.quick:
+        args.seeds, args.lrs, args.rounds, args.local_steps, args.max_samples, args.max_length = [0], [5e-3], 2, 2, 300, 32
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    walls: dict[str, float] = {}  # run name -> wall seconds (a run read twice counts once)
+
+    def run(setting: str, rule: str | None, seed: int, lr: float) -> list[dict]:
+        name = f"{setting}-{rule or 'centralized'}-lr{lr:g}-seed{seed}"
+        rows, wall = run_one(out / "runs" / name, run_config(rule=rule, setting=setting, seed=seed, lr=lr, args=args))
+        walls[name] = wall
+        shown = accuracy(rule or "centralized", rows[-1])
+        print(f"[compare_all_rules] {name}: accuracy {100 * (shown or 0):.1f}% in {wall:.0f} s", flush=True)
+        return rows
+
+    # 1. the learning-rate sweep: client validation accuracy of the last round, seed 0, homogeneous
+    lrs: dict[str, float] = {}
+    for rule in args.rules:
+        scores = {lr: client_val_accuracy(run("homogeneous", rule, args.seeds[0], lr)[-1]) for lr in args.lrs}
+        lrs[rule] = max(scores, key=lambda lr: scores[lr])
+    (out / "learning_rates.json").write_text(json.dumps(lrs, indent=1))
+    # 2. every setting at the chosen rate, every seed; the centralised reference at the middle rate
+    results: dict[tuple[str, str], list[dict]] = {}
+    plan = [("homogeneous", r) for r in args.rules] + [("heterogeneous", r) for r in args.rules if r not in EQUAL_RANKS_ONLY]
+    plan += [("dp", r) for r in DP_RULES if r in args.rules]
+    for seed in args.seeds:
+        for setting, rule in plan:
+            results.setdefault((setting, rule), []).append({"rows": run(setting, rule, seed, lrs[rule])})
+        central_lr = args.lrs[len(args.lrs) // 2]
+        results.setdefault(("reference", "centralized"), []).append({"rows": run("reference", None, seed, central_lr)})
+    text = table(results, lrs, args, sum(walls.values()))
+    (out / "results.md").write_text(text)
+    plot(out, results)
+    if not args.no_readme:
+        write_readme(text, out)
+    print(text)
+    print(f"written to {out} ({(time.perf_counter() - started) / 60:.1f} min)")
+
+
+if __name__ == "__main__":
+    main()
