@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -32,11 +34,28 @@ METRICS = {"num-examples": NODE.num_examples, "rank": NODE.rank, "train-loss": 0
 CODEC = ComPEFT(density=0.25, scale="mean")
 
 
-def client_round(strategy):
+def with_node(rule: str):
+    """The rule's strategy with one registered node: rank 2 below the global 4, or the global rank
+    for a rule that needs every client there (FedEx-LoRA folds one shared residual)."""
+    strategy = STRATEGIES[rule](adapter(), clients_per_round=1, seed=0)
+    try:
+        strategy.register_nodes([NODE])
+        return strategy, NODE
+    except ValueError:
+        node = dataclasses.replace(NODE, rank=4)
+        strategy.register_nodes([node])
+        return strategy, node
+
+
+def metrics(node: NodeInfo) -> dict:
+    return {**METRICS, "rank": node.rank}
+
+
+def client_round(strategy, node: NodeInfo = NODE):
     """What the real client step resolves as its start from the server's message, and a "trained" adapter."""
     msg = list(strategy.configure_train(1, ArrayRecord(), ConfigRecord({}), grid=None))[0]
     instruction = protocol.decode_instruction(msg.content)
-    template = strategy.node_adapter(NODE)
+    template = strategy.node_adapter(node)
     start = start_state(template, instruction.tensors, plan=instruction.plan, kept=None)
     g = torch.Generator().manual_seed(1)
     trained = {k: v + torch.randn(v.shape, generator=g) for k, v in start.items()}
@@ -47,12 +66,11 @@ def client_round(strategy):
 @pytest.mark.parametrize("rule", sorted(STRATEGIES))
 def test_compressed_reply_decodes_onto_the_clients_own_start(rule):
     # Prepare
-    strategy = STRATEGIES[rule](adapter(), clients_per_round=1, seed=0)
-    strategy.register_nodes([NODE])
-    msg, plan, start, uploads = client_round(strategy)
+    strategy, node = with_node(rule)
+    msg, plan, start, uploads = client_round(strategy, node)
     dense, packed, _ = compress_uploads(uploads, start, plan, CODEC)
     assert not dense and set(packed) == set(uploads)  # every rule's uploads start where the server can follow
-    reply = Message(protocol.encode_reply(dense, METRICS, packed=packed), reply_to=msg)
+    reply = Message(protocol.encode_reply(dense, metrics(node), packed=packed), reply_to=msg)
     # Execute
     update = strategy.check_reply(reply, 1)
     # Assert: the server holds start + Δ̂, with the start the client resolved (seeded A for FLoRA, zero B, ...)
@@ -90,13 +108,12 @@ def tamper(kind: str, packed: dict[str, np.ndarray], dense: dict, key: str) -> N
 @pytest.mark.parametrize("kind", ["nan scale", "truncated", "count beyond the tensor", "wrong shape", "not uint8", "dense and compressed", "unexpected key"])
 def test_malformed_compressed_reply_is_rejected_and_never_touches_the_global_model(rule, kind):
     # Prepare
-    strategy = STRATEGIES[rule](adapter(), clients_per_round=1, seed=0)
-    strategy.register_nodes([NODE])
-    msg, plan, start, uploads = client_round(strategy)
+    strategy, node = with_node(rule)
+    msg, plan, start, uploads = client_round(strategy, node)
     dense, packed, _ = compress_uploads(uploads, start, plan, CODEC)
-    tamper(kind, packed, dense, "m.q.lora_B.weight")
+    tamper(kind, packed, dense, "m.q.lora_B.weight" if "m.q.lora_B.weight" in packed else "m.q.lora_A.weight")  # FedSA-LoRA uploads no B
     before = {k: v.clone() for k, v in strategy.global_model().adapter.items()}
-    reply = Message(protocol.encode_reply(dense, METRICS, packed=packed), reply_to=msg)
+    reply = Message(protocol.encode_reply(dense, metrics(node), packed=packed), reply_to=msg)
     # Execute
     arrays, _ = strategy.aggregate_train(1, [reply])
     # Assert
