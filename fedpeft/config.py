@@ -161,6 +161,19 @@ class DeployConfig:
 
 
 @dataclass
+class RayConfig:
+    """The Ray cluster a simulation runs on (``engine=ray``)."""
+
+    address: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "host:port of a running Ray cluster (started with `ray start --head`) to run the clients on; "
+            "None: the RAY_ADDRESS environment variable if set, else a private cluster started for this run."
+        },
+    )
+
+
+@dataclass
 class Config:
     seed: int = 0
     num_rounds: int = 10
@@ -192,6 +205,7 @@ class Config:
     client: ClientConfig = field(default_factory=ClientConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)
     deploy: DeployConfig = field(default_factory=DeployConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
     extra: dict[str, Any] = field(default_factory=dict, metadata={"help": "Free-form notes copied to results."})
 
 
@@ -235,6 +249,7 @@ __all__ = [
     "ClientConfig",
     "DPConfig",
     "DeployConfig",
+    "RayConfig",
     "EMBEDDED_DATA",
     "EMBEDDED_MODEL",
     "MISSING",
