@@ -27,6 +27,7 @@ every dropout is off.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -113,8 +114,7 @@ class StackedLoraLinear(nn.Module):
         self.base_layer = layer.get_base_layer()
         self.pass_ = pass_
         # Plain lists, not ParameterLists: the parameters belong to the clients, not to this module.
-        self.lora_a, self.lora_b, self.dropout = lora_a, lora_b, dropout
-        self.register_buffer("scaling", torch.tensor(scaling, dtype=torch.float64), persistent=False)
+        self.lora_a, self.lora_b, self.dropout, self.scaling = lora_a, lora_b, dropout, scaling
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
@@ -130,7 +130,11 @@ class StackedLoraLinear(nn.Module):
             x = torch.cat([self.dropout[k](c) for k, c in zip(clients, x.split(self.pass_.counts))])
         xk = self.pass_.group(x)  # (K, M, d_in)
         update = torch.bmm(torch.bmm(xk, stack_a.transpose(1, 2)), stack_b.transpose(1, 2))  # (K, M, d_out)
-        update = update * self.scaling[clients].to(update.dtype).view(-1, 1, 1)
+        scales = [self.scaling[k] for k in clients]
+        if len(set(scales)) == 1:  # the usual case: a Python float, as peft multiplies
+            update = update * scales[0]
+        else:
+            update = update * torch.tensor(scales, dtype=update.dtype, device=update.device).view(-1, 1, 1)
         return (result + self.pass_.ungroup(update, result.shape[:-1])).to(result.dtype)
 
 
@@ -308,16 +312,17 @@ def train_batched(model: nn.Module, tasks: Sequence[ClientTask], *, pad_token_id
                 pass_.clients, pass_.counts = active, [b["labels"].shape[0] for b in batches]
                 batch = combine(batches, pad_token_id=pad_token_id)
                 logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-                losses = [s.mean() for s in loss_from_logits(logits, batch["labels"]).split(pass_.counts)]
-                for k, loss in zip(active, losses):
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(f"training loss of adapter {tasks[k].adapter_name!r} (task {k}) became {loss.item()} after {seen[k]} examples")
+                losses = torch.stack([s.mean() for s in loss_from_logits(logits, batch["labels"]).split(pass_.counts)])
+                values = losses.detach().to("cpu", torch.float64).tolist()  # one device sync per pass step
+                for k, value in zip(active, values):
+                    if not math.isfinite(value):
+                        raise FloatingPointError(f"training loss of adapter {tasks[k].adapter_name!r} (task {k}) became {value} after {seen[k]} examples")
                 for k in active:
                     optimizers[k].zero_grad(set_to_none=True)
-                torch.stack(losses).sum().backward()
-                for k, loss, n in zip(active, losses, pass_.counts):
+                losses.sum().backward()  # Σ_k mean_k: client k's parameters get exactly client k's gradient
+                for k, value, n in zip(active, values, pass_.counts):
                     optimizers[k].step()
-                    total_loss[k] += loss.item()
+                    total_loss[k] += value
                     seen[k] += n
                     taken[k] += 1
     finally:

@@ -161,6 +161,23 @@ class DeployConfig:
 
 
 @dataclass
+class EngineConfig:
+    """How a simulation trains its clients (see docs: "Simulation engines")."""
+
+    name: str = field(
+        default="ray",
+        metadata={
+            "help": "'ray': Flower's Ray engine, one worker process (and one base model copy) per concurrent client; "
+            "'batched': the server process trains up to clients_per_pass clients in one pass over one base copy."
+        },
+    )
+    clients_per_pass: int = field(default=8, metadata={"help": "engine=batched: clients trained together in one pass (more run in successive passes)."})
+
+
+ENGINES = ("ray", "batched")
+
+
+@dataclass
 class RayConfig:
     """The Ray cluster a simulation runs on (``engine=ray``)."""
 
@@ -205,6 +222,7 @@ class Config:
     client: ClientConfig = field(default_factory=ClientConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)
     deploy: DeployConfig = field(default_factory=DeployConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     extra: dict[str, Any] = field(default_factory=dict, metadata={"help": "Free-form notes copied to results."})
 
@@ -250,6 +268,7 @@ __all__ = [
     "DPConfig",
     "DeployConfig",
     "RayConfig",
+    "EngineConfig",
     "EMBEDDED_DATA",
     "EMBEDDED_MODEL",
     "MISSING",

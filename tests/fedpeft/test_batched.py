@@ -182,3 +182,26 @@ def test_refuses_what_it_cannot_route():
         train_batched(model, [ClientTask(adapter_name="c0", adapter=bad, batches=batches, num_steps=1, lr=0.1)], pad_token_id=PAD)
     with pytest.raises(BatchedError, match="num_steps"):
         train_batched(model, [ClientTask(adapter_name="c0", adapter=start, batches=batches, num_steps=-1, lr=0.1)], pad_token_id=PAD)
+
+
+def test_lora_dropout_is_each_clients_own():
+    """LoRA dropout is honoured per client: a client without dropout still equals its solo run
+    when it shares the pass with a client whose adapter drops out half its inputs."""
+    base, task_type, targets, heads = tiny_bert(torch.float64)
+    model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0, target_modules=targets, modules_to_save=heads, task_type=task_type), adapter_name="c0")
+    model.add_adapter("c1", LoraConfig(r=3, lora_alpha=6, lora_dropout=0.5, target_modules=targets, modules_to_save=heads, task_type=task_type))
+    starts = [random_state(model, n, seed=i) for i, n in enumerate(["c0", "c1"])]
+    data = [examples(8, seed=20 + i, lm=False) for i in range(2)]
+
+    def tasks(dropping: bool):
+        names = ["c0", "c1"] if dropping else ["c0"]
+        return [ClientTask(adapter_name=n, adapter=starts[i], batches=make_loader(data[i], pad_token_id=PAD, batch_size=2, shuffle=True, seed=i), num_steps=3, lr=0.02) for i, n in enumerate(names)]
+
+    torch.manual_seed(0)
+    shared = train_batched(model, tasks(True), pad_token_id=PAD)
+    torch.manual_seed(1)
+    again = train_batched(model, tasks(True), pad_token_id=PAD)
+    _, alone = train_alone(model, "c0", starts[0], data[0], batch_size=2, seed=0, steps=3, lr=0.02, wd=0.0, frozen=frozenset())
+    assert max(rel_err(shared[0].adapter[k], alone[k]) for k in alone) <= 1e-10
+    # the dropping client's masks come from the global RNG: another seed, another adapter
+    assert max(rel_err(shared[1].adapter[k], again[1].adapter[k]) for k in shared[1].adapter) > 1e-6
