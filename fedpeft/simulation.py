@@ -15,9 +15,23 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedpeft.config import Config
+from fedpeft.config import ENGINES, Config
 
 log = logging.getLogger("fedpeft")
+
+
+def check_engine(cfg: Config) -> None:
+    """The engine settings, checked before anything starts."""
+    if cfg.engine.name not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {cfg.engine.name!r}")
+    if cfg.engine.clients_per_pass < 1:
+        raise ValueError(f"engine.clients_per_pass must be >= 1, got {cfg.engine.clients_per_pass}")
+    if cfg.engine.name == "batched":
+        try:
+            from fedpeft.batched_engine import check_batched  # imports the ClientApp's modules: only when chosen
+        except ImportError as err:
+            raise ValueError(f"engine=batched needs the client's decode/train/encode steps (clients.job), which this checkout lacks: {err}") from err
+        check_batched(cfg)
 
 
 def ray_address(cfg: Config) -> str | None:
@@ -54,7 +68,11 @@ def backend_config(cfg: Config) -> dict[str, Any]:
 
 
 def run_simulation(cfg: Config, run_dir: Path) -> list[dict[str, Any]]:
-    """Simulate ``cfg.num_clients`` SuperNodes on Ray; returns the metrics rows."""
+    """Simulate ``cfg.num_clients`` SuperNodes (on Ray, or batched in this process); returns the metrics rows."""
+    if cfg.engine.name == "batched":
+        from fedpeft.batched_engine import run_batched
+
+        return run_batched(cfg, run_dir)
     from flwr.simulation import run_simulation as flwr_run_simulation
 
     from clients.app import app as client_app
