@@ -186,6 +186,33 @@ class AuditConfig:
     canary_client: int = field(default=0, metadata={"help": "The partition whose training data holds the canaries."})
     canary_digits: int = field(default=6, metadata={"help": "Digits of each secret (the space is 10^digits)."})
     candidates: int = field(default=1000, metadata={"help": "M: random secrets each canary is ranked against (exposure is at most log2(M+1) bits)."})
+class EngineConfig:
+    """How a simulation trains its clients (see docs: "Simulation engines")."""
+
+    name: str = field(
+        default="ray",
+        metadata={
+            "help": "'ray': Flower's Ray engine, one worker process (and one base model copy) per concurrent client; "
+            "'batched': the server process trains up to clients_per_pass clients in one pass over one base copy."
+        },
+    )
+    clients_per_pass: int = field(default=8, metadata={"help": "engine=batched: clients trained together in one pass (more run in successive passes)."})
+
+
+ENGINES = ("ray", "batched")
+
+
+@dataclass
+class RayConfig:
+    """The Ray cluster a simulation runs on (``engine=ray``)."""
+
+    address: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "host:port of a running Ray cluster (started with `ray start --head`) to run the clients on; "
+            "None: the RAY_ADDRESS environment variable if set, else a private cluster started for this run."
+        },
+    )
 
 
 @dataclass
@@ -222,6 +249,8 @@ class Config:
     deploy: DeployConfig = field(default_factory=DeployConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
     extra: dict[str, Any] = field(default_factory=dict, metadata={"help": "Free-form notes copied to results."})
 
 
@@ -267,6 +296,8 @@ __all__ = [
     "DeployConfig",
     "CompressionConfig",
     "AuditConfig",
+    "RayConfig",
+    "EngineConfig",
     "EMBEDDED_DATA",
     "EMBEDDED_MODEL",
     "MISSING",

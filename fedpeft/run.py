@@ -48,6 +48,9 @@ def check_config(cfg: Config) -> None:
         from fedpeft.deploy import check_deploy_config
 
         check_deploy_config(cfg)
+    from fedpeft.simulation import check_engine
+
+    check_engine(cfg)
     check_model_config(cfg.model)
     rule = get_strategy(cfg.strategy.name)
     if rule.peft_methods is not None and cfg.model.peft not in rule.peft_methods:
