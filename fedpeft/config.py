@@ -186,6 +186,8 @@ class AuditConfig:
     canary_client: int = field(default=0, metadata={"help": "The partition whose training data holds the canaries."})
     canary_digits: int = field(default=6, metadata={"help": "Digits of each secret (the space is 10^digits)."})
     candidates: int = field(default=1000, metadata={"help": "M: random secrets each canary is ranked against (exposure is at most log2(M+1) bits)."})
+
+@dataclass
 class EngineConfig:
     """How a simulation trains its clients (see docs: "Simulation engines")."""
 
