@@ -9,7 +9,8 @@ model, tokenizer and encoded data are loaded once and reused; a message only swa
 
 Messages and their instructions (the ``config`` ConfigRecord):
 
-* ``query``: the handshake. Replies with the node's ``partition-id``, ``rank`` and ``num-examples``.
+* ``query``: the handshake. Replies with the node's ``partition-id``, ``rank``, ``num-examples`` and
+  ``label-counts`` (its training labels), and its ``tier`` if it has one (``node-info``).
 * ``train``: ``fedpeft-config`` (the run's config as JSON), ``rank``, ``max-rank``,
   ``server-round`` and how to start the adapter: tensors in the ``arrays`` record are loaded;
   LoRA A missing from them is drawn from ``a-seed`` (bit-identical on every node); B missing
@@ -261,9 +262,16 @@ def query(msg: Message, context: Context) -> Message:
     """Handshake: which partition, rank and how many training examples this node has."""
     cfg = setup(msg)
     pid = partition_id(context)
-    _, train_examples, _ = local_data(cfg, pid, context, msg.content["config"])
+    num_labels, train_examples, _ = local_data(cfg, pid, context, msg.content["config"])
     metrics = MetricRecord({"partition-id": pid, "rank": node_rank(cfg, pid, context.node_config), "num-examples": len(train_examples)})
-    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+    content = RecordDict({"metrics": metrics})
+    # For the server's node status table: the labels this node trains on, and its tier if it has one
+    if cfg.model.task == "seq_cls":
+        metrics["label-counts"] = fdata.label_counts([e["labels"] for e in train_examples], num_labels)
+    tier = context.node_config.get("tier") or (cfg.strategy.client_tiers[pid] if cfg.strategy.client_tiers and not cfg.strategy.ranks else None)
+    if tier:
+        content["node-info"] = ConfigRecord({"tier": str(tier)})
+    return Message(content, reply_to=msg)
 
 
 @app.train()

@@ -167,6 +167,9 @@ class Config:
         default=None, metadata={"help": "Stop once cumulative up+down traffic exceeds this many MB."}
     )
     save_adapter: bool = True
+    logger: str = field(
+        default="none", metadata={"help": "'none', or 'tensorboard': also write each round's scalars to <run dir>/tensorboard."}
+    )
     resume: Optional[str] = field(
         default=None, metadata={"help": "A run directory to continue from its last complete round (same config)."}
     )

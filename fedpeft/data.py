@@ -330,4 +330,9 @@ def make_loader(examples: Sequence[dict[str, Any]], *, pad_token_id: int, batch_
 
 
 def label_histogram(ds: Dataset, num_labels: int) -> list[int]:
-    return np.bincount(np.asarray(list(ds[LABEL]), dtype=np.int64), minlength=num_labels).tolist()
+    return label_counts(ds[LABEL], num_labels)
+
+
+def label_counts(labels: Sequence[int], num_labels: int) -> list[int]:
+    """How many of ``labels`` are 0, 1, ..., ``num_labels - 1``."""
+    return np.bincount(np.asarray(list(labels), dtype=np.int64), minlength=num_labels).tolist()

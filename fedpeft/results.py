@@ -1,4 +1,5 @@
-"""What a run leaves on disk: ``metrics.jsonl``, ``metrics.csv`` and the console progress line."""
+"""What a run leaves on disk: ``metrics.jsonl``, ``metrics.csv``, ``plots/``, optional TensorBoard
+scalars, and the console progress line."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import math
 import time
 from pathlib import Path
 from typing import Any
+
+from fedpeft import plots
 
 log = logging.getLogger("fedpeft")
 
@@ -43,15 +46,21 @@ def _clean(value: Any) -> Any:
     return value
 
 
-class MetricsWriter:
-    """Appends one line per round to ``metrics.jsonl`` and ``metrics.csv`` and prints progress."""
+LOGGERS = ("none", "tensorboard")
 
-    def __init__(self, run_dir: Path, *, num_rounds: int, append: bool = False) -> None:
-        self.jsonl = run_dir / "metrics.jsonl"
-        self.csv = run_dir / "metrics.csv"
+
+class MetricsWriter:
+    """Appends one line per round to ``metrics.jsonl`` and ``metrics.csv``, redraws ``plots/``,
+    optionally adds TensorBoard scalars (``logger="tensorboard"``), and prints progress."""
+
+    def __init__(self, run_dir: Path, *, num_rounds: int, append: bool = False, logger: str = "none") -> None:
+        self.run_dir = Path(run_dir)
+        self.jsonl = self.run_dir / "metrics.jsonl"
+        self.csv = self.run_dir / "metrics.csv"
         self.num_rounds = num_rounds
         self.started = time.perf_counter()
         self.rows: list[dict[str, Any]] = []
+        self.tensorboard = tensorboard_writer(self.run_dir) if logger == "tensorboard" else None
         if not append:
             self.jsonl.write_text("")
             with self.csv.open("w", newline="") as fh:
@@ -64,30 +73,46 @@ class MetricsWriter:
             fh.write(json.dumps(row, sort_keys=True) + "\n")
         with self.csv.open("a", newline="") as fh:
             csv.writer(fh).writerow(["" if row.get(c) is None else row.get(c) for c in CSV_COLUMNS])
+        if self.tensorboard is not None:
+            for key in CSV_COLUMNS[1:]:
+                if isinstance(row.get(key), (int, float)):
+                    self.tensorboard.add_scalar(key, row[key], global_step=row["round"])
+            self.tensorboard.flush()
+        try:
+            plots.run_plots(self.rows, self.run_dir / "plots")
+        except Exception as err:  # a picture is never worth a run
+            log.warning("could not draw %s: %s", self.run_dir / "plots", err)
         self.progress(row, rounds_done=rounds_done)
 
     def progress(self, row: dict[str, Any], *, rounds_done: int | None = None) -> None:
         done = rounds_done if rounds_done is not None else len(self.rows)
-        elapsed = time.perf_counter() - self.started
-        eta = elapsed / max(done, 1) * max(self.num_rounds - row["round"], 0)
-        acc = row.get("test_accuracy")
-        acc_text = "   -  " if acc is None else f"{100 * acc:5.1f}%"
-        log.info(
-            "round %d/%d  acc %s  loss %s  clients %d/%d  up %.2f MB  down %.2f MB  elapsed %s  ETA %s",
-            row["round"],
-            self.num_rounds,
-            acc_text,
-            "  -  " if row.get("test_loss") is None else f"{row['test_loss']:.3f}",
-            row.get("clients_replied", 0),
-            row.get("clients_sampled", 0),
-            row.get("bytes_up", 0) / 1e6,
-            row.get("bytes_down", 0) / 1e6,
-            _hms(elapsed),
-            _hms(eta),
-        )
+        log.info("%s", round_line(row, num_rounds=self.num_rounds, elapsed=time.perf_counter() - self.started, rounds_done=done))
 
 
-def _hms(seconds: float) -> str:
+def round_line(row: dict[str, Any], *, num_rounds: int, elapsed: float, rounds_done: int) -> str:
+    """The console line of one round (simulated and deployed runs print the same)."""
+    eta = elapsed / max(rounds_done, 1) * max(num_rounds - row["round"], 0)
+    acc = row.get("test_accuracy")
+    acc_text = "   -  " if acc is None else f"{100 * acc:5.1f}%"
+    loss_text = "  -  " if row.get("test_loss") is None else f"{row['test_loss']:.3f}"
+    failed = row.get("clients_failed") or 0
+    return (
+        f"round {row['round']}/{num_rounds}  acc {acc_text}  loss {loss_text}  clients {row.get('clients_replied', 0)}/{row.get('clients_sampled', 0)}"
+        + (f" ({failed} failed)" if failed else "")
+        + f"  up {(row.get('bytes_up') or 0) / 1e6:.2f} MB  down {(row.get('bytes_down') or 0) / 1e6:.2f} MB  elapsed {hms(elapsed)}  ETA {hms(eta)}"
+    )
+
+
+def tensorboard_writer(run_dir: Path):
+    """A ``SummaryWriter`` on ``<run_dir>/tensorboard`` (``tensorboard --logdir <run_dir>``)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # only with logger=tensorboard: needs the tensorboard package
+    except ImportError as err:
+        raise ValueError("logger=tensorboard needs the tensorboard package: pip install tensorboard (or pip install -e '.[tensorboard]')") from err
+    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+
+def hms(seconds: float) -> str:
     seconds = int(round(seconds))
     return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 

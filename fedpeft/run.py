@@ -6,6 +6,7 @@ starts, writes the resolved config into the run directory and runs the chosen mo
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from fedpeft.config import Config, register_configs, to_config
+from fedpeft.results import LOGGERS
 
 log = logging.getLogger("fedpeft")
 MODES = ("simulation", "deploy", "centralized")
@@ -42,6 +44,10 @@ def check_config(cfg: Config) -> None:
     for key in ("raise_prob", "hang_prob", "crash_prob"):
         if not 0.0 <= getattr(cfg.faults, key) <= 1.0:
             raise ValueError(f"faults.{key} must be in [0, 1], got {getattr(cfg.faults, key)}")
+    if cfg.logger not in LOGGERS:
+        raise ValueError(f"logger must be one of {LOGGERS}, got {cfg.logger!r}")
+    if cfg.logger == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+        raise ValueError("logger=tensorboard needs the tensorboard package: pip install tensorboard (or pip install -e '.[tensorboard]')")
     if cfg.mode == "deploy":
         from fedpeft.deploy import check_deploy_config
 
@@ -95,6 +101,10 @@ def execute(cfg: Config, run_dir: Path) -> list[dict[str, Any]]:
     data = fdata.prepare(cfg.data, seed=cfg.seed, num_clients=cfg.num_clients, need_labels=cfg.model.task == "seq_cls")
     if cfg.client.dp.enabled:
         check_dp(cfg, [len(data.client_split(k)[0]) for k in range(cfg.num_clients)])
+    if cfg.mode == "simulation":
+        from fedpeft.status import write_partition_report
+
+        write_partition_report(data, cfg, run_dir)
     if cfg.mode == "centralized":
         from fedpeft.server import run_centralized
 

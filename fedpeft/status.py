@@ -1,0 +1,178 @@
+"""What a run tells a person while it runs: the partition report, the node status table, and the
+header and summary lines a deployed run's submitting console prints.
+
+* :func:`partition_report` — per simulated client: training and validation examples and the
+  label histogram of its training split; written to ``partitions.json`` and drawn as
+  ``plots/partitions.png`` at the start of every simulated run, with :func:`partition_warnings`
+  when the split, not the rule, is likely to be the story.
+* :func:`node_table` — the nodes that answered the handshake: partition, rank or tier, examples,
+  labels seen; the ServerApp writes it as ``nodes.json`` (so a deployed run's submitting console
+  can print it too) and logs it to ``run.log``.
+* :func:`header_lines` / :func:`summary_lines` — what the submitting console of a deployed run
+  prints before the first round and after the last.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from fedpeft import plots
+from fedpeft.data import label_counts
+from fedpeft.config import Config
+from fedpeft.results import hms
+
+log = logging.getLogger("fedpeft")
+
+PARTITIONS_JSON = "partitions.json"
+NODES_JSON = "nodes.json"
+MIN_BATCHES = 3  # a client with fewer training examples than this many batches gets a warning
+MAX_COLUMNS = 10  # label histograms wider than this are summarised by the labels seen
+
+
+def text_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain-text table, right-aligned columns, two spaces apart."""
+    cells = [[str(h) for h in headers], *[[str(c) for c in row] for row in rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells)
+
+
+# ------------------------------------------------------------------------------ partitions
+def partition_report(data: Any, cfg: Config) -> dict[str, Any]:
+    """Per client of ``data`` (a :class:`fedpeft.data.FederatedData`): its training examples,
+    validation examples and the label histogram of its training split."""
+    clients = []
+    for k in range(len(data.partitions)):
+        train, val = data.client_split(k)
+        counts = label_counts(train["label"], data.num_labels)
+        clients.append(
+            {"partition": k, "examples": len(train), "validation": len(val), "label_counts": counts, "labels_seen": sum(1 for c in counts if c)}
+        )
+    split = cfg.data.partitioner + (f" α={cfg.data.dirichlet_alpha:g}" if cfg.data.partitioner == "dirichlet" else "")
+    split += f" {cfg.data.classes_per_client} labels each" if cfg.data.partitioner == "pathological" else ""
+    return {
+        "title": f"{len(clients)} clients, {split}",
+        "label_names": list(data.label_names),
+        "batch_size": cfg.client.batch_size,
+        "clients": clients,
+        "test_examples": len(data.test),
+    }
+
+
+def partition_warnings(report: Mapping[str, Any], *, min_batches: int = MIN_BATCHES) -> list[str]:
+    """Warnings about a split: clients with fewer than ``min_batches`` batches of training data,
+    and every client seeing at most two labels (when the data has more)."""
+    batch = report["batch_size"]
+    warnings = []
+    small = [c for c in report["clients"] if c["examples"] < min_batches * batch]
+    if small:
+        listed = ", ".join(f"client {c['partition']} ({c['examples']})" for c in small[:8]) + (" ..." if len(small) > 8 else "")
+        warnings.append(
+            f"{len(small)} of {len(report['clients'])} clients hold fewer training examples than {min_batches} batches of {batch}: {listed}; "
+            "their local steps repeat the same few examples"
+        )
+    num_labels = len(report["label_names"])
+    most = max(c["labels_seen"] for c in report["clients"])
+    if num_labels > 2 and most <= 2:
+        warnings.append(
+            f"every client sees at most {most} of the {num_labels} labels: local models learn their own labels only, "
+            "and the global model's accuracy measures the split as much as the rule"
+        )
+    return warnings
+
+
+def partition_table(report: Mapping[str, Any]) -> str:
+    names = report["label_names"]
+    histogram = len(names) <= MAX_COLUMNS
+    headers = ["client", "examples", "val", "labels", *(names if histogram else [])]
+    rows = [
+        [c["partition"], c["examples"], c["validation"], f"{c['labels_seen']}/{len(names)}", *(c["label_counts"] if histogram else [])]
+        for c in report["clients"]
+    ]
+    return text_table(headers, rows)
+
+
+def write_partition_report(data: Any, cfg: Config, run_dir: Path) -> dict[str, Any]:
+    """``partitions.json`` and ``plots/partitions.png`` in ``run_dir``; the table and any warning to the log."""
+    report = partition_report(data, cfg)
+    report["warnings"] = partition_warnings(report)
+    run_dir = Path(run_dir)
+    (run_dir / PARTITIONS_JSON).write_text(json.dumps(report, indent=1) + "\n")
+    try:
+        plots.partition_plot(report, run_dir / "plots" / plots.PARTITIONS)
+    except Exception as err:  # a picture is never worth a run
+        log.warning("could not draw %s: %s", run_dir / "plots" / plots.PARTITIONS, err)
+    log.info("partitions (%s; training examples per label):\n%s", report["title"], partition_table(report))
+    for warning in report["warnings"]:
+        log.warning("partitions: %s", warning)
+    return report
+
+
+# ------------------------------------------------------------------------------ nodes
+def node_row(node_id: int, metrics: Mapping[str, Any], *, tier: str | None, label_names: Sequence[str]) -> dict[str, Any]:
+    """One node of the handshake, from its reply's metrics (``partition-id``, ``rank``, ``num-examples``,
+    optionally ``label-counts``) and its tier (None when it has none)."""
+    counts = [int(c) for c in metrics.get("label-counts", [])]
+    return {
+        "node": int(node_id),
+        "partition": int(metrics["partition-id"]),
+        "rank": int(metrics["rank"]),
+        "tier": tier,
+        "examples": int(metrics["num-examples"]),
+        "label_counts": counts,
+        "labels_seen": sum(1 for c in counts if c) if counts else None,
+        "num_labels": len(label_names),
+    }
+
+
+def node_table(nodes: Sequence[Mapping[str, Any]], label_names: Sequence[str]) -> str:
+    histogram = 0 < len(label_names) <= MAX_COLUMNS and all(n["label_counts"] for n in nodes)
+    headers = ["node", "partition", "rank", "tier", "examples", "labels", *(label_names if histogram else [])]
+    rows = []
+    for n in sorted(nodes, key=lambda n: n["partition"]):
+        seen = "-" if n["labels_seen"] is None else f"{n['labels_seen']}/{n['num_labels']}"
+        rows.append([n["node"], n["partition"], n["rank"], n["tier"] or "-", n["examples"], seen, *(n["label_counts"] if histogram else [])])
+    return text_table(headers, rows)
+
+
+def write_node_status(nodes: Sequence[Mapping[str, Any]], label_names: Sequence[str], run_dir: Path) -> None:
+    """``nodes.json`` in ``run_dir`` (a deployed run's submitting console prints it) and the table to the log."""
+    Path(run_dir, NODES_JSON).write_text(json.dumps({"label_names": list(label_names), "nodes": list(nodes)}, indent=1) + "\n")
+    log.info("%s", node_status_text(nodes, label_names))
+
+
+def node_status_text(nodes: Sequence[Mapping[str, Any]], label_names: Sequence[str]) -> str:
+    return f"{len(nodes)} nodes connected:\n{node_table(nodes, label_names)}"
+
+
+# ------------------------------------------------------------------------------ header and summary
+def header_lines(cfg: Config, run_dir: Path, *, engine: str) -> list[str]:
+    """What the run is: rule, model, data, clients and ranks, engine, device, DP, run directory."""
+    ranks = cfg.strategy.ranks or (f"tiers {cfg.strategy.client_tiers}" if cfg.strategy.client_tiers else f"all {cfg.model.lora.r}")
+    dp = cfg.client.dp
+    dp_text = "off" if not dp.enabled else (f"ε={dp.target_epsilon:g} δ={dp.delta:g}" if dp.target_epsilon is not None else f"noise {dp.noise_multiplier:g}")
+    return [
+        f"fedpeft: {cfg.strategy.name} on {cfg.model.name_or_path}, data {cfg.data.name} ({cfg.data.partitioner})",
+        f"  clients {cfg.clients_per_round} of {cfg.num_clients} per round, {cfg.num_rounds} rounds, ranks {ranks}",
+        f"  engine {engine}, device {cfg.device}, DP {dp_text}",
+        f"  run dir {run_dir}",
+    ]
+
+
+def summary_lines(rows: Sequence[Mapping[str, Any]], run_dir: Path, *, elapsed: float) -> list[str]:
+    """Final and best accuracy, time, traffic, and where the results are."""
+    evaluated = [r for r in rows if r.get("test_accuracy") is not None]
+    if not rows:
+        return [f"no round finished in {hms(elapsed)}; see {run_dir}"]
+    final = f"{100 * evaluated[-1]['test_accuracy']:.1f}%" if evaluated else "n/a"
+    best = max(evaluated, key=lambda r: r["test_accuracy"]) if evaluated else None
+    best_text = f"{100 * best['test_accuracy']:.1f}% (round {best['round']})" if best else "n/a"
+    up, down = (rows[-1].get("cumulative_bytes_up") or 0) / 1e6, (rows[-1].get("cumulative_bytes_down") or 0) / 1e6
+    artifacts = [name for name in ("final_adapter", "final_model") if (Path(run_dir) / name).exists()]
+    return [
+        f"done: {len(rows)} rounds in {hms(elapsed)}; final test accuracy {final}, best {best_text}; up {up:.2f} MB, down {down:.2f} MB",
+        f"  results in {run_dir}: metrics.jsonl, plots/" + "".join(f", {a}/" for a in artifacts),
+    ]
