@@ -16,6 +16,7 @@ from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 ACCURACY_LOSS = "accuracy_loss.png"
 ACCURACY_VS_MB = "accuracy_vs_mb.png"
@@ -59,6 +60,7 @@ def run_plots(rows: Sequence[Mapping[str, Any]], out_dir: Path) -> list[Path]:
         loss_ax.legend()
     for ax in (acc_ax, loss_ax):
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     paths = [_save(fig, out_dir / ACCURACY_LOSS)]
 
     fig = Figure(figsize=(5, 3.6), layout="constrained")
@@ -106,6 +108,8 @@ def overlay_plots(groups: Mapping[str, Sequence[Sequence[Mapping[str, Any]]]], o
             if len(runs) > 1:
                 ax.fill_between(xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], color=line.get_color(), alpha=0.15)
         ax.set(xlabel=xlabel, ylabel="test accuracy (%), mean ± std")
+        if x_index == 0:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize="small")
@@ -117,7 +121,7 @@ def partition_plot(report: Mapping[str, Any], path: Path) -> Path:
     """A horizontal stacked bar per client: its training examples, coloured by label."""
     clients = report["clients"]
     labels = report["label_names"]
-    fig = Figure(figsize=(7, 0.9 + 0.32 * len(clients)), layout="constrained")
+    fig = Figure(figsize=(7, 1.4 + 0.32 * len(clients)), layout="constrained")
     ax = fig.subplots()
     names = [f"client {c['partition']}" for c in clients]
     left = [0] * len(clients)
@@ -127,5 +131,5 @@ def partition_plot(report: Mapping[str, Any], path: Path) -> Path:
         left = [a + b for a, b in zip(left, counts)]
     ax.invert_yaxis()
     ax.set(xlabel="training examples", title=report.get("title", "partition of the training data"))
-    ax.legend(fontsize="small", ncols=min(len(labels), 5), loc="lower right")
+    fig.legend(fontsize="small", ncols=min(len(labels), 5), loc="outside lower center")
     return _save(fig, Path(path))
