@@ -244,9 +244,13 @@ def submit(cfg: Config, run_dir: Path) -> list[dict[str, Any]]:
         try:
             wait_for_run(cfg, proc, run_dir, results_dir, progress)
         except KeyboardInterrupt:
-            rid = stop_run(run_dir, flwr_home)
+            try:
+                rid = stop_run(run_dir, flwr_home)
+                what = f"stopped run {rid} on the SuperLink" if rid else "the run was not started on the SuperLink"
+            except (DeployError, OSError, subprocess.TimeoutExpired) as err:
+                what = f"could not stop the run on the SuperLink ({err}); stop it with `flwr stop <run id>` (`flwr ls` lists the runs)"
             where = f"; the last complete round is checkpointed in {results_dir} (continue with resume={results_dir})" if progress.rows else ""
-            log.warning("interrupted: %s%s", f"stopped run {rid} on the SuperLink" if rid else "the run was not started on the SuperLink", where)
+            log.warning("interrupted: %s%s", what, where)
             raise SystemExit(130) from None
         finally:
             if proc.poll() is None:

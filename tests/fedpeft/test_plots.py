@@ -47,3 +47,11 @@ def test_mean_curve_averages_rounds_every_run_evaluated():
     a = [row(1, 0.2), row(2, 0.6)]
     b = [row(1, 0.4), row(2, None), row(3, 0.9)]
     assert mean_curve([a, b]) == [(1, pytest.approx(0.004), pytest.approx(0.3), pytest.approx(0.1414213562373095))]
+
+
+def test_an_unknown_logger_fails_at_the_start():
+    from fedpeft.run import check_config
+    from tests.fedpeft.test_config import compose_cfg
+
+    with pytest.raises(ValueError, match=r"logger must be one of \('none', 'tensorboard'\), got 'wandb'"):
+        check_config(compose_cfg(["logger=wandb"]))
