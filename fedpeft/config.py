@@ -18,6 +18,10 @@ EMBEDDED_MODEL = "embedded:minilm"
 EMBEDDED_DATA = "embedded:bbc"
 
 
+class ConfigError(ValueError):
+    """A config value is missing or outside what a run can use; the message names the key."""
+
+
 @dataclass
 class LoraSettings:
     r: int = field(default=8, metadata={"help": "LoRA rank (the default for every client)."})
@@ -167,6 +171,13 @@ class Config:
         default=None, metadata={"help": "Stop once cumulative up+down traffic exceeds this many MB."}
     )
     save_adapter: bool = True
+    verbose: bool = field(
+        default=False,
+        metadata={"help": "Show library logs (Flower, Ray, transformers) and full tracebacks on the console; they always go to run.log."},
+    )
+    overwrite: bool = field(
+        default=False, metadata={"help": "Run into a directory that holds another run, deleting that run's results first."}
+    )
     resume: Optional[str] = field(
         default=None, metadata={"help": "A run directory to continue from its last complete round (same config)."}
     )
@@ -198,6 +209,7 @@ __all__ = [
     "ClientConfig",
     "DPConfig",
     "DeployConfig",
+    "ConfigError",
     "EMBEDDED_DATA",
     "EMBEDDED_MODEL",
     "MISSING",
@@ -235,6 +247,10 @@ def to_config(cfg: Any) -> Config:
     """
     from omegaconf import OmegaConf
 
+    if OmegaConf.is_config(cfg):
+        missing = sorted(OmegaConf.missing_keys(cfg))
+        if missing:  # merged into the schema, a ??? would silently keep the schema's default
+            raise ConfigError(f"{missing[0]} is required by the chosen config (it is ??? there): add {missing[0]}=<value>")
     container = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), container))
 

@@ -1,4 +1,4 @@
-"""What a run leaves on disk: ``metrics.jsonl``, ``metrics.csv`` and the console progress line."""
+"""What a run leaves on disk: ``metrics.jsonl`` and ``metrics.csv`` (and the console's round line, from :mod:`fedpeft.console`)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import math
 import time
 from pathlib import Path
 from typing import Any
+
+from fedpeft.console import round_line
 
 log = logging.getLogger("fedpeft")
 
@@ -70,26 +72,7 @@ class MetricsWriter:
         done = rounds_done if rounds_done is not None else len(self.rows)
         elapsed = time.perf_counter() - self.started
         eta = elapsed / max(done, 1) * max(self.num_rounds - row["round"], 0)
-        acc = row.get("test_accuracy")
-        acc_text = "   -  " if acc is None else f"{100 * acc:5.1f}%"
-        log.info(
-            "round %d/%d  acc %s  loss %s  clients %d/%d  up %.2f MB  down %.2f MB  elapsed %s  ETA %s",
-            row["round"],
-            self.num_rounds,
-            acc_text,
-            "  -  " if row.get("test_loss") is None else f"{row['test_loss']:.3f}",
-            row.get("clients_replied", 0),
-            row.get("clients_sampled", 0),
-            row.get("bytes_up", 0) / 1e6,
-            row.get("bytes_down", 0) / 1e6,
-            _hms(elapsed),
-            _hms(eta),
-        )
-
-
-def _hms(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+        log.info("%s", round_line(row, num_rounds=self.num_rounds, elapsed=elapsed, eta=eta))
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
