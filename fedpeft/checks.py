@@ -97,6 +97,8 @@ def check_client(cfg: Config) -> None:
 
 def check_dp_settings(dp: DPConfig) -> None:
     """DP options take effect only with ``client=dp``: set without it they would be silently ignored."""
+    if dp.enabled is False:  # off on purpose (client.dp.enabled=false): the other settings are ignored knowingly
+        return
     if not dp.enabled:
         default = DPConfig()
         changed = [f.name for f in fields(DPConfig) if getattr(dp, f.name) != getattr(default, f.name)]

@@ -97,7 +97,13 @@ class StrategyConfig:
 
 @dataclass
 class DPConfig:
-    enabled: bool = False
+    enabled: Optional[bool] = field(
+        default=None,
+        metadata={
+            "help": "DP-SGD on (client=dp sets true). Left unset, any other client.dp setting is an error, "
+            "so a privacy setting is never silently ignored; false turns DP off on purpose."
+        },
+    )
     noise_multiplier: Optional[float] = None
     target_epsilon: Optional[float] = None
     delta: float = 1e-5
@@ -190,8 +196,21 @@ class Config:
     extra: dict[str, Any] = field(default_factory=dict, metadata={"help": "Free-form notes copied to results."})
 
 
+def required(key: str) -> Any:
+    """The ``${required:<key>}`` resolver: a value the chosen config group cannot do without.
+
+    Hydra merges a group file onto the schema's defaults, where a ``???`` would silently keep the
+    schema's value (``data=local`` would train on BBC News); an interpolation is kept and fails here.
+    """
+    raise ConfigError(f"{key} is required by the chosen config: add {key}=<value>")
+
+
 def register_configs() -> None:
     """Register the schema so that ``conf/config.yaml`` can extend it (``defaults: [schema, ...]``)."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("required"):
+        OmegaConf.register_new_resolver("required", required)
     cs = ConfigStore.instance()
     cs.store(name="schema", node=Config)
     cs.store(group="model", name="schema", node=ModelConfig)
@@ -246,12 +265,22 @@ def to_config(cfg: Any) -> Config:
     the wrong type; the error names the key.
     """
     from omegaconf import OmegaConf
+    from omegaconf.errors import InterpolationResolutionError
 
     if OmegaConf.is_config(cfg):
-        missing = sorted(OmegaConf.missing_keys(cfg))
-        if missing:  # merged into the schema, a ??? would silently keep the schema's default
-            raise ConfigError(f"{missing[0]} is required by the chosen config (it is ??? there): add {missing[0]}=<value>")
-    container = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg
+        try:
+            missing = sorted(OmegaConf.missing_keys(cfg))
+            if missing:
+                raise ConfigError(f"{missing[0]} is required by the chosen config: add {missing[0]}=<value>")
+            container = OmegaConf.to_container(cfg, resolve=True)
+        except InterpolationResolutionError as err:  # OmegaConf wraps what a resolver (``required``) raised
+            prefix = f"{ConfigError.__name__} raised while resolving interpolation: "
+            message = str(err).splitlines()[0]
+            if message.startswith(prefix):
+                raise ConfigError(message[len(prefix) :]) from None
+            raise
+    else:
+        container = cfg
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), container))
 
 

@@ -180,6 +180,8 @@ def read_raw(cfg: DataConfig) -> Dataset:
             ds = _hf().load_dataset(kind, data_files=str(path), split="train")
         except Exception as err:  # datasets raises StopIteration, DatasetGenerationError, ArrowInvalid, ...
             cause = err.__cause__ or err
+            if "corresponds to no data" in str(cause):  # a CSV with a header and no rows
+                raise DataError(f"data file {name!r} has no examples") from err
             raise DataError(f"cannot read data file {name!r} as {path.suffix.lower()[1:].upper()}: {type(cause).__name__}: {cause}".rstrip(": ")) from err
         if len(ds) == 0:
             raise DataError(f"data file {name!r} has no examples")

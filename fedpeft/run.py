@@ -29,7 +29,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from fedpeft import console
-from fedpeft.checks import check_run
+from fedpeft.checks import check_config, check_run  # noqa: F401  (check_config: for callers of fedpeft.run)
 from fedpeft.config import Config, register_configs, to_config
 
 log = logging.getLogger("fedpeft")
