@@ -82,7 +82,8 @@ def run_simulation(cfg: Config, run_dir: Path) -> list[dict[str, Any]]:
     except Exception as err:
         if "error" in outcome:
             raise outcome["error"] from err
-        raise SimulationError(f"Flower's simulation engine failed: {console.one_line(console.root_cause(err))}") from err
+        cause = console.root_cause(err)
+        raise SimulationError(f"Flower's simulation engine failed: {type(cause).__name__}: {' '.join(str(cause).split())}") from err
     if "error" in outcome:
         raise outcome["error"]
     if "rows" not in outcome:
