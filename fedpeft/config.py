@@ -179,7 +179,8 @@ class Config:
     save_adapter: bool = True
     verbose: bool = field(
         default=False,
-        metadata={"help": "Show library logs (Flower, Ray, transformers) and full tracebacks on the console; they always go to run.log."},
+        metadata={"help": "Show library logs (Flower, Ray, transformers, warnings), progress bars, Ray workers' output and "
+            "tracebacks on the console; without it they go to run.log only."},
     )
     overwrite: bool = field(
         default=False, metadata={"help": "Run into a directory that holds another run, deleting that run's results first."}

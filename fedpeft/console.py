@@ -60,7 +60,7 @@ class ConsoleFormatter(logging.Formatter):
         return text
 
 
-def quiet_libraries() -> None:
+def quiet_libraries(*, progress_bars: bool = False) -> None:
     """Send the libraries' own console output into the logging tree (and so into ``run.log``)."""
     logging.captureWarnings(True)  # FutureWarnings and the like become log records
     try:
@@ -77,11 +77,12 @@ def quiet_libraries() -> None:
 
         hf_logging.disable_default_handler()
         hf_logging.enable_propagation()
-        hf_logging.disable_progress_bar()  # "Loading weights" bars
+        if not progress_bars:
+            hf_logging.disable_progress_bar()  # "Loading weights" bars
     except ImportError:
         pass
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TQDM_DISABLE", "1")
+    if not progress_bars:
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def setup_logging(run_log: Path | None, *, verbose: bool) -> None:
@@ -96,7 +97,7 @@ def setup_logging(run_log: Path | None, *, verbose: bool) -> None:
     root.setLevel(logging.DEBUG)
     console = ConsoleHandler()
     console.setFormatter(ConsoleFormatter() if not verbose else logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
-    console.setLevel(logging.INFO)
+    console.setLevel(logging.DEBUG if verbose else logging.INFO)
     if not verbose:
         console.addFilter(OnlyFedpeft())
     root.addHandler(console)
@@ -108,8 +109,7 @@ def setup_logging(run_log: Path | None, *, verbose: bool) -> None:
         root.addHandler(file)
         os.environ[ENV_RUN_LOG] = str(run_log)
     os.environ[ENV_VERBOSE] = "1" if verbose else "0"
-    if not verbose:
-        quiet_libraries()
+    quiet_libraries(progress_bars=verbose)  # verbose: the same records, shown on the console too
 
 
 def worker_setup() -> None:
@@ -212,7 +212,7 @@ def round_line(row: dict[str, Any], *, num_rounds: int, elapsed: float, eta: flo
     return "  ".join(parts)
 
 
-def load_hint(cfg: Any, artifact: Path) -> str:
+def load_hint(cfg: Any, artifact: Path, *, num_labels: int | None = None) -> str:
     """The Python that loads the final model or adapter written by the run."""
     from fedpeft.models import resolve_model_path
 
@@ -224,11 +224,11 @@ def load_hint(cfg: Any, artifact: Path) -> str:
         base = resolve_model_path(base)
     except ValueError:
         pass
-    labels = ", num_labels=<labels>" if cfg.model.task == "seq_cls" else ""
+    labels = f", num_labels={num_labels if num_labels else '<labels>'}" if cfg.model.task == "seq_cls" else ""
     return f"PeftModel.from_pretrained({auto}.from_pretrained({base!r}{labels}), {str(artifact)!r})"
 
 
-def summary_lines(rows: list[dict[str, Any]], *, cfg: Any, run_dir: Path, seconds: float) -> list[str]:
+def summary_lines(rows: list[dict[str, Any]], *, cfg: Any, run_dir: Path, seconds: float, num_labels: int | None = None) -> list[str]:
     """The end of a run: final and best accuracy, time, traffic, where everything is and how to load it."""
     if not rows:
         return [f"done in {hms(seconds)}; no rounds recorded here (a deployed run writes its results on the SuperLink's machine)"]
@@ -245,7 +245,7 @@ def summary_lines(rows: list[dict[str, Any]], *, cfg: Any, run_dir: Path, second
         artifact = run_dir / name
         if artifact.exists():
             lines.append(f"  {'adapter' if name == 'final_adapter' else 'model  '} {artifact}")
-            lines.append(f"          load: {load_hint(cfg, artifact)}")
+            lines.append(f"          load: {load_hint(cfg, artifact, num_labels=num_labels)}")
     lines.append(f"  log     {run_dir / RUN_LOG}")
     return lines
 

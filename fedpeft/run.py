@@ -236,7 +236,7 @@ def main(dcfg: DictConfig) -> float | None:
         log.error("%s", console.one_line(err))
         log.info("%s", console.resume_advice(run_dir, overrides))
         console.stop_now(1)  # Flower's threads may still wait for replies: do not wait for them
-    console.show(console.summary_lines(rows, cfg=cfg, run_dir=run_dir, seconds=time.perf_counter() - started))
+    console.show(console.summary_lines(rows, cfg=cfg, run_dir=run_dir, seconds=time.perf_counter() - started, num_labels=data.num_labels))
     return rows[-1].get("test_accuracy") if rows else None  # for Hydra sweepers
 
 

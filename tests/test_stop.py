@@ -91,6 +91,10 @@ def test_first_ctrl_c_stops_the_run_keeps_the_checkpoint_and_leaves_no_ray_proce
     kept = checkpoint_round(run_dir)
     assert 1 <= kept < 4
     assert "stopped by Ctrl-C" in out
+    # The console holds fedpeft's lines only (header, rounds, the stop): no Flower, Ray or worker output
+    header, rest = out.splitlines()[:8], out.splitlines()[8:]
+    assert header[0].startswith("fedpeft: FedIT (strategy=fedavg)") and all(line.startswith("  ") for line in header[1:]), out
+    assert all(line.startswith(("round ", "stopped by Ctrl-C")) for line in rest), out
     assert f"round {kept} is the last complete one (checkpointed in {run_dir}); continue with: python -m fedpeft.run +exp=smoke" in out
     assert out.rstrip().endswith(f"resume={run_dir}")
     assert leftovers(marker) == []
