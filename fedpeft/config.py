@@ -18,6 +18,10 @@ EMBEDDED_MODEL = "embedded:minilm"
 EMBEDDED_DATA = "embedded:bbc"
 
 
+class ConfigError(ValueError):
+    """A config value is missing or outside what a run can use; the message names the key."""
+
+
 @dataclass
 class LoraSettings:
     r: int = field(default=8, metadata={"help": "LoRA rank (the default for every client)."})
@@ -93,7 +97,13 @@ class StrategyConfig:
 
 @dataclass
 class DPConfig:
-    enabled: bool = False
+    enabled: Optional[bool] = field(
+        default=None,
+        metadata={
+            "help": "DP-SGD on (client=dp sets true). Left unset, any other client.dp setting is an error, "
+            "so a privacy setting is never silently ignored; false turns DP off on purpose."
+        },
+    )
     noise_multiplier: Optional[float] = None
     target_epsilon: Optional[float] = None
     delta: float = 1e-5
@@ -170,6 +180,14 @@ class Config:
     logger: str = field(
         default="none", metadata={"help": "'none', or 'tensorboard': also write each round's scalars to <run dir>/tensorboard."}
     )
+    verbose: bool = field(
+        default=False,
+        metadata={"help": "Show library logs (Flower, Ray, transformers, warnings), progress bars, Ray workers' output and "
+            "tracebacks on the console; without it they go to run.log only."},
+    )
+    overwrite: bool = field(
+        default=False, metadata={"help": "Run into a directory that holds another run, deleting that run's results first."}
+    )
     resume: Optional[str] = field(
         default=None, metadata={"help": "A run directory to continue from its last complete round (same config)."}
     )
@@ -182,8 +200,21 @@ class Config:
     extra: dict[str, Any] = field(default_factory=dict, metadata={"help": "Free-form notes copied to results."})
 
 
+def required(key: str) -> Any:
+    """The ``${required:<key>}`` resolver: a value the chosen config group cannot do without.
+
+    Hydra merges a group file onto the schema's defaults, where a ``???`` would silently keep the
+    schema's value (``data=local`` would train on BBC News); an interpolation is kept and fails here.
+    """
+    raise ConfigError(f"{key} is required by the chosen config: add {key}=<value>")
+
+
 def register_configs() -> None:
     """Register the schema so that ``conf/config.yaml`` can extend it (``defaults: [schema, ...]``)."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("required"):
+        OmegaConf.register_new_resolver("required", required)
     cs = ConfigStore.instance()
     cs.store(name="schema", node=Config)
     cs.store(group="model", name="schema", node=ModelConfig)
@@ -201,6 +232,7 @@ __all__ = [
     "ClientConfig",
     "DPConfig",
     "DeployConfig",
+    "ConfigError",
     "EMBEDDED_DATA",
     "EMBEDDED_MODEL",
     "MISSING",
@@ -237,8 +269,22 @@ def to_config(cfg: Any) -> Config:
     the wrong type; the error names the key.
     """
     from omegaconf import OmegaConf
+    from omegaconf.errors import InterpolationResolutionError
 
-    container = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg
+    if OmegaConf.is_config(cfg):
+        try:
+            missing = sorted(OmegaConf.missing_keys(cfg))
+            if missing:
+                raise ConfigError(f"{missing[0]} is required by the chosen config: add {missing[0]}=<value>")
+            container = OmegaConf.to_container(cfg, resolve=True)
+        except InterpolationResolutionError as err:  # OmegaConf wraps what a resolver (``required``) raised
+            prefix = f"{ConfigError.__name__} raised while resolving interpolation: "
+            message = str(err).splitlines()[0]
+            if message.startswith(prefix):
+                raise ConfigError(message[len(prefix) :]) from None
+            raise
+    else:
+        container = cfg
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), container))
 
 

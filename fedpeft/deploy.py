@@ -10,10 +10,10 @@ components by reference plus that run config) and submits it with ``flwr run``. 
 and the SuperLink import ``fedpeft``/``clients`` from their own installation
 (``--disable-runtime-dependency-installation``), so nothing but the config travels.
 
-While the run goes on, the submitting console prints what a simulated run prints — the header,
-the node status table of the handshake, one line per round, the summary — by following the
-run's ``nodes.json`` and ``metrics.jsonl`` (when the results directory is on this machine);
-``Ctrl-C`` there stops the run on the SuperLink too (``flwr stop``).
+While the run goes on, the submitting console prints what a simulated run prints — between
+``fedpeft.run``'s header and summary, the node status table of the handshake and one line per
+round — by following the run's ``nodes.json`` and ``metrics.jsonl`` (when the results directory
+is on this machine); ``Ctrl-C`` there stops the run on the SuperLink too (``flwr stop``).
 
 The helpers for the security set-up and the nodes (README, "Deploying on edge devices")::
 
@@ -35,6 +35,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedpeft import status
 from fedpeft.config import Config, DeployConfig, from_json, to_json
-from fedpeft.results import read_metrics, round_line
+from fedpeft.console import round_line
+from fedpeft.results import read_metrics
 
 log = logging.getLogger("fedpeft")
 
@@ -180,13 +182,11 @@ class Progress:
         self.offset += len(complete)
         for line in complete.decode().splitlines():
             if line.strip():
-                self.rows.append(json.loads(line))
+                row = json.loads(line)
+                self.rows.append(row)
                 elapsed = time.perf_counter() - self.started
-                log.info("%s", round_line(self.rows[-1], num_rounds=self.num_rounds, elapsed=elapsed, rounds_done=len(self.rows)))
-
-    @property
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.started
+                eta = elapsed / len(self.rows) * max(self.num_rounds - row["round"], 0)  # as a simulated run's MetricsWriter
+                log.info("%s", round_line(row, num_rounds=self.num_rounds, elapsed=elapsed, eta=eta))
 
 
 STARTED_RUN = re.compile(r"started run (\d+)")
@@ -224,7 +224,7 @@ def submit(cfg: Config, run_dir: Path) -> list[dict[str, Any]]:
 
     The ServerApp writes into ``deploy.run_dir`` (default ``run_dir``) on the SuperLink's machine;
     when that is this machine, the progress and the rows are read from it. ``Ctrl-C`` stops the
-    run on the SuperLink (``flwr stop``) and exits with 130.
+    run on the SuperLink (``flwr stop``), then the caller's SIGINT handler runs (or it exits 130).
     """
     check_deploy_config(cfg)
     results_dir = Path(cfg.deploy.run_dir or run_dir).expanduser().resolve()
@@ -233,26 +233,34 @@ def submit(cfg: Config, run_dir: Path) -> list[dict[str, Any]]:
     write_connection(flwr_home, cfg.deploy)
     for stale in (DONE, FAILED, status.NODES_JSON, "metrics.jsonl"):  # the progress follows fresh files only
         (results_dir / stale).unlink(missing_ok=True)
-    for line in status.header_lines(cfg, results_dir, engine=f"deployment (SuperLink {cfg.deploy.superlink})"):
-        log.info("%s", line)
     cmd = [str(flwr_bin()), "run", str(app_dir), "fedpeft", "--stream"]
     log.debug("submitting: %s", " ".join(cmd))
     progress = Progress(results_dir, num_rounds=cfg.num_rounds)
+    # Ctrl-C first stops the run on the SuperLink, then goes to the caller's own handler (fedpeft.run's
+    # prints how to resume and exits 130); a second Ctrl-C does not interrupt `flwr stop`.
+    previous = signal.getsignal(signal.SIGINT)
+    in_main = threading.current_thread() is threading.main_thread()
+    if in_main:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     with open(run_dir / "flwr-run.log", "w") as out:
         # Its own session: a Ctrl-C at the terminal reaches this process only, which stops the run itself
         proc = subprocess.Popen(cmd, env=flwr_env(flwr_home), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             wait_for_run(cfg, proc, run_dir, results_dir, progress)
         except KeyboardInterrupt:
+            if in_main:
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
             try:
                 rid = stop_run(run_dir, flwr_home)
-                what = f"stopped run {rid} on the SuperLink" if rid else "the run was not started on the SuperLink"
+                log.warning("interrupted: %s", f"stopped run {rid} on the SuperLink" if rid else "the run was not started on the SuperLink")
             except (DeployError, OSError, subprocess.TimeoutExpired) as err:
-                what = f"could not stop the run on the SuperLink ({err}); stop it with `flwr stop <run id>` (`flwr ls` lists the runs)"
-            where = f"; the last complete round is checkpointed in {results_dir} (continue with resume={results_dir})" if progress.rows else ""
-            log.warning("interrupted: %s%s", what, where)
+                log.error("interrupted, but could not stop the run on the SuperLink (%s): stop it with `flwr stop <run id>` (`flwr ls` lists the runs)", err)
+            if callable(previous) and previous is not signal.default_int_handler:
+                previous(signal.SIGINT, None)
             raise SystemExit(130) from None
         finally:
+            if in_main:
+                signal.signal(signal.SIGINT, previous)
             if proc.poll() is None:
                 proc.terminate()
                 try:
@@ -265,10 +273,7 @@ def submit(cfg: Config, run_dir: Path) -> list[dict[str, Any]]:
     progress.poll()
     if (results_dir / FAILED).exists():
         raise DeployError(f"the deployed run failed: {(results_dir / FAILED).read_text().strip()}")
-    rows = read_metrics(results_dir)
-    for line in status.summary_lines(rows, results_dir, elapsed=progress.elapsed):
-        log.info("%s", line)
-    return rows
+    return read_metrics(results_dir)
 
 
 def wait_for_run(cfg: Config, proc: subprocess.Popen, run_dir: Path, results_dir: Path, progress: Progress) -> None:

@@ -1,5 +1,5 @@
-"""What a run leaves on disk: ``metrics.jsonl``, ``metrics.csv``, ``plots/``, optional TensorBoard
-scalars, and the console progress line."""
+"""What a run leaves on disk: ``metrics.jsonl``, ``metrics.csv``, ``plots/`` and optional TensorBoard
+scalars (and the console's round line, from :mod:`fedpeft.console`)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fedpeft import plots
+from fedpeft.console import round_line
 
 log = logging.getLogger("fedpeft")
 
@@ -86,21 +87,9 @@ class MetricsWriter:
 
     def progress(self, row: dict[str, Any], *, rounds_done: int | None = None) -> None:
         done = rounds_done if rounds_done is not None else len(self.rows)
-        log.info("%s", round_line(row, num_rounds=self.num_rounds, elapsed=time.perf_counter() - self.started, rounds_done=done))
-
-
-def round_line(row: dict[str, Any], *, num_rounds: int, elapsed: float, rounds_done: int) -> str:
-    """The console line of one round (simulated and deployed runs print the same)."""
-    eta = elapsed / max(rounds_done, 1) * max(num_rounds - row["round"], 0)
-    acc = row.get("test_accuracy")
-    acc_text = "   -  " if acc is None else f"{100 * acc:5.1f}%"
-    loss_text = "  -  " if row.get("test_loss") is None else f"{row['test_loss']:.3f}"
-    failed = row.get("clients_failed") or 0
-    return (
-        f"round {row['round']}/{num_rounds}  acc {acc_text}  loss {loss_text}  clients {row.get('clients_replied', 0)}/{row.get('clients_sampled', 0)}"
-        + (f" ({failed} failed)" if failed else "")
-        + f"  up {(row.get('bytes_up') or 0) / 1e6:.2f} MB  down {(row.get('bytes_down') or 0) / 1e6:.2f} MB  elapsed {hms(elapsed)}  ETA {hms(eta)}"
-    )
+        elapsed = time.perf_counter() - self.started
+        eta = elapsed / max(done, 1) * max(self.num_rounds - row["round"], 0)
+        log.info("%s", round_line(row, num_rounds=self.num_rounds, elapsed=elapsed, eta=eta))
 
 
 def tensorboard_writer(run_dir: Path):
@@ -110,11 +99,6 @@ def tensorboard_writer(run_dir: Path):
     except ImportError as err:
         raise ValueError("logger=tensorboard needs the tensorboard package: pip install tensorboard (or pip install -e '.[tensorboard]')") from err
     return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
-
-
-def hms(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:

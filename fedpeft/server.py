@@ -237,7 +237,7 @@ def run_federated(cfg: Config, grid: Grid, run_dir: Path) -> list[dict[str, Any]
                 continue
             raise RunError(
                 f"round {server_round}: {len(report.clients)} accepted updates, fewer than min_clients={max(cfg.min_clients, 1)}; "
-                f"reasons: {reasons[:3]}. The last complete round is checkpointed in {run_dir}; continue with resume={run_dir}"
+                f"reasons: {reasons[:3]}"  # fedpeft.run says how to resume, if a round finished
             )
         last = server_round == cfg.num_rounds
         result = evaluator(strategy.global_model()) if last or server_round % cfg.eval_every == 0 else None

@@ -8,15 +8,21 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from fedpeft import console
 from fedpeft.config import Config
 
 log = logging.getLogger("fedpeft")
+
+
+class SimulationError(RuntimeError):
+    """Flower's simulation engine or Ray failed (no actor could start, a worker died at start-up, ...)."""
 
 
 def backend_config(cfg: Config) -> dict[str, Any]:
@@ -25,8 +31,33 @@ def backend_config(cfg: Config) -> dict[str, Any]:
     return {"client_resources": resources, "init_args": {"log_to_driver": True, "include_dashboard": False}}
 
 
+def start_ray() -> None:
+    """Start this run's Ray cluster (Flower uses a running one as it is).
+
+    As Flower would, plus: unless ``verbose=true``, every worker runs
+    :func:`fedpeft.console.worker_setup` first, which sends its output to the run's ``run.log``,
+    and nothing of the workers is forwarded to this console.
+    """
+    import ray
+
+    quiet = os.environ.get(console.ENV_VERBOSE) == "0"
+    # Ray subprocesses inherit environment variables, not this process's sys.path (Flower does the same).
+    pythonpath = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
+    os.environ["PYTHONPATH"] = pythonpath
+    runtime_env: dict[str, Any] = {"env_vars": {"PYTHONPATH": pythonpath}}
+    if quiet:
+        runtime_env["worker_process_setup_hook"] = "fedpeft.console.worker_setup"
+    ray.init(runtime_env=runtime_env, include_dashboard=False, log_to_driver=not quiet, logging_level=logging.WARNING, configure_logging=not quiet)
+
+
 def run_simulation(cfg: Config, run_dir: Path) -> list[dict[str, Any]]:
-    """Simulate ``cfg.num_clients`` SuperNodes on Ray; returns the metrics rows."""
+    """Simulate ``cfg.num_clients`` SuperNodes on Ray; returns the metrics rows.
+
+    A failure of the engine itself (Ray cannot start a client, ...) raises :class:`SimulationError`
+    with Ray's own reason. Flower's ServerApp thread is then still waiting for replies that will
+    never come, so the caller must end the process (:func:`fedpeft.console.stop_now`), not return.
+    """
+    import ray
     from flwr.simulation import run_simulation as flwr_run_simulation
 
     from clients.app import app as client_app
@@ -44,9 +75,17 @@ def run_simulation(cfg: Config, run_dir: Path) -> list[dict[str, Any]]:
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    flwr_run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.num_clients, backend_config=backend_config(cfg))
+    if not ray.is_initialized():
+        start_ray()
+    try:
+        flwr_run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.num_clients, backend_config=backend_config(cfg))
+    except Exception as err:
+        if "error" in outcome:
+            raise outcome["error"] from err
+        cause = console.root_cause(err)
+        raise SimulationError(f"Flower's simulation engine failed: {type(cause).__name__}: {' '.join(str(cause).split())}") from err
     if "error" in outcome:
         raise outcome["error"]
     if "rows" not in outcome:
-        raise RuntimeError("the simulation ended without running the server app (see Flower's log above)")
+        raise SimulationError("the simulation ended without running the server app (see run.log)")
     return outcome["rows"]

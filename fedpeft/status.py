@@ -1,5 +1,4 @@
-"""What a run tells a person while it runs: the partition report, the node status table, and the
-header and summary lines a deployed run's submitting console prints.
+"""What a run tells a person while it runs: the partition report and the node status table.
 
 * :func:`partition_report` — per simulated client: training and validation examples and the
   label histogram of its training split; written to ``partitions.json`` and drawn as
@@ -8,8 +7,6 @@ header and summary lines a deployed run's submitting console prints.
 * :func:`node_table` — the nodes that answered the handshake: partition, rank or tier, examples,
   labels seen; the ServerApp writes it as ``nodes.json`` (so a deployed run's submitting console
   can print it too) and logs it to ``run.log``.
-* :func:`header_lines` / :func:`summary_lines` — what the submitting console of a deployed run
-  prints before the first round and after the last.
 """
 
 from __future__ import annotations
@@ -23,7 +20,6 @@ from typing import Any
 from fedpeft import plots
 from fedpeft.data import label_counts
 from fedpeft.config import Config
-from fedpeft.results import hms
 
 log = logging.getLogger("fedpeft")
 
@@ -146,33 +142,3 @@ def write_node_status(nodes: Sequence[Mapping[str, Any]], label_names: Sequence[
 
 def node_status_text(nodes: Sequence[Mapping[str, Any]], label_names: Sequence[str]) -> str:
     return f"{len(nodes)} nodes connected:\n{node_table(nodes, label_names)}"
-
-
-# ------------------------------------------------------------------------------ header and summary
-def header_lines(cfg: Config, run_dir: Path, *, engine: str) -> list[str]:
-    """What the run is: rule, model, data, clients and ranks, engine, device, DP, run directory."""
-    ranks = cfg.strategy.ranks or (f"tiers {cfg.strategy.client_tiers}" if cfg.strategy.client_tiers else f"all {cfg.model.lora.r}")
-    dp = cfg.client.dp
-    dp_text = "off" if not dp.enabled else (f"ε={dp.target_epsilon:g} δ={dp.delta:g}" if dp.target_epsilon is not None else f"noise {dp.noise_multiplier:g}")
-    return [
-        f"fedpeft: {cfg.strategy.name} on {cfg.model.name_or_path}, data {cfg.data.name} ({cfg.data.partitioner})",
-        f"  clients {cfg.clients_per_round} of {cfg.num_clients} per round, {cfg.num_rounds} rounds, ranks {ranks}",
-        f"  engine {engine}, device {cfg.device}, DP {dp_text}",
-        f"  run dir {run_dir}",
-    ]
-
-
-def summary_lines(rows: Sequence[Mapping[str, Any]], run_dir: Path, *, elapsed: float) -> list[str]:
-    """Final and best accuracy, time, traffic, and where the results are."""
-    evaluated = [r for r in rows if r.get("test_accuracy") is not None]
-    if not rows:
-        return [f"no round finished in {hms(elapsed)}; see {run_dir}"]
-    final = f"{100 * evaluated[-1]['test_accuracy']:.1f}%" if evaluated else "n/a"
-    best = max(evaluated, key=lambda r: r["test_accuracy"]) if evaluated else None
-    best_text = f"{100 * best['test_accuracy']:.1f}% (round {best['round']})" if best else "n/a"
-    up, down = (rows[-1].get("cumulative_bytes_up") or 0) / 1e6, (rows[-1].get("cumulative_bytes_down") or 0) / 1e6
-    artifacts = [name for name in ("final_adapter", "final_model") if (Path(run_dir) / name).exists()]
-    return [
-        f"done: {len(rows)} rounds in {hms(elapsed)}; final test accuracy {final}, best {best_text}; up {up:.2f} MB, down {down:.2f} MB",
-        f"  results in {run_dir}: metrics.jsonl, plots/" + "".join(f", {a}/" for a in artifacts),
-    ]
