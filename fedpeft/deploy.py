@@ -239,7 +239,7 @@ def submit(cfg: Config, run_dir: Path) -> list[dict[str, Any]]:
     # Ctrl-C first stops the run on the SuperLink, then goes to the caller's own handler (fedpeft.run's
     # prints how to resume and exits 130); a second Ctrl-C does not interrupt `flwr stop`.
     previous = signal.getsignal(signal.SIGINT)
-    in_main = threading.current_thread() is threading.main_thread()
+    in_main = threading.current_thread() is threading.main_thread() and previous is not None  # None: not Python's to restore
     if in_main:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     with open(run_dir / "flwr-run.log", "w") as out:
