@@ -60,12 +60,13 @@ class Run:
 
 @dataclass
 class Group:
-    key: tuple[str, ...]  # the values of the differing settings, in column order
+    columns: tuple[str, ...]  # the differing settings
+    key: tuple[str, ...]  # their values in this group
     runs: list[Run] = field(default_factory=list)
 
     @property
     def label(self) -> str:
-        return ", ".join(self.key) if self.key else "all runs"
+        return ", ".join(f"{c}={v}" for c, v in zip(self.columns, self.key)) if self.key else "all runs"
 
 
 def find_runs(paths: Sequence[str | Path]) -> list[Path]:
@@ -145,7 +146,7 @@ def group_runs(runs: Sequence[Run]) -> tuple[list[str], list[Group]]:
     groups: dict[tuple[str, ...], Group] = {}
     for run in runs:
         key = tuple(run.settings.get(c, DEFAULT) for c in columns)
-        groups.setdefault(key, Group(key=key)).runs.append(run)
+        groups.setdefault(key, Group(columns=tuple(columns), key=key)).runs.append(run)
     return columns, list(groups.values())
 
 

@@ -95,3 +95,9 @@ def test_the_command_prints_the_table_and_writes_next_to_a_multirun(multirun, ca
     out = capsys.readouterr().out
     assert out.startswith("| strategy | seeds | final acc (%)") and (root / "report" / "report.csv").exists()
     assert cli([str(root)]) == 0  # the report folder of a previous call is not taken for a run
+
+
+def test_a_group_is_labelled_by_its_settings(multirun):
+    root, _ = multirun
+    _, groups = group_runs(load_runs(find_runs([root])))
+    assert [g.label for g in groups] == ["strategy=fedavg", "strategy=flora"]
