@@ -182,6 +182,32 @@ def submit(cfg: Config, run_dir: Path) -> list[dict[str, Any]]:
     return read_metrics(results_dir)
 
 
+def stop_submitted(run_dir: Path, *, timeout: float = 30.0) -> str:
+    """Stop the run this machine submitted from ``run_dir`` (Ctrl-C while waiting); says what happened.
+
+    ``flwr run`` printed the run id into ``flwr-run.log``; ``flwr stop`` asks the SuperLink to end it.
+    """
+    import re
+
+    found = re.search(r"Successfully started run (\d+)", (run_dir / "flwr-run.log").read_text(errors="replace")) if (run_dir / "flwr-run.log").exists() else None
+    if found is None:
+        return "no run had been started on the SuperLink"
+    run_id = found.group(1)
+    flwr = Path(sys.executable).with_name("flwr")
+    cmd = [str(flwr if flwr.exists() else "flwr"), "stop", run_id, "fedpeft"]
+    try:
+        done = subprocess.run(cmd, env=flwr_env(run_dir / "flwr-home"), capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        done = None
+        reason = str(err)
+    else:
+        reason = (done.stdout + done.stderr).strip().splitlines()[-1:] or [f"exit {done.returncode}"]
+        reason = reason[0]
+    if done is not None and done.returncode == 0:
+        return f"the deployed run {run_id} was stopped on the SuperLink"
+    return f"could not stop the deployed run {run_id} ({reason}); stop it with: FLWR_HOME={run_dir / 'flwr-home'} flwr stop {run_id} fedpeft"
+
+
 def tail(path: Path, lines: int = 15) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
