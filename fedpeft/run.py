@@ -225,6 +225,8 @@ def main(dcfg: DictConfig) -> float | None:
             from fedpeft.deploy import stop_submitted
 
             lines.append((stop_submitted(run_dir), run_log))
+        if cfg.mode == "centralized":
+            return [*lines, (f"a centralised run cannot be resumed; its metrics so far are in {run_dir}", run_log)]
         return [*lines, (console.resume_advice(results_dir, overrides), run_log)]
 
     results_dir = Path(cfg.deploy.run_dir).expanduser() if cfg.mode == "deploy" and cfg.deploy.run_dir else run_dir  # where checkpoints go
