@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from fedpeft import data as fdata
-from fedpeft.config import Config, ConfigError, DPConfig
+from fedpeft.config import Config, ConfigError, DeployConfig, DPConfig
 from fedpeft.models import ModelError, check_model_config, client_ranks, resolve_device, resolve_model_path
 from fedpeft.results import LOGGERS
 from fedpeft.training import num_local_steps
@@ -75,6 +75,11 @@ def check_config(cfg: Config) -> None:
         from fedpeft.deploy import check_deploy_config  # deploy pulls in the certificate tooling
 
         check_deploy_config(cfg)
+    else:
+        default = DeployConfig()
+        changed = [f"deploy.{f.name}={getattr(cfg.deploy, f.name)}" for f in fields(DeployConfig) if getattr(cfg.deploy, f.name) != getattr(default, f.name)]
+        if changed:
+            raise ConfigError(f"{' '.join(changed)} has no effect with mode={cfg.mode}: add mode=deploy to submit the run to a SuperLink")
     get_strategy(cfg.strategy.name)
     client_ranks(cfg)
     check_model_config(cfg.model)

@@ -34,7 +34,10 @@ class LoraSettings:
         },
     )
     dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["query", "value"])
+    target_modules: list[str] = field(
+        default_factory=lambda: ["query", "value"],
+        metadata={"help": "Modules LoRA adapts, by name or name suffix (peft's rule); each must match a module of the model."},
+    )
     modules_to_save: list[str] = field(
         default_factory=lambda: ["classifier"],
         metadata={"help": "Fully trained (and federated) modules, e.g. a classification head."},
@@ -48,7 +51,7 @@ class ModelConfig:
         metadata={"help": "'embedded:minilm', a Hugging Face model id, or a local directory."},
     )
     task: str = field(default="seq_cls", metadata={"help": "'seq_cls' or 'causal_lm'."})
-    max_length: int = 64
+    max_length: int = field(default=64, metadata={"help": "Tokens per example (truncated); at most the model's positions."})
     dtype: str = "float32"
     lora: LoraSettings = field(default_factory=LoraSettings)
 
@@ -104,11 +107,11 @@ class DPConfig:
             "so a privacy setting is never silently ignored; false turns DP off on purpose."
         },
     )
-    noise_multiplier: Optional[float] = None
-    target_epsilon: Optional[float] = None
+    noise_multiplier: Optional[float] = field(default=None, metadata={"help": "Gaussian noise / clipping norm; or give target_epsilon instead."})
+    target_epsilon: Optional[float] = field(default=None, metadata={"help": "ε every client may spend over the whole run; the noise is calibrated to it."})
     delta: float = 1e-5
-    max_grad_norm: float = 1.0
-    accountant: str = "rdp"
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Per-sample gradient clipping norm C."})
+    accountant: str = field(default="rdp", metadata={"help": "Opacus accountant: 'rdp', 'prv' or 'gdp'."})
     grad_sample_mode: str = field(
         default="lora",
         metadata={"help": "'lora' (fedpeft's per-sample gradients of LoRA/linear layers) or 'opacus' (Opacus hooks, the reference)."},
@@ -117,13 +120,13 @@ class DPConfig:
 
 @dataclass
 class ClientConfig:
-    local_epochs: int = 1
+    local_epochs: int = field(default=1, metadata={"help": "Passes over the local data per round, when local_steps is 0."})
     local_steps: int = field(default=10, metadata={"help": "If > 0, train exactly this many steps instead of epochs."})
-    batch_size: int = 16
-    lr: float = 5e-3
+    batch_size: int = field(default=16, metadata={"help": "Local training batch size (the expected batch under DP's Poisson sampling)."})
+    lr: float = field(default=5e-3, metadata={"help": "AdamW learning rate of the local training (a fresh optimiser every round)."})
     weight_decay: float = 0.0
     eval_batch_size: int = 64
-    num_cpus: float = 1.0
+    num_cpus: float = field(default=1.0, metadata={"help": "CPU cores Ray reserves per simulated client (at most the machine's)."})
     num_gpus: float = field(default=0.0, metadata={"help": "Fraction of a GPU per client; 0.25 puts four on one GPU."})
     dp: DPConfig = field(default_factory=DPConfig)
 
@@ -156,10 +159,10 @@ class DeployConfig:
 
 @dataclass
 class Config:
-    seed: int = 0
-    num_rounds: int = 10
-    num_clients: int = 10
-    clients_per_round: int = 5
+    seed: int = field(default=0, metadata={"help": "Seeds the data split, the partitions, client sampling and every initialisation."})
+    num_rounds: int = field(default=10, metadata={"help": "Federated rounds (server aggregations)."})
+    num_clients: int = field(default=10, metadata={"help": "Clients (SuperNodes); the data is partitioned into this many shares."})
+    clients_per_round: int = field(default=5, metadata={"help": "Clients sampled (seeded) to train in each round."})
     mode: str = field(
         default="simulation",
         metadata={"help": "'simulation' (Flower on Ray), 'deploy' (a SuperLink and its SuperNodes) or 'centralized'."},

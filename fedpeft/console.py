@@ -354,7 +354,7 @@ def root_cause(err: BaseException) -> BaseException:
 def one_line(err: BaseException) -> str:
     """An error as one line: fedpeft's own errors by their message, anything else with its type."""
     text = " ".join(str(err).split()) or type(err).__name__
-    ours = type(err).__module__.split(".")[0] in ("fedpeft", "clients", "strategies")
+    ours = type(err).__module__.split(".")[0] in ("fedpeft", "clients", "strategies", "__main__")  # __main__: fedpeft.run run with -m
     if ours or type(err) is ValueError:  # fedpeft's checks raise its own errors and plain ValueErrors
         return text
     return f"{type(err).__name__}: {text}"

@@ -30,12 +30,10 @@ import ipaddress
 import json
 import logging
 import os
-import re
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -189,31 +187,6 @@ class Progress:
                 log.info("%s", round_line(row, num_rounds=self.num_rounds, elapsed=elapsed, eta=eta))
 
 
-STARTED_RUN = re.compile(r"started run (\d+)")
-
-
-def run_id(flwr_log: Path) -> int | None:
-    """The run id ``flwr run`` printed (``Successfully started run <id>``), if it has yet."""
-    found = STARTED_RUN.search(flwr_log.read_text(errors="replace")) if flwr_log.exists() else None
-    return int(found.group(1)) if found else None
-
-
-def stop_run(run_dir: Path, flwr_home: Path, *, wait: float = 15.0) -> int | None:
-    """``flwr stop`` the submitted run on the SuperLink; returns its id (None if it never started)."""
-    deadline = time.monotonic() + wait
-    rid = run_id(run_dir / "flwr-run.log")
-    while rid is None and time.monotonic() < deadline:  # Ctrl-C during the submission: it may still start
-        time.sleep(0.5)
-        rid = run_id(run_dir / "flwr-run.log")
-    if rid is None:
-        return None
-    cmd = [str(flwr_bin()), "stop", str(rid), "fedpeft"]
-    done = subprocess.run(cmd, env=flwr_env(flwr_home), capture_output=True, text=True, timeout=120)
-    if done.returncode != 0:
-        raise DeployError(f"flwr stop {rid} failed (exit {done.returncode}): {(done.stdout + done.stderr).strip()[-800:]}")
-    return rid
-
-
 def flwr_bin() -> Path | str:
     flwr = Path(sys.executable).with_name("flwr")
     return flwr if flwr.exists() else "flwr"
@@ -223,8 +196,8 @@ def submit(cfg: Config, run_dir: Path) -> list[dict[str, Any]]:
     """Submit the run to ``cfg.deploy.superlink``, print its progress and wait for it; returns the metrics rows.
 
     The ServerApp writes into ``deploy.run_dir`` (default ``run_dir``) on the SuperLink's machine;
-    when that is this machine, the progress and the rows are read from it. ``Ctrl-C`` stops the
-    run on the SuperLink (``flwr stop``), then the caller's SIGINT handler runs (or it exits 130).
+    when that is this machine, the progress and the rows are read from it. (``Ctrl-C`` during the
+    wait: ``fedpeft.run`` stops the run on the SuperLink with :func:`stop_submitted`.)
     """
     check_deploy_config(cfg)
     results_dir = Path(cfg.deploy.run_dir or run_dir).expanduser().resolve()
@@ -236,31 +209,13 @@ def submit(cfg: Config, run_dir: Path) -> list[dict[str, Any]]:
     cmd = [str(flwr_bin()), "run", str(app_dir), "fedpeft", "--stream"]
     log.debug("submitting: %s", " ".join(cmd))
     progress = Progress(results_dir, num_rounds=cfg.num_rounds)
-    # Ctrl-C first stops the run on the SuperLink, then goes to the caller's own handler (fedpeft.run's
-    # prints how to resume and exits 130); a second Ctrl-C does not interrupt `flwr stop`.
-    previous = signal.getsignal(signal.SIGINT)
-    in_main = threading.current_thread() is threading.main_thread() and previous is not None  # None: not Python's to restore
-    if in_main:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
     with open(run_dir / "flwr-run.log", "w") as out:
-        # Its own session: a Ctrl-C at the terminal reaches this process only, which stops the run itself
+        # Its own session: a Ctrl-C at the terminal reaches this process only; fedpeft.run's handler
+        # then stops the run on the SuperLink (stop_submitted)
         proc = subprocess.Popen(cmd, env=flwr_env(flwr_home), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             wait_for_run(cfg, proc, run_dir, results_dir, progress)
-        except KeyboardInterrupt:
-            if in_main:
-                signal.signal(signal.SIGINT, signal.SIG_IGN)
-            try:
-                rid = stop_run(run_dir, flwr_home)
-                log.warning("interrupted: %s", f"stopped run {rid} on the SuperLink" if rid else "the run was not started on the SuperLink")
-            except (DeployError, OSError, subprocess.TimeoutExpired) as err:
-                log.error("interrupted, but could not stop the run on the SuperLink (%s): stop it with `flwr stop <run id>` (`flwr ls` lists the runs)", err)
-            if callable(previous) and previous is not signal.default_int_handler:
-                previous(signal.SIGINT, None)
-            raise SystemExit(130) from None
         finally:
-            if in_main:
-                signal.signal(signal.SIGINT, previous)
             if proc.poll() is None:
                 proc.terminate()
                 try:
@@ -293,6 +248,32 @@ def wait_for_run(cfg: Config, proc: subprocess.Popen, run_dir: Path, results_dir
         if time.monotonic() > deadline:
             raise DeployError(f"the deployed run did not finish within deploy.timeout={cfg.deploy.timeout} s")
         time.sleep(0.5)
+
+
+def stop_submitted(run_dir: Path, *, timeout: float = 30.0) -> str:
+    """Stop the run this machine submitted from ``run_dir`` (Ctrl-C while waiting); says what happened.
+
+    ``flwr run`` printed the run id into ``flwr-run.log``; ``flwr stop`` asks the SuperLink to end it.
+    """
+    import re
+
+    found = re.search(r"Successfully started run (\d+)", (run_dir / "flwr-run.log").read_text(errors="replace")) if (run_dir / "flwr-run.log").exists() else None
+    if found is None:
+        return "no run had been started on the SuperLink"
+    run_id = found.group(1)
+    flwr = Path(sys.executable).with_name("flwr")
+    cmd = [str(flwr if flwr.exists() else "flwr"), "stop", run_id, "fedpeft"]
+    try:
+        done = subprocess.run(cmd, env=flwr_env(run_dir / "flwr-home"), capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        done = None
+        reason = str(err)
+    else:
+        reason = (done.stdout + done.stderr).strip().splitlines()[-1:] or [f"exit {done.returncode}"]
+        reason = reason[0]
+    if done is not None and done.returncode == 0:
+        return f"the deployed run {run_id} was stopped on the SuperLink"
+    return f"could not stop the deployed run {run_id} ({reason}); stop it with: FLWR_HOME={run_dir / 'flwr-home'} flwr stop {run_id} fedpeft"
 
 
 def tail(path: Path, lines: int = 15) -> str:

@@ -62,18 +62,23 @@ class MetricsWriter:
         self.started = time.perf_counter()
         self.rows: list[dict[str, Any]] = []
         self.tensorboard = tensorboard_writer(self.run_dir) if logger == "tensorboard" else None
+        self.live = 0  # rounds run by this process (not replayed from a checkpoint)
         if not append:
             self.jsonl.write_text("")
             with self.csv.open("w", newline="") as fh:
                 csv.writer(fh).writerow(CSV_COLUMNS)
 
     def write(self, row: dict[str, Any], *, rounds_done: int | None = None) -> None:
+        """Append ``row``; ``rounds_done`` marks a row replayed from a checkpoint (not printed, not timed)."""
         row = _clean(row)
         self.rows.append(row)
         with self.jsonl.open("a") as fh:
             fh.write(json.dumps(row, sort_keys=True) + "\n")
         with self.csv.open("a", newline="") as fh:
             csv.writer(fh).writerow(["" if row.get(c) is None else row.get(c) for c in CSV_COLUMNS])
+        if rounds_done is not None:  # a row replayed from a checkpoint: drawn and printed by the run that made it
+            return
+        self.live += 1
         if self.tensorboard is not None:
             for key in CSV_COLUMNS[1:]:
                 if isinstance(row.get(key), (int, float)):
@@ -83,12 +88,12 @@ class MetricsWriter:
             plots.run_plots(self.rows, self.run_dir / "plots")
         except Exception as err:  # a picture is never worth a run
             log.warning("could not draw %s: %s", self.run_dir / "plots", err)
-        self.progress(row, rounds_done=rounds_done)
+        self.progress(row)
 
-    def progress(self, row: dict[str, Any], *, rounds_done: int | None = None) -> None:
-        done = rounds_done if rounds_done is not None else len(self.rows)
+    def progress(self, row: dict[str, Any]) -> None:
+        """The console line of a round run now; the ETA from this run's own pace."""
         elapsed = time.perf_counter() - self.started
-        eta = elapsed / max(done, 1) * max(self.num_rounds - row["round"], 0)
+        eta = elapsed / max(self.live, 1) * max(self.num_rounds - row["round"], 0)
         log.info("%s", round_line(row, num_rounds=self.num_rounds, elapsed=elapsed, eta=eta))
 
 

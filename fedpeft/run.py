@@ -227,11 +227,16 @@ def main(dcfg: DictConfig) -> float | None:
     console.show(console.header_lines(cfg, run_dir, data=data, device=str(resolve_device(cfg.device)) if cfg.mode != "deploy" else None))
 
     def stopped() -> list[tuple[str, Path | None]]:
-        return [
-            ("stopped by Ctrl-C", run_log),
-            (console.resume_advice(run_dir, overrides), run_log),
-        ]
+        lines = [("stopped by Ctrl-C", run_log)]
+        if cfg.mode == "deploy":
+            from fedpeft.deploy import stop_submitted
 
+            lines.append((stop_submitted(run_dir), run_log))
+        if cfg.mode == "centralized":
+            return [*lines, (f"a centralised run cannot be resumed; its metrics so far are in {run_dir}", run_log)]
+        return [*lines, (console.resume_advice(results_dir, overrides), run_log)]
+
+    results_dir = Path(cfg.deploy.run_dir).expanduser() if cfg.mode == "deploy" and cfg.deploy.run_dir else run_dir  # where checkpoints go
     console.on_interrupt(stopped)
     started = time.perf_counter()
     try:
@@ -241,7 +246,7 @@ def main(dcfg: DictConfig) -> float | None:
         if verbose:
             log.exception("the run failed")
         log.error("%s", console.one_line(err))
-        log.info("%s", console.resume_advice(run_dir, overrides))
+        log.info("%s", console.resume_advice(results_dir, overrides))
         console.stop_now(1)  # Flower's threads may still wait for replies: do not wait for them
     console.show(console.summary_lines(rows, cfg=cfg, run_dir=run_dir, seconds=time.perf_counter() - started, num_labels=data.num_labels))
     return rows[-1].get("test_accuracy") if rows else None  # for Hydra sweepers

@@ -27,6 +27,17 @@ def test_a_start_error_is_one_line_and_leaves_no_run_directory(tmp_path):
     assert not (tmp_path / "outputs").exists()
 
 
+def test_a_directory_holding_another_run_is_refused_in_one_line(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"round": 1}\n')
+    done = fedpeft_run("+exp=smoke", f"hydra.run.dir={tmp_path}")
+    assert done.returncode == 1
+    assert done.stderr == (
+        f"error: {tmp_path} holds another run (metrics, checkpoint or final model): choose another hydra.run.dir, "
+        f"continue it with resume={tmp_path}, or replace it with overwrite=true\n"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
+
+
 @pytest.mark.slow
 def test_verbose_shows_the_traceback_of_a_start_error(tmp_path):
     run_dir = tmp_path / "outputs" / "run"

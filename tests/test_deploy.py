@@ -10,6 +10,8 @@ interrupted with Ctrl-C; the run that loses a node has a federation of its own.
 from __future__ import annotations
 
 import json
+import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from fedpeft.config import to_config
-from fedpeft.deploy import LocalFederation, export_partitions, flwr_env
+from fedpeft.deploy import LocalFederation, export_partitions, flwr_env, free_port, wait_for_port
 from fedpeft.results import read_metrics
 from tests.conftest import REPO
 
@@ -133,9 +135,9 @@ def test_ctrl_c_on_the_submitting_console_stops_the_run_on_the_superlink(federat
     out = "".join(lines) + out
     # Assert: the command ends with 130, says which run it stopped and how to continue; the SuperLink agrees
     assert proc.returncode == 130, out[-3000:]
-    stopped = [line for line in out.splitlines() if "interrupted: stopped run" in line]
+    stopped = re.findall(r"the deployed run (\d+) was stopped on the SuperLink", out)
     assert stopped and "stopped by Ctrl-C" in out and f"resume={run_dir}" in out, out[-2000:]
-    run_id = int(stopped[0].split("stopped run ")[1].split()[0])
+    run_id = int(stopped[0])
     ls = subprocess.run(
         [str(Path(sys.executable).with_name("flwr")), "ls", "--run-id", str(run_id), "--format", "json"],
         env=flwr_env(root / "fed" / "flwr-home"), capture_output=True, text=True, timeout=120,
@@ -164,3 +166,76 @@ def test_run_finishes_when_a_supernode_dies(tmp_path):
     # The dead node is recorded as unreachable, by node and partition, in every round it failed
     assert all(r["unreachable"] == [{"node": f["node"], "partition": 1} for f in r["failures"]] for r in later)
     assert "(1 failed)" in out and rows[-1]["test_accuracy"] is not None
+
+
+# ------------------------------------------------------------------------------ the README's steps
+def readme_deploy_steps() -> dict[str, str]:
+    """The commands of the README's "Deploying on edge devices" section, by step, as printed there."""
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## Deploying on edge devices", 1)[1].split("\n## ", 1)[0]
+    blocks = [b.replace("\\\n", " ").strip() for b in re.findall(r"```bash\n(.*?)```", section, flags=re.S)]
+    inline = re.findall(r"`(python -m fedpeft\.deploy (?:node-key|partitions) [^`]*)`", section)
+    steps = {}
+    for name, start in [("certs", "python -m fedpeft.deploy certs"), ("superlink", "flower-superlink"), ("register", "flwr supernode register"),
+                        ("supernode", "python -m fedpeft.deploy supernode"), ("submit", "python -m fedpeft.run")]:  # fmt: skip
+        (steps[name],) = [b for b in blocks if start in b.splitlines()[-1]]  # a block's last line is its command
+    (steps["node_key"],) = [c for c in inline if " node-key " in c]
+    (steps["partitions"],) = [c for c in inline if " partitions " in c]
+    (steps["flwr_config"],) = re.findall(r"```toml\n(.*?)```", section, flags=re.S)
+    return steps
+
+
+def test_readme_deploy_steps_run_as_written(tmp_path):
+    """Every deploy step of the README, on 127.0.0.1: only addresses, ports and paths are replaced
+    (and the submitted run is cut to the tiny test size)."""
+    steps = readme_deploy_steps()
+    port = free_port()
+
+    def here(text: str, node: int = 0) -> str:
+        for old, new in [
+            ("203.0.113.10:9443", f"127.0.0.1:{port}"), ("--port 9443", f"--port {port}"), ("0.0.0.0", "127.0.0.1"), ("203.0.113.10", "127.0.0.1"),
+            ("/absolute/path/certs/ca.crt", str(tmp_path / "certs" / "ca.crt")), ("--port 9094", f"--port {free_port()}"),
+            ("node0", f"node{node}"), ("partition-id=0", f"partition-id={node}"), ("rank=8", f"rank={[8, 2][node]}"),
+            ("/data/news", str(tmp_path / "parts" / f"node{node}-data")), ("/var/lib/fedpeft", str(tmp_path / f"state{node}")),
+        ]:  # fmt: skip
+            text = text.replace(old, new)
+        return text
+
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", PYTHONPATH=str(REPO), FLWR_HOME=str(tmp_path / "flwr-home"))
+
+    def run(cmd: str) -> str:
+        done = subprocess.run(["bash", "-c", cmd], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, f"{cmd}\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
+        return done.stdout
+
+    started: list[subprocess.Popen] = []
+
+    def start(name: str, cmd: str) -> subprocess.Popen:
+        with open(tmp_path / f"{name}.log", "w") as log:
+            started.append(subprocess.Popen(["bash", "-c", cmd], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        return started[-1]
+
+    try:
+        run(here(steps["certs"]))  # 1
+        superlink = start("superlink", here(steps["superlink"]))  # 2
+        wait_for_port(port, proc=superlink, log_path=tmp_path / "superlink.log")
+        (tmp_path / "flwr-home").mkdir(exist_ok=True)  # flower-superlink made it
+        (tmp_path / "flwr-home" / "config.toml").write_text(here(steps["flwr_config"]))
+        run(here(steps["partitions"]))
+        for node in range(2):  # 3 and 4
+            run(here(steps["node_key"], node))
+            run(here(steps["register"], node))
+            start(f"supernode{node}", here(steps["supernode"], node))
+        tiny = "num_rounds=2 client.local_steps=2 model.max_length=32 data.max_samples=60 deploy.timeout=500"
+        out = run(f"{here(steps['submit'])} {tiny} hydra.run.dir={tmp_path / 'run'}")  # 5
+    finally:
+        for proc in reversed(started):
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(timeout=30)
+    rows = read_metrics(tmp_path / "run")
+    assert [r["round"] for r in rows] == [1, 2] and all(r["clients_replied"] == 2 for r in rows)
+    assert sorted(c["rank"] for c in rows[-1]["clients"]) == [2, 8]  # the ranks of the nodes' own configs
+    assert "done: 2 rounds" in out and "final_model" in out

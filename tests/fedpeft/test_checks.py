@@ -33,6 +33,7 @@ SMOKE = ["+exp=smoke"]
         (["model.max_length=0"], "model.max_length must be >= 1"),
         (["model.lora.target_modules=[]"], "model.lora.target_modules is empty"),
         (["round_timeout=0"], "round_timeout must be > 0"),
+        (["deploy.superlink=10.0.0.1:9443"], "deploy.superlink=10.0.0.1:9443 has no effect with mode=simulation: add mode=deploy"),
     ],
 )
 def test_config_mistakes_fail_before_anything_starts(overrides, fragment):
