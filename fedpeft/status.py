@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from fedpeft import plots
-from fedpeft.data import label_counts
 from fedpeft.config import Config
+from fedpeft.data import label_counts
 
 log = logging.getLogger("fedpeft")
 
