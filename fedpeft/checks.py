@@ -228,7 +228,7 @@ def _adapted(name: str, module: nn.Module, targets: list[str]) -> bool:
 
 def check_dp(cfg: Config, sizes: list[int]) -> None:
     """A DP target every client can reach, calibrated as the clients will (fails before training)."""
-    from clients.app import dp_noise  # the clients' own calibration, so the check cannot drift from it
+    from clients.job import dp_noise  # the clients' own calibration, so the check cannot drift from it
     from clients.dp import DPError, check_dp_args
 
     dp = cfg.client.dp

@@ -80,7 +80,7 @@ class DataConfig:
 
 @dataclass
 class StrategyConfig:
-    name: str = field(default="fedavg", metadata={"help": "fedavg | ffa_lora | flora | lora_fair"})
+    name: str = field(default="fedavg", metadata={"help": "The rule: a key of strategies.STRATEGIES."})
     ranks: Optional[list[int]] = field(
         default=None,
         metadata={"help": "Per-client LoRA ranks (length num_clients); None: every client uses model.lora.r."},

@@ -16,12 +16,15 @@ from pathlib import Path
 
 import torch
 from peft.tuners.lora import LoraLayer
+from peft.utils.other import transpose
 from torch import nn
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import logging as hf_logging
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
 from fedpeft.config import EMBEDDED_MODEL, LoraSettings, ModelConfig
+from fedpeft.protocol import LORA_A, LORA_B, OTHER
+from fedpeft.records import exact_product
 
 log = logging.getLogger(__name__)
 # transformers prints a load report for every fresh head ("classifier: MISSING"): expected here.
@@ -100,6 +103,14 @@ def load_base_model(cfg: ModelConfig, *, num_labels: int) -> PreTrainedModel:
     return model
 
 
+def tier_rank(cfg, tier: str) -> int:
+    """The rank of resource tier ``tier`` in ``strategy.tiers`` (the one tier lookup)."""
+    tiers = cfg.strategy.tiers or {}
+    if str(tier) not in tiers:
+        raise ValueError(f"tier {tier!r} is not in strategy.tiers {sorted(tiers)}")
+    return int(tiers[str(tier)])
+
+
 def client_ranks(cfg) -> list[int]:
     """The LoRA rank of every client of a :class:`fedpeft.config.Config`.
 
@@ -119,7 +130,7 @@ def client_ranks(cfg) -> list[int]:
         unknown = sorted(set(s.client_tiers) - set(s.tiers))
         if unknown:
             raise ValueError(f"strategy.client_tiers names unknown tiers {unknown}; known: {sorted(s.tiers)}")
-        ranks = [int(s.tiers[t]) for t in s.client_tiers]
+        ranks = [tier_rank(cfg, t) for t in s.client_tiers]
     else:
         ranks = [cfg.model.lora.r] * n
     if any(r < 1 for r in ranks):
@@ -150,7 +161,7 @@ class CachedModel:
     model: PeftModel
     cfg: ModelConfig
     device: torch.device
-    # The base the clients train on may move (FLoRA merges each round's update into W). The
+    # The base the clients train on may move (a rule may merge each round's update into W). The
     # untouched weights of the adapted modules are kept so any run can start again from W_0.
     pristine: dict[str, torch.Tensor] = field(default_factory=dict)
     base_lineage: str = ""
@@ -169,6 +180,21 @@ class CachedModel:
         sd = get_peft_model_state_dict(self.model, adapter_name=adapter_name(rank))
         return {k: v.detach().to("cpu", copy=True) for k, v in sd.items()}
 
+    def adapter_template(self, rank: int) -> dict[str, torch.Tensor]:
+        """The keys, shapes and dtypes of the rank-``rank`` adapter (its current values; read them as a template only)."""
+        self.activate(rank)
+        return self.adapter_state(rank)
+
+    def set_trainable(self, rank: int, roles: set[str]) -> None:
+        """Train exactly the rank-``rank`` adapter's tensors whose role (:func:`fedpeft.protocol.key_role`) is in ``roles``."""
+        name = adapter_name(rank)
+        self.model.set_adapter(name)  # marks this adapter's tensors (LoRA and head) trainable, others frozen
+        for pname, param in self.model.named_parameters():
+            if not param.requires_grad:
+                continue
+            role = LORA_A if pname.endswith(f".lora_A.{name}.weight") else LORA_B if pname.endswith(f".lora_B.{name}.weight") else OTHER
+            param.requires_grad_(role in roles)
+
     def load_adapter_state(self, rank: int, state: dict[str, torch.Tensor], *, strict: bool = True) -> None:
         expected = set(get_peft_model_state_dict(self.model, adapter_name=adapter_name(rank)))
         if strict and set(state) != expected:
@@ -179,17 +205,17 @@ class CachedModel:
         if unexpected:
             raise ValueError(f"unexpected adapter keys: {unexpected[:3]}")
 
-    def base_layers(self) -> dict[str, nn.Linear]:
-        """The frozen base Linear of every LoRA-adapted module, by the module name used in adapter keys.
+    def lora_layers(self) -> dict[str, LoraLayer]:
+        """Every LoRA-adapted module, by the module name used in adapter keys.
 
         Adapter keys look like ``base_model.model.<name>.lora_A.weight``; the name returned here is
         ``base_model.model.<name>``, the module part shared with :class:`fedpeft.records.LoraPair`.
         """
-        layers = {}
-        for name, module in self.model.named_modules():
-            if isinstance(module, LoraLayer):
-                layers[name] = module.get_base_layer()
-        return layers
+        return {name: module for name, module in self.model.named_modules() if isinstance(module, LoraLayer)}
+
+    def base_layers(self) -> dict[str, nn.Module]:
+        """The frozen base layer (``nn.Linear``, GPT-2's ``Conv1D``, ...) of every LoRA-adapted module."""
+        return {name: module.get_base_layer() for name, module in self.lora_layers().items()}
 
     def merged_base(self) -> dict[str, torch.Tensor]:
         """The adapted layers' current base weights (what :meth:`restore_base` takes back)."""
@@ -209,30 +235,50 @@ class CachedModel:
     def use_base(self, lineage: str, deltas: list[dict[str, torch.Tensor]], *, version: int) -> None:
         """Make the base weights ``W_0 + Σ deltas[:version]`` for the run ``lineage``.
 
-        ``deltas[t]`` maps module names (as in :meth:`base_layers`) to ΔW of round t+1 (d_out, d_in).
+        ``deltas[t]`` maps module names (as in :meth:`base_layers`) to ΔW of round t+1 in peft's
+        orientation ``(d_out, d_in)`` (``lora_B @ lora_A``); it is added as peft merges an adapter,
+        transposed where the layer stores its weight ``fan_in_fan_out`` (GPT-2's ``Conv1D``).
         Only what is new is applied: a worker already at version v adds ``deltas[v:version]``.
         Each update is added in float64 and cast once, in round order, so every process that
         applies the same deltas holds bit-identical weights. A different lineage (another run in
         the same process) or a lower version restores ``W_0`` first.
         """
-        layers = self.base_layers()
+        lora_layers = self.lora_layers()
         self.pristine = self.pristine or self.merged_base()
         if lineage != self.base_lineage or version < self.base_version:
             with torch.no_grad():
-                for name, layer in layers.items():
-                    layer.weight.copy_(self.pristine[name].to(layer.weight.device))
+                for name, module in lora_layers.items():
+                    module.get_base_layer().weight.copy_(self.pristine[name].to(module.get_base_layer().weight.device))
             self.base_lineage, self.base_version = lineage, 0
         if len(deltas) < version - self.base_version:
             raise ValueError(f"base at version {self.base_version} needs {version - self.base_version} updates, got {len(deltas)}")
         with torch.no_grad():
             for delta in deltas[: version - self.base_version]:
                 for name, dw in delta.items():
-                    weight = layers[name].weight
-                    if tuple(dw.shape) != tuple(weight.shape):
-                        raise ValueError(f"base update for {name}: shape {tuple(dw.shape)}, weight is {tuple(weight.shape)}")
-                    merged = weight.detach().to("cpu", torch.float64) + dw.to("cpu", torch.float64)
-                    weight.copy_(merged.to(weight.dtype).to(weight.device))
+                    if name not in lora_layers:
+                        raise ValueError(f"base update for {name!r}, which is not a LoRA-adapted module of this model")
+                    merge_delta(lora_layers[name], dw)
         self.base_version = version
+
+
+def merge_delta(module: LoraLayer, delta_w: torch.Tensor) -> None:
+    """``W ← W + ΔW`` for one LoRA-adapted module, with peft's merge semantics.
+
+    ``delta_w: (d_out, d_in)`` as ``lora_B @ lora_A``; transposed as peft's ``get_delta_weight`` does
+    when the layer keeps its weight as ``(d_in, d_out)`` (``fan_in_fan_out``). Added in float64, cast once.
+    """
+    weight = module.get_base_layer().weight
+    dw = transpose(delta_w.to("cpu", torch.float64), bool(getattr(module, "fan_in_fan_out", False)))
+    if tuple(dw.shape) != tuple(weight.shape):
+        raise ValueError(f"base update of shape {tuple(delta_w.shape)} does not fit a weight of shape {tuple(weight.shape)}")
+    merged = weight.detach().to("cpu", torch.float64) + dw
+    weight.copy_(merged.to(weight.dtype).to(weight.device))
+
+
+def adapter_delta(module: LoraLayer, adapter_name: str) -> torch.Tensor:
+    """peft's ``get_delta_weight`` of one adapter, in float64 (bit-reproducible, see ``exact_product``)."""
+    product = exact_product(module.lora_B[adapter_name].weight.detach().cpu(), module.lora_A[adapter_name].weight.detach().cpu())
+    return transpose(product, bool(getattr(module, "fan_in_fan_out", False))) * module.scaling[adapter_name]
 
 
 def resolve_device(device: str) -> torch.device:

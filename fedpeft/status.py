@@ -108,16 +108,15 @@ def write_partition_report(data: Any, cfg: Config, run_dir: Path) -> dict[str, A
 
 
 # ------------------------------------------------------------------------------ nodes
-def node_row(node_id: int, metrics: Mapping[str, Any], *, tier: str | None, label_names: Sequence[str]) -> dict[str, Any]:
-    """One node of the handshake, from its reply's metrics (``partition-id``, ``rank``, ``num-examples``,
-    optionally ``label-counts``) and its tier (None when it has none)."""
-    counts = [int(c) for c in metrics.get("label-counts", [])]
+def node_row(node_id: int, hello: Any, *, label_names: Sequence[str]) -> dict[str, Any]:
+    """One node of the handshake, from its :class:`fedpeft.protocol.NodeHello`."""
+    counts = [int(c) for c in hello.label_counts]
     return {
         "node": int(node_id),
-        "partition": int(metrics["partition-id"]),
-        "rank": int(metrics["rank"]),
-        "tier": tier,
-        "examples": int(metrics["num-examples"]),
+        "partition": hello.partition_id,
+        "rank": hello.rank,
+        "tier": hello.tier,
+        "examples": hello.num_examples,
         "label_counts": counts,
         "labels_seen": sum(1 for c in counts if c) if counts else None,
         "num_labels": len(label_names),

@@ -15,9 +15,9 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from fedpeft.records import State, split_state
+from fedpeft.records import State, resize_factor, split_state
 from strategies.base import ClientUpdate, LoRAStrategy
-from strategies.lora_math import ideal_delta, pad_a, pad_b, relative_residual, residual_parts, weighted_sum
+from strategies.lora_math import ideal_delta, relative_residual, residual_parts, weighted_sum
 
 
 def fedit_pair(
@@ -27,8 +27,8 @@ def fedit_pair(
 
     ``lora_as[k]: (r_k, d_in)``, ``lora_bs[k]: (d_out, r_k)`` -> ``(Ā: (rank, d_in), B̄: (d_out, rank))``.
     """
-    lora_a = weighted_sum([pad_a(a, rank) for a in lora_as], weights)
-    lora_b = weighted_sum([pad_b(b, rank) for b in lora_bs], weights)
+    lora_a = weighted_sum([resize_factor(a, rank, dim=0) for a in lora_as], weights)
+    lora_b = weighted_sum([resize_factor(b, rank, dim=1) for b in lora_bs], weights)
     return lora_a, lora_b
 
 

@@ -72,7 +72,7 @@ def test_would_exceed_guards_the_budget():
 
 
 def test_client_declines_a_round_that_would_exceed_its_budget(tmp_path):
-    from clients.app import dp_train
+    from clients.job import dp_train
     from clients.state import NodeStore
     from fedpeft.config import Config, DPConfig
 

@@ -8,6 +8,7 @@ from collections import Counter
 
 from fedpeft.config import DataConfig
 from fedpeft.data import build
+from fedpeft.protocol import NodeHello, decode_query_reply, encode_query_reply
 from fedpeft.status import node_row, node_table, partition_report, partition_warnings, write_partition_report
 from tests.fedpeft.test_config import compose_cfg
 
@@ -58,10 +59,17 @@ def test_the_few_batches_threshold_is_exact():
 def test_node_table_shows_partition_rank_tier_examples_and_labels():
     names = ["business", "sports", "tech"]
     nodes = [
-        node_row(77, {"partition-id": 1, "rank": 2, "num-examples": 10, "label-counts": [0, 4, 6]}, tier="phone", label_names=names),
-        node_row(5, {"partition-id": 0, "rank": 8, "num-examples": 12, "label-counts": [12, 0, 0]}, tier=None, label_names=names),
+        node_row(77, NodeHello(partition_id=1, rank=2, num_examples=10, label_counts=(0, 4, 6), tier="phone"), label_names=names),
+        node_row(5, NodeHello(partition_id=0, rank=8, num_examples=12, label_counts=(12, 0, 0)), label_names=names),
     ]
     lines = node_table(nodes, names).splitlines()
     assert lines[0].split() == ["node", "partition", "rank", "tier", "examples", "labels", "business", "sports", "tech"]
     assert lines[1].split() == ["5", "0", "8", "-", "12", "1/3", "12", "0", "0"]
     assert lines[2].split() == ["77", "1", "2", "phone", "10", "2/3", "0", "4", "6"]
+
+
+def test_the_handshake_reply_carries_label_counts_and_tier():
+    hello = NodeHello(partition_id=3, rank=2, num_examples=10, label_counts=(0, 4, 6), tier="phone")
+    assert decode_query_reply(encode_query_reply(hello)) == hello
+    plain = NodeHello(partition_id=0, rank=8, num_examples=5)
+    assert decode_query_reply(encode_query_reply(plain)) == plain
