@@ -1,4 +1,4 @@
-"""Per-node state that must outlive a process: FLoRA's base updates, the DP accountant history.
+"""Per-node state that must outlive a process: base updates, tensors a plan keeps, the DP accountant history.
 
 In deployment every ``flwr-clientapp`` process handles one message and exits, and a node may
 restart, so this state lives on the node's disk. Each file is written to a temporary name and
@@ -33,7 +33,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 class NodeStore:
     """A folder owned by one node: ``<lineage>/base-update-<round>.pt``, ``<lineage>/merged-base.safetensors``,
-    ``cache/`` and ``<name>.json``."""
+    ``<lineage>/kept.safetensors`` (adapter tensors a plan keeps on the node), ``cache/`` and ``<name>.json``."""
 
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
@@ -63,7 +63,7 @@ class NodeStore:
     def save_json(self, name: str, value: Any) -> None:
         atomic_write_bytes(self.root / f"{name}.json", json.dumps(value, sort_keys=True).encode())
 
-    # --- the merged base (FLoRA): W_0 + all updates so far, so a new process need not replay them
+    # --- the merged base: W_0 + all updates so far, so a new process need not replay them
     def save_merged_base(self, lineage: str, version: int, weights: dict[str, torch.Tensor]) -> None:
         """The adapted layers' merged weights at ``version`` (safetensors: memory-mapped on load)."""
         from safetensors.torch import save
@@ -80,6 +80,20 @@ class NodeStore:
         with safe_open(str(path), framework="pt") as fh:
             version = int(fh.metadata()["version"])
             return version, {k: fh.get_tensor(k) for k in fh.keys()}
+
+    # --- adapter tensors a plan keeps on the node between rounds (``GroupPlan.keep``)
+    def save_kept(self, lineage: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Merge ``tensors`` into what the node keeps for run ``lineage`` (a key sent again replaces the old value)."""
+        from safetensors.torch import save
+
+        kept = {**(self.load_kept(lineage) or {}), **{k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}}
+        atomic_write_bytes(self.root / lineage / "kept.safetensors", save(kept))
+
+    def load_kept(self, lineage: str) -> dict[str, torch.Tensor] | None:
+        from safetensors.torch import load_file
+
+        path = self.root / lineage / "kept.safetensors"
+        return load_file(str(path)) if path.exists() else None
 
     # --- anything costly to rebuild in every short-lived process (encoded data)
     def load_cached(self, key: str) -> Any:

@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from fedpeft.protocol import NODE_DATA_PATH, NODE_PARTITION_ID, NODE_STATE_DIR
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -61,7 +63,7 @@ def bench_rounds(rounds: int, work: Path) -> dict:
     out["simulated"] = {"round_seconds": round_walls(sim_rows), "run_seconds": time.perf_counter() - started, "final_accuracy": sim_rows[-1]["test_accuracy"]}
     models.clear_cache()
     folders = export_partitions(to_config(cfg_dict), work)  # the same two clients' data, as the nodes' folders
-    nodes = [{"partition-id": k, "data-path": str(folders[k]), "state-dir": str(work / f"state{k}")} for k in range(2)]
+    nodes = [{NODE_PARTITION_ID: k, NODE_DATA_PATH: str(folders[k]), NODE_STATE_DIR: str(work / f"state{k}")} for k in range(2)]
     with LocalFederation(work / "fed", nodes) as fed:
         started = time.perf_counter()
         dep_rows = execute(to_config({**cfg_dict, "mode": "deploy", "deploy": fed.config_overrides()}), work / "deployed")
@@ -75,14 +77,16 @@ def prepare_node(store_dir: Path, base_rounds: int) -> None:
     """A node store as after ``base_rounds`` FLoRA rounds: every round's stacks, the merged base, the data cache."""
     import torch
 
-    from clients.app import local_data, worker_model
+    from clients.job import worker_model
+    from clients.node import local_data
+    from fedpeft.protocol import RunInfo
     from clients.state import NodeStore
     from fedpeft.config import to_config
     from fedpeft.records import stack_to_delta
 
     cfg = to_config(NODE_CFG)
-    ctx = _context({"partition-id": 0, "state-dir": str(store_dir)})
-    num_labels, _, _ = local_data(cfg, 0, ctx, {})
+    ctx = _context({NODE_PARTITION_ID: 0, NODE_STATE_DIR: str(store_dir)})
+    num_labels, _, _ = local_data(cfg, 0, ctx, RunInfo(config_json=""))
     cm = worker_model(cfg, num_labels)
     store = NodeStore(store_dir / "node-0")
     gen = torch.Generator().manual_seed(0)
@@ -108,15 +112,17 @@ def _context(node_config: dict):
 def child(mode: str, store_dir: Path, base_rounds: int) -> dict:
     """One fresh process doing what a ClientApp process does before training (``mode``: before/after)."""
     t0 = time.perf_counter()
-    from clients.app import local_data, worker_model  # the imports a ClientApp pays
+    from clients.job import worker_model  # the imports a ClientApp pays
+    from clients.node import local_data
+    from fedpeft.protocol import RunInfo
     from clients.state import NodeStore
     from fedpeft.config import to_config
     from fedpeft.records import stack_to_delta
 
     t1 = time.perf_counter()
     cfg = to_config(NODE_CFG)
-    node_config = {"partition-id": 0, "state-dir": str(store_dir)} if mode == "after" else {"partition-id": 0}
-    num_labels, train, _ = local_data(cfg, 0, _context(node_config), {})
+    node_config = {NODE_PARTITION_ID: 0, NODE_STATE_DIR: str(store_dir)} if mode == "after" else {NODE_PARTITION_ID: 0}
+    num_labels, train, _ = local_data(cfg, 0, _context(node_config), RunInfo(config_json=""))
     t2 = time.perf_counter()
     cm = worker_model(cfg, num_labels)
     t3 = time.perf_counter()

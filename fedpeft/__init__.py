@@ -1,3 +1,3 @@
-"""fedpeft: federated LoRA fine-tuning on Flower — FedIT, FFA-LoRA, FLoRA and LoRA-FAIR."""
+"""fedpeft: federated parameter-efficient fine-tuning on Flower; the aggregation rules live in ``strategies/``."""
 
 __version__ = "0.1.0"

@@ -2,7 +2,7 @@
 
 The ClientApp is ``clients.app:app`` in both engines; the ServerApp below runs the same
 :func:`fedpeft.server.run_federated` as the simulation's, with the composed Hydra config arriving
-in the run config (``fedpeft-config``, JSON) instead of a Python closure.
+in the run config (``fedpeft.protocol.FEDPEFT_CONFIG``, JSON) instead of a Python closure.
 
 ``python -m fedpeft.run +exp=<name> mode=deploy deploy.superlink=<host:port> deploy.root_certificates=<ca.crt>``
 composes and checks the config, writes a one-file Flower App (``flwr-app/pyproject.toml``: the
@@ -36,6 +36,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedpeft.config import Config, DeployConfig, from_json, to_json
+from fedpeft.protocol import FEDPEFT_CONFIG, RUN_DIR
 
 log = logging.getLogger("fedpeft")
 
@@ -49,8 +50,8 @@ def main(grid: Grid, context: Context) -> None:
     """The deployed ServerApp: the run's config and results folder come in the run config."""
     from fedpeft.server import run_federated
 
-    cfg = from_json(str(context.run_config["fedpeft-config"]))
-    run_dir = Path(str(context.run_config["run-dir"]))
+    cfg = from_json(str(context.run_config[FEDPEFT_CONFIG]))
+    run_dir = Path(str(context.run_config[RUN_DIR]))
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / FAILED).unlink(missing_ok=True)
     started = time.perf_counter()
@@ -96,8 +97,8 @@ def write_app(app_dir: Path, cfg: Config, run_dir: Path) -> Path:
                 'clientapp = "clients.app:app"',
                 "",
                 "[tool.flwr.app.config]",
-                f"fedpeft-config = {_toml_str(to_json(cfg))}",
-                f"run-dir = {_toml_str(str(run_dir))}",
+                f"{FEDPEFT_CONFIG} = {_toml_str(to_json(cfg))}",
+                f"{RUN_DIR} = {_toml_str(str(run_dir))}",
                 "",
             ]
         )

@@ -8,7 +8,7 @@ are peft's own state-dict keys (``get_peft_model_state_dict``), e.g.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,20 +46,6 @@ def split_state(state: Mapping[str, torch.Tensor]) -> tuple[list[LoraPair], list
     return pairs, others
 
 
-def lora_rank(state: Mapping[str, torch.Tensor]) -> int:
-    """The rank shared by all LoRA pairs in ``state`` (``ValueError`` if they disagree or mismatch)."""
-    pairs, _ = split_state(state)
-    ranks = set()
-    for pair in pairs:
-        a, b = state[pair.a_key], state[pair.b_key]
-        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
-            raise ValueError(f"{pair.module}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not form a LoRA pair")
-        ranks.add(a.shape[0])
-    if len(ranks) != 1:
-        raise ValueError(f"adapter mixes LoRA ranks {sorted(ranks)}")
-    return ranks.pop()
-
-
 def to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
     """An ArrayRecord holding copies of the tensors (the caller's tensors are never shared)."""
     record = ArrayRecord()
@@ -78,42 +64,75 @@ def state_nbytes(state: Mapping[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in state.values())
 
 
-def resize_rank(state: Mapping[str, torch.Tensor], rank: int) -> State:
-    """Every LoRA pair cut to its first ``rank`` components, or zero-padded up to ``rank``.
+def rank_dim(key: str) -> int | None:
+    """The rank dimension of an adapter tensor: 0 for ``lora_A`` (r, d_in), 1 for ``lora_B`` (d_out, r), else None."""
+    if key.endswith(LORA_A_SUFFIX):
+        return 0
+    if key.endswith(LORA_B_SUFFIX):
+        return 1
+    return None
 
-    Cutting keeps the first r rows of A and the first r columns of B (HetLoRA); padding appends
-    zero rows to A and zero columns to B, so ``B @ A`` is unchanged by padding. Other tensors
-    (heads) are copied as they are.
+
+def resize_factor(tensor: torch.Tensor, rank: int, *, dim: int) -> torch.Tensor:
+    """``tensor`` cut to its first ``rank`` slices along ``dim``, or zero-padded up to ``rank`` (a copy).
+
+    For a LoRA pair (``lora_a`` along dim 0, ``lora_b`` along dim 1) padding leaves ``B @ A``
+    unchanged and cutting keeps the first r components (HetLoRA).
     """
-    pairs, others = split_state(state)
-    out: State = {k: state[k].clone() for k in others}
-    for pair in pairs:
-        a, b = state[pair.a_key], state[pair.b_key]
-        r = a.shape[0]
-        if rank <= r:
-            out[pair.a_key], out[pair.b_key] = a[:rank].clone(), b[:, :rank].clone()
-        else:
-            out[pair.a_key] = torch.cat([a, a.new_zeros(rank - r, a.shape[1])], dim=0)
-            out[pair.b_key] = torch.cat([b, b.new_zeros(b.shape[0], rank - r)], dim=1)
+    r = tensor.shape[dim]
+    if rank <= r:
+        return tensor.narrow(dim, 0, rank).clone()
+    shape = list(tensor.shape)
+    shape[dim] = rank - r
+    return torch.cat([tensor, tensor.new_zeros(shape)], dim=dim)
+
+
+def resize_rank(state: Mapping[str, torch.Tensor], rank: int) -> State:
+    """Every LoRA factor resized to ``rank`` (:func:`resize_factor`); other tensors (heads) copied."""
+    out: State = {}
+    for key, tensor in state.items():
+        dim = rank_dim(key)
+        out[key] = tensor.clone() if dim is None else resize_factor(tensor, rank, dim=dim)
     return dict(sorted(out.items()))
 
 
-def seeded_lora_a(state: Mapping[str, torch.Tensor], *, seed: int) -> State:
-    """Every ``lora_A`` in ``state`` replaced by a deterministic draw from ``seed``.
+def round_seed(seed: int, server_round: int) -> int:
+    """The seed of round ``server_round`` in a run seeded ``seed``: one formula for every per-round draw
+    (a fresh adapter's A, a client's shuffling, the centralised reference's shuffling)."""
+    return seed * 1_000_003 + server_round
 
-    Kaiming-uniform (peft's default for A: bound ``1/sqrt(d_in)``), drawn in float64 from a CPU
-    generator layer by layer in sorted key order, then cast: bit-identical on every machine that
-    holds the same keys and shapes. FFA-LoRA uses it so that A never has to travel, and FLoRA to
-    make each round's fresh adapter reproducible. Other tensors are copied unchanged.
+
+def seeded_tensors(template: Mapping[str, torch.Tensor], keys: Sequence[str], *, seed: int, seed_rank: int | None = None) -> State:
+    """Deterministic draws for ``keys`` of ``template`` (shapes and dtypes) from ``seed``.
+
+    Kaiming-uniform as peft initialises ``lora_A`` (bound ``1/sqrt(fan_in)``, fan_in the second
+    dimension, or the size of a vector), drawn in float64 from one CPU generator key by key in
+    sorted order, then cast: bit-identical on every machine holding the same keys and shapes.
+    With ``seed_rank`` a LoRA factor is drawn at that rank and cut to its own, so clients of
+    every rank share the first components of one draw.
     """
-    pairs, _ = split_state(state)
-    out: State = {k: v.clone() for k, v in state.items()}
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    for pair in sorted(pairs, key=lambda p: p.a_key):
-        a = state[pair.a_key]
-        bound = 1.0 / math.sqrt(a.shape[1])
-        draw = torch.rand(a.shape, generator=gen, dtype=torch.float64) * (2 * bound) - bound
-        out[pair.a_key] = draw.to(a.dtype)
+    out: State = {}
+    for key in sorted(keys):
+        like = template[key]
+        shape, dim = list(like.shape), rank_dim(key)
+        if seed_rank is not None and dim is not None:
+            shape[dim] = seed_rank
+        fan_in = shape[1] if len(shape) >= 2 else shape[0]
+        bound = 1.0 / math.sqrt(fan_in)
+        draw = torch.rand(shape, generator=gen, dtype=torch.float64) * (2 * bound) - bound
+        if dim is not None:
+            draw = draw.narrow(dim, 0, like.shape[dim])
+        out[key] = draw.to(like.dtype).contiguous()
+    return out
+
+
+def fresh_lora(state: Mapping[str, torch.Tensor], *, seed: int) -> State:
+    """``state`` with every ``lora_A`` drawn from ``seed`` (:func:`seeded_tensors`) and every ``lora_B``
+    zero (peft's LoRA init, reproducible); other tensors copied."""
+    a_keys = [k for k in state if k.endswith(LORA_A_SUFFIX)]
+    out: State = {k: torch.zeros_like(v) if k.endswith(LORA_B_SUFFIX) else v.clone() for k, v in state.items()}
+    out.update(seeded_tensors(state, a_keys, seed=seed))
     return out
 
 
@@ -122,7 +141,7 @@ def exact_product(lora_b: torch.Tensor, lora_a: torch.Tensor) -> torch.Tensor:
 
     ``lora_b: (d_out, r)``, ``lora_a: (r, d_in)`` -> ``(d_out, d_in)``. Elementwise products and a
     fixed summation order make the result bit-identical in every process whatever its BLAS and
-    thread count, which FLoRA needs: the server and every client merge the same ΔW into W.
+    thread count, which a moving base needs: the server and every client merge the same ΔW into W.
     """
     b, a = lora_b.to(torch.float64), lora_a.to(torch.float64)
     if b.shape[1] != a.shape[0]:
@@ -137,7 +156,7 @@ def stack_to_delta(stacks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
     """Stacked factors -> ΔW per module, computed with :func:`exact_product`.
 
     ``stacks`` holds ``<module>.lora_A.weight: (Σr, d_in)`` and ``<module>.lora_B.weight:
-    (d_out, Σr)`` (FLoRA's stack, scalings folded into A); returns ``{<module>: ΔW (d_out, d_in)}``.
+    (d_out, Σr)`` (a base update's stack, scalings folded into A); returns ``{<module>: ΔW (d_out, d_in)}``.
     """
     pairs, others = split_state(stacks)
     if others:

@@ -16,15 +16,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType
 from flwr.serverapp import Grid
 
 from fedpeft import data as fdata
 from fedpeft import models
 from fedpeft.config import Config, to_json
-from fedpeft.records import LORA_B_SUFFIX, State, exact_product, seeded_lora_a, split_state, stack_to_delta
+from fedpeft import protocol
+from fedpeft.records import State, fresh_lora, round_seed, split_state, stack_to_delta
 from fedpeft.models import client_ranks
-from fedpeft.results import MetricsWriter
+from fedpeft.results import MetricsWriter, weighted_spread
 from fedpeft.training import EvalResult, evaluate, num_local_steps, train_local
 from strategies import LoRAStrategy, get_strategy
 from strategies.base import GlobalModel, NodeInfo, short_reason
@@ -36,12 +37,10 @@ class RunError(RuntimeError):
     """The run cannot go on (too few nodes, every client failed, ...); the message says why."""
 
 
-def initial_adapter(cm: models.CachedModel, *, rank: int, seed: int) -> State:
+def initial_adapter(cm: models.CachedModel, *, rank: int | None, seed: int) -> State:
     """The round-0 adapter at ``rank``: A drawn from ``seed``, B zero (peft's init), the head as built."""
     cm.activate(rank)
-    state = cm.adapter_state(rank)
-    state = seeded_lora_a(state, seed=seed)
-    return {k: torch.zeros_like(v) if k.endswith(LORA_B_SUFFIX) else v for k, v in state.items()}
+    return fresh_lora(cm.adapter_state(rank), seed=seed)
 
 
 class ServerEvaluator:
@@ -91,7 +90,7 @@ def exchange(grid: Grid, messages: list[Message], *, timeout: float, poll: float
     return replies
 
 
-def handshake(grid: Grid, cfg: Config, config: ConfigRecord, *, timeout: float = 600.0) -> list[NodeInfo]:
+def handshake(grid: Grid, cfg: Config, run: protocol.RunInfo, *, timeout: float = 600.0) -> list[NodeInfo]:
     """Wait for ``num_clients`` nodes, ask each for its partition, rank and data size."""
     deadline = time.monotonic() + timeout
     node_ids = list(grid.get_node_ids())
@@ -100,13 +99,13 @@ def handshake(grid: Grid, cfg: Config, config: ConfigRecord, *, timeout: float =
             raise RunError(f"only {len(node_ids)} of num_clients={cfg.num_clients} nodes connected within {timeout:.0f} s")
         time.sleep(1.0)
         node_ids = list(grid.get_node_ids())
-    messages = [Message(RecordDict({"config": config}), dst_node_id=n, message_type=MessageType.QUERY) for n in sorted(node_ids)]
+    messages = [Message(protocol.encode_query(run), dst_node_id=n, message_type=MessageType.QUERY) for n in sorted(node_ids)]
     nodes, seen = [], {}
     for node_id, reply in exchange(grid, messages, timeout=timeout):
         if reply.has_error():
             raise RunError(f"node {node_id} failed the handshake: {reply.error.reason}")
-        m = reply.content["metrics"]
-        info = NodeInfo(node_id=node_id, partition_id=int(m["partition-id"]), rank=int(m["rank"]), num_examples=int(m["num-examples"]))
+        hello = protocol.decode_query_reply(reply.content)
+        info = NodeInfo(node_id=node_id, partition_id=hello.partition_id, rank=hello.rank, num_examples=hello.num_examples)
         if info.partition_id in seen:
             raise RunError(f"nodes {seen[info.partition_id]} and {node_id} both serve partition {info.partition_id}")
         seen[info.partition_id] = node_id
@@ -122,13 +121,18 @@ def round_row(strategy: LoRAStrategy, server_round: int, *, wall: float, result:
     up, down = sum(report.bytes_up.values()), sum(report.bytes_down.values())
     totals["up"] += up
     totals["down"] += down
-    weights = [c["num-examples"] for c in report.clients]
-    train_loss = sum(w * c["train-loss"] for w, c in zip(weights, report.clients)) / sum(weights) if weights else None
+    weights = [c[protocol.NUM_EXAMPLES] for c in report.clients]
+    train_loss = sum(w * c[protocol.TRAIN_LOSS] for w, c in zip(weights, report.clients)) / sum(weights) if weights else None
     clients = []
     for c in sorted(report.clients, key=lambda c: c["partition"]):
         node = c["node"]
         clients.append({k.replace("-", "_"): v for k, v in c.items()} | {"bytes_up": report.bytes_up.get(node, 0), "bytes_down": report.bytes_down.get(node, 0)})
     epsilons = [c["epsilon"] for c in clients if c.get("epsilon") is not None]
+    # The clients' validation accuracy: from the federated evaluation when the rule ran one, else
+    # from the train replies (each client's model right after local training).
+    source = "evaluate" if report.evaluations else "train"
+    measured = [c for c in (report.evaluations or report.clients) if c.get(protocol.VAL_ACCURACY) is not None]
+    spread = weighted_spread([c[protocol.VAL_ACCURACY] for c in measured], [c.get(protocol.VAL_EXAMPLES, c.get(protocol.NUM_EXAMPLES, 1)) for c in measured])
     return {
         "round": server_round,
         "test_accuracy": None if result is None else result.accuracy,
@@ -146,6 +150,9 @@ def round_row(strategy: LoRAStrategy, server_round: int, *, wall: float, result:
         "bytes_down_per_client": {str(p): b for p, b in sorted((strategy.nodes[n].partition_id, b) for n, b in report.bytes_down.items())},
         "residual": report.extra.get("residual"),
         "max_epsilon": max(epsilons) if epsilons else None,
+        **{f"client_val_accuracy_{k}": v for k, v in spread.items()},
+        "client_val_accuracy_source": source if measured else None,
+        "evaluations": [{k.replace("-", "_"): v for k, v in e.items()} for e in sorted(report.evaluations, key=lambda e: e["partition"])],
         "clients": clients,
         "rejected": report.rejected,
         "failures": report.failures,
@@ -202,11 +209,12 @@ def run_federated(cfg: Config, grid: Grid, run_dir: Path) -> list[dict[str, Any]
     checkpoint = load_checkpoint(run_dir, cfg) if cfg.resume else None
     lineage = checkpoint["lineage"] if checkpoint else f"{run_dir.name}-{time.time_ns():x}"
     evaluator = ServerEvaluator(cfg, data, lineage=lineage)
-    strategy = get_strategy(cfg.strategy.name).from_config(cfg, initial_adapter(evaluator.cm, rank=max(ranks), seed=cfg.seed))
-    config = ConfigRecord({"fedpeft-config": to_json(_without_resume(cfg)), "base-lineage": lineage, "label-names": list(data.label_names)})
-    if cfg.mode != "deploy":  # simulated nodes keep their state under the run; deployed ones in their own state-dir
-        config["sim-state-dir"] = str(run_dir / "nodes")
-    strategy.register_nodes(handshake(grid, cfg, config))
+    rank = max(ranks) if models.has_ranks(cfg.model) else None
+    strategy = get_strategy(cfg.strategy.name).from_config(cfg, initial_adapter(evaluator.cm, rank=rank, seed=cfg.seed))
+    # Simulated nodes keep their state under the run; deployed ones in their own state-dir.
+    run = protocol.RunInfo(config_json=to_json(_without_resume(cfg)), label_names=tuple(data.label_names), sim_state_dir=None if cfg.mode == "deploy" else str(run_dir / "nodes"))
+    strategy.run, strategy.lineage = run, lineage
+    strategy.register_nodes(handshake(grid, cfg, run))
 
     first_round, totals = 1, {"up": 0, "down": 0}
     writer = MetricsWriter(run_dir, num_rounds=cfg.num_rounds)
@@ -219,8 +227,7 @@ def run_federated(cfg: Config, grid: Grid, run_dir: Path) -> list[dict[str, Any]
     for server_round in range(first_round, cfg.num_rounds + 1):
         started = time.perf_counter()
         for attempt in range(cfg.max_retries + 1 if cfg.on_too_few == "retry" else 1):
-            attempt_config = ConfigRecord({**dict(config), "attempt": attempt})
-            report = train_round(strategy, grid, server_round, attempt_config, timeout=cfg.round_timeout)
+            report = train_round(strategy, grid, server_round, attempt=attempt, timeout=cfg.round_timeout)
             if len(report.clients) >= max(cfg.min_clients, 1):
                 break
             reasons = [f["reason"] for f in report.failures] + [r["reason"] for r in report.rejected]
@@ -232,28 +239,38 @@ def run_federated(cfg: Config, grid: Grid, run_dir: Path) -> list[dict[str, Any]
                 f"reasons: {reasons[:3]}"  # fedpeft.run says how to resume, if a round finished
             )
         last = server_round == cfg.num_rounds
-        result = evaluator(strategy.global_model()) if last or server_round % cfg.eval_every == 0 else None
+        evaluate_now = last or server_round % cfg.eval_every == 0
+        if evaluate_now:
+            evaluate_round(strategy, grid, server_round, timeout=cfg.round_timeout)
+        result = evaluator(strategy.global_model()) if evaluate_now and strategy.has_global_model else None
         row = round_row(strategy, server_round, wall=time.perf_counter() - started, result=result, totals=totals)
         stop = cfg.comm_budget_mb is not None and (totals["up"] + totals["down"]) / 1e6 >= cfg.comm_budget_mb
-        if stop and result is None:
+        if stop and result is None and strategy.has_global_model:
             row.update(_eval_fields(evaluator(strategy.global_model())))
         writer.write(row)
         save_checkpoint(
             run_dir,
-            {"round": server_round, "strategy": strategy.state_dict(), "totals": totals, "rows": writer.rows, "lineage": lineage, "config": config["fedpeft-config"]},
+            {"round": server_round, "strategy": strategy.state_dict(), "totals": totals, "rows": writer.rows, "lineage": lineage, "config": run.config_json},
         )
         if stop:
             log.info("communication budget of %.2f MB reached after round %d; stopping", cfg.comm_budget_mb, server_round)
             break
-    if cfg.save_adapter:
+    if cfg.save_adapter and strategy.has_global_model:
         save_final(evaluator, strategy.global_model(), run_dir)
     return writer.rows
 
 
-def train_round(strategy: LoRAStrategy, grid: Grid, server_round: int, config: ConfigRecord, *, timeout: float):
+def evaluate_round(strategy: LoRAStrategy, grid: Grid, server_round: int, *, timeout: float) -> None:
+    """The strategy's federated evaluation (its ``evaluation_plan`` hook), if it asks for one."""
+    messages = list(strategy.configure_evaluate(server_round, ArrayRecord(), ConfigRecord({}), grid))
+    if messages:
+        strategy.aggregate_evaluate(server_round, [reply for _, reply in exchange(grid, messages, timeout=timeout)])
+
+
+def train_round(strategy: LoRAStrategy, grid: Grid, server_round: int, *, attempt: int = 0, timeout: float):
     """Send one round's train messages, collect what comes back in time, aggregate; returns the report."""
     strategy.reports.pop(server_round, None)  # a retried round starts a fresh report
-    messages = list(strategy.configure_train(server_round, ArrayRecord(), config, grid))
+    messages = list(strategy.configure_train(server_round, ArrayRecord(), ConfigRecord({protocol.ATTEMPT: attempt}), grid))
     report = strategy.reports[server_round]
     answered, replies = set(), []
     for node_id, reply in exchange(grid, messages, timeout=timeout):
@@ -279,7 +296,7 @@ def save_final(evaluator: ServerEvaluator, global_model: GlobalModel, run_dir: P
     """Write the final global model so plain transformers / peft load it.
 
     Rules that never move the base: ``final_adapter/`` with ``save_pretrained`` (load it with
-    ``PeftModel.from_pretrained(base, path)``). FLoRA (base moved): ``final_model/``, the merged
+    ``PeftModel.from_pretrained(base, path)``). A moved base: ``final_model/``, the merged
     weights and head as a plain transformers checkpoint (``AutoModel....from_pretrained(path)``).
     """
     model = evaluator.load(global_model)
@@ -307,16 +324,14 @@ def merged_checkpoint(cm: models.CachedModel, global_model: GlobalModel) -> torc
     state = fresh.state_dict()
     for module, layer in cm.base_layers().items():
         state[module[len(prefix) :] + ".weight"] = layer.weight.detach().cpu().clone()
-    adapter = global_model.adapter
-    scaling = cm.cfg.lora.alpha / cm.cfg.lora.r
-
-    pairs, heads = split_state(adapter)
-    for pair in pairs:
-        key = pair.module[len(prefix) :] + ".weight"
-        merged = state[key].to(torch.float64) + scaling * exact_product(adapter[pair.b_key], adapter[pair.a_key])
-        state[key] = merged.to(state[key].dtype)
+    # The global adapter merged as peft merges it (fan_in_fan_out, scaling), in float64.
+    name = models.adapter_name(global_model.rank)
+    for module, layer in cm.lora_layers().items():
+        key = module[len(prefix) :] + ".weight"
+        state[key] = (state[key].to(torch.float64) + models.adapter_delta(layer, name)).to(state[key].dtype)
+    _, heads = split_state(global_model.adapter)
     for key in heads:
-        state[key[len(prefix) :]] = adapter[key]
+        state[key[len(prefix) :]] = global_model.adapter[key]
     fresh.load_state_dict(state)
     return fresh
 
@@ -346,7 +361,7 @@ def run_centralized(cfg: Config, run_dir: Path) -> list[dict[str, Any]]:
     writer = MetricsWriter(run_dir, num_rounds=cfg.num_rounds)
     for server_round in range(1, cfg.num_rounds + 1):
         started = time.perf_counter()
-        loader = fdata.make_loader(examples, pad_token_id=tokenizer.pad_token_id, batch_size=cfg.client.batch_size, shuffle=True, seed=cfg.seed * 1_000_003 + server_round)
+        loader = fdata.make_loader(examples, pad_token_id=tokenizer.pad_token_id, batch_size=cfg.client.batch_size, shuffle=True, seed=round_seed(cfg.seed, server_round))
         train = train_local(model, loader, num_steps=steps, lr=cfg.client.lr, weight_decay=cfg.client.weight_decay, device=evaluator.cm.device)
         result = evaluate(model, evaluator.loader, device=evaluator.cm.device)
         writer.write(

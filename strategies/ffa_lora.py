@@ -3,7 +3,7 @@
 "Improving LoRA in Privacy-preserving Federated Learning", Sun et al., ICLR 2024,
 https://arxiv.org/abs/2403.12313
 
-A is drawn from a seed every client knows (``fedpeft.records.seeded_lora_a``), so it is
+A is drawn from a seed every client knows (``fedpeft.records.seeded_tensors``), so it is
 bit-identical everywhere and never travels; B starts at zero. Server: ``B̄ = Σ_k p_k B_k``, which
 is exact because A is shared: ``B̄ A = Σ_k p_k B_k A``. Uplink and downlink carry B and the head
 only, about half of FedIT's. Heterogeneous ranks: B zero-padded to r_max; a rank-r_k client uses
@@ -12,19 +12,22 @@ the first r_k rows of the shared r_max A.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
-from fedpeft.records import LORA_A_SUFFIX, State, seeded_lora_a, split_state
+from fedpeft.protocol import LORA_A, LORA_B, OTHER, GroupPlan, Source
+from fedpeft.records import LORA_A_SUFFIX, State, resize_factor, seeded_tensors, split_state
+from fedpeft.config import StrategyConfig
 from strategies.base import ClientUpdate, LoRAStrategy, NodeInfo
-from strategies.lora_math import ideal_delta, pad_a, pad_b, relative_residual, residual_parts, weighted_sum
+from strategies.lora_math import ideal_delta, relative_residual, residual_parts, weighted_sum
 
 
 def ffa_aggregate(lora_bs: Sequence[torch.Tensor], weights: torch.Tensor, *, rank: int) -> torch.Tensor:
     """``B̄ = Σ_k p_k pad(B_k)``; ``lora_bs[k]: (d_out, r_k)`` -> ``(d_out, rank)``."""
-    return weighted_sum([pad_b(b, rank) for b in lora_bs], weights)
+    return weighted_sum([resize_factor(b, rank, dim=1) for b in lora_bs], weights)
 
 
 def ffa(states: Sequence[Mapping[str, torch.Tensor]], weights: torch.Tensor, *, shared: Mapping[str, torch.Tensor], rank: int) -> tuple[State, float]:
@@ -42,29 +45,37 @@ def ffa(states: Sequence[Mapping[str, torch.Tensor]], weights: torch.Tensor, *, 
         out[pair.b_key] = ffa_aggregate(lora_bs, weights, rank=rank)
         lora_as = [lora_a[: b.shape[1]] for b in lora_bs]
         target = ideal_delta(lora_as, lora_bs, weights, scalings=[1.0] * len(states))
-        parts.append(residual_parts(target, out[pair.b_key].to(torch.float64) @ pad_a(lora_a, rank).to(torch.float64)))
+        parts.append(residual_parts(target, out[pair.b_key].to(torch.float64) @ resize_factor(lora_a, rank, dim=0).to(torch.float64)))
     for key in others:
         out[key] = weighted_sum([s[key] for s in states], weights)
     return dict(sorted(out.items())), relative_residual(parts)
+
+
+@dataclass
+class FFALoRAConfig(StrategyConfig):
+    """FFA-LoRA has no options of its own."""
+
+    name: str = "ffa_lora"
 
 
 class FFALoRA(LoRAStrategy):
     """B averaged, A frozen and shared through a seed."""
 
     name = "ffa_lora"
+    config_class = FFALoRAConfig
 
     def __init__(self, initial_adapter: State, **kwargs: Any) -> None:
         super().__init__(initial_adapter, **kwargs)
         self.a_seed = self.seed + 7919  # any value every client learns from the server
-        self.adapter = seeded_lora_a(self.adapter, seed=self.a_seed)
+        a_keys = [k for k in self.adapter if k.endswith(LORA_A_SUFFIX)]
+        self.adapter.update(seeded_tensors(self.adapter, a_keys, seed=self.a_seed))
 
-    def payload(self, node: NodeInfo, server_round: int) -> tuple[State, dict[str, Any]]:
-        tensors, _ = super().payload(node, server_round)
-        instructions = {"lora-init": "load", "a-seed": self.a_seed, "max-rank": self.max_rank, "train-a": False, "upload": "no-a"}
-        return {k: v for k, v in tensors.items() if not k.endswith(LORA_A_SUFFIX)}, instructions
-
-    def upload_keys(self, rank: int) -> set[str]:
-        return {k for k in self.adapter if not k.endswith(LORA_A_SUFFIX)}
+    def groups(self, node: NodeInfo, server_round: int) -> tuple[GroupPlan, ...]:
+        return (
+            # A: regenerated from the shared seed at r_max (a rank-r client keeps its first r rows), frozen, never sent.
+            GroupPlan(roles={LORA_A}, source=Source.SEED, seed=self.a_seed, seed_rank=self.max_rank, train=False, upload=False),
+            GroupPlan(roles={LORA_B, OTHER}, source=Source.MESSAGE),
+        )
 
     def aggregate(self, updates: list[ClientUpdate], weights: torch.Tensor, server_round: int) -> dict[str, float]:
         self.adapter, residual = ffa([u.state for u in updates], weights, shared=self.adapter, rank=self.max_rank)

@@ -13,13 +13,16 @@ all clients train on ``W_0 + Σ_τ ΔW_τ`` (FederatedLLM issue #4); downlink by
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from collections.abc import Sequence
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
-from fedpeft.records import LORA_A_SUFFIX, LORA_B_SUFFIX, State, exact_product, seeded_lora_a, split_state
-from strategies.base import ClientUpdate, GlobalModel, LoRAStrategy, NodeInfo
+from fedpeft.protocol import LORA_A, LORA_B, OTHER, GroupPlan, Source
+from fedpeft.records import State, exact_product, fresh_lora, round_seed, split_state
+from fedpeft.config import StrategyConfig
+from strategies.base import ClientUpdate, LoRAStrategy, NodeInfo
 from strategies.lora_math import check_weights, ideal_delta, relative_residual, residual_parts, weighted_sum
 
 
@@ -43,47 +46,35 @@ def stacked_delta(a_stack: torch.Tensor, b_stack: torch.Tensor) -> torch.Tensor:
     return exact_product(b_stack, a_stack)
 
 
+@dataclass
+class FLoRAConfig(StrategyConfig):
+    """FLoRA has no options of its own (its scaling is the model's ``lora.alpha / lora.r``)."""
+
+    name: str = "flora"
+
+
 class FLoRA(LoRAStrategy):
-    """Stack the clients' adapters, merge the product into the global base, restart LoRA each round."""
+    """Stack the clients' adapters, merge the product into the global base, restart LoRA each round.
+
+    ``scaling`` is peft's ``s = lora_alpha / r`` (the same for every rank: alpha scales with the rank).
+    """
 
     name = "flora"
+    config_class = FLoRAConfig
 
-    def __init__(self, initial_adapter: State, **kwargs: Any) -> None:
+    def __init__(self, initial_adapter: State, *, scaling: float = 1.0, **kwargs: Any) -> None:
         super().__init__(initial_adapter, **kwargs)
-        self.updates: list[State] = []  # updates[t]: the stacks merged after round t + 1
-        self.synced: dict[int, int] = {}  # partition id -> how many updates that node has received
-        self.adapter = self.fresh_adapter(server_round=1)
+        self.scaling = scaling
+        self.adapter = fresh_lora(self.adapter, seed=round_seed(self.seed, 1))
 
-    def round_seed(self, server_round: int) -> int:
-        return self.seed * 1_000_003 + server_round
-
-    def fresh_adapter(self, *, server_round: int) -> State:
-        """The adapter every client starts round ``server_round`` from: seeded A, B = 0, the head."""
-        state = seeded_lora_a(self.adapter, seed=self.round_seed(server_round))
-        return {k: torch.zeros_like(v) if k.endswith(LORA_B_SUFFIX) else v for k, v in state.items()}
-
-    def payload(self, node: NodeInfo, server_round: int) -> tuple[State, dict[str, Any]]:
-        heads = {k: v.clone() for k, v in self.adapter.items() if not k.endswith((LORA_A_SUFFIX, LORA_B_SUFFIX))}
-        instructions = {
-            "lora-init": "fresh",
-            "a-seed": self.round_seed(server_round),
-            "max-rank": self.max_rank,
-            "base-version": len(self.updates),
-        }
-        return heads, instructions
-
-    def extra_payload(self, node: NodeInfo, server_round: int) -> dict[str, State]:
-        missed = range(self.synced.get(node.partition_id, 0), len(self.updates))
-        if not missed:
-            return {}
-        return {"base-updates": {f"{t + 1}|{k}": v for t in missed for k, v in self.updates[t].items()}}
-
-    def aggregate_train(self, server_round, replies):
-        replies = list(replies)
-        for msg in replies:  # a node that replied has stored the updates it was sent
-            if not msg.has_error() and msg.metadata.src_node_id in self.nodes:
-                self.synced[self.nodes[msg.metadata.src_node_id].partition_id] = len(self.updates)
-        return super().aggregate_train(server_round, replies)
+    def groups(self, node: NodeInfo, server_round: int) -> tuple[GroupPlan, ...]:
+        # A fresh LoRA every round on the merged base: A from the round's seed (drawn at r_max, so
+        # every rank shares its rows), B = 0; only the head travels down.
+        return (
+            GroupPlan(roles={LORA_A}, source=Source.SEED, seed=round_seed(self.seed, server_round), seed_rank=self.max_rank),
+            GroupPlan(roles={LORA_B}, source=Source.ZERO),
+            GroupPlan(roles={OTHER}, source=Source.MESSAGE),
+        )
 
     def aggregate(self, updates: list[ClientUpdate], weights: torch.Tensor, server_round: int) -> dict[str, float]:
         pairs, heads = split_state(updates[0].state)
@@ -96,16 +87,11 @@ class FLoRA(LoRAStrategy):
             stack[pair.a_key], stack[pair.b_key] = a_stack, b_stack
             target = ideal_delta(lora_as, lora_bs, weights, scalings=[self.scaling] * len(updates))
             parts.append(residual_parts(target, stacked_delta(a_stack, b_stack)))
-        self.updates.append(stack)
+        self.merge_into_base(stack)
         for key in heads:
             self.adapter[key] = weighted_sum([u.state[key] for u in updates], weights)
-        self.adapter = self.fresh_adapter(server_round=server_round + 1)
+        self.adapter = fresh_lora(self.adapter, seed=round_seed(self.seed, server_round + 1))
         return {"residual": relative_residual(parts), "stack_rank": float(sum(u.rank for u in updates))}
-
-    @property
-    def scaling(self) -> float:
-        """``s = alpha / r``, the same for every rank (alpha is scaled with the rank)."""
-        return float(self.train_config.get("lora-scaling", 1.0))
 
     @classmethod
     def from_config(cls, cfg: Any, initial_adapter: State) -> "FLoRA":
@@ -114,16 +100,5 @@ class FLoRA(LoRAStrategy):
             clients_per_round=cfg.clients_per_round,
             seed=cfg.seed,
             min_clients=cfg.min_clients,
-            train_config={"lora-scaling": cfg.model.lora.alpha / cfg.model.lora.r},
+            scaling=cfg.model.lora.alpha / cfg.model.lora.r,
         )
-
-    def global_model(self) -> GlobalModel:
-        return GlobalModel(adapter={k: v.clone() for k, v in self.adapter.items()}, rank=self.max_rank, base_updates=list(self.updates))
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "updates": self.updates, "synced": dict(self.synced)}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.updates = [dict(u) for u in state["updates"]]
-        self.synced = dict(state["synced"])

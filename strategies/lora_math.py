@@ -1,4 +1,6 @@
-"""Tensor helpers shared by the rules: weighted sums, rank padding, the aggregation residual.
+"""Tensor helpers shared by the rules: weighted sums, the ideal update, the aggregation residual.
+
+Rank padding and cutting is :func:`fedpeft.records.resize_factor`.
 
 Pure functions on ``torch.Tensor``; no Flower types. Shapes follow peft: ``lora_a: (r, d_in)``,
 ``lora_b: (d_out, r)``, ``delta_w = scaling * lora_b @ lora_a: (d_out, d_in)``.
@@ -32,22 +34,6 @@ def weighted_sum(tensors: Sequence[torch.Tensor], weights: torch.Tensor) -> torc
     for w, t in zip(weights.tolist(), tensors):
         acc += w * t.to(torch.float64)
     return acc.to(tensors[0].dtype)
-
-
-def pad_a(lora_a: torch.Tensor, rank: int) -> torch.Tensor:
-    """``lora_a: (r, d_in)`` zero-padded (or cut) to ``(rank, d_in)``."""
-    r = lora_a.shape[0]
-    if rank <= r:
-        return lora_a[:rank]
-    return torch.cat([lora_a, lora_a.new_zeros(rank - r, lora_a.shape[1])], dim=0)
-
-
-def pad_b(lora_b: torch.Tensor, rank: int) -> torch.Tensor:
-    """``lora_b: (d_out, r)`` zero-padded (or cut) to ``(d_out, rank)``."""
-    r = lora_b.shape[1]
-    if rank <= r:
-        return lora_b[:, :rank]
-    return torch.cat([lora_b, lora_b.new_zeros(lora_b.shape[0], rank - r)], dim=1)
 
 
 def ideal_delta(lora_as: Sequence[torch.Tensor], lora_bs: Sequence[torch.Tensor], weights: torch.Tensor, *, scalings: Sequence[float]) -> torch.Tensor:

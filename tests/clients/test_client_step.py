@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
-from flwr.app import ConfigRecord
+import pytest
 
-from clients.app import starting_state
+from clients.job import start_state
+from fedpeft.protocol import LORA_A, LORA_B, OTHER, ClientPlan, GroupPlan, ProtocolError, Source, single_group
 from fedpeft.data import make_loader
-from fedpeft.records import LORA_A_SUFFIX, LORA_B_SUFFIX, resize_rank, seeded_lora_a
 from fedpeft.training import train_local
 
 
@@ -39,27 +39,47 @@ def test_train_step_changes_only_lora_and_head(tiny_bert):
     assert changed == lora_and_head
 
 
-def test_starting_state_loads_received_seeds_a_and_zeroes_fresh_b():
-    current = {
-        "m.q.lora_A.weight": torch.ones(2, 5),
-        "m.q.lora_B.weight": torch.ones(4, 2),
-        "m.classifier.weight": torch.ones(3, 4),
-    }
+def plan_of(*groups: GroupPlan, rank: int = 2) -> ClientPlan:
+    return ClientPlan(groups=groups, server_round=1, rank=rank)
+
+
+CURRENT = {
+    "m.q.lora_A.weight": torch.full((2, 5), 99.0),  # stale values of whatever ran before on this worker
+    "m.q.lora_B.weight": torch.full((4, 2), 99.0),
+    "m.classifier.weight": torch.full((3, 4), 99.0),
+}
+
+
+def test_start_state_loads_received_seeds_a_and_zeroes_b():
     received = {"m.classifier.weight": torch.full((3, 4), 7.0)}
-    instructions = ConfigRecord({"lora-init": "fresh", "a-seed": 5, "max-rank": 4})
-    state = starting_state(current, received, instructions, rank=2)
+    plan = plan_of(
+        GroupPlan(roles={LORA_A}, source=Source.SEED, seed=5, seed_rank=4),
+        GroupPlan(roles={LORA_B}, source=Source.ZERO),
+        GroupPlan(roles={OTHER}, source=Source.MESSAGE),
+    )
+    state = start_state(CURRENT, received, plan=plan, kept=None)
     assert torch.equal(state["m.classifier.weight"], received["m.classifier.weight"])
     assert torch.equal(state["m.q.lora_B.weight"], torch.zeros(4, 2))
-    expected_a = resize_rank(seeded_lora_a(resize_rank(current, 4), seed=5), 2)["m.q.lora_A.weight"]
+    # independent oracle: peft-style Kaiming-uniform drawn at rank 4 from the seed, first 2 rows kept
+    g = torch.Generator().manual_seed(5)
+    bound = 1 / 5**0.5
+    expected_a = (torch.rand(4, 5, generator=g, dtype=torch.float64) * 2 * bound - bound)[:2].float()
     assert torch.equal(state["m.q.lora_A.weight"], expected_a)
 
 
-def test_starting_state_refuses_to_invent_tensors():
-    current = {"m.q.lora_A.weight": torch.ones(2, 5), "m.q.lora_B.weight": torch.ones(4, 2)}
-    import pytest
+def test_start_state_takes_the_nodes_own_state_or_its_fallback():
+    plan = plan_of(GroupPlan(roles={LORA_A, OTHER}, source=Source.MESSAGE), GroupPlan(roles={LORA_B}, source=Source.NODE, fallback=Source.ZERO, keep=True))
+    received = {"m.q.lora_A.weight": torch.ones(2, 5), "m.classifier.weight": torch.ones(3, 4)}
+    kept = {"m.q.lora_B.weight": torch.full((4, 2), 3.0)}
+    assert torch.equal(start_state(CURRENT, received, plan=plan, kept=kept)["m.q.lora_B.weight"], kept["m.q.lora_B.weight"])
+    assert torch.count_nonzero(start_state(CURRENT, received, plan=plan, kept=None)["m.q.lora_B.weight"]) == 0
 
-    with pytest.raises(ValueError, match="no value for 'm.q.lora_B.weight'"):
-        starting_state(current, {"m.q.lora_A.weight": torch.ones(2, 5)}, ConfigRecord({"lora-init": "load"}), rank=2)
-    with pytest.raises(ValueError, match="does not have"):
-        starting_state(current, {**current, "m.k.lora_A.weight": torch.ones(2, 5)}, ConfigRecord({}), rank=2)
-    assert LORA_A_SUFFIX and LORA_B_SUFFIX
+
+def test_start_state_refuses_to_invent_or_ignore_tensors():
+    plan = plan_of(*single_group(source=Source.MESSAGE))
+    with pytest.raises(ProtocolError, match="'m.q.lora_B.weight' from the message"):
+        start_state(CURRENT, {"m.q.lora_A.weight": torch.ones(2, 5), "m.classifier.weight": torch.ones(3, 4)}, plan=plan, kept=None)
+    with pytest.raises(ProtocolError, match="no message-sourced group"):
+        start_state(CURRENT, {**CURRENT, "m.k.lora_A.weight": torch.ones(2, 5)}, plan=plan, kept=None)
+    with pytest.raises(ProtocolError, match="shape"):
+        start_state(CURRENT, {**CURRENT, "m.q.lora_A.weight": torch.ones(3, 5)}, plan=plan, kept=None)

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedpeft.records import exact_product, from_record, lora_rank, resize_rank, seeded_lora_a, split_state, stack_to_delta, state_nbytes, to_record
+from fedpeft.records import exact_product, fresh_lora, from_record, resize_rank, seeded_tensors, split_state, stack_to_delta, state_nbytes, to_record
 
 
 def adapter(rank: int, *, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -47,9 +47,11 @@ def test_split_state_rejects_lonely_factor():
         split_state(state)
 
 
-def test_lora_rank_reads_rank_even_when_it_equals_a_dimension():
-    state = adapter(4)  # rank 4 == d_in of lora_head: shape-based A/B detection would break
-    assert lora_rank(state) == 4
+def test_resize_rank_tells_factors_apart_by_key_even_when_the_rank_equals_a_dimension():
+    state = adapter(4)  # rank 4 == d_in and d_out of lora_head: shape-based A/B detection would break
+    cut = resize_rank(state, 2)
+    assert cut["m.lora_head.lora_A.weight"].shape == (2, 4) and cut["m.lora_head.lora_B.weight"].shape == (4, 2)
+    assert torch.equal(cut["m.lora_head.lora_B.weight"], state["m.lora_head.lora_B.weight"][:, :2])
 
 
 def test_state_nbytes_is_numel_times_itemsize():
@@ -71,14 +73,18 @@ def test_resize_rank_keeps_leading_components_and_padding_keeps_product(rank, ne
         torch.testing.assert_close(b @ a, original, rtol=0, atol=1e-12)
 
 
-def test_seeded_lora_a_is_deterministic_and_prefix_consistent():
-    full = seeded_lora_a(adapter(8), seed=11)
-    again = seeded_lora_a(adapter(8, seed=3), seed=11)
+def test_fresh_lora_draws_a_deterministically_zeroes_b_and_keeps_the_head():
+    full = fresh_lora(adapter(8), seed=11)
+    again = fresh_lora(adapter(8, seed=3), seed=11)
     assert torch.equal(full["m.layer0.q.lora_A.weight"], again["m.layer0.q.lora_A.weight"])
-    assert not torch.equal(full["m.layer0.q.lora_A.weight"], seeded_lora_a(adapter(8), seed=12)["m.layer0.q.lora_A.weight"])
-    assert torch.equal(full["m.classifier.weight"], adapter(8)["m.classifier.weight"])  # only A is redrawn
+    assert not torch.equal(full["m.layer0.q.lora_A.weight"], fresh_lora(adapter(8), seed=12)["m.layer0.q.lora_A.weight"])
+    assert torch.equal(full["m.classifier.weight"], adapter(8)["m.classifier.weight"])  # only A and B are reset
+    assert torch.count_nonzero(full["m.layer0.q.lora_B.weight"]) == 0
     bound = 1 / 6**0.5
-    assert full["m.layer0.q.lora_A.weight"].abs().max() <= bound
+    assert 0 < full["m.layer0.q.lora_A.weight"].abs().max() <= bound
+    # a smaller rank drawn at seed_rank 8 is the prefix of the rank-8 draw
+    small = seeded_tensors(adapter(3), ["m.layer0.q.lora_A.weight", "m.lora_head.lora_A.weight"], seed=11, seed_rank=8)
+    assert torch.equal(small["m.layer0.q.lora_A.weight"], full["m.layer0.q.lora_A.weight"][:3])
 
 
 @settings(max_examples=30, deadline=None)

@@ -21,3 +21,11 @@ def sizes(*, spare: bool = False):
     if spare:
         fields["spare"] = st.integers(0, 2)
     return st.fixed_dictionaries(fields)
+
+
+def upload_keys_at(strategy, rank: int) -> set[str]:
+    """The keys a rank-``rank`` client must upload under the strategy's round-1 plan."""
+    from strategies.base import NodeInfo
+
+    node = NodeInfo(node_id=-1, partition_id=-1, rank=rank, num_examples=1)
+    return strategy.upload_keys(node, strategy.plan(node, 1))

@@ -13,6 +13,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fedpeft.protocol import decode_plan
 from fedpeft.records import from_record, resize_rank, to_record
 from tests.strategies import draw
 from strategies import STRATEGIES
@@ -172,7 +173,7 @@ def test_each_client_takes_back_its_first_components():
     for msg in messages:
         node = strategy.nodes[msg.metadata.dst_node_id]
         sent = from_record(msg.content[strategy.arrayrecord_key])
-        assert sent[A].shape[0] == node.rank and msg.content[strategy.configrecord_key]["rank"] == node.rank
+        assert sent[A].shape[0] == node.rank and decode_plan(msg.content["plan"]).rank == node.rank
         assert torch.equal(sent[A], strategy.adapter[A][: node.rank]) and torch.equal(sent[B], strategy.adapter[B][:, : node.rank])
         assert torch.equal(sent[HEAD], strategy.adapter[HEAD])
 
@@ -238,7 +239,7 @@ def test_a_bad_reply_among_good_ones_leaves_the_round_as_if_it_never_came(rule):
         strategy = STRATEGIES[rule](initial_adapter(2), clients_per_round=len(partitions), seed=0)
         strategy.register_nodes([NodeInfo(node_id=10 + p, partition_id=p, rank=2, num_examples=3 + p) for p in partitions])
         g = torch.Generator().manual_seed(5)
-        good = {p: {k: torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in strategy.adapter.items() if k in strategy.upload_keys(2)} for p in range(3)}
+        good = {p: {k: torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in strategy.adapter.items() if k in draw.upload_keys_at(strategy, 2)} for p in range(3)}
         return strategy, good
 
     strategy, uploads = build([0, 1, 2])

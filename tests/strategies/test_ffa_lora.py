@@ -8,7 +8,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedpeft.records import LORA_A_SUFFIX, from_record, resize_rank, seeded_lora_a, state_nbytes, to_record
+from fedpeft import protocol
+from fedpeft.records import LORA_A_SUFFIX, from_record, resize_rank, seeded_tensors, state_nbytes, to_record
 from tests.strategies import draw
 from strategies.base import NodeInfo
 from strategies.fedavg import FedIT
@@ -56,7 +57,7 @@ def replies_for(strategy, server_round: int, g: torch.Generator) -> list[Message
 def test_the_global_a_is_the_seeded_draw_not_the_initial_one():
     strategy = strategy_with({0: 4})
 
-    expected = seeded_lora_a(initial_adapter(4), seed=strategy.a_seed)
+    expected = seeded_tensors(initial_adapter(4), sorted(a_keys(initial_adapter(4))), seed=strategy.a_seed)
 
     assert strategy.a_seed == 0 + 7919
     for key in a_keys(strategy.adapter):
@@ -72,16 +73,16 @@ def test_no_payload_and_no_upload_holds_lora_a(rank):
     strategy = strategy_with({0: rank})
     node = strategy.nodes[100]
     # Execute
-    tensors, instructions = strategy.payload(node, 1)
     (msg,) = strategy.configure_train(1, ArrayRecord(), ConfigRecord({}), grid=None)
-    # Assert
-    assert not a_keys(tensors) and not a_keys(strategy.upload_keys(rank))
-    assert not a_keys(from_record(msg.content[strategy.arrayrecord_key]))
-    assert set(tensors) == strategy.upload_keys(rank) == set(strategy.adapter) - a_keys(strategy.adapter)
-    assert instructions == {"lora-init": "load", "a-seed": strategy.a_seed, "train-a": False, "upload": "no-a", "max-rank": 4}
-    config = msg.content[strategy.configrecord_key]
-    assert config["a-seed"] == strategy.a_seed and config["upload"] == "no-a" and config["rank"] == rank
-    assert all(tensors[k].shape[1] == rank for k in tensors if k.endswith(".lora_B.weight"))
+    sent = protocol.decode_instruction(msg.content)
+    # Assert: A is regenerated from the seed at r_max, frozen and never sent; B and head travel both ways
+    plan = sent.plan
+    assert not a_keys(sent.tensors) and not a_keys(strategy.upload_keys(node, plan))
+    assert set(sent.tensors) == strategy.upload_keys(node, plan) == set(strategy.adapter) - a_keys(strategy.adapter)
+    a_group = plan.group_of("m.q.lora_A.weight")
+    assert (a_group.source, a_group.seed, a_group.seed_rank, a_group.train, a_group.upload) == (protocol.Source.SEED, strategy.a_seed, 4, False, False)
+    assert plan.rank == rank
+    assert all(sent.tensors[k].shape[1] == rank for k in sent.tensors if k.endswith(".lora_B.weight"))
 
 
 def test_an_upload_holding_lora_a_is_rejected():
@@ -99,8 +100,8 @@ def test_an_upload_holding_lora_a_is_rejected():
 
 
 def test_every_client_rebuilds_the_servers_a_bit_for_bit_in_every_round():
-    """The client's own code (clients.app.starting_state) regenerates A from the instructions."""
-    from clients.app import starting_state
+    """The client's own code (clients.job.start_state) regenerates A from the plan."""
+    from clients.job import start_state
 
     # Prepare
     ranks = {0: 1, 1: 2, 2: 3, 3: 4}
@@ -113,7 +114,8 @@ def test_every_client_rebuilds_the_servers_a_bit_for_bit_in_every_round():
         for msg in messages:
             node = strategy.nodes[msg.metadata.dst_node_id]
             local = {k: torch.full_like(v, 99.0) for k, v in resize_rank(initial_adapter(4), node.rank).items()}  # stale client values
-            start = starting_state(local, from_record(msg.content[strategy.arrayrecord_key]), msg.content[strategy.configrecord_key], rank=node.rank)
+            sent = protocol.decode_instruction(msg.content)
+            start = start_state(local, sent.tensors, plan=sent.plan, kept=None)
             # Assert: the first r_k rows of the server's r_max A, bit-identical
             for key, a in server_a.items():
                 assert torch.equal(start[key], a[: node.rank])
@@ -126,12 +128,12 @@ def test_every_client_rebuilds_the_servers_a_bit_for_bit_in_every_round():
 def test_seeded_a_of_a_smaller_rank_is_a_prefix_of_the_max_rank_draw(max_rank, dim, seed):
     state = {"m.q.lora_A.weight": torch.zeros(max_rank, dim), "m.q.lora_B.weight": torch.zeros(dim, max_rank)}
 
-    full = seeded_lora_a(state, seed=seed)["m.q.lora_A.weight"]
-    again = seeded_lora_a(state, seed=seed)["m.q.lora_A.weight"]
+    full = seeded_tensors(state, ["m.q.lora_A.weight"], seed=seed)["m.q.lora_A.weight"]
+    again = seeded_tensors(state, ["m.q.lora_A.weight"], seed=seed)["m.q.lora_A.weight"]
 
     assert torch.equal(full, again) and torch.count_nonzero(full) == full.numel()
     for rank in range(1, max_rank + 1):
-        client = resize_rank(seeded_lora_a(resize_rank(state, max_rank), seed=seed), rank)["m.q.lora_A.weight"]
+        client = seeded_tensors(resize_rank(state, rank), ["m.q.lora_A.weight"], seed=seed, seed_rank=max_rank)["m.q.lora_A.weight"]
         assert torch.equal(client, full[:rank])
 
 
@@ -215,8 +217,8 @@ def test_uplink_is_about_half_of_fedits():
     for rank in (1, 2, 4):
         sized = resize_rank(adapter, rank)
         # Execute
-        ffa_bytes = state_nbytes({k: sized[k] for k in ffa_rule.upload_keys(rank)})
-        fedit_bytes = state_nbytes({k: sized[k] for k in fedit_rule.upload_keys(rank)})
+        ffa_bytes = state_nbytes({k: sized[k] for k in draw.upload_keys_at(ffa_rule, rank)})
+        fedit_bytes = state_nbytes({k: sized[k] for k in draw.upload_keys_at(fedit_rule, rank)})
         # Assert
         assert 2 * (ffa_bytes - head_bytes) == fedit_bytes - head_bytes
         assert 0.5 <= ffa_bytes / fedit_bytes < 0.75

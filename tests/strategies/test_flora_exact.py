@@ -2,7 +2,7 @@
 
 The real strategy code builds the messages (with the stacks each node missed) and aggregates mock
 replies from clients with random, non-zero factors of different ranks, under partial
-participation; the real client code (``clients.app.sync_base``) merges them into worker models
+participation; the real client code (``clients.job.sync_base``) merges them into worker models
 that see the nodes in a shuffled order, as Ray workers do.
 """
 
@@ -13,9 +13,10 @@ import random
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from clients.app import sync_base
+from clients.job import store_base_updates, sync_base
 from clients.state import NodeStore
 from fedpeft.models import CachedModel
+from fedpeft import protocol
 from fedpeft.records import from_record, resize_rank, stack_to_delta, to_record
 from strategies.base import NodeInfo
 from strategies.flora import FLoRA
@@ -58,13 +59,14 @@ def test_flora_workers_hold_w0_plus_accumulated_updates_under_partial_participat
     initial = server_cm.adapter_state(4)
     FLORA_TEMPLATE.update(initial)
     w0 = {name: layer.weight.detach().clone() for name, layer in server_cm.base_layers().items()}
-    strategy = FLoRA(initial, clients_per_round=2, seed=1, train_config={"lora-scaling": 2.0})
+    strategy = FLoRA(initial, clients_per_round=2, seed=1, scaling=2.0)
+    strategy.lineage = "run-a"
     nodes = [NodeInfo(node_id=100 + k, partition_id=k, rank=r, num_examples=10 + 7 * k) for k, r in enumerate(RANKS)]
     strategy.register_nodes(nodes)
     workers = [tiny_cached_model(), tiny_cached_model()]
     stores = {n.node_id: NodeStore(tmp_path / f"node-{n.partition_id}") for n in nodes}
     shuffler = random.Random(0)
-    config = ConfigRecord({"base-lineage": "run-a"})
+    config = ConfigRecord({})
 
     # Execute: 4 rounds; each sampled node lands on a random worker and syncs its base first
     for server_round in range(1, 5):
@@ -73,11 +75,12 @@ def test_flora_workers_hold_w0_plus_accumulated_updates_under_partial_participat
         for msg in messages:
             node = strategy.nodes[msg.metadata.dst_node_id]
             worker = shuffler.choice(workers)
-            instructions = msg.content["config"]
-            sync_base(worker, stores[node.node_id], msg, instructions)
+            plan = protocol.decode_instruction(msg.content).plan
+            store_base_updates(stores[node.node_id], plan)
+            sync_base(worker, stores[node.node_id], plan)
             assert worker.base_version == server_round - 1
             for name, layer in worker.base_layers().items():  # every worker on the same base, bit for bit
-                assert torch.equal(layer.weight, _expected(w0, strategy.updates)[name]), name
+                assert torch.equal(layer.weight, _expected(w0, strategy.base_updates)[name]), name
             replies.append(reply_for(msg, node, seed=server_round * 10 + node.partition_id))
         strategy.aggregate_train(server_round, replies)
 
@@ -85,7 +88,7 @@ def test_flora_workers_hold_w0_plus_accumulated_updates_under_partial_participat
     global_model = strategy.global_model()
     deltas = [stack_to_delta(u) for u in global_model.base_updates]
     server_cm.use_base("run-a", deltas, version=len(deltas))
-    expected = _expected(w0, strategy.updates)
+    expected = _expected(w0, strategy.base_updates)
     for name, layer in server_cm.base_layers().items():
         assert torch.equal(layer.weight, expected[name])
         reference = w0[name].double() + sum(d[name] for d in deltas)
@@ -110,7 +113,7 @@ def test_flora_workers_hold_w0_plus_accumulated_updates_under_partial_participat
 def test_flora_restarts_lora_and_sends_missed_stacks_only():
     cm = tiny_cached_model()
     cm.activate(4)
-    strategy = FLoRA(cm.adapter_state(4), clients_per_round=1, seed=0, train_config={"lora-scaling": 2.0})
+    strategy = FLoRA(cm.adapter_state(4), clients_per_round=1, seed=0, scaling=2.0)
     nodes = [NodeInfo(node_id=1, partition_id=0, rank=4, num_examples=5), NodeInfo(node_id=2, partition_id=1, rank=2, num_examples=5)]
     strategy.register_nodes(nodes)
     FLORA_TEMPLATE.update(cm.adapter_state(4))
@@ -118,11 +121,10 @@ def test_flora_restarts_lora_and_sends_missed_stacks_only():
         msgs = list(strategy.configure_train(server_round, ArrayRecord(), ConfigRecord({}), grid=None))
         msg = msgs[0]
         node = strategy.nodes[msg.metadata.dst_node_id]
-        got = msg.content.array_records.get("base-updates")
-        n_updates = 0 if got is None else len({k.split("|")[0] for k in got})
-        assert n_updates == len(strategy.updates) - strategy.synced.get(node.partition_id, 0)
+        plan = protocol.decode_instruction(msg.content).plan
+        assert sorted(plan.base.updates) == list(range(strategy.synced.get(node.partition_id, 0) + 1, len(strategy.base_updates) + 1))
         assert all(not k.endswith(("lora_A.weight", "lora_B.weight")) for k in msg.content["arrays"])  # fresh LoRA: A from a seed, B = 0
-        assert msg.content["config"]["lora-init"] == "fresh"
+        assert plan.group_of("m.lora_A.weight").source == protocol.Source.SEED and plan.group_of("m.lora_B.weight").source == protocol.Source.ZERO
         strategy.aggregate_train(server_round, [reply_for(msg, node, seed=server_round)])
         assert all(torch.count_nonzero(v) == 0 for k, v in strategy.adapter.items() if k.endswith("lora_B.weight"))
 

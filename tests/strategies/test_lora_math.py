@@ -9,7 +9,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from strategies.lora_math import check_weights, ideal_delta, pad_a, pad_b, relative_residual, residual_parts, weighted_sum
+from fedpeft.records import resize_factor
+from strategies.lora_math import check_weights, ideal_delta, relative_residual, residual_parts, weighted_sum
+
+
+def pad_a(lora_a, rank):
+    return resize_factor(lora_a, rank, dim=0)
+
+
+def pad_b(lora_b, rank):
+    return resize_factor(lora_b, rank, dim=1)
 
 SETTINGS = settings(max_examples=40, deadline=None)
 
@@ -89,7 +98,7 @@ def test_weighted_sum_refuses_tensors_of_different_shapes_and_wrong_weights():
         weighted_sum([torch.zeros(2), torch.zeros(2)], torch.ones(1, dtype=torch.float64))
 
 
-# ------------------------------------------------------------------------------ pad_a / pad_b
+# ------------------------------------------------------------------------------ resize_factor (pad / cut)
 @SETTINGS
 @given(r=st.integers(1, 5), extra=st.integers(0, 4), d_in=st.integers(1, 6), d_out=st.integers(1, 6), seed=st.integers(0, 10_000))
 def test_padding_appends_zeros_and_keeps_the_product(r, extra, d_in, d_out, seed):

@@ -7,6 +7,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedpeft.records import resize_rank, to_record
+from tests.strategies import draw
 from strategies import STRATEGIES
 from strategies.base import NodeInfo
 
@@ -24,7 +25,7 @@ def adapter() -> dict[str, torch.Tensor]:
 
 def good_state(strategy) -> dict[str, torch.Tensor]:
     state = resize_rank(strategy.adapter, NODE.rank)
-    return {k: v + 0.5 for k, v in state.items() if k in strategy.upload_keys(NODE.rank)}
+    return {k: v + 0.5 for k, v in state.items() if k in draw.upload_keys_at(strategy, NODE.rank)}
 
 
 def corrupt(kind: str, state: dict, metrics: dict) -> None:
@@ -72,7 +73,7 @@ KINDS = [
 @pytest.mark.parametrize("kind", KINDS)
 def test_malformed_update_is_rejected_and_never_touches_the_global_model(rule, kind):
     # Prepare
-    strategy = STRATEGIES[rule](adapter(), clients_per_round=1, seed=0, train_config={"lora-scaling": 2.0})
+    strategy = STRATEGIES[rule](adapter(), clients_per_round=1, seed=0)
     strategy.register_nodes([NODE])
     msg = list(strategy.configure_train(1, ArrayRecord(), ConfigRecord({}), grid=None))[0]
     before = {k: v.clone() for k, v in strategy.global_model().adapter.items()}
@@ -91,7 +92,7 @@ def test_malformed_update_is_rejected_and_never_touches_the_global_model(rule, k
 
 @pytest.mark.parametrize("rule", sorted(STRATEGIES))
 def test_a_well_formed_update_is_accepted(rule):
-    strategy = STRATEGIES[rule](adapter(), clients_per_round=1, seed=0, train_config={"lora-scaling": 2.0})
+    strategy = STRATEGIES[rule](adapter(), clients_per_round=1, seed=0)
     strategy.register_nodes([NODE])
     msg = list(strategy.configure_train(1, ArrayRecord(), ConfigRecord({}), grid=None))[0]
     metrics = {"num-examples": NODE.num_examples, "rank": NODE.rank, "train-loss": 0.7}

@@ -1,0 +1,325 @@
+"""The client in three steps: :func:`decode` a message into a :class:`Job`, :func:`train_jobs`, :func:`encode` the reply.
+
+* :func:`decode` reads the message's plan (:mod:`fedpeft.protocol`), the node's data and the
+  node's kept state, and resolves the adapter the job starts from, tensor by tensor, as the plan
+  says (message / seed / zero / node state). Nothing is trained and no model is touched.
+* :func:`train_jobs` runs a list of jobs and returns one :class:`JobResult` each. This default
+  runs them one after the other on the process's cached model; an engine that trains several
+  jobs at once replaces this step and keeps the other two.
+* :func:`encode` turns a job and its result into the reply: the uploaded groups, the metrics; the
+  groups the plan keeps go to the node's store.
+
+Nothing here knows which aggregation rule the server runs: every decision is in the plan.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from flwr.app import Context, Message, MessageType
+
+from clients.dp import BudgetExhausted, calibrate_noise, epsilon, planned_steps, train_local_dp, would_exceed
+from clients.node import local_data, node_store, partition_id
+from clients.state import NodeStore
+from fedpeft import data as fdata
+from fedpeft import models
+from fedpeft import protocol
+from fedpeft.config import Config, from_json
+from fedpeft.protocol import ClientPlan, Evaluate, ProtocolError, RunInfo, Source
+from fedpeft.records import State, round_seed, seeded_tensors, stack_to_delta
+from fedpeft.training import evaluate, num_local_steps, train_local
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Job:
+    """One client's work for one message, fully resolved: what to start from, on what data, for how long."""
+
+    request: Message
+    cfg: Config
+    run: RunInfo
+    partition_id: int
+    plan: ClientPlan
+    start: State  # the adapter the job starts from, every key resolved from its group's source
+    num_labels: int
+    train_examples: list
+    val_examples: list
+    steps: int  # local optimiser steps (0: evaluate only)
+    seed: int  # shuffling and dropout of this client in this round
+    store: NodeStore | None
+    persist_base: bool  # a deployed node keeps its merged base on disk (its process lives for one message)
+    received_at: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class JobResult:
+    """What a job produced: the adapter after it, and its metrics (protocol metric keys)."""
+
+    state: State
+    metrics: dict[str, Any]
+
+
+# ------------------------------------------------------------------------------ step 1: decode
+def start_state(template: Mapping[str, torch.Tensor], received: Mapping[str, torch.Tensor], *, plan: ClientPlan, kept: Mapping[str, torch.Tensor] | None) -> State:
+    """The adapter a job starts from, group by group as ``plan`` says.
+
+    ``template`` holds the adapter's keys at the client's rank (shapes and dtypes), ``received``
+    the message's tensors, ``kept`` what the node kept from earlier rounds (None: nothing). Raises
+    :class:`ProtocolError` for a tensor the plan promises but nobody has, a wrong shape, or a
+    tensor sent for no message-sourced group.
+    """
+    out: State = {}
+    for group in plan.groups:
+        keys = protocol.keys_with_roles(list(template), group.roles)
+        if not keys:
+            continue
+        source = group.source
+        if source == Source.NODE:
+            have = [k for k in keys if kept is not None and k in kept]
+            if len(have) == len(keys):
+                out.update({k: kept[k].clone() for k in keys})
+                continue
+            if have:
+                raise ProtocolError(f"the node keeps {len(have)} of the {len(keys)} tensors of group {sorted(group.roles)}: its state is incomplete")
+            source = group.fallback
+        if source == Source.MESSAGE:
+            missing = [k for k in keys if k not in received]
+            if missing:
+                raise ProtocolError(f"the plan takes {missing[0]!r} from the message, which does not hold it ({len(missing)} missing)")
+            out.update({k: received[k].clone() for k in keys})
+        elif source == Source.SEED:
+            out.update(seeded_tensors(template, keys, seed=group.seed, seed_rank=group.seed_rank))
+        elif source == Source.ZERO:
+            out.update({k: torch.zeros_like(template[k]) for k in keys})
+    unused = sorted(k for k in received if k not in template or not _from_message(plan, k))
+    if unused:
+        raise ProtocolError(f"the message holds tensors no message-sourced group of this adapter takes: {unused[:3]}")
+    for key, tensor in out.items():
+        like = template[key]
+        if tuple(tensor.shape) != tuple(like.shape):
+            raise ProtocolError(f"{key}: shape {tuple(tensor.shape)}, this rank-{plan.rank} adapter has {tuple(like.shape)}")
+        out[key] = tensor.to(like.dtype)
+    return dict(sorted(out.items()))
+
+
+def _from_message(plan: ClientPlan, key: str) -> bool:
+    group = plan.group_of(key)
+    return Source.MESSAGE in (group.source, group.fallback)
+
+
+def decode(msg: Message, context: Context) -> Job:
+    """Step 1: a train or evaluate message and the node's context -> a :class:`Job`."""
+    evaluate_only = msg.metadata.message_type == MessageType.EVALUATE
+    instruction = protocol.decode_instruction(msg.content, evaluate_only=evaluate_only)
+    plan, run = instruction.plan, instruction.run
+    cfg = from_json(run.config_json)
+    torch.set_num_threads(max(1, int(cfg.client.num_cpus)))
+    pid = partition_id(context)
+    num_labels, train_examples, val_examples = local_data(cfg, pid, context, run)
+    if not evaluate_only:
+        inject_faults(cfg, pid, plan.server_round, attempt=plan.attempt)
+    needs_store = plan.base.version > 0 or (cfg.client.dp.enabled and not evaluate_only) or any(g.keep or Source.NODE in (g.source, g.fallback) for g in plan.groups)
+    store = node_store(context, run) if needs_store else None
+    store_base_updates(store, plan)
+    cm = worker_model(cfg, num_labels)
+    template = cm.adapter_template(plan.rank)
+    uses_node = any(Source.NODE in (g.source, g.fallback) for g in plan.groups)
+    kept = store.load_kept(plan.base.lineage) if uses_node and store is not None else None
+    steps = 0
+    if plan.trains:
+        steps = num_local_steps(num_examples=len(train_examples), batch_size=cfg.client.batch_size, local_epochs=cfg.client.local_epochs, local_steps=cfg.client.local_steps)
+    return Job(
+        request=msg,
+        cfg=cfg,
+        run=run,
+        partition_id=pid,
+        plan=plan,
+        start=start_state(template, instruction.tensors, plan=plan, kept=kept),
+        num_labels=num_labels,
+        train_examples=train_examples,
+        val_examples=val_examples,
+        steps=steps,
+        seed=round_seed(cfg.seed, plan.server_round) * 1_009 + pid,
+        store=store,
+        persist_base=protocol.NODE_STATE_DIR in context.node_config,
+    )
+
+
+# ------------------------------------------------------------------------------ step 2: train
+def train_jobs(jobs: Sequence[Job]) -> list[JobResult]:
+    """Step 2: run every job, one after the other, on this process's cached model."""
+    return [run_job(job) for job in jobs]
+
+
+def run_job(job: Job) -> JobResult:
+    """Train (as the plan says) and evaluate one job on the process's cached model.
+
+    The cached model's adapter is a workspace: every tensor is loaded from the job's resolved
+    start state and every parameter's ``requires_grad`` set from its group, so nothing of the
+    previous job on this worker carries over.
+    """
+    cfg, plan = job.cfg, job.plan
+    cm = worker_model(cfg, job.num_labels)
+    sync_base(cm, job.store, plan, persist=job.persist_base)
+    model = cm.activate(plan.rank)
+    cm.load_adapter_state(plan.rank, job.start)
+    cm.set_trainable(plan.rank, {role for g in plan.groups if g.train for role in g.roles})
+    pad_id = models.load_tokenizer(cfg.model).pad_token_id
+    metrics: dict[str, Any] = {protocol.NUM_EXAMPLES: len(job.train_examples)}
+    if plan.rank is not None:
+        metrics[protocol.RANK] = plan.rank
+    if plan.evaluate == Evaluate.GLOBAL or (plan.evaluate == Evaluate.PERSONAL and not plan.trains):
+        metrics.update(evaluate_metrics(model, job, pad_id, device=cm.device, which=plan.evaluate))
+    if plan.trains:
+        loader = fdata.make_loader(job.train_examples, pad_token_id=pad_id, batch_size=cfg.client.batch_size, shuffle=True, seed=job.seed)
+        torch.manual_seed(job.seed)  # LoRA dropout
+        if cfg.client.dp.enabled:
+            result, dp_metrics = dp_train(cfg, model, job.train_examples, pad_id, job.store, pid=job.partition_id, steps=job.steps, seed=job.seed, device=cm.device)
+            metrics.update(dp_metrics)
+        else:
+            result = train_local(model, loader, num_steps=job.steps, lr=cfg.client.lr, weight_decay=cfg.client.weight_decay, device=cm.device)
+        metrics.update({protocol.TRAIN_LOSS: result.loss, protocol.STEPS: result.num_steps})
+        if plan.evaluate == Evaluate.PERSONAL:
+            metrics.update(evaluate_metrics(model, job, pad_id, device=cm.device, which=plan.evaluate))
+    metrics.update({protocol.TRAIN_SECONDS: time.perf_counter() - job.received_at, protocol.BASE_LOADS: models.BASE_MODEL_LOADS, protocol.WORKER_PID: os.getpid()})
+    return JobResult(state=cm.adapter_state(plan.rank), metrics=metrics)
+
+
+def evaluate_metrics(model, job: Job, pad_id: int, *, device, which: Evaluate) -> dict[str, Any]:
+    """Loss and accuracy on the node's validation slice (nothing when it has none)."""
+    if not job.val_examples:
+        return {}
+    loader = fdata.make_loader(job.val_examples, pad_token_id=pad_id, batch_size=job.cfg.client.eval_batch_size, shuffle=False)
+    val = evaluate(model, loader, device=device)
+    return {protocol.VAL_LOSS: val.loss, protocol.VAL_ACCURACY: val.accuracy, protocol.VAL_EXAMPLES: val.num_examples, protocol.EVALUATED: 1 if which == Evaluate.GLOBAL else 2}
+
+
+# ------------------------------------------------------------------------------ step 3: encode
+def encode(job: Job, result: JobResult) -> Message:
+    """Step 3: the reply to ``job``'s message; the groups the plan keeps are saved on the node first."""
+    plan, state = job.plan, result.state
+    kept = plan.keys(list(state), keep=True)
+    if kept:
+        job.store.save_kept(plan.base.lineage, {k: state[k] for k in kept})
+    metrics = dict(result.metrics)
+    if job.request.metadata.message_type == MessageType.EVALUATE:
+        return Message(protocol.encode_reply(None, metrics), reply_to=job.request)
+    # A fingerprint of the LoRA A tensors, so a run can show a frozen, seeded A is identical everywhere.
+    a_keys = protocol.keys_with_roles(list(state), frozenset({protocol.LORA_A}))
+    metrics[protocol.LORA_A_CRC32] = zlib.crc32(b"".join(state[k].numpy().tobytes() for k in a_keys))
+    uploads = {k: state[k] for k in plan.keys(list(state), upload=True)}
+    return Message(protocol.encode_reply(uploads, metrics), reply_to=job.request)
+
+
+# ------------------------------------------------------------------------------ helpers of the steps
+def worker_model(cfg: Config, num_labels: int) -> models.CachedModel:
+    return models.cached_model(cfg.model, num_labels=num_labels, device=models.resolve_device(cfg.device), seed=cfg.seed)
+
+
+def store_base_updates(store: NodeStore | None, plan: ClientPlan) -> None:
+    """Save the base updates a message brought: a later process of this node may need them."""
+    for round_, stack in sorted(plan.base.updates.items()):
+        store.save_base_update(plan.base.lineage, round_, stack)
+
+
+def sync_base(cm: models.CachedModel, store: NodeStore | None, plan: ClientPlan, *, persist: bool = False) -> None:
+    """Bring the worker's base to the plan's base version; a no-op for rules that never move W.
+
+    The updates the node lacked were saved to its store by :func:`decode`. With ``persist`` (a
+    deployed node, whose process lives for one message) the merged base is also kept on the node's
+    disk, so the next process restores it instead of replaying every update since round 1.
+    """
+    base = plan.base
+    if base.version == 0:
+        if cm.base_version:
+            cm.use_base(base.lineage, [], version=0)
+        return
+    if store is None:
+        raise ProtocolError(f"base version {base.version} needs the node's store, and this node has none")
+    if persist and (cm.base_lineage != base.lineage or cm.base_version == 0):
+        saved = store.load_merged_base(base.lineage)
+        if saved is not None and saved[0] <= base.version:
+            cm.restore_base(base.lineage, saved[1], version=saved[0])
+    start = cm.base_version + 1 if cm.base_lineage == base.lineage and base.version >= cm.base_version else 1
+    deltas = []
+    for round_ in range(start, base.version + 1):
+        stacks = base.updates.get(round_) or store.load_base_update(base.lineage, round_)
+        if stacks is None:
+            raise ProtocolError(f"base update of round {round_} is neither in the message nor in the node store")
+        deltas.append(stack_to_delta(stacks))
+    cm.use_base(base.lineage, deltas, version=base.version)
+    if persist and deltas:
+        store.save_merged_base(base.lineage, base.version, cm.merged_base())
+
+
+def inject_faults(cfg: Config, pid: int, server_round: int, *, attempt: int) -> None:
+    """Raise or hang with the configured probabilities (``faults.*``); seeded, so runs repeat."""
+    faults = cfg.faults
+    if faults.raise_prob <= 0 and faults.hang_prob <= 0 and faults.crash_prob <= 0:
+        return
+    draw = random.Random(f"{cfg.seed}-{server_round}-{attempt}-{pid}").random()
+    if draw < faults.crash_prob:
+        log.error("injected fault: client %d kills its worker process in round %d", pid, server_round)
+        os._exit(17)
+    draw -= faults.crash_prob
+    if draw < faults.raise_prob:
+        raise RuntimeError(f"injected fault: client {pid} raises in round {server_round} (faults.raise_prob={faults.raise_prob})")
+    if draw < faults.raise_prob + faults.hang_prob:
+        log.warning("injected fault: client %d hangs for %.0f s in round %d", pid, faults.hang_seconds, server_round)
+        time.sleep(faults.hang_seconds)
+
+
+def dp_noise(cfg: Config, *, num_examples: int, steps: int) -> tuple[float, float]:
+    """(noise multiplier, sample rate) of this client: configured, or calibrated once for the whole run."""
+    dp = cfg.client.dp
+    sample_rate = min(cfg.client.batch_size / num_examples, 1.0)
+    if dp.noise_multiplier is not None:
+        return float(dp.noise_multiplier), sample_rate
+    total = planned_steps(rounds=cfg.num_rounds, clients_per_round=cfg.clients_per_round, num_clients=cfg.num_clients, steps_per_round=steps)
+    return calibrate_noise(target_epsilon=dp.target_epsilon, delta=dp.delta, sample_rate=sample_rate, total_steps=total, accountant=dp.accountant), sample_rate
+
+
+def dp_train(cfg: Config, model, examples: list, pad_id: int, store: NodeStore, *, pid: int, steps: int, seed: int, device) -> tuple[Any, dict[str, Any]]:
+    """A DP-SGD round whose privacy cost is added to the node's persistent ledger."""
+    dp = cfg.client.dp
+    noise, sample_rate = dp_noise(cfg, num_examples=len(examples), steps=steps)
+    ledger = [tuple(x) for x in store.load_json("dp-ledger", [])]
+    spent = epsilon(ledger, delta=dp.delta, accountant=dp.accountant)
+    if dp.target_epsilon is not None and would_exceed(ledger, (noise, sample_rate, steps), delta=dp.delta, target_epsilon=dp.target_epsilon, accountant=dp.accountant):
+        after = epsilon([*ledger, (noise, sample_rate, steps)], delta=dp.delta, accountant=dp.accountant)
+        raise BudgetExhausted(
+            f"privacy budget: client {pid} declines to train: another round would take ε from {spent:.3f} to {after:.3f} > target {dp.target_epsilon} (δ={dp.delta})"
+        )
+    result = train_local_dp(
+        model,
+        examples,
+        fdata.Collator(pad_id),
+        num_steps=steps,
+        batch_size=cfg.client.batch_size,
+        lr=cfg.client.lr,
+        weight_decay=cfg.client.weight_decay,
+        noise_multiplier=noise,
+        max_grad_norm=dp.max_grad_norm,
+        seed=seed,
+        device=device,
+        mode=dp.grad_sample_mode,
+    )
+    ledger.append((noise, sample_rate, steps))
+    store.save_json("dp-ledger", [list(x) for x in ledger])
+    eps = epsilon(ledger, delta=dp.delta, accountant=dp.accountant)
+    return result, {
+        protocol.EPSILON: eps,
+        protocol.NOISE_MULTIPLIER: noise,
+        protocol.SAMPLE_RATE: sample_rate,
+        protocol.DP_STEPS: steps,
+        protocol.DP_ROUNDS: len(ledger),
+    }
