@@ -3,6 +3,8 @@
 Two per-sample gradient paths give the same clipped and noised update:
 
 * ``mode="opacus"`` — the reference: Opacus' ``GradSampleModule`` (hooks) and ``DPOptimizer``.
+* ``mode="loop"`` — any peft method (IA3 vectors, prompt embeddings, DoRA magnitudes): one
+  backward per example gives its exact gradient; slow, but no layer type needs a rule.
 * ``mode="lora"`` — fedpeft's own path for LoRA. Every trainable parameter of a LoRA model lives in
   an ``nn.Linear`` (``lora_A``, ``lora_B``, a linear head), whose per-sample gradient is
   ``Σ_t g_t x_tᵀ`` from the layer's input ``x`` and output gradient ``g``: one einsum per layer,
@@ -31,7 +33,7 @@ from torch import nn
 from fedpeft.training import TrainResult, make_optimizer, per_sample_loss, to_device, trainable_parameters
 
 Ledger = list[tuple[float, float, int]]
-MODES = ("lora", "opacus")
+MODES = ("lora", "opacus", "loop")
 
 
 class DPError(ValueError):
@@ -113,7 +115,7 @@ class LinearGradSampler:
             if not own:
                 continue
             if not isinstance(module, nn.Linear):
-                raise DPError(f"mode='lora' handles trainable nn.Linear layers only, found a trainable {type(module).__name__}; use client.dp.grad_sample_mode=opacus")
+                raise DPError(f"mode='lora' handles trainable nn.Linear layers only, found a trainable {type(module).__name__}; use client.dp.grad_sample_mode=loop (any peft method)")
             owners[module] = own
         self.layers = list(owners)
         self._samples: dict[int, torch.Tensor] = {}
@@ -152,6 +154,37 @@ class LinearGradSampler:
         for handle in self._handles:
             handle.remove()
         self._samples.clear()
+
+
+class LoopGradSampler:
+    """Per-sample gradients of any trainable parameters: one forward and backward per example.
+
+    Exact for every module type (the gradient of example i's own loss); costs one backward per
+    example, so it is the path for peft methods the Linear-only sampler cannot serve.
+    """
+
+    def __init__(self, model: nn.Module, params: Sequence[nn.Parameter]) -> None:
+        self.model, self.params = model, list(params)
+        self._samples: list[torch.Tensor] = []
+
+    def collect(self, batch: dict[str, torch.Tensor]) -> None:
+        """Per-sample gradients of ``batch`` (a padded batch: each row keeps its own attention mask)."""
+        rows = batch["input_ids"].shape[0]
+        per_example: list[tuple[torch.Tensor, ...]] = []
+        for i in range(rows):
+            one = {k: v[i : i + 1] for k, v in batch.items()}
+            loss = per_sample_loss(self.model, one).sum()
+            per_example.append(torch.autograd.grad(loss, self.params, allow_unused=True))
+        self._samples = [
+            torch.stack([g if g is not None else torch.zeros_like(p) for g in (ex[j] for ex in per_example)]) for j, p in enumerate(self.params)
+        ]
+
+    def grad_samples(self) -> list[torch.Tensor]:
+        out, self._samples = self._samples, []
+        return out
+
+    def remove(self) -> None:
+        self._samples = []
 
 
 def clip_and_noise(
@@ -207,7 +240,7 @@ def train_local_dp(
         return _train_opacus(model, dataset, collate_fn, plan, lr=lr, weight_decay=weight_decay, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, expected=expected, generator=noise_gen, device=device)
     params = trainable_parameters(model)
     optimizer = make_optimizer(params, lr=lr, weight_decay=weight_decay)
-    sampler = LinearGradSampler(model)
+    sampler = LoopGradSampler(model, params) if mode == "loop" else LinearGradSampler(model)
     total, seen, used = 0.0, 0, 0
     try:
         for indices in plan:
@@ -218,7 +251,10 @@ def train_local_dp(
             if not torch.isfinite(losses).all():
                 raise FloatingPointError("DP training loss became non-finite")
             optimizer.zero_grad(set_to_none=True)
-            losses.sum().backward()
+            if mode == "loop":
+                sampler.collect(batch)
+            else:
+                losses.sum().backward()
             grads = clip_and_noise(sampler.grad_samples(), max_grad_norm=max_grad_norm, noise_multiplier=noise_multiplier, expected_batch_size=expected, generator=noise_gen)
             for p, g in zip(params, grads):
                 p.grad = g.view_as(p).to(p.dtype)

@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from flwr.app import Context, Message, MessageType
 
-from clients.node import local_data, node_store, partition_id
 from clients.dp import BudgetExhausted, calibrate_noise, epsilon, planned_steps, train_local_dp, would_exceed
+from clients.node import local_data, node_store, partition_id
 from clients.state import NodeStore
 from fedpeft import data as fdata
 from fedpeft import models
@@ -69,7 +69,7 @@ class JobResult:
 
 
 # ------------------------------------------------------------------------------ step 1: decode
-def start_state(template: Mapping[str, torch.Tensor], received: Mapping[str, torch.Tensor], plan: ClientPlan, kept: Mapping[str, torch.Tensor] | None) -> State:
+def start_state(template: Mapping[str, torch.Tensor], received: Mapping[str, torch.Tensor], *, plan: ClientPlan, kept: Mapping[str, torch.Tensor] | None) -> State:
     """The adapter a job starts from, group by group as ``plan`` says.
 
     ``template`` holds the adapter's keys at the client's rank (shapes and dtypes), ``received``
@@ -143,7 +143,7 @@ def decode(msg: Message, context: Context) -> Job:
         run=run,
         partition_id=pid,
         plan=plan,
-        start=start_state(template, instruction.tensors, plan, kept),
+        start=start_state(template, instruction.tensors, plan=plan, kept=kept),
         num_labels=num_labels,
         train_examples=train_examples,
         val_examples=val_examples,

@@ -24,9 +24,11 @@ from fedpeft.protocol import RunInfo
 _ENCODED: dict[str, tuple[int, list, list]] = {}
 
 
-def node_rank(cfg: Config, partition_id: int, node_config: dict[str, Any]) -> int:
+def node_rank(cfg: Config, partition_id: int, node_config: dict[str, Any]) -> int | None:
     """This node's LoRA rank: its own node config (``rank``, or ``tier`` looked up in ``strategy.tiers``) wins,
     else the run config's rank for its partition (``strategy.ranks`` / ``client_tiers`` / ``model.lora.r``)."""
+    if not models.has_ranks(cfg.model):
+        return None
     if protocol.NODE_RANK in node_config:
         return int(node_config[protocol.NODE_RANK])
     if protocol.NODE_TIER in node_config:

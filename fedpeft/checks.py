@@ -27,13 +27,13 @@ from torch import nn
 
 from fedpeft import data as fdata
 from fedpeft.config import Config, ConfigError, DeployConfig, DPConfig
-from fedpeft.models import ModelError, check_model_config, client_ranks, resolve_device, resolve_model_path
+from clients.dp import MODES as DP_MODES
+from fedpeft.models import RANKED, ModelError, check_model_config, client_ranks, resolve_device, resolve_model_path
 from fedpeft.results import LOGGERS
 from fedpeft.training import num_local_steps
-from strategies import get_strategy
+from strategies import STRATEGIES, get_strategy
 
 MODES = ("simulation", "deploy", "centralized")
-DP_MODES = ("lora", "opacus")
 ACCOUNTANTS = ("rdp", "prv", "gdp")
 
 
@@ -58,7 +58,7 @@ def check_config(cfg: Config) -> None:
         if not 0.0 <= getattr(cfg.faults, key) <= 1.0:
             raise ConfigError(f"faults.{key} must be in [0, 1], got {getattr(cfg.faults, key)}")
     check_client(cfg)
-    check_dp_settings(cfg.client.dp)
+    check_dp_settings(cfg.client.dp, peft=cfg.model.peft)
     if cfg.model.max_length < 1:
         raise ConfigError(f"model.max_length must be >= 1, got {cfg.model.max_length}")
     if not 0.0 <= cfg.model.lora.dropout < 1.0:
@@ -80,9 +80,14 @@ def check_config(cfg: Config) -> None:
         changed = [f"deploy.{f.name}={getattr(cfg.deploy, f.name)}" for f in fields(DeployConfig) if getattr(cfg.deploy, f.name) != getattr(default, f.name)]
         if changed:
             raise ConfigError(f"{' '.join(changed)} has no effect with mode={cfg.mode}: add mode=deploy to submit the run to a SuperLink")
-    get_strategy(cfg.strategy.name)
-    client_ranks(cfg)
     check_model_config(cfg.model)
+    rule = get_strategy(cfg.strategy.name)
+    if rule.peft_methods is not None and cfg.model.peft not in rule.peft_methods:
+        accepting = sorted(name for name, r in STRATEGIES.items() if r.peft_methods is None or cfg.model.peft in r.peft_methods)
+        raise ConfigError(
+            f"strategy={cfg.strategy.name} federates {'/'.join(rule.peft_methods)} adapters only, not model.peft={cfg.model.peft}; rules that accept it: {accepting}"
+        )
+    client_ranks(cfg)
     fdata.check_data_config(cfg.data, num_clients=cfg.num_clients)
 
 
@@ -106,7 +111,7 @@ def check_client(cfg: Config) -> None:
         raise ConfigError(f"client.num_gpus must be >= 0, got {c.num_gpus}")
 
 
-def check_dp_settings(dp: DPConfig) -> None:
+def check_dp_settings(dp: DPConfig, *, peft: str = "lora") -> None:
     """DP options take effect only with ``client=dp``: set without it they would be silently ignored."""
     if dp.enabled is False:  # off on purpose (client.dp.enabled=false): the other settings are ignored knowingly
         return
@@ -119,6 +124,8 @@ def check_dp_settings(dp: DPConfig) -> None:
         return
     if dp.grad_sample_mode not in DP_MODES:
         raise ConfigError(f"client.dp.grad_sample_mode must be one of {DP_MODES}, got {dp.grad_sample_mode!r}")
+    if peft != "lora" and dp.grad_sample_mode == "lora":
+        raise ConfigError(f"client.dp.grad_sample_mode=lora computes per-sample gradients of LoRA layers only; model.peft={peft} needs grad_sample_mode=loop")
     if dp.accountant not in ACCOUNTANTS:
         raise ConfigError(f"client.dp.accountant must be one of {ACCOUNTANTS}, got {dp.accountant!r}")
     if (dp.noise_multiplier is None) == (dp.target_epsilon is None):
@@ -198,6 +205,8 @@ def check_model(cfg: Config, model: nn.Module | None = None) -> None:
     if limit is not None and cfg.model.max_length > limit:
         raise ConfigError(f"model.max_length={cfg.model.max_length} exceeds the {limit} positions of model {cfg.model.name_or_path!r}")
     named = dict(model.named_modules())
+    if cfg.model.peft == "prompt_tuning":
+        return  # virtual tokens: no module is adapted, no rank
     if list(lora.target_modules) != ["all-linear"]:
         unmatched = [t for t in lora.target_modules if not any(matches(n, t) for n in named)]
         if unmatched:
@@ -210,9 +219,9 @@ def check_model(cfg: Config, model: nn.Module | None = None) -> None:
             raise ConfigError(f"model.lora.modules_to_save entry {target!r} matches no module of {cfg.model.name_or_path!r}")
     adapted = {n: m for n, m in named.items() if _adapted(n, m, lora.target_modules)}
     widths = {n: min(m.weight.shape) for n, m in adapted.items() if getattr(m, "weight", None) is not None and m.weight.dim() == 2}
-    if widths:
+    if widths and cfg.model.peft in RANKED:
         name = min(widths, key=widths.get)
-        rank = max(client_ranks(cfg))
+        rank = max(r for r in client_ranks(cfg) if r is not None)
         if rank > widths[name]:
             raise ConfigError(
                 f"LoRA rank {rank} exceeds the smallest adapted dimension, {widths[name]} ({name} is {tuple(adapted[name].weight.shape)}); "

@@ -7,6 +7,7 @@ message naming the key, not twenty minutes into a run.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -53,6 +54,17 @@ class ModelConfig:
     task: str = field(default="seq_cls", metadata={"help": "'seq_cls' or 'causal_lm'."})
     max_length: int = field(default=64, metadata={"help": "Tokens per example (truncated); at most the model's positions."})
     dtype: str = "float32"
+    peft: str = field(
+        default="lora",
+        metadata={
+            "help": "The peft method, built from peft's own config class: 'lora', 'dora' (LoraConfig(use_dora=True)), "
+            "'ia3' (IA3Config on lora.target_modules) or 'prompt_tuning' (PromptTuningConfig). Only LoRA has ranks."
+        },
+    )
+    peft_options: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={"help": "Extra keyword arguments for the peft config class, e.g. {num_virtual_tokens: 16} for prompt_tuning."},
+    )
     lora: LoraSettings = field(default_factory=LoraSettings)
 
 
@@ -80,6 +92,12 @@ class DataConfig:
 
 @dataclass
 class StrategyConfig:
+    """What every rule's config holds: its name and the per-client ranks.
+
+    A rule's own options live in a subclass in its own file (``strategies/<name>.py``), stored in
+    the ConfigStore as ``strategy/<name>_schema``, so an option of another rule fails at composition.
+    """
+
     name: str = field(default="fedavg", metadata={"help": "The rule: a key of strategies.STRATEGIES."})
     ranks: Optional[list[int]] = field(
         default=None,
@@ -91,11 +109,6 @@ class StrategyConfig:
     client_tiers: Optional[list[str]] = field(
         default=None, metadata={"help": "The tier of each client (length num_clients); used when ranks is None."}
     )
-    # LoRA-FAIR (arXiv 2411.14961): the server-side correction of B.
-    fair_lambda: float = 0.01
-    fair_method: str = field(default="cosine", metadata={"help": "'cosine' (the paper) or 'frobenius' (closed form)."})
-    fair_steps: int = 50
-    fair_lr: float = 0.01
 
 
 @dataclass
@@ -114,7 +127,10 @@ class DPConfig:
     accountant: str = field(default="rdp", metadata={"help": "Opacus accountant: 'rdp', 'prv' or 'gdp'."})
     grad_sample_mode: str = field(
         default="lora",
-        metadata={"help": "'lora' (fedpeft's per-sample gradients of LoRA/linear layers) or 'opacus' (Opacus hooks, the reference)."},
+        metadata={
+            "help": "'lora' (fedpeft's per-sample gradients of LoRA/linear layers), 'opacus' (Opacus hooks, the reference) "
+            "or 'loop' (one backward per example: any peft method)."
+        },
     )
 
 
@@ -162,7 +178,7 @@ class Config:
     seed: int = field(default=0, metadata={"help": "Seeds the data split, the partitions, client sampling and every initialisation."})
     num_rounds: int = field(default=10, metadata={"help": "Federated rounds (server aggregations)."})
     num_clients: int = field(default=10, metadata={"help": "Clients (SuperNodes); the data is partitioned into this many shares."})
-    clients_per_round: int = field(default=5, metadata={"help": "Clients sampled (seeded) to train in each round."})
+    clients_per_round: int = field(default=4, metadata={"help": "Clients sampled (seeded) to train in each round."})
     mode: str = field(
         default="simulation",
         metadata={"help": "'simulation' (Flower on Ray), 'deploy' (a SuperLink and its SuperNodes) or 'centralized'."},
@@ -213,17 +229,38 @@ def required(key: str) -> Any:
 
 
 def register_configs() -> None:
-    """Register the schema so that ``conf/config.yaml`` can extend it (``defaults: [schema, ...]``)."""
+    """Register the schemas: ``conf/config.yaml`` extends ``schema``, and each ``conf/strategy/<name>.yaml``
+    its rule's ``<name>_schema`` (the rule's config dataclass, ``strategies.STRATEGIES[name].config_class``)."""
     from omegaconf import OmegaConf
 
     if not OmegaConf.has_resolver("required"):
         OmegaConf.register_new_resolver("required", required)
     cs = ConfigStore.instance()
     cs.store(name="schema", node=Config)
-    cs.store(group="model", name="schema", node=ModelConfig)
-    cs.store(group="data", name="schema", node=DataConfig)
-    cs.store(group="strategy", name="schema", node=StrategyConfig)
-    cs.store(group="client", name="schema", node=ClientConfig)
+    for name, config_class in strategy_configs().items():
+        cs.store(group="strategy", name=f"{name}_schema", node=config_class)
+
+
+def strategy_configs() -> dict[str, type]:
+    """Each registered rule's config dataclass, by rule name."""
+    from strategies import STRATEGIES  # the rules import this module (StrategyConfig): a real cycle
+
+    return {name: rule.config_class for name, rule in STRATEGIES.items()}
+
+
+def strategy_schema(name: str, *, strict: bool = True) -> type:
+    """The config dataclass of rule ``name``.
+
+    An unknown name raises listing the valid ones; with ``strict=False`` (a client reading the
+    config a server already checked, maybe for a rule this process does not have) it is the
+    common :class:`StrategyConfig`, and the rule's own options are dropped.
+    """
+    configs = strategy_configs()
+    if name in configs:
+        return configs[name]
+    if strict:
+        raise ValueError(f"unknown strategy {name!r}; valid: {sorted(configs)}")
+    return StrategyConfig
 
 
 __all__ = [
@@ -271,6 +308,10 @@ def to_config(cfg: Any) -> Config:
     with Hydra's ``+key=value`` (which ``OmegaConf.to_object`` would silently drop), and values of
     the wrong type; the error names the key.
     """
+    return _to_config(cfg, strict=True)
+
+
+def _to_config(cfg: Any, *, strict: bool) -> Config:
     from omegaconf import OmegaConf
     from omegaconf.errors import InterpolationResolutionError
 
@@ -287,19 +328,30 @@ def to_config(cfg: Any) -> Config:
                 raise ConfigError(message[len(prefix) :]) from None
             raise
     else:
-        container = cfg
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), container))
+        container = dict(cfg)
+    schema = OmegaConf.structured(Config)
+    strategy = dict(container.get("strategy") or {})
+    config_class = strategy_schema(str(strategy.get("name", StrategyConfig.name)), strict=strict)
+    schema.strategy = OmegaConf.structured(config_class)
+    if config_class is StrategyConfig and not strict:
+        known = {f.name for f in dataclasses.fields(StrategyConfig)}
+        container = {**container, "strategy": {k: v for k, v in strategy.items() if k in known}}
+    return OmegaConf.to_object(OmegaConf.merge(schema, container))
 
 
 _PARSED: dict[str, Config] = {}
 
 
 def from_json(text: str) -> Config:
-    """Validate JSON against the schema and return a typed :class:`Config` (cached per text)."""
+    """Validate JSON against the schema and return a typed :class:`Config` (cached per text).
+
+    The JSON comes from a server that checked it; a rule this process does not know (one defined
+    outside ``strategies``) keeps only the common strategy fields, which is all a client reads.
+    """
     import json
 
     if text not in _PARSED:
-        _PARSED[text] = to_config(json.loads(text))
+        _PARSED[text] = _to_config(json.loads(text), strict=False)
     return _PARSED[text]
 
 

@@ -154,6 +154,7 @@ def header_lines(cfg: Any, run_dir: Path, *, data: Any = None, device: str | Non
     from strategies import get_strategy
 
     lora = cfg.model.lora
+    peft = getattr(cfg.model, "peft", "lora")
     rule = get_strategy(cfg.strategy.name).__name__
     if cfg.mode == "centralized":
         head = f"fedpeft: centralised LoRA reference (mode=centralized), {cfg.num_rounds} rounds, seed {cfg.seed}"
@@ -162,7 +163,7 @@ def header_lines(cfg: Any, run_dir: Path, *, data: Any = None, device: str | Non
     lines = [head]
     lines.append(
         f"  model   {cfg.model.name_or_path} ({cfg.model.task}, max_length {cfg.model.max_length}, {cfg.model.dtype}); "
-        f"LoRA on {', '.join(lora.target_modules)}, alpha {lora.alpha:g} at r={lora.r}"
+        + (f"LoRA on {', '.join(lora.target_modules)}, alpha {lora.alpha:g} at r={lora.r}" if peft == "lora" else f"peft method {peft}")
         + (f", trains {', '.join(lora.modules_to_save)}" if lora.modules_to_save else "")
     )
     sizes = f": {len(data.train)} train / {len(data.test)} test examples, {data.num_labels} labels" if data is not None else ""
@@ -170,7 +171,10 @@ def header_lines(cfg: Any, run_dir: Path, *, data: Any = None, device: str | Non
     lines.append(f"  data    {cfg.data.name}{sizes}; {split} over {cfg.num_clients} clients")
     if cfg.mode != "centralized":
         ranks = client_ranks(cfg)
-        shown = f"all {ranks[0]}" if len(set(ranks)) == 1 else " ".join(map(str, ranks))
+        if ranks[0] is None:
+            shown = f"none (model.peft={cfg.model.peft})"
+        else:
+            shown = f"all {ranks[0]}" if len(set(ranks)) == 1 else " ".join(map(str, ranks))
         lines.append(f"  clients {cfg.num_clients}, {cfg.clients_per_round} per round; ranks {shown}")
     step = f"{cfg.client.local_steps} local steps" if cfg.client.local_steps > 0 else f"{cfg.client.local_epochs} local epoch(s)"
     lines.append(f"  train   {step}, batch {cfg.client.batch_size}, lr {cfg.client.lr:g}")

@@ -18,7 +18,7 @@ import torch
 from peft.tuners.lora import LoraLayer
 from peft.utils.other import transpose
 from torch import nn
-from peft import LoraConfig, PeftModel, TaskType, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import IA3Config, LoraConfig, PeftConfig, PeftModel, PromptTuningConfig, TaskType, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import logging as hf_logging
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 hf_logging.set_verbosity_error()
 
 TASKS = ("seq_cls", "causal_lm")
+PEFT_METHODS = ("lora", "dora", "ia3", "prompt_tuning")
+RANKED = ("lora", "dora")
+PROMPT_KEY = "prompt_embeddings"  # the state-dict key of a prompt-learning adapter (peft's own name)  # the methods whose adapters have a rank (LoRA factors)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 # How many times this process loaded base weights from disk; the end-to-end test reads it through
@@ -68,8 +71,14 @@ def check_model_config(cfg: ModelConfig) -> None:
         raise ModelError(f"model.task must be one of {TASKS}, got {cfg.task!r}")
     if cfg.dtype not in _DTYPES:
         raise ModelError(f"model.dtype must be one of {sorted(_DTYPES)}, got {cfg.dtype!r}")
+    if cfg.peft not in PEFT_METHODS:
+        raise ModelError(f"model.peft must be one of {PEFT_METHODS}, got {cfg.peft!r}")
     if cfg.lora.r < 1:
         raise ModelError(f"model.lora.r must be >= 1, got {cfg.lora.r}")
+    try:
+        peft_config(cfg, rank=cfg.lora.r if has_ranks(cfg) else None)
+    except (TypeError, ValueError) as err:
+        raise ModelError(f"model.peft={cfg.peft} with model.peft_options={dict(cfg.peft_options)}: {err}") from None
     resolve_model_path(cfg.name_or_path)
 
 
@@ -111,13 +120,17 @@ def tier_rank(cfg, tier: str) -> int:
     return int(tiers[str(tier)])
 
 
-def client_ranks(cfg) -> list[int]:
-    """The LoRA rank of every client of a :class:`fedpeft.config.Config`.
+def client_ranks(cfg) -> list[int | None]:
+    """The LoRA rank of every client of a :class:`fedpeft.config.Config` (None for a peft method without ranks).
 
     ``strategy.ranks`` (one per client), else ``strategy.tiers`` looked up through
     ``strategy.client_tiers``, else ``model.lora.r`` for everyone.
     """
     s, n = cfg.strategy, cfg.num_clients
+    if not has_ranks(cfg.model):
+        if s.ranks is not None or s.client_tiers is not None:
+            raise ValueError(f"strategy.ranks / strategy.client_tiers set ranks, and model.peft={cfg.model.peft} has none (only {list(RANKED)} do)")
+        return [None] * n
     if s.ranks is not None:
         ranks = list(s.ranks)
         if len(ranks) != n:
@@ -138,13 +151,36 @@ def client_ranks(cfg) -> list[int]:
     return ranks
 
 
-def adapter_name(rank: int) -> str:
-    return f"r{rank}"
+def adapter_name(rank: int | None) -> str:
+    """The peft adapter of a rank (``r8``, ``r4``, ...); a method without ranks has one, ``default``."""
+    return "default" if rank is None else f"r{rank}"
 
 
-def lora_config(lora: LoraSettings, *, rank: int, task: str) -> LoraConfig:
+def has_ranks(cfg: ModelConfig) -> bool:
+    return cfg.peft in RANKED
+
+
+def peft_config(cfg: ModelConfig, *, rank: int | None) -> PeftConfig:
+    """The peft config of ``cfg.peft`` (at ``rank`` for LoRA and DoRA), from peft's own config classes."""
+    task_type = TaskType.SEQ_CLS if cfg.task == "seq_cls" else TaskType.CAUSAL_LM
+    options = dict(cfg.peft_options)
+    if cfg.peft in RANKED:
+        return lora_config(cfg.lora, rank=rank, task=cfg.task, use_dora=cfg.peft == "dora", **options)
+    if cfg.peft == "ia3":
+        options.setdefault("target_modules", list(cfg.lora.target_modules))
+        options.setdefault("feedforward_modules", [])
+        options.setdefault("modules_to_save", list(cfg.lora.modules_to_save) or None)
+        return IA3Config(task_type=task_type, **options)
+    if cfg.peft == "prompt_tuning":
+        options.setdefault("num_virtual_tokens", 8)
+        return PromptTuningConfig(task_type=task_type, **options)  # peft trains a seq_cls head itself
+    raise ModelError(f"model.peft must be one of {PEFT_METHODS}, got {cfg.peft!r}")
+
+
+def lora_config(lora: LoraSettings, *, rank: int, task: str, **options) -> LoraConfig:
     """A peft LoraConfig at ``rank`` that keeps the scaling alpha / r of the configured rank."""
     return LoraConfig(
+        **options,
         r=rank,
         lora_alpha=lora.alpha * rank / lora.r,
         lora_dropout=lora.dropout,
@@ -156,7 +192,9 @@ def lora_config(lora: LoraSettings, *, rank: int, task: str) -> LoraConfig:
 
 @dataclass
 class CachedModel:
-    """One base model with one LoRA adapter per rank, living for the whole worker process."""
+    """One base model with one peft adapter per rank (one in all for a method without ranks), living
+    for the whole worker process. The adapters are workspaces: a client loads every tensor of its
+    adapter before it trains (``clients.job.run_job``), so nothing of one client reaches another."""
 
     model: PeftModel
     cfg: ModelConfig
@@ -167,25 +205,25 @@ class CachedModel:
     base_lineage: str = ""
     base_version: int = 0
 
-    def activate(self, rank: int) -> PeftModel:
+    def activate(self, rank: int | None) -> PeftModel:
         name = adapter_name(rank)
         if name not in self.model.peft_config:
-            self.model.add_adapter(name, lora_config(self.cfg.lora, rank=rank, task=self.cfg.task))
+            self.model.add_adapter(name, peft_config(self.cfg, rank=rank))
             self.model.to(self.device)
         self.model.set_adapter(name)  # also marks only this adapter's LoRA and head trainable
         return self.model
 
-    def adapter_state(self, rank: int) -> dict[str, torch.Tensor]:
+    def adapter_state(self, rank: int | None) -> dict[str, torch.Tensor]:
         """The trainable tensors (LoRA factors and head) of the rank-``rank`` adapter, detached on CPU."""
         sd = get_peft_model_state_dict(self.model, adapter_name=adapter_name(rank))
         return {k: v.detach().to("cpu", copy=True) for k, v in sd.items()}
 
-    def adapter_template(self, rank: int) -> dict[str, torch.Tensor]:
+    def adapter_template(self, rank: int | None) -> dict[str, torch.Tensor]:
         """The keys, shapes and dtypes of the rank-``rank`` adapter (its current values; read them as a template only)."""
         self.activate(rank)
         return self.adapter_state(rank)
 
-    def set_trainable(self, rank: int, roles: set[str]) -> None:
+    def set_trainable(self, rank: int | None, roles: set[str]) -> None:
         """Train exactly the rank-``rank`` adapter's tensors whose role (:func:`fedpeft.protocol.key_role`) is in ``roles``."""
         name = adapter_name(rank)
         self.model.set_adapter(name)  # marks this adapter's tensors (LoRA and head) trainable, others frozen
@@ -195,13 +233,20 @@ class CachedModel:
             role = LORA_A if pname.endswith(f".lora_A.{name}.weight") else LORA_B if pname.endswith(f".lora_B.{name}.weight") else OTHER
             param.requires_grad_(role in roles)
 
-    def load_adapter_state(self, rank: int, state: dict[str, torch.Tensor], *, strict: bool = True) -> None:
+    def load_adapter_state(self, rank: int | None, state: dict[str, torch.Tensor], *, strict: bool = True) -> None:
         expected = set(get_peft_model_state_dict(self.model, adapter_name=adapter_name(rank)))
         if strict and set(state) != expected:
             missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
             raise ValueError(f"adapter state does not match rank-{rank} adapter: missing {missing[:3]}, extra {extra[:3]}")
         result = set_peft_model_state_dict(self.model, state, adapter_name=adapter_name(rank))
         unexpected = getattr(result, "unexpected_keys", [])
+        if PROMPT_KEY in state and PROMPT_KEY in unexpected:
+            # peft loads a prompt method's embeddings into its prompt encoder itself and still lists
+            # the key as unexpected; check that it did, instead of trusting the list.
+            encoder = self.model.prompt_encoder[adapter_name(rank)].embedding.weight
+            if not torch.equal(encoder.detach().cpu(), state[PROMPT_KEY].to(encoder.dtype)):
+                raise ValueError("peft did not load the prompt embeddings")
+            unexpected = [k for k in unexpected if k != PROMPT_KEY]
         if unexpected:
             raise ValueError(f"unexpected adapter keys: {unexpected[:3]}")
 
@@ -295,13 +340,14 @@ def cached_model(cfg: ModelConfig, *, num_labels: int, device: torch.device, see
     Built under ``torch.manual_seed(seed)`` (on a forked RNG) so a freshly initialised head is
     the same in every process of a run.
     """
-    key = ("model", cfg.name_or_path, cfg.task, cfg.dtype, num_labels, str(device), seed, _lora_key(cfg.lora))
+    key = ("model", cfg.name_or_path, cfg.task, cfg.dtype, num_labels, str(device), seed, cfg.peft, repr(sorted(cfg.peft_options.items())), _lora_key(cfg.lora))
     with _LOCK:
         if key not in _CACHE:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 base = load_base_model(cfg, num_labels=num_labels)
-                peft_model = get_peft_model(base, lora_config(cfg.lora, rank=cfg.lora.r, task=cfg.task), adapter_name=adapter_name(cfg.lora.r))
+                rank = cfg.lora.r if has_ranks(cfg) else None
+                peft_model = get_peft_model(base, peft_config(cfg, rank=rank), adapter_name=adapter_name(rank))
             peft_model.to(device)
             _CACHE[key] = CachedModel(model=peft_model, cfg=cfg, device=device)
         return _CACHE[key]

@@ -454,14 +454,16 @@ class NodeHello:
     """A node's answer to the handshake."""
 
     partition_id: int
-    rank: int
+    rank: int | None  # None: the node's peft method has no rank
     num_examples: int
     label_counts: tuple[int, ...] = ()  # training examples per label of the run (empty: no labels, e.g. a causal LM)
     tier: str | None = None  # the node's resource tier, if it has one
 
 
 def encode_query_reply(hello: NodeHello) -> RecordDict:
-    metrics: dict[str, Any] = {PARTITION_ID: hello.partition_id, RANK: hello.rank, NUM_EXAMPLES: hello.num_examples}
+    metrics: dict[str, Any] = {PARTITION_ID: hello.partition_id, NUM_EXAMPLES: hello.num_examples}
+    if hello.rank is not None:
+        metrics[RANK] = hello.rank
     if hello.label_counts:
         metrics[LABEL_COUNTS] = [int(c) for c in hello.label_counts]
     content = encode_reply(None, metrics)
@@ -472,11 +474,12 @@ def encode_query_reply(hello: NodeHello) -> RecordDict:
 
 def decode_query_reply(content: RecordDict) -> NodeHello:
     _, m = decode_reply(content, with_tensors=False)
-    missing = sorted({PARTITION_ID, RANK, NUM_EXAMPLES} - set(m))
+    missing = sorted({PARTITION_ID, NUM_EXAMPLES} - set(m))
     if missing:
         raise ProtocolError(f"handshake reply lacks {missing}")
+    rank = m.get(RANK)
     info = content.config_records[NODE_INFO_RECORD] if NODE_INFO_RECORD in content.config_records else {}
     return NodeHello(
-        partition_id=int(m[PARTITION_ID]), rank=int(m[RANK]), num_examples=int(m[NUM_EXAMPLES]),
+        partition_id=int(m[PARTITION_ID]), rank=None if rank is None else int(rank), num_examples=int(m[NUM_EXAMPLES]),
         label_counts=tuple(int(c) for c in m.get(LABEL_COUNTS, [])), tier=str(info[NODE_TIER]) if NODE_TIER in info else None,
     )  # fmt: skip

@@ -33,7 +33,25 @@ CSV_COLUMNS = [
     "cumulative_bytes_down",
     "residual",
     "max_epsilon",
+    "client_val_accuracy_mean",
+    "client_val_accuracy_std",
+    "client_val_accuracy_min",
+    "client_val_accuracy_max",
 ]
+
+
+def weighted_spread(values: list[float], weights: list[float]) -> dict[str, float | None]:
+    """Example-weighted ``mean`` and ``std`` (population) and the ``min`` and ``max`` of ``values``.
+
+    >>> weighted_spread([0.5, 1.0], [1, 3])
+    {'mean': 0.875, 'std': 0.21650635094610965, 'min': 0.5, 'max': 1.0}
+    """
+    if not values:
+        return {"mean": None, "std": None, "min": None, "max": None}
+    total = float(sum(weights))
+    mean = sum(w * v for v, w in zip(values, weights)) / total
+    var = sum(w * (v - mean) ** 2 for v, w in zip(values, weights)) / total
+    return {"mean": mean, "std": math.sqrt(max(var, 0.0)), "min": min(values), "max": max(values)}
 
 
 def _clean(value: Any) -> Any:
@@ -54,7 +72,7 @@ class MetricsWriter:
     """Appends one line per round to ``metrics.jsonl`` and ``metrics.csv``, redraws ``plots/``,
     optionally adds TensorBoard scalars (``logger="tensorboard"``), and prints progress."""
 
-    def __init__(self, run_dir: Path, *, num_rounds: int, append: bool = False, logger: str = "none") -> None:
+    def __init__(self, run_dir: Path, *, num_rounds: int, logger: str = "none") -> None:
         self.run_dir = Path(run_dir)
         self.jsonl = self.run_dir / "metrics.jsonl"
         self.csv = self.run_dir / "metrics.csv"
@@ -63,10 +81,9 @@ class MetricsWriter:
         self.rows: list[dict[str, Any]] = []
         self.tensorboard = tensorboard_writer(self.run_dir) if logger == "tensorboard" else None
         self.live = 0  # rounds run by this process (not replayed from a checkpoint)
-        if not append:
-            self.jsonl.write_text("")
-            with self.csv.open("w", newline="") as fh:
-                csv.writer(fh).writerow(CSV_COLUMNS)
+        self.jsonl.write_text("")  # a resumed run rewrites its rows up to the checkpoint
+        with self.csv.open("w", newline="") as fh:
+            csv.writer(fh).writerow(CSV_COLUMNS)
 
     def write(self, row: dict[str, Any], *, rounds_done: int | None = None) -> None:
         """Append ``row``; ``rounds_done`` marks a row replayed from a checkpoint (not printed, not timed)."""

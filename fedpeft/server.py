@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
@@ -26,7 +26,7 @@ from fedpeft.config import Config, to_json
 from fedpeft import protocol
 from fedpeft.records import State, fresh_lora, round_seed, split_state, stack_to_delta
 from fedpeft.models import client_ranks
-from fedpeft.results import MetricsWriter
+from fedpeft.results import MetricsWriter, weighted_spread
 from fedpeft.status import node_row, write_node_status
 from fedpeft.training import EvalResult, evaluate, num_local_steps, train_local
 from strategies import LoRAStrategy, get_strategy
@@ -39,7 +39,7 @@ class RunError(RuntimeError):
     """The run cannot go on (too few nodes, every client failed, ...); the message says why."""
 
 
-def initial_adapter(cm: models.CachedModel, *, rank: int, seed: int) -> State:
+def initial_adapter(cm: models.CachedModel, *, rank: int | None, seed: int) -> State:
     """The round-0 adapter at ``rank``: A drawn from ``seed``, B zero (peft's init), the head as built."""
     cm.activate(rank)
     return fresh_lora(cm.adapter_state(rank), seed=seed)
@@ -134,6 +134,11 @@ def round_row(strategy: LoRAStrategy, server_round: int, *, wall: float, result:
         node = c["node"]
         clients.append({k.replace("-", "_"): v for k, v in c.items()} | {"bytes_up": report.bytes_up.get(node, 0), "bytes_down": report.bytes_down.get(node, 0)})
     epsilons = [c["epsilon"] for c in clients if c.get("epsilon") is not None]
+    # The clients' validation accuracy: from the federated evaluation when the rule ran one, else
+    # from the train replies (each client's model right after local training).
+    source = "evaluate" if report.evaluations else "train"
+    measured = [c for c in (report.evaluations or report.clients) if c.get(protocol.VAL_ACCURACY) is not None]
+    spread = weighted_spread([c[protocol.VAL_ACCURACY] for c in measured], [c.get(protocol.VAL_EXAMPLES, c.get(protocol.NUM_EXAMPLES, 1)) for c in measured])
     return {
         "round": server_round,
         "test_accuracy": None if result is None else result.accuracy,
@@ -151,6 +156,9 @@ def round_row(strategy: LoRAStrategy, server_round: int, *, wall: float, result:
         "bytes_down_per_client": {str(p): b for p, b in sorted((strategy.nodes[n].partition_id, b) for n, b in report.bytes_down.items())},
         "residual": report.extra.get("residual"),
         "max_epsilon": max(epsilons) if epsilons else None,
+        **{f"client_val_accuracy_{k}": v for k, v in spread.items()},
+        "client_val_accuracy_source": source if measured else None,
+        "evaluations": [{k.replace("-", "_"): v for k, v in e.items()} for e in sorted(report.evaluations, key=lambda e: e["partition"])],
         "clients": clients,
         "rejected": report.rejected,
         "failures": report.failures,
@@ -208,7 +216,8 @@ def run_federated(cfg: Config, grid: Grid, run_dir: Path) -> list[dict[str, Any]
     checkpoint = load_checkpoint(run_dir, cfg) if cfg.resume else None
     lineage = checkpoint["lineage"] if checkpoint else f"{run_dir.name}-{time.time_ns():x}"
     evaluator = ServerEvaluator(cfg, data, lineage=lineage)
-    strategy = get_strategy(cfg.strategy.name).from_config(cfg, initial_adapter(evaluator.cm, rank=max(ranks), seed=cfg.seed))
+    rank = max(ranks) if models.has_ranks(cfg.model) else None
+    strategy = get_strategy(cfg.strategy.name).from_config(cfg, initial_adapter(evaluator.cm, rank=rank, seed=cfg.seed))
     # Simulated nodes keep their state under the run; deployed ones in their own state-dir.
     run = protocol.RunInfo(config_json=to_json(_without_resume(cfg)), label_names=tuple(data.label_names), sim_state_dir=None if cfg.mode == "deploy" else str(run_dir / "nodes"))
     strategy.run, strategy.lineage = run, lineage
@@ -237,10 +246,13 @@ def run_federated(cfg: Config, grid: Grid, run_dir: Path) -> list[dict[str, Any]
                 f"reasons: {reasons[:3]}"  # fedpeft.run says how to resume, if a round finished
             )
         last = server_round == cfg.num_rounds
-        result = evaluator(strategy.global_model()) if last or server_round % cfg.eval_every == 0 else None
+        evaluate_now = last or server_round % cfg.eval_every == 0
+        if evaluate_now:
+            evaluate_round(strategy, grid, server_round, timeout=cfg.round_timeout)
+        result = evaluator(strategy.global_model()) if evaluate_now and strategy.has_global_model else None
         row = round_row(strategy, server_round, wall=time.perf_counter() - started, result=result, totals=totals)
         stop = cfg.comm_budget_mb is not None and (totals["up"] + totals["down"]) / 1e6 >= cfg.comm_budget_mb
-        if stop and result is None:
+        if stop and result is None and strategy.has_global_model:
             row.update(_eval_fields(evaluator(strategy.global_model())))
         writer.write(row)
         save_checkpoint(
@@ -250,9 +262,16 @@ def run_federated(cfg: Config, grid: Grid, run_dir: Path) -> list[dict[str, Any]
         if stop:
             log.info("communication budget of %.2f MB reached after round %d; stopping", cfg.comm_budget_mb, server_round)
             break
-    if cfg.save_adapter:
+    if cfg.save_adapter and strategy.has_global_model:
         save_final(evaluator, strategy.global_model(), run_dir)
     return writer.rows
+
+
+def evaluate_round(strategy: LoRAStrategy, grid: Grid, server_round: int, *, timeout: float) -> None:
+    """The strategy's federated evaluation (its ``evaluation_plan`` hook), if it asks for one."""
+    messages = list(strategy.configure_evaluate(server_round, ArrayRecord(), ConfigRecord({}), grid))
+    if messages:
+        strategy.aggregate_evaluate(server_round, [reply for _, reply in exchange(grid, messages, timeout=timeout)])
 
 
 def train_round(strategy: LoRAStrategy, grid: Grid, server_round: int, *, attempt: int = 0, timeout: float):

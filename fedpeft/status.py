@@ -129,7 +129,7 @@ def node_table(nodes: Sequence[Mapping[str, Any]], label_names: Sequence[str]) -
     rows = []
     for n in sorted(nodes, key=lambda n: n["partition"]):
         seen = "-" if n["labels_seen"] is None else f"{n['labels_seen']}/{n['num_labels']}"
-        rows.append([n["node"], n["partition"], n["rank"], n["tier"] or "-", n["examples"], seen, *(n["label_counts"] if histogram else [])])
+        rows.append([n["node"], n["partition"], "-" if n["rank"] is None else n["rank"], n["tier"] or "-", n["examples"], seen, *(n["label_counts"] if histogram else [])])
     return text_table(headers, rows)
 
 

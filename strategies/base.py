@@ -24,11 +24,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedpeft import protocol
+from fedpeft.config import StrategyConfig
 from fedpeft.protocol import BasePlan, ClientPlan, Evaluate, GroupPlan, RunInfo, Source
 from fedpeft.records import State, resize_rank, split_state, state_nbytes, to_record
 
@@ -41,7 +42,7 @@ class NodeInfo:
 
     node_id: int
     partition_id: int
-    rank: int
+    rank: int | None  # None: a peft method without ranks
     num_examples: int
 
 
@@ -50,7 +51,7 @@ class ClientUpdate:
     """One accepted reply, converted to tensors."""
 
     node_id: int
-    rank: int
+    rank: int | None
     num_examples: int
     state: State
     metrics: dict[str, float]
@@ -79,6 +80,7 @@ class RoundReport:
     bytes_down: dict[int, int] = field(default_factory=dict)
     bytes_up: dict[int, int] = field(default_factory=dict)
     clients: list[dict[str, Any]] = field(default_factory=list)
+    evaluations: list[dict[str, Any]] = field(default_factory=list)  # federated evaluation replies (metrics)
     rejected: list[dict[str, Any]] = field(default_factory=list)
     failures: list[dict[str, Any]] = field(default_factory=list)
     extra: dict[str, float] = field(default_factory=dict)
@@ -114,12 +116,19 @@ class LoRAStrategy(FedAvg):
     """
 
     name = "base"
+    has_global_model = True  # False: no model the server could evaluate or save (every client's is its own)
+    config_class: type[StrategyConfig] = StrategyConfig  # a rule with options of its own subclasses it
+    # The peft methods (``model.peft``) whose adapters this rule can federate; None: any. The
+    # default is plain LoRA, as a rule that works on LoRA factors needs (DoRA's magnitude breaks B@A).
+    peft_methods: tuple[str, ...] | None = ("lora",)
 
     def __init__(self, initial_adapter: State, *, clients_per_round: int, seed: int, min_clients: int = 1) -> None:
         super().__init__(fraction_evaluate=0.0, min_train_nodes=clients_per_round, min_available_nodes=clients_per_round)
         pairs, _ = split_state(initial_adapter)
         if not initial_adapter:
             raise ValueError("the initial adapter holds no trainable tensors")
+        if not pairs and self.peft_methods is not None and "lora" in self.peft_methods:
+            raise ValueError(f"strategy {self.name!r} works on LoRA factors and the initial adapter has none (no '.lora_A.weight' keys)")
         self.adapter: State = {k: v.detach().clone() for k, v in initial_adapter.items()}
         # Ranks exist only where there are LoRA factors; other peft methods have none.
         self.max_rank: int | None = initial_adapter[pairs[0].a_key].shape[0] if pairs else None
@@ -155,6 +164,28 @@ class LoRAStrategy(FedAvg):
         """Fold the accepted updates into the global state; return extra per-round figures."""
         raise NotImplementedError
 
+    def evaluation_plan(self, node: NodeInfo, server_round: int) -> ClientPlan | None:
+        """The evaluation hook: what ``node`` evaluates on its validation slice after ``server_round``.
+
+        None (the default): no federated evaluation round; the clients' accuracy after local
+        training (in their train replies) is what ``metrics.jsonl`` summarises. A rule returns
+        :meth:`global_evaluation` or :meth:`personal_evaluation`, or a plan of its own.
+        """
+        return None
+
+    def global_evaluation(self, node: NodeInfo, server_round: int) -> ClientPlan:
+        """Evaluate the global adapter (sent in the message) on the node's validation slice."""
+        groups = protocol.single_group(source=Source.MESSAGE, train=False, upload=False)
+        return ClientPlan(groups=groups, server_round=server_round, rank=self.node_rank(node), base=self.base_plan(node), evaluate=Evaluate.GLOBAL)
+
+    def personal_evaluation(self, node: NodeInfo, server_round: int, *, personal: frozenset[str], fallback: Source = Source.ZERO) -> ClientPlan:
+        """Evaluate the node's own model: roles in ``personal`` from its kept state (``fallback`` for a
+        node that has none), the rest from the message."""
+        groups = [GroupPlan(roles=personal, source=Source.NODE, fallback=fallback, train=False, upload=False)]
+        if protocol.ALL_ROLES - personal:
+            groups.append(GroupPlan(roles=protocol.ALL_ROLES - personal, source=Source.MESSAGE, train=False, upload=False))
+        return ClientPlan(groups=tuple(groups), server_round=server_round, rank=self.node_rank(node), base=self.base_plan(node), evaluate=Evaluate.PERSONAL)
+
     def global_model(self) -> GlobalModel:
         return GlobalModel(adapter={k: v.clone() for k, v in self.adapter.items()}, rank=self.max_rank, base_updates=list(self.base_updates))
 
@@ -188,12 +219,16 @@ class LoRAStrategy(FedAvg):
         return BasePlan(lineage=self.lineage, version=len(self.base_updates), updates={t + 1: self.base_updates[t] for t in missed})
 
     # ------------------------------------------------------------------ plans and messages
+    def node_rank(self, node: NodeInfo) -> int | None:
+        """The rank ``node`` trains at; None for a peft method without ranks."""
+        return node.rank if self.max_rank is not None else None
+
     def plan(self, node: NodeInfo, server_round: int, *, attempt: int = 0) -> ClientPlan:
         """The full plan of ``node`` for ``server_round``: the rule's groups, its rank and the base."""
         return ClientPlan(
             groups=self.groups(node, server_round),
             server_round=server_round,
-            rank=node.rank if self.max_rank is not None else None,
+            rank=self.node_rank(node),
             base=self.base_plan(node),
             evaluate=self.evaluate_after_training(node, server_round),
             attempt=attempt,
@@ -201,7 +236,7 @@ class LoRAStrategy(FedAvg):
 
     def node_adapter(self, node: NodeInfo) -> State:
         """The global adapter at ``node``'s rank (the shapes its tensors have)."""
-        return resize_rank(self.adapter, node.rank) if self.max_rank is not None else {k: v.clone() for k, v in self.adapter.items()}
+        return resize_rank(self.adapter, node.rank) if self.max_rank is not None and node.rank is not None else {k: v.clone() for k, v in self.adapter.items()}
 
     def message_tensors(self, node: NodeInfo, plan: ClientPlan) -> State:
         """The tensors a plan sends: the global adapter's keys in message-sourced groups."""
@@ -230,6 +265,34 @@ class LoRAStrategy(FedAvg):
             messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node_id))
         return messages
 
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        """One evaluate message per registered node that :meth:`evaluation_plan` gives a plan."""
+        messages = []
+        for node_id in sorted(self.nodes, key=self.order_key):
+            node = self.nodes[node_id]
+            plan = self.evaluation_plan(node, server_round)
+            if plan is None:
+                continue
+            content = protocol.encode_instruction(self.run, plan, self.message_tensors(node, plan))
+            messages.append(Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=node_id))
+        return messages
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Record each node's validation metrics in the round's report (errors are skipped and logged)."""
+        report = self.reports.setdefault(server_round, RoundReport())
+        for msg in replies:
+            node = self.nodes.get(msg.metadata.src_node_id)
+            if msg.has_error() or node is None:
+                log.warning("round %d: evaluation on node %s failed: %s", server_round, msg.metadata.src_node_id, short_reason(msg.error.reason) if msg.has_error() else "unknown node")
+                continue
+            try:
+                _, metrics = protocol.decode_reply(msg.content, with_tensors=False)
+            except protocol.ProtocolError as err:
+                log.warning("round %d: evaluation reply of node %d refused: %s", server_round, node.node_id, err)
+                continue
+            report.evaluations.append({"node": node.node_id, "partition": node.partition_id, **metrics})
+        return None
+
     # ------------------------------------------------------------------ Flower plumbing
     @classmethod
     def from_config(cls, cfg: Any, initial_adapter: State) -> "LoRAStrategy":
@@ -238,7 +301,7 @@ class LoRAStrategy(FedAvg):
 
     def register_nodes(self, nodes: Iterable[NodeInfo]) -> None:
         for node in nodes:
-            if self.max_rank is not None and node.rank > self.max_rank:
+            if self.max_rank is not None and (node.rank is None or node.rank > self.max_rank):
                 raise ValueError(f"node {node.node_id} asks for rank {node.rank} > the global rank {self.max_rank}")
             self.nodes[node.node_id] = node
 
@@ -288,7 +351,7 @@ class LoRAStrategy(FedAvg):
                 raise RejectedUpdate(f"{key}: dtype {tensor.dtype}, expected {ref.dtype}")
             if not torch.isfinite(tensor).all():
                 raise RejectedUpdate(f"{key}: contains NaN or Inf")
-        return ClientUpdate(node_id=node_id, rank=node.rank, num_examples=num_examples, state=state, metrics=metrics)
+        return ClientUpdate(node_id=node_id, rank=plan.rank, num_examples=num_examples, state=state, metrics=metrics)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Check every reply, aggregate the accepted ones; error replies are counted by the caller.
@@ -311,7 +374,8 @@ class LoRAStrategy(FedAvg):
                 log.warning("round %d: rejected the update of node %d: %s", server_round, node_id, err)
                 continue
             report.bytes_up[node_id] = state_nbytes(update.state)
-            report.clients.append({"node": node_id, "partition": self.nodes[node_id].partition_id, "rank": update.rank, **update.metrics})
+            rank = {} if update.rank is None else {"rank": update.rank}
+            report.clients.append({"node": node_id, "partition": self.nodes[node_id].partition_id, **rank, **update.metrics})
             updates.append(update)
         if len(updates) < max(self.min_clients, 1):
             log.warning("round %d: %d accepted updates < min_clients=%d; global model unchanged", server_round, len(updates), self.min_clients)

@@ -11,11 +11,13 @@ is zero-padded to r_max before averaging and each client takes back its first r_
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from collections.abc import Mapping, Sequence
 
 import torch
 
 from fedpeft.records import State, resize_factor, split_state
+from fedpeft.config import StrategyConfig
 from strategies.base import ClientUpdate, LoRAStrategy
 from strategies.lora_math import ideal_delta, relative_residual, residual_parts, weighted_sum
 
@@ -53,11 +55,20 @@ def fedit(states: Sequence[Mapping[str, torch.Tensor]], weights: torch.Tensor, *
     return dict(sorted(out.items())), relative_residual(parts)
 
 
+@dataclass
+class FedAvgConfig(StrategyConfig):
+    """FedIT has no options of its own."""
+
+    name: str = "fedavg"
+
+
 class FedIT(LoRAStrategy):
     """FedAvg of LoRA A and B, separately, weighted by ``num-examples``."""
 
     name = "fedavg"
+    config_class = FedAvgConfig
+    peft_methods = None  # any peft adapter: every trainable tensor is averaged (LoRA factors zero-padded)
 
     def aggregate(self, updates: list[ClientUpdate], weights: torch.Tensor, server_round: int) -> dict[str, float]:
         self.adapter, residual = fedit([u.state for u in updates], weights, rank=self.max_rank)
-        return {"residual": residual}
+        return {"residual": residual} if self.max_rank is not None else {}  # no LoRA factors, no residual

@@ -12,6 +12,7 @@ the first r_k rows of the shared r_max A.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -19,6 +20,7 @@ import torch
 
 from fedpeft.protocol import LORA_A, LORA_B, OTHER, GroupPlan, Source
 from fedpeft.records import LORA_A_SUFFIX, State, resize_factor, seeded_tensors, split_state
+from fedpeft.config import StrategyConfig
 from strategies.base import ClientUpdate, LoRAStrategy, NodeInfo
 from strategies.lora_math import ideal_delta, relative_residual, residual_parts, weighted_sum
 
@@ -49,10 +51,18 @@ def ffa(states: Sequence[Mapping[str, torch.Tensor]], weights: torch.Tensor, *, 
     return dict(sorted(out.items())), relative_residual(parts)
 
 
+@dataclass
+class FFALoRAConfig(StrategyConfig):
+    """FFA-LoRA has no options of its own."""
+
+    name: str = "ffa_lora"
+
+
 class FFALoRA(LoRAStrategy):
     """B averaged, A frozen and shared through a seed."""
 
     name = "ffa_lora"
+    config_class = FFALoRAConfig
 
     def __init__(self, initial_adapter: State, **kwargs: Any) -> None:
         super().__init__(initial_adapter, **kwargs)

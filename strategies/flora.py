@@ -13,6 +13,7 @@ all clients train on ``W_0 + Σ_τ ΔW_τ`` (FederatedLLM issue #4); downlink by
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,6 +21,7 @@ import torch
 
 from fedpeft.protocol import LORA_A, LORA_B, OTHER, GroupPlan, Source
 from fedpeft.records import State, exact_product, fresh_lora, round_seed, split_state
+from fedpeft.config import StrategyConfig
 from strategies.base import ClientUpdate, LoRAStrategy, NodeInfo
 from strategies.lora_math import check_weights, ideal_delta, relative_residual, residual_parts, weighted_sum
 
@@ -44,6 +46,13 @@ def stacked_delta(a_stack: torch.Tensor, b_stack: torch.Tensor) -> torch.Tensor:
     return exact_product(b_stack, a_stack)
 
 
+@dataclass
+class FLoRAConfig(StrategyConfig):
+    """FLoRA has no options of its own (its scaling is the model's ``lora.alpha / lora.r``)."""
+
+    name: str = "flora"
+
+
 class FLoRA(LoRAStrategy):
     """Stack the clients' adapters, merge the product into the global base, restart LoRA each round.
 
@@ -51,6 +60,7 @@ class FLoRA(LoRAStrategy):
     """
 
     name = "flora"
+    config_class = FLoRAConfig
 
     def __init__(self, initial_adapter: State, *, scaling: float = 1.0, **kwargs: Any) -> None:
         super().__init__(initial_adapter, **kwargs)

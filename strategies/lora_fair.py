@@ -18,12 +18,14 @@ never exceed FedAvg's (METHODS.md invariant 5) without making the cosine worse.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 from fedpeft.records import State, split_state
+from fedpeft.config import StrategyConfig
 from strategies.base import ClientUpdate, LoRAStrategy
 from strategies.fedavg import fedit_pair
 from strategies.lora_math import ideal_delta, relative_residual, residual_parts, weighted_sum
@@ -142,18 +144,30 @@ def lora_fair(
     return dict(sorted(out.items())), relative_residual(parts), relative_residual(fedavg_parts)
 
 
+@dataclass
+class LoRAFAIRConfig(StrategyConfig):
+    """LoRA-FAIR's server-side correction of B̄ (arXiv 2411.14961, Sec. 4)."""
+
+    name: str = "lora_fair"
+    method: str = field(default="cosine", metadata={"help": "'cosine' (the paper: 1 − cos + λ‖ΔB‖, gradient steps) or 'frobenius' (closed form)."})
+    lam: float = field(default=0.01, metadata={"help": "λ, the weight of ‖ΔB‖ (the paper's 0.01; 0 over-fits the residual)."})
+    steps: int = field(default=50, metadata={"help": "Adam steps of the cosine correction."})
+    lr: float = field(default=0.01, metadata={"help": "Step size of the cosine correction, relative to the size of B̄."})
+
+
 class LoRAFAIR(LoRAStrategy):
     """FedIT plus the server-side correction ΔB of B̄."""
 
     name = "lora_fair"
+    config_class = LoRAFAIRConfig
 
-    def __init__(self, initial_adapter: State, *, fair_method: str = "cosine", fair_lambda: float = 0.01, fair_steps: int = 50, fair_lr: float = 0.01, **kwargs: Any) -> None:
+    def __init__(self, initial_adapter: State, *, method: str = "cosine", lam: float = 0.01, steps: int = 50, lr: float = 0.01, **kwargs: Any) -> None:
         super().__init__(initial_adapter, **kwargs)
-        if fair_method not in METHODS:
-            raise ValueError(f"strategy.fair_method must be one of {METHODS}, got {fair_method!r}")
-        if fair_lambda < 0 or fair_steps < 0 or fair_lr <= 0:
-            raise ValueError(f"LoRA-FAIR needs fair_lambda >= 0, fair_steps >= 0, fair_lr > 0 (got {fair_lambda}, {fair_steps}, {fair_lr})")
-        self.method, self.lam, self.steps, self.lr = fair_method, fair_lambda, fair_steps, fair_lr
+        if method not in METHODS:
+            raise ValueError(f"strategy.method must be one of {METHODS}, got {method!r}")
+        if lam < 0 or steps < 0 or lr <= 0:
+            raise ValueError(f"LoRA-FAIR needs strategy.lam >= 0, strategy.steps >= 0, strategy.lr > 0 (got {lam}, {steps}, {lr})")
+        self.method, self.lam, self.steps, self.lr = method, lam, steps, lr
 
     @classmethod
     def from_config(cls, cfg: Any, initial_adapter: State) -> "LoRAFAIR":
@@ -163,10 +177,10 @@ class LoRAFAIR(LoRAStrategy):
             clients_per_round=cfg.clients_per_round,
             seed=cfg.seed,
             min_clients=cfg.min_clients,
-            fair_method=s.fair_method,
-            fair_lambda=s.fair_lambda,
-            fair_steps=s.fair_steps,
-            fair_lr=s.fair_lr,
+            method=s.method,
+            lam=s.lam,
+            steps=s.steps,
+            lr=s.lr,
         )
 
     def aggregate(self, updates: list[ClientUpdate], weights: torch.Tensor, server_round: int) -> dict[str, float]:

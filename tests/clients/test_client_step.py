@@ -57,7 +57,7 @@ def test_start_state_loads_received_seeds_a_and_zeroes_b():
         GroupPlan(roles={LORA_B}, source=Source.ZERO),
         GroupPlan(roles={OTHER}, source=Source.MESSAGE),
     )
-    state = start_state(CURRENT, received, plan, kept=None)
+    state = start_state(CURRENT, received, plan=plan, kept=None)
     assert torch.equal(state["m.classifier.weight"], received["m.classifier.weight"])
     assert torch.equal(state["m.q.lora_B.weight"], torch.zeros(4, 2))
     # independent oracle: peft-style Kaiming-uniform drawn at rank 4 from the seed, first 2 rows kept
@@ -71,15 +71,15 @@ def test_start_state_takes_the_nodes_own_state_or_its_fallback():
     plan = plan_of(GroupPlan(roles={LORA_A, OTHER}, source=Source.MESSAGE), GroupPlan(roles={LORA_B}, source=Source.NODE, fallback=Source.ZERO, keep=True))
     received = {"m.q.lora_A.weight": torch.ones(2, 5), "m.classifier.weight": torch.ones(3, 4)}
     kept = {"m.q.lora_B.weight": torch.full((4, 2), 3.0)}
-    assert torch.equal(start_state(CURRENT, received, plan, kept=kept)["m.q.lora_B.weight"], kept["m.q.lora_B.weight"])
-    assert torch.count_nonzero(start_state(CURRENT, received, plan, kept=None)["m.q.lora_B.weight"]) == 0
+    assert torch.equal(start_state(CURRENT, received, plan=plan, kept=kept)["m.q.lora_B.weight"], kept["m.q.lora_B.weight"])
+    assert torch.count_nonzero(start_state(CURRENT, received, plan=plan, kept=None)["m.q.lora_B.weight"]) == 0
 
 
 def test_start_state_refuses_to_invent_or_ignore_tensors():
     plan = plan_of(*single_group(source=Source.MESSAGE))
     with pytest.raises(ProtocolError, match="'m.q.lora_B.weight' from the message"):
-        start_state(CURRENT, {"m.q.lora_A.weight": torch.ones(2, 5), "m.classifier.weight": torch.ones(3, 4)}, plan, kept=None)
+        start_state(CURRENT, {"m.q.lora_A.weight": torch.ones(2, 5), "m.classifier.weight": torch.ones(3, 4)}, plan=plan, kept=None)
     with pytest.raises(ProtocolError, match="no message-sourced group"):
-        start_state(CURRENT, {**CURRENT, "m.k.lora_A.weight": torch.ones(2, 5)}, plan, kept=None)
+        start_state(CURRENT, {**CURRENT, "m.k.lora_A.weight": torch.ones(2, 5)}, plan=plan, kept=None)
     with pytest.raises(ProtocolError, match="shape"):
-        start_state(CURRENT, {**CURRENT, "m.q.lora_A.weight": torch.ones(3, 5)}, plan, kept=None)
+        start_state(CURRENT, {**CURRENT, "m.q.lora_A.weight": torch.ones(3, 5)}, plan=plan, kept=None)

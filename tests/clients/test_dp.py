@@ -103,6 +103,33 @@ def test_lora_per_sample_gradients_equal_a_per_example_loop(kind, tiny_bert):
             torch.testing.assert_close(s[i], p.grad, rtol=1e-9, atol=1e-10)
 
 
+def test_loop_path_gives_the_same_clipped_and_noised_update_as_the_lora_path(tiny_bert):
+    base = nonzero_b(tiny_bert).double()
+    base.eval()
+    data = examples(12, task="seq_cls")
+    ours, loop = copy.deepcopy(base), copy.deepcopy(base)
+    kwargs = dict(num_steps=2, batch_size=5, lr=1e-2, noise_multiplier=0.7, max_grad_norm=0.05, seed=3)
+    train_local_dp(ours, data, Collator(0), mode="lora", **kwargs)
+    train_local_dp(loop, data, Collator(0), mode="loop", **kwargs)
+    for (name, p), q in zip(ours.named_parameters(), loop.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-11, msg=name)
+
+
+def test_loop_path_trains_a_non_lora_adapter():
+    from peft import IA3Config
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=20, num_labels=3)
+    model = get_peft_model(BertForSequenceClassification(config), IA3Config(target_modules=["query", "value"], feedforward_modules=[], task_type=TaskType.SEQ_CLS)).eval()
+    before = {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}
+    with pytest.raises(DPError, match="grad_sample_mode=loop"):
+        train_local_dp(model, examples(8, task="seq_cls"), Collator(0), num_steps=1, batch_size=4, lr=1e-2, noise_multiplier=0.5, max_grad_norm=1.0, seed=0, mode="lora")
+    train_local_dp(model, examples(8, task="seq_cls"), Collator(0), num_steps=2, batch_size=4, lr=1e-2, noise_multiplier=0.5, max_grad_norm=1.0, seed=0, mode="loop")
+    after = get_peft_model_state_dict(model)
+    assert any(".ia3_l" in k and not torch.equal(v, before[k]) for k, v in after.items())
+
+
 @pytest.mark.parametrize("kind", ["bert", "llama"])
 def test_lora_path_gives_the_same_clipped_and_noised_update_as_opacus(kind, tiny_bert):
     base = nonzero_b(tiny_bert if kind == "bert" else tiny_llama()).double()  # float64: differences are real, not rounding
@@ -124,7 +151,7 @@ def test_lora_path_gives_the_same_clipped_and_noised_update_as_opacus(kind, tiny
     assert get_peft_model_state_dict(theirs).keys() == get_peft_model_state_dict(base).keys()
 
 
-@pytest.mark.parametrize("mode", ["lora", "opacus"])
+@pytest.mark.parametrize("mode", ["lora", "opacus", "loop"])
 def test_noise_zero_and_no_clipping_equals_the_plain_path(mode, tiny_bert):
     base = nonzero_b(tiny_bert)
     base.eval()

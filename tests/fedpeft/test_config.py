@@ -62,9 +62,18 @@ def test_typo_or_wrong_type_fails_at_composition_naming_the_key(override, fragme
     ],
 )
 def test_bad_values_fail_before_training(overrides, fragment):
-    cfg = compose_cfg(overrides)
     with pytest.raises(ValueError, match=fragment.replace("[", r"\[").replace("]", r"\]")):
-        check_config(cfg)
+        check_config(compose_cfg(overrides))
+
+
+def test_a_rules_options_belong_to_it():
+    cfg = compose_cfg(["strategy=lora_fair", "strategy.lam=0.1", "strategy.method=frobenius"])
+    assert (cfg.strategy.lam, cfg.strategy.method) == (0.1, "frobenius")
+    assert type(from_json(to_json(cfg)).strategy) is type(cfg.strategy)
+    with pytest.raises(ConfigCompositionException, match="strategy.lam"):
+        compose_cfg(["strategy=fedavg", "strategy.lam=0.1"])
+    with pytest.raises((ConfigCompositionException, ConfigKeyError), match="lam"):
+        compose_cfg(["strategy=fedavg", "+strategy.lam=0.1"])
 
 
 def test_json_round_trip_is_exact():

@@ -28,7 +28,6 @@ from tests.fedpeft.test_config import compose_cfg
     ],
 )
 def test_error_at_start(tmp_path, overrides, error, fragment):
-    cfg = compose_cfg(["+exp=smoke", *overrides])
     with pytest.raises(error, match=fragment):
-        execute(cfg, tmp_path)
+        execute(compose_cfg(["+exp=smoke", *overrides]), tmp_path)
     assert not (tmp_path / "metrics.jsonl").exists()

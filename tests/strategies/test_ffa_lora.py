@@ -115,7 +115,7 @@ def test_every_client_rebuilds_the_servers_a_bit_for_bit_in_every_round():
             node = strategy.nodes[msg.metadata.dst_node_id]
             local = {k: torch.full_like(v, 99.0) for k, v in resize_rank(initial_adapter(4), node.rank).items()}  # stale client values
             sent = protocol.decode_instruction(msg.content)
-            start = start_state(local, sent.tensors, sent.plan, kept=None)
+            start = start_state(local, sent.tensors, plan=sent.plan, kept=None)
             # Assert: the first r_k rows of the server's r_max A, bit-identical
             for key, a in server_a.items():
                 assert torch.equal(start[key], a[: node.rank])

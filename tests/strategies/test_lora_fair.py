@@ -174,14 +174,14 @@ def initial_adapter(rank: int = 4) -> dict[str, torch.Tensor]:
 def test_lora_fair_is_registered_and_validates_its_options():
     assert STRATEGIES["lora_fair"] is LoRAFAIR and LoRAFAIR.name == "lora_fair"
     with pytest.raises(ValueError, match="cosine.*frobenius"):
-        LoRAFAIR(initial_adapter(), clients_per_round=1, seed=0, fair_method="cosin")
-    for bad in ({"fair_lambda": -0.1}, {"fair_steps": -1}, {"fair_lr": 0.0}):
+        LoRAFAIR(initial_adapter(), clients_per_round=1, seed=0, method="cosin")
+    for bad in ({"lam": -0.1}, {"steps": -1}, {"lr": 0.0}):
         with pytest.raises(ValueError, match="LoRA-FAIR needs"):
             LoRAFAIR(initial_adapter(), clients_per_round=1, seed=0, **bad)
 
 
 def test_from_config_reads_the_strategy_options():
-    strategy_cfg = SimpleNamespace(fair_method="frobenius", fair_lambda=0.5, fair_steps=7, fair_lr=0.2)
+    strategy_cfg = SimpleNamespace(method="frobenius", lam=0.5, steps=7, lr=0.2)
     cfg = SimpleNamespace(clients_per_round=2, seed=3, min_clients=1, strategy=strategy_cfg)
 
     strategy = LoRAFAIR.from_config(cfg, initial_adapter())
@@ -194,7 +194,7 @@ def test_from_config_reads_the_strategy_options():
 def test_aggregate_train_applies_the_rule_to_the_accepted_replies(method):
     # Prepare: heterogeneous ranks, real reply Messages
     ranks, counts = (1, 3, 4), (4, 9, 20)
-    strategy = LoRAFAIR(initial_adapter(4), clients_per_round=3, seed=0, fair_method=method, fair_steps=STEPS, fair_lr=LR)
+    strategy = LoRAFAIR(initial_adapter(4), clients_per_round=3, seed=0, method=method, steps=STEPS, lr=LR)
     strategy.register_nodes([NodeInfo(node_id=50 + p, partition_id=p, rank=r, num_examples=n) for p, (r, n) in enumerate(zip(ranks, counts))])
     g = torch.Generator().manual_seed(9)
     uploads = {p: {k: torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in resize_rank(strategy.adapter, r).items()} for p, r in enumerate(ranks)}
