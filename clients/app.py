@@ -4,7 +4,8 @@ This module must be imported, never run as ``__main__``: Ray pickles a ClientApp
 ``__main__`` by value, which would drop the per-process caches and reload the base model for
 every client (a GPU round took 36 s instead of 15 s that way).
 
-* ``query``: the handshake. Replies with the node's partition id, rank and number of examples.
+* ``query``: the handshake. Replies with the node's partition id, rank, number of examples, label
+  counts and tier (for the server's node status table).
 * ``train`` and ``evaluate``: :func:`clients.job.decode` the message's plan into a job,
   :data:`ENGINE` (default :func:`clients.job.train_jobs`) runs it, :func:`clients.job.encode`
   writes the reply. What to start from, what to train, upload, keep and evaluate is all in the
@@ -21,6 +22,7 @@ from flwr.clientapp import ClientApp
 
 from clients.job import Job, JobResult, decode, encode, train_jobs
 from clients.node import local_data, node_rank, partition_id
+from fedpeft import data as fdata
 from fedpeft import protocol
 from fedpeft.config import from_json
 
@@ -38,8 +40,13 @@ def query(msg: Message, context: Context) -> Message:
     cfg = from_json(run.config_json)
     torch.set_num_threads(max(1, int(cfg.client.num_cpus)))
     pid = partition_id(context)
-    _, train_examples, _ = local_data(cfg, pid, context, run)
-    hello = protocol.NodeHello(partition_id=pid, rank=node_rank(cfg, pid, context.node_config), num_examples=len(train_examples))
+    num_labels, train_examples, _ = local_data(cfg, pid, context, run)
+    labels = fdata.label_counts([e["labels"] for e in train_examples], num_labels) if cfg.model.task == "seq_cls" else []
+    tier = context.node_config.get(protocol.NODE_TIER) or (cfg.strategy.client_tiers[pid] if cfg.strategy.client_tiers and not cfg.strategy.ranks else None)
+    hello = protocol.NodeHello(
+        partition_id=pid, rank=node_rank(cfg, pid, context.node_config), num_examples=len(train_examples),
+        label_counts=tuple(labels), tier=None if tier is None else str(tier),
+    )  # fmt: skip
     return Message(protocol.encode_query_reply(hello), reply_to=msg)
 
 

@@ -55,7 +55,7 @@ def run_one(run_dir: Path, cfg_dict: dict) -> list[dict]:
     from fedpeft import models
     from fedpeft.run import execute
 
-    cfg = to_config(cfg_dict)
+    cfg = to_config({**cfg_dict, "overwrite": True})  # an unfinished earlier attempt is redone
     if (run_dir / "metrics.jsonl").exists():
         rows = read_metrics(run_dir)
         if len(rows) == cfg.num_rounds and (run_dir / "wall.json").exists():

@@ -30,7 +30,7 @@ def compose(rule: str, eps: float, seed: int, rounds: int, max_length: int):
     from fedpeft.config import compose_config
 
     privacy = "client.dp.enabled=false" if math.isinf(eps) else f"client.dp.target_epsilon={eps}"  # ε = ∞: the same run without DP
-    return compose_config([f"+exp={rule}_dp", privacy, f"seed={seed}", f"num_rounds={rounds}", f"model.max_length={max_length}"])
+    return compose_config([f"+exp={rule}_dp", privacy, f"seed={seed}", f"num_rounds={rounds}", f"model.max_length={max_length}", "overwrite=true"])  # an unfinished earlier attempt is redone
 
 
 def main() -> None:

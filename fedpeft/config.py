@@ -19,6 +19,10 @@ EMBEDDED_MODEL = "embedded:minilm"
 EMBEDDED_DATA = "embedded:bbc"
 
 
+class ConfigError(ValueError):
+    """A config value is missing or outside what a run can use; the message names the key."""
+
+
 @dataclass
 class LoraSettings:
     r: int = field(default=8, metadata={"help": "LoRA rank (the default for every client)."})
@@ -31,7 +35,10 @@ class LoraSettings:
         },
     )
     dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["query", "value"])
+    target_modules: list[str] = field(
+        default_factory=lambda: ["query", "value"],
+        metadata={"help": "Modules LoRA adapts, by name or name suffix (peft's rule); each must match a module of the model."},
+    )
     modules_to_save: list[str] = field(
         default_factory=lambda: ["classifier"],
         metadata={"help": "Fully trained (and federated) modules, e.g. a classification head."},
@@ -45,7 +52,7 @@ class ModelConfig:
         metadata={"help": "'embedded:minilm', a Hugging Face model id, or a local directory."},
     )
     task: str = field(default="seq_cls", metadata={"help": "'seq_cls' or 'causal_lm'."})
-    max_length: int = 64
+    max_length: int = field(default=64, metadata={"help": "Tokens per example (truncated); at most the model's positions."})
     dtype: str = "float32"
     peft: str = field(
         default="lora",
@@ -106,12 +113,18 @@ class StrategyConfig:
 
 @dataclass
 class DPConfig:
-    enabled: bool = False
-    noise_multiplier: Optional[float] = None
-    target_epsilon: Optional[float] = None
+    enabled: Optional[bool] = field(
+        default=None,
+        metadata={
+            "help": "DP-SGD on (client=dp sets true). Left unset, any other client.dp setting is an error, "
+            "so a privacy setting is never silently ignored; false turns DP off on purpose."
+        },
+    )
+    noise_multiplier: Optional[float] = field(default=None, metadata={"help": "Gaussian noise / clipping norm; or give target_epsilon instead."})
+    target_epsilon: Optional[float] = field(default=None, metadata={"help": "ε every client may spend over the whole run; the noise is calibrated to it."})
     delta: float = 1e-5
-    max_grad_norm: float = 1.0
-    accountant: str = "rdp"
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Per-sample gradient clipping norm C."})
+    accountant: str = field(default="rdp", metadata={"help": "Opacus accountant: 'rdp', 'prv' or 'gdp'."})
     grad_sample_mode: str = field(
         default="lora",
         metadata={
@@ -123,13 +136,13 @@ class DPConfig:
 
 @dataclass
 class ClientConfig:
-    local_epochs: int = 1
+    local_epochs: int = field(default=1, metadata={"help": "Passes over the local data per round, when local_steps is 0."})
     local_steps: int = field(default=10, metadata={"help": "If > 0, train exactly this many steps instead of epochs."})
-    batch_size: int = 16
-    lr: float = 5e-3
+    batch_size: int = field(default=16, metadata={"help": "Local training batch size (the expected batch under DP's Poisson sampling)."})
+    lr: float = field(default=5e-3, metadata={"help": "AdamW learning rate of the local training (a fresh optimiser every round)."})
     weight_decay: float = 0.0
     eval_batch_size: int = 64
-    num_cpus: float = 1.0
+    num_cpus: float = field(default=1.0, metadata={"help": "CPU cores Ray reserves per simulated client (at most the machine's)."})
     num_gpus: float = field(default=0.0, metadata={"help": "Fraction of a GPU per client; 0.25 puts four on one GPU."})
     dp: DPConfig = field(default_factory=DPConfig)
 
@@ -219,10 +232,10 @@ class RayConfig:
 
 @dataclass
 class Config:
-    seed: int = 0
-    num_rounds: int = 10
-    num_clients: int = 10
-    clients_per_round: int = 4
+    seed: int = field(default=0, metadata={"help": "Seeds the data split, the partitions, client sampling and every initialisation."})
+    num_rounds: int = field(default=10, metadata={"help": "Federated rounds (server aggregations)."})
+    num_clients: int = field(default=10, metadata={"help": "Clients (SuperNodes); the data is partitioned into this many shares."})
+    clients_per_round: int = field(default=4, metadata={"help": "Clients sampled (seeded) to train in each round."})
     mode: str = field(
         default="simulation",
         metadata={"help": "'simulation' (Flower on Ray), 'deploy' (a SuperLink and its SuperNodes) or 'centralized'."},
@@ -240,6 +253,17 @@ class Config:
         default=None, metadata={"help": "Stop once cumulative up+down traffic exceeds this many MB."}
     )
     save_adapter: bool = True
+    logger: str = field(
+        default="none", metadata={"help": "'none', or 'tensorboard': also write each round's scalars to <run dir>/tensorboard."}
+    )
+    verbose: bool = field(
+        default=False,
+        metadata={"help": "Show library logs (Flower, Ray, transformers, warnings), progress bars, Ray workers' output and "
+            "tracebacks on the console; without it they go to run.log only."},
+    )
+    overwrite: bool = field(
+        default=False, metadata={"help": "Run into a directory that holds another run, deleting that run's results first."}
+    )
     resume: Optional[str] = field(
         default=None, metadata={"help": "A run directory to continue from its last complete round (same config)."}
     )
@@ -256,9 +280,22 @@ class Config:
     extra: dict[str, Any] = field(default_factory=dict, metadata={"help": "Free-form notes copied to results."})
 
 
+def required(key: str) -> Any:
+    """The ``${required:<key>}`` resolver: a value the chosen config group cannot do without.
+
+    Hydra merges a group file onto the schema's defaults, where a ``???`` would silently keep the
+    schema's value (``data=local`` would train on BBC News); an interpolation is kept and fails here.
+    """
+    raise ConfigError(f"{key} is required by the chosen config: add {key}=<value>")
+
+
 def register_configs() -> None:
     """Register the schemas: ``conf/config.yaml`` extends ``schema``, and each ``conf/strategy/<name>.yaml``
     its rule's ``<name>_schema`` (the rule's config dataclass, ``strategies.STRATEGIES[name].config_class``)."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("required"):
+        OmegaConf.register_new_resolver("required", required)
     cs = ConfigStore.instance()
     cs.store(name="schema", node=Config)
     for name, config_class in strategy_configs().items():
@@ -300,6 +337,7 @@ __all__ = [
     "AuditConfig",
     "RayConfig",
     "EngineConfig",
+    "ConfigError",
     "EMBEDDED_DATA",
     "EMBEDDED_MODEL",
     "MISSING",
@@ -340,8 +378,22 @@ def to_config(cfg: Any) -> Config:
 
 def _to_config(cfg: Any, *, strict: bool) -> Config:
     from omegaconf import OmegaConf
+    from omegaconf.errors import InterpolationResolutionError
 
-    container = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+    if OmegaConf.is_config(cfg):
+        try:
+            missing = sorted(OmegaConf.missing_keys(cfg))
+            if missing:
+                raise ConfigError(f"{missing[0]} is required by the chosen config: add {missing[0]}=<value>")
+            container = OmegaConf.to_container(cfg, resolve=True)
+        except InterpolationResolutionError as err:  # OmegaConf wraps what a resolver (``required``) raised
+            prefix = f"{ConfigError.__name__} raised while resolving interpolation: "
+            message = str(err).splitlines()[0]
+            if message.startswith(prefix):
+                raise ConfigError(message[len(prefix) :]) from None
+            raise
+    else:
+        container = dict(cfg)
     schema = OmegaConf.structured(Config)
     strategy = dict(container.get("strategy") or {})
     config_class = strategy_schema(str(strategy.get("name", StrategyConfig.name)), strict=strict)

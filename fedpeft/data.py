@@ -16,6 +16,7 @@ per process.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import importlib.util
 import json
@@ -96,15 +97,23 @@ def embedded_bbc_dir() -> Path:
     return Path(spec.origin).parent / "bbcnews" / "data"
 
 
-def read_text_folder(root: Path) -> Dataset:
-    """A ``<label>/<doc>.txt`` folder as a Dataset; label names sorted, so ids never depend on listing order."""
+def read_text_folder(root: Path, *, strict: bool = True) -> Dataset:
+    """A ``<label>/<doc>.txt`` folder as a Dataset; label names sorted, so ids never depend on listing order.
+
+    A binary, empty or (``strict``) non-UTF-8 document is an error naming the file. The embedded
+    BBC corpus is read with ``strict=False``: one of its articles is Latin-1 (a pound sign), decoded
+    with a replacement character as it always was.
+    """
     labels = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not labels:
         raise DataError(f"text folder {str(root)!r} has no <label>/ sub-folders")
     texts, ids = [], []
     for label_id, label in enumerate(labels):
         for doc in sorted((root / label).glob("*.txt")):
-            texts.append(doc.read_text(encoding="utf-8", errors="replace").strip())
+            text = read_text_file(doc, strict=strict).strip()
+            if not text:
+                raise DataError(f"text file {str(doc)!r} is empty")
+            texts.append(text)
             ids.append(label_id)
     if not texts:
         raise DataError(f"text folder {str(root)!r} has no .txt files under its label folders")
@@ -112,11 +121,50 @@ def read_text_folder(root: Path) -> Dataset:
     return hf.Dataset.from_dict({TEXT: texts, LABEL: ids}).cast_column(LABEL, hf.ClassLabel(names=labels))
 
 
+def read_text_file(path: Path, *, strict: bool = True) -> str:
+    """A text file's content; a binary (or, ``strict``, a non-UTF-8) file is an error naming it."""
+    raw = path.read_bytes()
+    nul = raw.find(b"\0")
+    if nul >= 0:
+        raise DataError(f"data file {str(path)!r} is binary (a NUL byte at offset {nul}), not text")
+    try:
+        return raw.decode("utf-8", errors="strict" if strict else "replace")
+    except UnicodeDecodeError as err:
+        raise DataError(f"data file {str(path)!r} is not UTF-8 text (byte {raw[err.start]:#04x} at offset {err.start}); convert it, e.g. iconv -t utf-8") from None
+
+
+def check_data_file(path: Path, *, chunk: int = 1 << 20) -> None:
+    """A JSON/JSONL/CSV file must be non-empty UTF-8 text: checked in chunks, before ``datasets`` reads it
+    (which would fail with a bare ``StopIteration`` or a ``UnicodeDecodeError`` that names no file)."""
+    if path.stat().st_size == 0:
+        raise DataError(f"data file {str(path)!r} is empty")
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, blank = 0, True
+    with path.open("rb") as fh:
+        while block := fh.read(chunk):
+            nul = block.find(b"\0")
+            if nul >= 0:
+                raise DataError(f"data file {str(path)!r} is binary (a NUL byte at offset {offset + nul}), not text")
+            pending = len(decoder.getstate()[0])  # bytes of a character cut by the previous block
+            try:
+                blank = blank and not decoder.decode(block).strip()
+            except UnicodeDecodeError as err:
+                at = offset - pending + err.start
+                raise DataError(f"data file {str(path)!r} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset {at}); convert it, e.g. iconv -t utf-8") from None
+            offset += len(block)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise DataError(f"data file {str(path)!r} is not UTF-8 text (it ends inside a character)") from None
+    if blank:
+        raise DataError(f"data file {str(path)!r} holds only whitespace")
+
+
 def read_raw(cfg: DataConfig) -> Dataset:
     """The configured source as a Dataset, before any column checks."""
     name = cfg.name
     if name == EMBEDDED_DATA:
-        return read_text_folder(embedded_bbc_dir())
+        return read_text_folder(embedded_bbc_dir(), strict=False)
     if name.startswith("embedded:"):
         raise DataError(f"unknown embedded dataset {name!r}; the embedded dataset is {EMBEDDED_DATA!r}")
     path = Path(name).expanduser()
@@ -127,7 +175,17 @@ def read_raw(cfg: DataConfig) -> Dataset:
         kind = {".json": "json", ".jsonl": "json", ".csv": "csv"}.get(path.suffix.lower())
         if kind is None:
             raise DataError(f"data file {name!r}: expected .json, .jsonl or .csv")
-        return _hf().load_dataset(kind, data_files=str(path), split="train")
+        check_data_file(path)
+        try:
+            ds = _hf().load_dataset(kind, data_files=str(path), split="train")
+        except Exception as err:  # datasets raises StopIteration, DatasetGenerationError, ArrowInvalid, ...
+            cause = err.__cause__ or err
+            if "corresponds to no data" in str(cause):  # a CSV with a header and no rows
+                raise DataError(f"data file {name!r} has no examples") from err
+            raise DataError(f"cannot read data file {name!r} as {path.suffix.lower()[1:].upper()}: {type(cause).__name__}: {cause}".rstrip(": ")) from err
+        if len(ds) == 0:
+            raise DataError(f"data file {name!r} has no examples")
+        return ds
     if looks_local:
         raise DataError(f"data path {name!r} does not exist")
     try:
@@ -144,7 +202,16 @@ def normalise(ds: Dataset, cfg: DataConfig, *, need_labels: bool) -> tuple[Datas
     hf = _hf()
     text_col = cfg.text_column if cfg.name != EMBEDDED_DATA else TEXT
     label_col = cfg.label_column if cfg.name != EMBEDDED_DATA else LABEL
-    texts = [str(t) for t in list(ds[text_col])]
+    raw_texts = list(ds[text_col])
+    if not raw_texts:
+        raise DataError(f"dataset {cfg.name!r} has no examples")
+    bad = [i for i, t in enumerate(raw_texts) if t is None or not str(t).strip()]
+    if bad:
+        raise DataError(
+            f"dataset {cfg.name!r}: {len(bad)} of {len(raw_texts)} examples have an empty or missing {text_col!r} "
+            f"(the first is row {bad[0]}); remove them or fix the column"
+        )
+    texts = [str(t) for t in raw_texts]
     if label_col not in ds.column_names:
         return hf.Dataset.from_dict({TEXT: texts, LABEL: [0] * len(texts)}), ["text"]
     feature = ds.features[label_col]
@@ -175,7 +242,7 @@ def drop_duplicates(ds: Dataset) -> Dataset:
             seen.add(text)
             keep.append(i)
     if len(keep) < len(ds):
-        log.info("dropped %d duplicate texts of %d", len(ds) - len(keep), len(ds))
+        log.debug("dropped %d duplicate texts of %d", len(ds) - len(keep), len(ds))
         ds = ds.select(keep)
     return ds
 
@@ -330,4 +397,9 @@ def make_loader(examples: Sequence[dict[str, Any]], *, pad_token_id: int, batch_
 
 
 def label_histogram(ds: Dataset, num_labels: int) -> list[int]:
-    return np.bincount(np.asarray(list(ds[LABEL]), dtype=np.int64), minlength=num_labels).tolist()
+    return label_counts(ds[LABEL], num_labels)
+
+
+def label_counts(labels: Sequence[int], num_labels: int) -> list[int]:
+    """How many of ``labels`` are 0, 1, ..., ``num_labels - 1``."""
+    return np.bincount(np.asarray(list(labels), dtype=np.int64), minlength=num_labels).tolist()

@@ -43,6 +43,7 @@ ARRAYS_RECORD = "arrays"  # ArrayRecord: adapter tensors (down: message-sourced 
 BASE_UPDATES_RECORD = "base-updates"  # ArrayRecord: missed base updates, keys "<round>|<stack key>"
 METRICS_RECORD = "metrics"  # MetricRecord of a reply
 COMPRESSED_RECORD = "compressed"  # ArrayRecord of a reply: packed updates (uint8, fedpeft.compression), keyed like the tensors
+NODE_INFO_RECORD = "node-info"  # ConfigRecord of a handshake reply: what is not a number (the node's tier)
 
 # --- keys of the run record (and of a deployed run's run config)
 FEDPEFT_CONFIG = "fedpeft-config"  # the run's Config as JSON
@@ -80,6 +81,7 @@ NOISE_MULTIPLIER = "noise-multiplier"
 SAMPLE_RATE = "sample-rate"
 DP_STEPS = "dp-steps"
 DP_ROUNDS = "dp-rounds"
+LABEL_COUNTS = "label-counts"  # handshake: the node's training examples per label (for the node status table)
 
 # --- node config keys (``flower-supernode --node-config "partition-id=0 state-dir='...'"``)
 NODE_PARTITION_ID = "partition-id"
@@ -468,13 +470,20 @@ class NodeHello:
     partition_id: int
     rank: int | None  # None: the node's peft method has no rank
     num_examples: int
+    label_counts: tuple[int, ...] = ()  # training examples per label of the run (empty: no labels, e.g. a causal LM)
+    tier: str | None = None  # the node's resource tier, if it has one
 
 
 def encode_query_reply(hello: NodeHello) -> RecordDict:
-    metrics = {PARTITION_ID: hello.partition_id, NUM_EXAMPLES: hello.num_examples}
+    metrics: dict[str, Any] = {PARTITION_ID: hello.partition_id, NUM_EXAMPLES: hello.num_examples}
     if hello.rank is not None:
         metrics[RANK] = hello.rank
-    return encode_reply(None, metrics)
+    if hello.label_counts:
+        metrics[LABEL_COUNTS] = [int(c) for c in hello.label_counts]
+    content = encode_reply(None, metrics)
+    if hello.tier is not None:
+        content[NODE_INFO_RECORD] = ConfigRecord({NODE_TIER: hello.tier})
+    return content
 
 
 def decode_query_reply(content: RecordDict) -> NodeHello:
@@ -483,4 +492,8 @@ def decode_query_reply(content: RecordDict) -> NodeHello:
     if missing:
         raise ProtocolError(f"handshake reply lacks {missing}")
     rank = m.get(RANK)
-    return NodeHello(partition_id=int(m[PARTITION_ID]), rank=None if rank is None else int(rank), num_examples=int(m[NUM_EXAMPLES]))
+    info = content.config_records[NODE_INFO_RECORD] if NODE_INFO_RECORD in content.config_records else {}
+    return NodeHello(
+        partition_id=int(m[PARTITION_ID]), rank=None if rank is None else int(rank), num_examples=int(m[NUM_EXAMPLES]),
+        label_counts=tuple(int(c) for c in m.get(LABEL_COUNTS, [])), tier=str(info[NODE_TIER]) if NODE_TIER in info else None,
+    )  # fmt: skip

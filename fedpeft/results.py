@@ -1,4 +1,5 @@
-"""What a run leaves on disk: ``metrics.jsonl``, ``metrics.csv`` and the console progress line."""
+"""What a run leaves on disk: ``metrics.jsonl``, ``metrics.csv``, ``plots/`` and optional TensorBoard
+scalars (and the console's round line, from :mod:`fedpeft.console`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ import math
 import time
 from pathlib import Path
 from typing import Any
+
+from fedpeft import plots
+from fedpeft.console import round_line
 
 log = logging.getLogger("fedpeft")
 
@@ -61,52 +65,62 @@ def _clean(value: Any) -> Any:
     return value
 
 
-class MetricsWriter:
-    """Appends one line per round to ``metrics.jsonl`` and ``metrics.csv`` and prints progress."""
+LOGGERS = ("none", "tensorboard")
 
-    def __init__(self, run_dir: Path, *, num_rounds: int) -> None:
-        self.jsonl = run_dir / "metrics.jsonl"
-        self.csv = run_dir / "metrics.csv"
+
+class MetricsWriter:
+    """Appends one line per round to ``metrics.jsonl`` and ``metrics.csv``, redraws ``plots/``,
+    optionally adds TensorBoard scalars (``logger="tensorboard"``), and prints progress."""
+
+    def __init__(self, run_dir: Path, *, num_rounds: int, logger: str = "none") -> None:
+        self.run_dir = Path(run_dir)
+        self.jsonl = self.run_dir / "metrics.jsonl"
+        self.csv = self.run_dir / "metrics.csv"
         self.num_rounds = num_rounds
         self.started = time.perf_counter()
         self.rows: list[dict[str, Any]] = []
+        self.tensorboard = tensorboard_writer(self.run_dir) if logger == "tensorboard" else None
+        self.live = 0  # rounds run by this process (not replayed from a checkpoint)
         self.jsonl.write_text("")  # a resumed run rewrites its rows up to the checkpoint
         with self.csv.open("w", newline="") as fh:
             csv.writer(fh).writerow(CSV_COLUMNS)
 
     def write(self, row: dict[str, Any], *, rounds_done: int | None = None) -> None:
+        """Append ``row``; ``rounds_done`` marks a row replayed from a checkpoint (not printed, not timed)."""
         row = _clean(row)
         self.rows.append(row)
         with self.jsonl.open("a") as fh:
             fh.write(json.dumps(row, sort_keys=True) + "\n")
         with self.csv.open("a", newline="") as fh:
             csv.writer(fh).writerow(["" if row.get(c) is None else row.get(c) for c in CSV_COLUMNS])
-        self.progress(row, rounds_done=rounds_done)
+        if rounds_done is not None:  # a row replayed from a checkpoint: drawn and printed by the run that made it
+            return
+        self.live += 1
+        if self.tensorboard is not None:
+            for key in CSV_COLUMNS[1:]:
+                if isinstance(row.get(key), (int, float)):
+                    self.tensorboard.add_scalar(key, row[key], global_step=row["round"])
+            self.tensorboard.flush()
+        try:
+            plots.run_plots(self.rows, self.run_dir / "plots")
+        except Exception as err:  # a picture is never worth a run
+            log.warning("could not draw %s: %s", self.run_dir / "plots", err)
+        self.progress(row)
 
-    def progress(self, row: dict[str, Any], *, rounds_done: int | None = None) -> None:
-        done = rounds_done if rounds_done is not None else len(self.rows)
+    def progress(self, row: dict[str, Any]) -> None:
+        """The console line of a round run now; the ETA from this run's own pace."""
         elapsed = time.perf_counter() - self.started
-        eta = elapsed / max(done, 1) * max(self.num_rounds - row["round"], 0)
-        acc = row.get("test_accuracy")
-        acc_text = "   -  " if acc is None else f"{100 * acc:5.1f}%"
-        log.info(
-            "round %d/%d  acc %s  loss %s  clients %d/%d  up %.2f MB  down %.2f MB  elapsed %s  ETA %s",
-            row["round"],
-            self.num_rounds,
-            acc_text,
-            "  -  " if row.get("test_loss") is None else f"{row['test_loss']:.3f}",
-            row.get("clients_replied", 0),
-            row.get("clients_sampled", 0),
-            row.get("bytes_up", 0) / 1e6,
-            row.get("bytes_down", 0) / 1e6,
-            _hms(elapsed),
-            _hms(eta),
-        )
+        eta = elapsed / max(self.live, 1) * max(self.num_rounds - row["round"], 0)
+        log.info("%s", round_line(row, num_rounds=self.num_rounds, elapsed=elapsed, eta=eta))
 
 
-def _hms(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+def tensorboard_writer(run_dir: Path):
+    """A ``SummaryWriter`` on ``<run_dir>/tensorboard`` (``tensorboard --logdir <run_dir>``)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # only with logger=tensorboard: needs the tensorboard package
+    except ImportError as err:
+        raise ValueError("logger=tensorboard needs the tensorboard package: pip install tensorboard (or pip install -e '.[tensorboard]')") from err
+    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:

@@ -1,12 +1,26 @@
 """Entry point: ``python -m fedpeft.run [+exp=<name>] [key=value ...]``.
 
-Composes the Hydra config (typed by :mod:`fedpeft.config`), checks it before anything heavy
-starts, writes the resolved config into the run directory and runs the chosen mode.
+Composes the Hydra config (typed by :mod:`fedpeft.config`), checks everything that can be checked
+before Ray starts (:mod:`fedpeft.checks`), claims the run directory, and runs the chosen mode with
+a quiet console (:mod:`fedpeft.console`).
+
+What a person gets:
+
+* a mistake found before the start: one line (``verbose=true`` adds the traceback), exit 1, and no
+  run directory left behind;
+* a run directory that holds another run is refused (``overwrite=true`` replaces it); resuming a
+  finished run says so and exits 0 without starting Ray;
+* the first Ctrl-C stops the run within seconds, says how to resume from the last complete round
+  and exits 130; a fatal error of Flower or Ray does the same with exit 1. No Ray process is left.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import shutil
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,101 +28,112 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from fedpeft import console
+from fedpeft.checks import check_config, check_run  # noqa: F401  (check_config: for callers of fedpeft.run)
 from fedpeft.config import Config, register_configs, to_config
 
 log = logging.getLogger("fedpeft")
-MODES = ("simulation", "deploy", "centralized")
 
 register_configs()
 
-
-def check_config(cfg: Config) -> None:
-    """Every mistake that can be caught before training, raised as one clear ``ValueError``."""
-    from fedpeft.audit import check_audit_config
-    from fedpeft.compression import codec_from_config
-    from fedpeft.data import check_data_config
-    from fedpeft.models import check_model_config, client_ranks
-    from strategies import STRATEGIES, get_strategy
-
-    if cfg.mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {cfg.mode!r}")
-    for key in ("num_rounds", "num_clients", "clients_per_round"):
-        if getattr(cfg, key) < 1:
-            raise ValueError(f"{key} must be >= 1, got {getattr(cfg, key)}")
-    if cfg.clients_per_round > cfg.num_clients:
-        raise ValueError(f"clients_per_round={cfg.clients_per_round} exceeds num_clients={cfg.num_clients}")
-    if cfg.min_clients > cfg.clients_per_round:
-        raise ValueError(f"min_clients={cfg.min_clients} exceeds clients_per_round={cfg.clients_per_round}")
-    if cfg.on_too_few not in ("stop", "retry"):
-        raise ValueError(f"on_too_few must be 'stop' or 'retry', got {cfg.on_too_few!r}")
-    for key in ("raise_prob", "hang_prob", "crash_prob"):
-        if not 0.0 <= getattr(cfg.faults, key) <= 1.0:
-            raise ValueError(f"faults.{key} must be in [0, 1], got {getattr(cfg.faults, key)}")
-    if cfg.mode == "deploy":
-        from fedpeft.deploy import check_deploy_config
-
-        check_deploy_config(cfg)
-    from fedpeft.simulation import check_engine
-
-    check_engine(cfg)
-    check_model_config(cfg.model)
-    rule = get_strategy(cfg.strategy.name)
-    if rule.peft_methods is not None and cfg.model.peft not in rule.peft_methods:
-        accepting = sorted(name for name, r in STRATEGIES.items() if r.peft_methods is None or cfg.model.peft in r.peft_methods)
-        raise ValueError(f"strategy={cfg.strategy.name} federates {'/'.join(rule.peft_methods)} adapters only, not model.peft={cfg.model.peft}; rules that accept it: {accepting}")
-    client_ranks(cfg)
-    rule.check_config(cfg)
-    codec_from_config(cfg.compression)
-    check_audit_config(cfg)
-    check_data_config(cfg.data, num_clients=cfg.num_clients)
+# What a run writes into its directory; ``overwrite=true`` removes exactly these, nothing else.
+RUN_FILES = (
+    "config.yaml", ".hydra", "metrics.jsonl", "metrics.csv", "checkpoint.pt", "final_adapter", "final_model", "nodes",
+    "plots", "run.log", "flwr-app", "flwr-home", "flwr-run.log", "deploy-done.json", "deploy-error.txt",
+    "partitions.json", "nodes.json", "tensorboard",
+)  # fmt: skip
 
 
-def check_dp(cfg: Config, sizes: list[int]) -> None:
-    """A DP target every client can reach, calibrated as the clients will (fails before training)."""
-    from clients.job import dp_noise
-    from clients.dp import DPError, check_dp_args
-    from fedpeft.training import num_local_steps
+class RunDirError(ValueError):
+    """The run directory cannot be used as asked (holds another run, no such run to resume)."""
 
-    dp = cfg.client.dp
-    if cfg.model.peft != "lora" and dp.grad_sample_mode == "lora":
-        raise DPError(f"client.dp.grad_sample_mode=lora computes per-sample gradients of LoRA layers only; model.peft={cfg.model.peft} needs grad_sample_mode=loop")
-    if (dp.noise_multiplier is None) == (dp.target_epsilon is None):
-        raise DPError("client.dp: set exactly one of noise_multiplier and target_epsilon")
-    if dp.noise_multiplier is not None and dp.noise_multiplier < 0:
-        raise DPError(f"client.dp.noise_multiplier must be >= 0, got {dp.noise_multiplier}")
-    if dp.max_grad_norm <= 0:
-        raise DPError(f"client.dp.max_grad_norm must be > 0, got {dp.max_grad_norm}")
-    for pid, n in enumerate(sizes):
-        steps = num_local_steps(num_examples=n, batch_size=cfg.client.batch_size, local_epochs=cfg.client.local_epochs, local_steps=cfg.client.local_steps)
-        check_dp_args(target_epsilon=dp.target_epsilon, delta=dp.delta, sample_rate=min(cfg.client.batch_size / n, 1.0))
-        try:
-            dp_noise(cfg, num_examples=n, steps=steps)
-        except DPError as err:
-            raise DPError(f"client {pid} ({n} examples): {err}") from None
+
+class FinishedRun(Exception):
+    """``resume=`` names a run that already ran all its rounds: nothing to do."""
+
+
+def holds_run(run_dir: Path) -> bool:
+    """Whether ``run_dir`` has results of a run that got past its start (a round, a checkpoint, a final model)."""
+    metrics = run_dir / "metrics.jsonl"
+    return (
+        (metrics.exists() and metrics.stat().st_size > 0)
+        or (run_dir / "checkpoint.pt").exists()
+        or (run_dir / "final_adapter").exists()
+        or (run_dir / "final_model").exists()
+    )
+
+
+def clear_run(run_dir: Path) -> None:
+    for name in RUN_FILES:
+        path = run_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
+
+def finished(state: dict[str, Any], cfg: Config) -> bool:
+    """A checkpoint of a run that has nothing left to do: every round, or the communication budget spent."""
+    if state["round"] >= cfg.num_rounds:
+        return True
+    spent = (state["totals"]["up"] + state["totals"]["down"]) / 1e6
+    return cfg.comm_budget_mb is not None and spent >= cfg.comm_budget_mb
+
+
+def run_config(cfg: Config) -> Config:
+    """``cfg`` without the console-only options: what the checkpoint and the clients see."""
+    return dataclasses.replace(cfg, verbose=False, overwrite=False)
+
+
+def claim_run_dir(cfg: Config, run_dir: Path) -> Path:
+    """The directory this run writes to; refuses one that holds another run unless ``overwrite=true``.
+
+    With ``resume=`` it is the resumed run's directory; a finished run raises :class:`FinishedRun`.
+    """
+    if cfg.resume:
+        run_dir = Path(cfg.resume).expanduser()
+        if not run_dir.is_dir():
+            raise RunDirError(f"resume={cfg.resume!r}: no such run directory")
+        if cfg.mode == "centralized":
+            raise RunDirError("resume works for federated runs (mode=simulation or mode=deploy)")
+        from fedpeft.server import load_checkpoint
+
+        state = load_checkpoint(run_dir, run_config(cfg))  # fails now, not after Ray started, if it does not fit
+        if finished(state, cfg):
+            raise FinishedRun(run_dir, state)
+        return run_dir
+    if holds_run(run_dir):
+        if not cfg.overwrite:
+            raise RunDirError(
+                f"{run_dir} holds another run (metrics, checkpoint or final model): choose another hydra.run.dir, "
+                f"continue it with resume={run_dir}, or replace it with overwrite=true"
+            )
+        log.info("overwrite=true: removing the previous run's results from %s", run_dir)
+    clear_run(run_dir)
+    return run_dir
 
 
 def execute(cfg: Config, run_dir: Path) -> list[dict[str, Any]]:
-    """Check ``cfg``, write it to ``run_dir/config.yaml`` and run it; returns the metrics rows."""
-    check_config(cfg)
-    from fedpeft import data as fdata
-    from fedpeft.audit import client_train_split
+    """Check ``cfg``, claim ``run_dir``, write the config and run it; returns the metrics rows.
 
-    if cfg.resume:  # continue in the interrupted run's own directory
-        run_dir = Path(cfg.resume)
-        if not run_dir.is_dir():
-            raise ValueError(f"resume={cfg.resume!r}: no such run directory")
-        if cfg.mode == "centralized":
-            raise ValueError("resume works for federated runs (mode=simulation or mode=deploy)")
-        from fedpeft.server import load_checkpoint
+    (The console set-up, Ctrl-C and the one-line errors are :func:`main`'s; tests call this.)
+    """
+    data = check_run(cfg)
+    run_dir = claim_run_dir(cfg, Path(run_dir))
+    return launch(run_config(cfg), run_dir, data=data)
 
-        load_checkpoint(run_dir, cfg)  # fails now, not after Ray started, if it does not fit
+
+def launch(cfg: Config, run_dir: Path, *, data: Any = None) -> list[dict[str, Any]]:
+    """Write ``config.yaml`` (a fresh run) and run the chosen mode."""
     run_dir.mkdir(parents=True, exist_ok=True)
     if not cfg.resume:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-    # Read and split the data once here, so a bad path or column fails before Ray starts.
-    data = fdata.prepare(cfg.data, seed=cfg.seed, num_clients=cfg.num_clients, need_labels=cfg.model.task == "seq_cls")
-    if cfg.client.dp.enabled:
-        check_dp(cfg, [len(client_train_split(cfg, data, k)) for k in range(cfg.num_clients)])
+    if cfg.mode == "simulation":
+        from fedpeft import data as fdata
+        from fedpeft.status import write_partition_report
+
+        data = data if data is not None else fdata.prepare(cfg.data, seed=cfg.seed, num_clients=cfg.num_clients, need_labels=cfg.model.task == "seq_cls")
+        write_partition_report(data, cfg, run_dir)
     if cfg.mode == "centralized":
         from fedpeft.server import run_centralized
 
@@ -129,16 +154,113 @@ def execute(cfg: Config, run_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
+# ------------------------------------------------------------------------------ the command
+STARTED = time.time()
+
+
+def created_here(path: Path) -> bool:
+    """An empty directory made by this process (Hydra makes the run directory before ``main`` runs)."""
+    try:
+        return path.is_dir() and not any(path.iterdir()) and path.stat().st_mtime >= STARTED - 1.0
+    except OSError:
+        return False
+
+
+def discard(path: Path) -> None:
+    """Remove ``path`` and its parents (``outputs/<date>``) where this process made them and left them empty."""
+    cwd = Path.cwd().resolve()
+    path = path.resolve()
+    while path != cwd and path != path.parent and created_here(path):
+        path.rmdir()
+        path = path.parent
+
+
+def save_hydra_files(run_dir: Path, dcfg: DictConfig) -> None:
+    """Hydra's own record of the run (``.hydra/``: the composed config, Hydra's config, the overrides)."""
+    from hydra.core.utils import _save_config
+
+    hydra_cfg = HydraConfig.get()
+    out = run_dir / ".hydra"
+    out.mkdir(parents=True, exist_ok=True)
+    _save_config(dcfg, "config.yaml", out)
+    _save_config(OmegaConf.create({"hydra": hydra_cfg}), "hydra.yaml", out)
+    _save_config(OmegaConf.create(list(hydra_cfg.overrides.task)), "overrides.yaml", out)
+
+
+def fail(message: str, *, verbose: bool, code: int = 1) -> None:
+    if verbose:
+        log.exception("%s", message)
+    else:
+        log.error("%s", message)
+    sys.exit(code)
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(dcfg: DictConfig) -> float | None:
-    cfg = to_config(dcfg)
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    log.info("run directory: %s", run_dir)
-    rows = execute(cfg, run_dir)
-    final = rows[-1].get("test_accuracy") if rows else None
-    log.info("done: final test accuracy %s; results in %s", "n/a" if final is None else f"{100 * final:.1f}%", run_dir)
-    return final  # for Hydra sweepers
+    hydra_dir = Path(HydraConfig.get().runtime.output_dir)
+    overrides = list(HydraConfig.get().overrides.task)
+    verbose = bool(OmegaConf.select(dcfg, "verbose", default=False, throw_on_missing=False))
+    console.setup_logging(None, verbose=verbose)
+
+    def stopped_at_start() -> list[tuple[str, Path | None]]:
+        discard(hydra_dir)
+        return [("interrupted before the run started; nothing was written", None)]
+
+    console.on_interrupt(stopped_at_start)
+    # ------------------------------------------------------------- before anything starts
+    try:
+        cfg = to_config(dcfg)
+        data = check_run(cfg)
+        run_dir = claim_run_dir(cfg, hydra_dir)
+    except FinishedRun as done:
+        run_dir, state = done.args
+        final = state["rows"][-1].get("test_accuracy") if state["rows"] else None
+        discard(hydra_dir)
+        log.info("resume=%s: that run already finished (%d of %d rounds, final accuracy %s); nothing to resume", run_dir, state["round"], cfg.num_rounds, console._pct(final))
+        return final
+    except Exception as err:  # every start error: one line, no run directory
+        discard(hydra_dir)
+        fail(console.one_line(err) + ("" if isinstance(err, ValueError) or verbose else " (verbose=true shows the traceback)"), verbose=verbose)
+    if run_dir != hydra_dir:
+        discard(hydra_dir)  # resume: the resumed run's directory is used, the fresh one is not needed
+    # ------------------------------------------------------------- the run
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run_log = run_dir / console.RUN_LOG
+    console.setup_logging(run_log, verbose=verbose)
+    if not cfg.resume:
+        save_hydra_files(run_dir, dcfg)
+    from fedpeft.models import resolve_device
+
+    console.show(console.header_lines(cfg, run_dir, data=data, device=str(resolve_device(cfg.device)) if cfg.mode != "deploy" else None))
+
+    def stopped() -> list[tuple[str, Path | None]]:
+        lines = [("stopped by Ctrl-C", run_log)]
+        if cfg.mode == "deploy":
+            from fedpeft.deploy import stop_submitted
+
+            lines.append((stop_submitted(run_dir), run_log))
+        if cfg.mode == "centralized":
+            return [*lines, (f"a centralised run cannot be resumed; its metrics so far are in {run_dir}", run_log)]
+        return [*lines, (console.resume_advice(results_dir, overrides), run_log)]
+
+    results_dir = Path(cfg.deploy.run_dir).expanduser() if cfg.mode == "deploy" and cfg.deploy.run_dir else run_dir  # where checkpoints go
+    console.on_interrupt(stopped)
+    started = time.perf_counter()
+    try:
+        rows = launch(run_config(cfg), run_dir, data=data)
+    except Exception as err:  # a run that cannot go on: its reason, and how to continue if a round finished
+        log.debug("the run failed", exc_info=err)
+        if verbose:
+            log.exception("the run failed")
+        log.error("%s", console.one_line(err))
+        log.info("%s", console.resume_advice(results_dir, overrides))
+        console.stop_now(1)  # Flower's threads may still wait for replies: do not wait for them
+    console.show(console.summary_lines(rows, cfg=cfg, run_dir=run_dir, seconds=time.perf_counter() - started, num_labels=data.num_labels))
+    return rows[-1].get("test_accuracy") if rows else None  # for Hydra sweepers
 
 
 if __name__ == "__main__":
+    if any(arg in ("--help", "-h") for arg in sys.argv[1:]):
+        print(console.help_text([a for a in sys.argv[1:] if a not in ("--help", "-h")]))
+        sys.exit(0)
     main()

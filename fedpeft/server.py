@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from fedpeft import data as fdata
@@ -26,6 +27,7 @@ from fedpeft import protocol
 from fedpeft.records import State, fresh_lora, round_seed, split_state, stack_to_delta
 from fedpeft.models import client_ranks
 from fedpeft.results import MetricsWriter, weighted_spread
+from fedpeft.status import node_row, write_node_status
 from fedpeft.training import EvalResult, evaluate, num_local_steps, train_local
 from strategies import LoRAStrategy, get_strategy
 from strategies.base import GlobalModel, NodeInfo, short_reason
@@ -90,8 +92,9 @@ def exchange(grid: Grid, messages: list[Message], *, timeout: float, poll: float
     return replies
 
 
-def handshake(grid: Grid, cfg: Config, run: protocol.RunInfo, *, timeout: float = 600.0) -> list[NodeInfo]:
-    """Wait for ``num_clients`` nodes, ask each for its partition, rank and data size."""
+def handshake(grid: Grid, cfg: Config, run: protocol.RunInfo, *, timeout: float = 600.0, run_dir: Path | None = None) -> list[NodeInfo]:
+    """Wait for ``num_clients`` nodes, ask each for its partition, rank and data size; with ``run_dir``,
+    write the node status table (``nodes.json``, and the log)."""
     deadline = time.monotonic() + timeout
     node_ids = list(grid.get_node_ids())
     while len(node_ids) < cfg.num_clients:
@@ -100,7 +103,7 @@ def handshake(grid: Grid, cfg: Config, run: protocol.RunInfo, *, timeout: float 
         time.sleep(1.0)
         node_ids = list(grid.get_node_ids())
     messages = [Message(protocol.encode_query(run), dst_node_id=n, message_type=MessageType.QUERY) for n in sorted(node_ids)]
-    nodes, seen = [], {}
+    nodes, seen, status = [], {}, []
     for node_id, reply in exchange(grid, messages, timeout=timeout):
         if reply.has_error():
             raise RunError(f"node {node_id} failed the handshake: {reply.error.reason}")
@@ -110,6 +113,9 @@ def handshake(grid: Grid, cfg: Config, run: protocol.RunInfo, *, timeout: float 
             raise RunError(f"nodes {seen[info.partition_id]} and {node_id} both serve partition {info.partition_id}")
         seen[info.partition_id] = node_id
         nodes.append(info)
+        status.append(node_row(node_id, hello, label_names=run.label_names))
+    if run_dir is not None:
+        write_node_status(status, run.label_names, run_dir)
     if len(nodes) < cfg.clients_per_round:
         raise RunError(f"{len(nodes)} nodes answered the handshake; clients_per_round={cfg.clients_per_round} needs more")
     return sorted(nodes, key=lambda n: n.partition_id)
@@ -156,6 +162,7 @@ def round_row(strategy: LoRAStrategy, server_round: int, *, wall: float, result:
         "clients": clients,
         "rejected": report.rejected,
         "failures": report.failures,
+        "unreachable": [{"node": f["node"], "partition": strategy.nodes[f["node"]].partition_id} for f in report.failures if f.get("unreachable")],
         **{k: v for k, v in report.extra.items() if k != "residual"},
     }
 
@@ -214,10 +221,10 @@ def run_federated(cfg: Config, grid: Grid, run_dir: Path) -> list[dict[str, Any]
     # Simulated nodes keep their state under the run; deployed ones in their own state-dir.
     run = protocol.RunInfo(config_json=to_json(_without_resume(cfg)), label_names=tuple(data.label_names), sim_state_dir=None if cfg.mode == "deploy" else str(run_dir / "nodes"))
     strategy.run, strategy.lineage = run, lineage
-    strategy.register_nodes(handshake(grid, cfg, run))
+    strategy.register_nodes(handshake(grid, cfg, run, run_dir=run_dir))
 
     first_round, totals = 1, {"up": 0, "down": 0}
-    writer = MetricsWriter(run_dir, num_rounds=cfg.num_rounds)
+    writer = MetricsWriter(run_dir, num_rounds=cfg.num_rounds, logger=cfg.logger)
     if checkpoint:
         strategy.load_state_dict(checkpoint["strategy"])
         first_round, totals = checkpoint["round"] + 1, dict(checkpoint["totals"])
@@ -236,7 +243,7 @@ def run_federated(cfg: Config, grid: Grid, run_dir: Path) -> list[dict[str, Any]
                 continue
             raise RunError(
                 f"round {server_round}: {len(report.clients)} accepted updates, fewer than min_clients={max(cfg.min_clients, 1)}; "
-                f"reasons: {reasons[:3]}. The last complete round is checkpointed in {run_dir}; continue with resume={run_dir}"
+                f"reasons: {reasons[:3]}"  # fedpeft.run says how to resume, if a round finished
             )
         last = server_round == cfg.num_rounds
         evaluate_now = last or server_round % cfg.eval_every == 0
@@ -276,13 +283,14 @@ def train_round(strategy: LoRAStrategy, grid: Grid, server_round: int, *, attemp
     for node_id, reply in exchange(grid, messages, timeout=timeout):
         answered.add(node_id)
         if reply.has_error():  # failed on the node, or the node is gone: counted here, never aggregated
-            report.failures.append({"node": node_id, "reason": short_reason(reply.error.reason)})
+            gone = reply.error.code == ErrorCode.NODE_UNAVAILABLE  # the SuperLink's word that the node stopped sending heartbeats
+            report.failures.append({"node": node_id, "reason": short_reason(reply.error.reason), "unreachable": gone})
             log.warning("round %d: node %d failed: %s", server_round, node_id, report.failures[-1]["reason"])
         else:
             replies.append(reply)
     for msg in messages:
         if msg.metadata.dst_node_id not in answered:
-            report.failures.append({"node": msg.metadata.dst_node_id, "reason": f"no reply within round_timeout={timeout} s"})
+            report.failures.append({"node": msg.metadata.dst_node_id, "reason": f"no reply within round_timeout={timeout} s", "unreachable": True})
             log.warning("round %d: node %d did not reply within %.0f s", server_round, msg.metadata.dst_node_id, timeout)
     strategy.aggregate_train(server_round, replies)
     return report
@@ -358,7 +366,7 @@ def run_centralized(cfg: Config, run_dir: Path) -> list[dict[str, Any]]:
     steps = cfg.clients_per_round * num_local_steps(
         num_examples=round(per_client), batch_size=cfg.client.batch_size, local_epochs=cfg.client.local_epochs, local_steps=cfg.client.local_steps
     )
-    writer = MetricsWriter(run_dir, num_rounds=cfg.num_rounds)
+    writer = MetricsWriter(run_dir, num_rounds=cfg.num_rounds, logger=cfg.logger)
     for server_round in range(1, cfg.num_rounds + 1):
         started = time.perf_counter()
         loader = fdata.make_loader(examples, pad_token_id=tokenizer.pad_token_id, batch_size=cfg.client.batch_size, shuffle=True, seed=round_seed(cfg.seed, server_round))

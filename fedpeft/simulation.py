@@ -9,15 +9,21 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 from pathlib import Path
 from typing import Any
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from fedpeft import console
 from fedpeft.config import ENGINES, Config
 
 log = logging.getLogger("fedpeft")
+
+
+class SimulationError(RuntimeError):
+    """Flower's simulation engine or Ray failed (no actor could start, a worker died at start-up, ...)."""
 
 
 def check_engine(cfg: Config) -> None:
@@ -27,10 +33,8 @@ def check_engine(cfg: Config) -> None:
     if cfg.engine.clients_per_pass < 1:
         raise ValueError(f"engine.clients_per_pass must be >= 1, got {cfg.engine.clients_per_pass}")
     if cfg.engine.name == "batched":
-        try:
-            from fedpeft.batched_engine import check_batched  # imports the ClientApp's modules: only when chosen
-        except ImportError as err:
-            raise ValueError(f"engine=batched needs the client's decode/train/encode steps (clients.job), which this checkout lacks: {err}") from err
+        from fedpeft.batched_engine import check_batched  # imports the ClientApp's modules: only when chosen
+
         check_batched(cfg)
 
 
@@ -67,12 +71,37 @@ def backend_config(cfg: Config) -> dict[str, Any]:
     return {"client_resources": resources, "init_args": init_args}
 
 
+def start_ray(address: str | None = None) -> None:
+    """Start this run's Ray cluster (Flower uses a running one as it is).
+
+    As Flower would, plus: unless ``verbose=true``, every worker runs
+    :func:`fedpeft.console.worker_setup` first, which sends its output to the run's ``run.log``,
+    and nothing of the workers is forwarded to this console.
+    """
+    import ray
+
+    quiet = os.environ.get(console.ENV_VERBOSE) == "0"
+    # Ray subprocesses inherit environment variables, not this process's sys.path (Flower does the same).
+    pythonpath = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
+    os.environ["PYTHONPATH"] = pythonpath
+    runtime_env: dict[str, Any] = {"env_vars": {"PYTHONPATH": pythonpath}}
+    if quiet:
+        runtime_env["worker_process_setup_hook"] = "fedpeft.console.worker_setup"
+    ray.init(address=address, runtime_env=runtime_env, include_dashboard=False, log_to_driver=not quiet, logging_level=logging.WARNING, configure_logging=not quiet)
+
+
 def run_simulation(cfg: Config, run_dir: Path) -> list[dict[str, Any]]:
-    """Simulate ``cfg.num_clients`` SuperNodes (on Ray, or batched in this process); returns the metrics rows."""
+    """Simulate ``cfg.num_clients`` SuperNodes (on Ray, or batched in this process); returns the metrics rows.
+
+    A failure of the engine itself (Ray cannot start a client, ...) raises :class:`SimulationError`
+    with Ray's own reason. Flower's ServerApp thread is then still waiting for replies that will
+    never come, so the caller must end the process (:func:`fedpeft.console.stop_now`), not return.
+    """
     if cfg.engine.name == "batched":
         from fedpeft.batched_engine import run_batched
 
         return run_batched(cfg, run_dir)
+    import ray
     from flwr.simulation import run_simulation as flwr_run_simulation
 
     from clients.app import app as client_app
@@ -88,14 +117,23 @@ def run_simulation(cfg: Config, run_dir: Path) -> list[dict[str, Any]]:
         except BaseException as err:  # re-raised below: Flower would only log it
             outcome["error"] = err
 
-    if ray_address(cfg):
-        check_ray_address(ray_address(cfg))
-        log.info("simulating on the running Ray cluster at %s", ray_address(cfg))
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    flwr_run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.num_clients, backend_config=backend_config(cfg))
+    address = ray_address(cfg)
+    if address:
+        check_ray_address(address)
+        log.info("simulating on the running Ray cluster at %s", address)
+    if not ray.is_initialized():
+        start_ray(address)
+    try:
+        flwr_run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.num_clients, backend_config=backend_config(cfg))
+    except Exception as err:
+        if "error" in outcome:
+            raise outcome["error"] from err
+        cause = console.root_cause(err)
+        raise SimulationError(f"Flower's simulation engine failed: {type(cause).__name__}: {' '.join(str(cause).split())}") from err
     if "error" in outcome:
         raise outcome["error"]
     if "rows" not in outcome:
-        raise RuntimeError("the simulation ended without running the server app (see Flower's log above)")
+        raise SimulationError("the simulation ended without running the server app (see run.log)")
     return outcome["rows"]

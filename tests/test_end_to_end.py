@@ -53,6 +53,13 @@ def test_simulation_runs_loads_base_once_per_worker_and_saves_a_loadable_adapter
             assert client["base_loads"] == 1  # the worker loaded the base once, whatever it ran before
             assert client["num_examples"] > 0 and "val_accuracy" in client
     assert rows[1]["cumulative_bytes_up"] == 2 * rows[0]["bytes_up"]
+    # Assert: the partition report, the node status of the handshake and the plots
+    partitions = json.loads((tmp_path / "partitions.json").read_text())
+    nodes = json.loads((tmp_path / "nodes.json").read_text())["nodes"]
+    assert [(c["partition"], c["examples"]) for c in partitions["clients"]] == sorted((n["partition"], n["examples"]) for n in nodes)
+    assert [c["label_counts"] for c in partitions["clients"]] == [n["label_counts"] for n in sorted(nodes, key=lambda n: n["partition"])]
+    for name in ("partitions.png", "accuracy_loss.png", "accuracy_vs_mb.png"):
+        assert (tmp_path / "plots" / name).stat().st_size > 0
     pids = {c["worker_pid"] for r in rows for c in r["clients"]}
     assert len(pids) < 6  # workers are reused across clients and rounds
     # Assert: plain peft reloads the adapter and reproduces the reported accuracy

@@ -42,3 +42,6 @@ def test_hanging_or_dying_clients_are_counted_and_the_run_finishes(tmp_path, fau
     assert [r["round"] for r in rows] == [1, 2]
     failures = [f for r in rows for f in r["failures"]]
     assert failures and all(reason in f["reason"] for f in failures)
+    for row in rows:  # unreachable: the failed nodes that never answered (a hang), not those that answered with an error
+        silent = [f["node"] for f in row["failures"] if "no reply" in f["reason"]]
+        assert [u["node"] for u in row["unreachable"]] == silent

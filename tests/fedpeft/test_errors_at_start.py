@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from clients.dp import DPError
+from fedpeft.config import ConfigError
 from fedpeft.data import DataError
 from fedpeft.models import ModelError
 from fedpeft.run import execute
@@ -20,7 +21,7 @@ from tests.fedpeft.test_config import compose_cfg
         (["strategy=fedex_lora", "strategy.ranks=[4,2,1]"], ValueError, r"fedex_lora needs the same LoRA rank on every client, got ranks \[1, 2, 4\]"),
         (["model.name_or_path=./models/missing"], ModelError, "model path './models/missing' does not exist"),
         (["client=dp", "client.dp.target_epsilon=0.001"], DPError, "unreachable.*smallest reachable ε is"),
-        (["client=dp", "client.dp.noise_multiplier=1.0"], DPError, "exactly one of noise_multiplier and target_epsilon"),
+        (["client=dp", "client.dp.noise_multiplier=1.0"], ConfigError, "exactly one of noise_multiplier and target_epsilon"),
         (["data.label_column=topic", "data.name=embedded:bbc"], DataError, "no column 'topic'"),
         (["mode=deploy"], ValueError, "mode=deploy uses TLS: set deploy.root_certificates"),
         (["mode=deploy", "deploy.root_certificates=/no/ca.crt"], ValueError, "deploy.root_certificates: no such file '/no/ca.crt'"),

@@ -1,0 +1,252 @@
+"""A results table from finished runs: ``python -m fedpeft.report <run dirs or a multirun dir> [--out DIR]``.
+
+Runs are grouped by the settings that differ between them — the command-line overrides in each
+run's ``.hydra/overrides.yaml`` when every run has them, otherwise the resolved ``config.yaml`` —
+leaving out ``seed`` (and paths such as ``resume``), so a group's runs are its seeds. Per group:
+final and best test accuracy and final test loss as mean ± std over seeds (sample std; none for
+one seed), mean traffic up and down, rounds and wall time. Printed as Markdown and written as
+``report.md``, ``report.csv`` and overlaid ``accuracy_vs_round.png`` / ``accuracy_vs_mb.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import statistics
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fedpeft import plots
+from fedpeft.results import read_metrics
+
+# Settings that are not part of what a group is: the seed is what a group averages over.
+NOT_A_SETTING = ("seed", "resume", "hydra.", "deploy.run_dir", "extra.")
+DEFAULT = "(default)"
+
+
+class ReportError(ValueError):
+    """The given paths hold no runs, or a run's files cannot be read."""
+
+
+@dataclass
+class Run:
+    path: Path
+    rows: list[dict[str, Any]]
+    seed: Any
+    settings: dict[str, str]  # overrides (or flattened config) of this run, seed included
+
+    @property
+    def final_accuracy(self) -> float | None:
+        evaluated = [r["test_accuracy"] for r in self.rows if r.get("test_accuracy") is not None]
+        return evaluated[-1] if evaluated else None
+
+    @property
+    def best_accuracy(self) -> float | None:
+        evaluated = [r["test_accuracy"] for r in self.rows if r.get("test_accuracy") is not None]
+        return max(evaluated) if evaluated else None
+
+    @property
+    def final_loss(self) -> float | None:
+        evaluated = [r["test_loss"] for r in self.rows if r.get("test_loss") is not None]
+        return evaluated[-1] if evaluated else None
+
+
+@dataclass
+class Group:
+    columns: tuple[str, ...]  # the differing settings
+    key: tuple[str, ...]  # their values in this group
+    runs: list[Run] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return ", ".join(f"{c}={v}" for c, v in zip(self.columns, self.key)) if self.key else "all runs"
+
+
+def find_runs(paths: Sequence[str | Path]) -> list[Path]:
+    """Run directories (each with a ``metrics.jsonl``): the paths themselves, or the runs below them."""
+    found: list[Path] = []
+    for path in map(Path, paths):
+        if not path.exists():
+            raise ReportError(f"no such file or directory: {str(path)!r}")
+        if (path / "metrics.jsonl").is_file():
+            found.append(path)
+            continue
+        below = sorted(p.parent for p in path.rglob("metrics.jsonl"))
+        if not below:
+            raise ReportError(f"{str(path)!r} is neither a run directory nor holds any (no metrics.jsonl below it)")
+        found.extend(below)
+    return list(dict.fromkeys(p.resolve() for p in found))
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    flat: dict[str, str] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value if isinstance(value, str) else json.dumps(value)
+    return flat
+
+
+def read_overrides(run_dir: Path) -> dict[str, str] | None:
+    """``key -> value`` of the run's Hydra overrides (``+exp=a`` gives ``exp -> a``); None without them."""
+    path = run_dir / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return None
+    settings = {}
+    for item in yaml.safe_load(path.read_text()) or []:
+        key, sep, value = str(item).partition("=")
+        if not sep:
+            raise ReportError(f"{path}: cannot read the override {item!r}")
+        settings[key.lstrip("+~")] = value
+    return settings
+
+
+def read_config(run_dir: Path) -> dict[str, str]:
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise ReportError(f"run {str(run_dir)!r} has neither .hydra/overrides.yaml nor config.yaml: its settings are unknown")
+    return _flatten(yaml.safe_load(path.read_text()) or {})
+
+
+def load_runs(run_dirs: Sequence[Path]) -> list[Run]:
+    overrides = {d: read_overrides(d) for d in run_dirs}
+    use_overrides = all(o is not None for o in overrides.values())
+    runs = []
+    for d in run_dirs:
+        settings = overrides[d] if use_overrides else read_config(d)
+        seed = settings.get("seed")
+        if seed is None:  # an override list without seed=: the run's seed is in its config
+            seed = read_config(d).get("seed") if (d / "config.yaml").is_file() else None
+        try:
+            rows = read_metrics(d)
+        except ValueError as err:
+            raise ReportError(f"{d / 'metrics.jsonl'}: not JSON lines ({err})") from None
+        runs.append(Run(path=d, rows=rows, seed=seed, settings=settings))
+    return runs
+
+
+def differing_settings(runs: Sequence[Run]) -> list[str]:
+    """The setting names whose value is not the same in every run (a missing override counts as a value)."""
+    names = sorted({k for r in runs for k in r.settings if not k.startswith(NOT_A_SETTING)})
+    return [k for k in names if len({r.settings.get(k, DEFAULT) for r in runs}) > 1]
+
+
+def group_runs(runs: Sequence[Run]) -> tuple[list[str], list[Group]]:
+    """(the differing setting names, the groups in first-seen order)."""
+    columns = differing_settings(runs)
+    groups: dict[tuple[str, ...], Group] = {}
+    for run in runs:
+        key = tuple(run.settings.get(c, DEFAULT) for c in columns)
+        groups.setdefault(key, Group(columns=tuple(columns), key=key)).runs.append(run)
+    return columns, list(groups.values())
+
+
+def mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
+    """(mean, sample std) of the values that exist; std is None for fewer than two."""
+    present = [v for v in values if v is not None and math.isfinite(v)]
+    if not present:
+        return None, None
+    return statistics.mean(present), statistics.stdev(present) if len(present) > 1 else None
+
+
+def _last(rows: Sequence[Mapping[str, Any]], key: str) -> float:
+    return float(rows[-1].get(key) or 0) if rows else 0.0
+
+
+def summarise(group: Group) -> dict[str, Any]:
+    """The CSV row of a group: accuracies in [0, 1], traffic in MB, time in seconds."""
+    runs = group.runs
+    out: dict[str, Any] = {"runs": len(runs), "seeds": " ".join(str(r.seed) for r in runs)}
+    for name, values in (
+        ("final_accuracy", [r.final_accuracy for r in runs]),
+        ("best_accuracy", [r.best_accuracy for r in runs]),
+        ("final_test_loss", [r.final_loss for r in runs]),
+    ):
+        out[f"{name}_mean"], out[f"{name}_std"] = mean_std(values)
+    out["rounds"] = statistics.mean(len(r.rows) for r in runs)
+    out["mb_up"] = statistics.mean(_last(r.rows, "cumulative_bytes_up") / 1e6 for r in runs)
+    out["mb_down"] = statistics.mean(_last(r.rows, "cumulative_bytes_down") / 1e6 for r in runs)
+    out["seconds"] = statistics.mean(sum(row.get("wall_seconds") or 0 for row in r.rows) for r in runs)
+    return out
+
+
+def _pm(mean: float | None, std: float | None, *, scale: float = 1.0, digits: int = 1) -> str:
+    if mean is None:
+        return "—"
+    text = f"{scale * mean:.{digits}f}"
+    return text if std is None else f"{text} ± {scale * std:.{digits}f}"
+
+
+def markdown(columns: Sequence[str], groups: Sequence[Group], summaries: Sequence[Mapping[str, Any]]) -> str:
+    head = [*(columns or ["runs"]), "seeds", "final acc (%)", "best acc (%)", "test loss", "MB up", "MB down", "rounds", "time (s)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for group, s in zip(groups, summaries):
+        cells = [*(group.key or ("all",)), str(s["runs"])]
+        cells += [
+            _pm(s["final_accuracy_mean"], s["final_accuracy_std"], scale=100),
+            _pm(s["best_accuracy_mean"], s["best_accuracy_std"], scale=100),
+            _pm(s["final_test_loss_mean"], s["final_test_loss_std"], digits=3),
+            f"{s['mb_up']:.2f}",
+            f"{s['mb_down']:.2f}",
+            f"{s['rounds']:g}",
+            f"{s['seconds']:.0f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def report(paths: Sequence[str | Path], out_dir: Path) -> str:
+    """Write ``report.md``, ``report.csv`` and the overlaid plots to ``out_dir``; returns the Markdown."""
+    runs = load_runs(find_runs(paths))
+    columns, groups = group_runs(runs)
+    summaries = [summarise(g) for g in groups]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    text = markdown(columns, groups, summaries)
+    sources = "\n".join(f"- {g.label}: " + ", ".join(str(r.path) for r in g.runs) for g in groups)
+    (out_dir / "report.md").write_text(
+        f"{len(runs)} runs, grouped by {', '.join(columns) or 'nothing (all runs alike)'}; mean ± std over seeds.\n\n{text}\nRuns:\n{sources}\n"
+    )
+    with (out_dir / "report.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=[*columns, *summaries[0].keys()])
+        writer.writeheader()
+        for group, s in zip(groups, summaries):
+            writer.writerow({**dict(zip(columns, group.key)), **{k: "" if v is None else v for k, v in s.items()}})
+    plots.overlay_plots({g.label: [r.rows for r in g.runs] for g in groups}, out_dir)
+    return text
+
+
+def default_out(paths: Sequence[str]) -> Path:
+    """One directory that is not itself a run (a multirun): its ``report/``; otherwise ``./report``."""
+    if len(paths) == 1 and not (Path(paths[0]) / "metrics.jsonl").exists():
+        return Path(paths[0]) / "report"
+    return Path("report")
+
+
+def cli(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fedpeft.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("paths", nargs="+", help="run directories, or directories holding runs (a Hydra multirun folder)")
+    parser.add_argument("--out", type=Path, help="where report.md, report.csv and the plots go (default: <multirun dir>/report or ./report)")
+    args = parser.parse_args(argv)
+    out = args.out or default_out(args.paths)
+    try:
+        text = report(args.paths, out)
+    except ReportError as err:
+        print(f"fedpeft.report: {err}", file=sys.stderr)
+        return 2
+    print(text, end="")
+    print(f"\nwritten to {out}/: report.md, report.csv, {plots.ACCURACY_VS_ROUND}, {plots.ACCURACY_VS_MB}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
