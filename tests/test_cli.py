@@ -61,7 +61,7 @@ def test_help_lists_the_groups_and_the_schemas_field_help():
     done = fedpeft_run("--help")
     assert done.returncode == 0
     assert "schema" not in done.stdout
-    assert "  strategy=  fedavg | ffa_lora | flora | lora_fair" in done.stdout
+    assert "  strategy=  fedavg | fedex_lora | fedsa_lora | fedsvd | ffa_lora | flexlora | flora | hetlora | lora_fair | rolora" in done.stdout
     assert "  +exp=      centralized |" in done.stdout
     assert "  strategy.ranks=null\n      Per-client LoRA ranks (length num_clients); None: every client uses model.lora.r." in done.stdout
     assert "  client.dp.grad_sample_mode=lora\n" in done.stdout
