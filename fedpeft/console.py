@@ -320,6 +320,8 @@ def kill_children(timeout: float = 5.0) -> int:
 
 def stop_now(code: int) -> None:
     """End the process now: its child processes killed, its log files flushed, no thread waited for."""
+    # Flower's threads would log the failures that killing Ray causes (actor unavailable, ...): silence them first
+    logging.disable(logging.CRITICAL)
     kill_children()
     for handler in logging.getLogger().handlers:
         try:
@@ -339,6 +341,7 @@ def on_interrupt(message: Any) -> None:
 
     def handler(signum: int, frame: Any) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the clean-up
+        logging.disable(logging.CRITICAL)  # from here on the run's threads print nothing; these lines are the last
         for line, run_log in message():
             say(line, run_log=run_log)
         stop_now(130)
