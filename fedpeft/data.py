@@ -46,7 +46,8 @@ def _hf():
     datasets.disable_progress_bars()
     return datasets
 
-PARTITIONERS = ("iid", "dirichlet", "pathological")
+PARTITIONERS = ("iid", "dirichlet", "pathological", "natural")
+DATA_FORMATS = ("text", "alpaca", "dolly", "chat")  # all but 'text' are instruction sets (fedpeft/instruct.py)
 TEXT, LABEL = "text", "label"
 
 
@@ -195,7 +196,7 @@ def stratified_indices(labels: Sequence[int], fraction: float, *, seed: int) -> 
 
 
 def make_partitioner(cfg: DataConfig, *, num_clients: int, seed: int):
-    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner, PathologicalPartitioner
 
     if cfg.partitioner == "iid":
         return IidPartitioner(num_partitions=num_clients)
@@ -205,10 +206,14 @@ def make_partitioner(cfg: DataConfig, *, num_clients: int, seed: int):
         )
     if cfg.partitioner == "pathological":
         return PathologicalPartitioner(num_partitions=num_clients, partition_by=LABEL, num_classes_per_partition=cfg.classes_per_client, seed=seed)
+    if cfg.partitioner == "natural":  # one client per value of the label (instruction data: data.partition_column)
+        return NaturalIdPartitioner(partition_by=LABEL)
     raise DataError(f"data.partitioner must be one of {PARTITIONERS}, got {cfg.partitioner!r}")
 
 
 def check_data_config(cfg: DataConfig, *, num_clients: int) -> None:
+    if cfg.format not in DATA_FORMATS:
+        raise DataError(f"data.format must be one of {DATA_FORMATS}, got {cfg.format!r}")
     if cfg.partitioner not in PARTITIONERS:
         raise DataError(f"data.partitioner must be one of {PARTITIONERS}, got {cfg.partitioner!r}")
     if not 0.0 < cfg.test_fraction < 1.0:
@@ -223,9 +228,17 @@ def check_data_config(cfg: DataConfig, *, num_clients: int) -> None:
 
 def build(cfg: DataConfig, *, seed: int, num_clients: int, need_labels: bool = True) -> FederatedData:
     """Read, split and partition (uncached; see :func:`prepare`)."""
+    if cfg.format != "text":
+        from fedpeft import instruct  # instruct builds on this module: imported here to break the cycle
+
+        return instruct.build(cfg, seed=seed, num_clients=num_clients)
     check_data_config(cfg, num_clients=num_clients)
     ds, names = normalise(read_raw(cfg), cfg, need_labels=need_labels)
-    ds = drop_duplicates(ds)
+    return split_and_partition(drop_duplicates(ds), names, cfg, seed=seed, num_clients=num_clients)
+
+
+def split_and_partition(ds: Dataset, names: list[str], cfg: DataConfig, *, seed: int, num_clients: int) -> FederatedData:
+    """Cut ``max_samples``, the stratified test split and the client partitions of a normalised dataset."""
     if cfg.max_samples is not None:
         if cfg.max_samples < 2:
             raise DataError(f"data.max_samples must be >= 2, got {cfg.max_samples}")
@@ -240,6 +253,11 @@ def build(cfg: DataConfig, *, seed: int, num_clients: int, need_labels: bool = T
     test = ds.select(test_idx)
     if len(train) < 2 * num_clients:
         raise DataError(f"{len(train)} training examples are too few for {num_clients} clients")
+    if cfg.partitioner == "natural" and len(set(train[LABEL])) != num_clients:
+        raise DataError(
+            f"data.partitioner=natural gives each of the {len(set(train[LABEL]))} values of the partition column its own client, "
+            f"but num_clients={num_clients}; set num_clients={len(set(train[LABEL]))} or use data.partitioner=dirichlet"
+        )
     partitioner = make_partitioner(cfg, num_clients=num_clients, seed=seed)
     partitioner.dataset = train
     try:
