@@ -46,16 +46,21 @@ def forward_logits(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch
 
 
 def loss_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-sample loss from logits: (batch, num_labels) for classification, (batch, T, V) for LMs."""
+    """Per-sample loss from logits: (batch, num_labels) for classification, (batch, T, V) for LMs.
+
+    Computed in float32 at least (bfloat16/float16 logits are upcast; float64 stays float64).
+    """
+    if logits.dtype != torch.float64:
+        logits = logits.float()
     if logits.dim() == 2:  # sequence classification: (batch, num_labels)
-        return nn.functional.cross_entropy(logits.float(), labels, reduction="none")
+        return nn.functional.cross_entropy(logits, labels, reduction="none")
     # causal LM: predict token t+1 from tokens <= t
-    shift_logits = logits[:, :-1].float()
+    shift_logits = logits[:, :-1]
     shift_labels = labels[:, 1:]
     token_loss = nn.functional.cross_entropy(
         shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), reduction="none", ignore_index=-100
     ).view(shift_labels.shape)
-    mask = (shift_labels != -100).float()
+    mask = (shift_labels != -100).to(token_loss.dtype)
     return (token_loss * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
 
 
