@@ -84,6 +84,7 @@ class DataConfig:
     text_column: str = "text"
     label_column: str = "label"
     split: str = field(default="train", metadata={"help": "Split to read from a HF dataset."})
+    subset: Optional[str] = field(default=None, metadata={"help": "Configuration of a HF dataset (e.g. 'main' for openai/gsm8k)."})
     test_fraction: float = 0.2
     max_samples: Optional[int] = field(
         default=None, metadata={"help": "Keep only this many examples (stratified); for quick runs."}

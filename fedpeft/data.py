@@ -132,6 +132,8 @@ def read_raw(cfg: DataConfig) -> Dataset:
     if looks_local:
         raise DataError(f"data path {name!r} does not exist")
     try:
+        if cfg.subset:
+            return _hf().load_dataset(name, cfg.subset, split=cfg.split)
         return _hf().load_dataset(name, split=cfg.split)
     except Exception as err:  # the hub raises many types; one clear message is what matters
         raise DataError(f"cannot load dataset {name!r} (split {cfg.split!r}): {err}") from err

@@ -30,6 +30,7 @@ from fedpeft import instruct
 from fedpeft.config import GenerationEval, MultipleChoiceEval
 from fedpeft.data import DataError
 from fedpeft.llm import eval_mode
+from fedpeft.training import shifted_lm_logits
 
 Example = dict[str, list[int]]
 Collate = Callable[[Sequence[Example]], dict[str, torch.Tensor]]
@@ -46,11 +47,9 @@ def sequence_logliks(model: nn.Module, examples: Sequence[Example], *, collate: 
     with eval_mode(model):
         for start in range(0, len(examples), batch_size):
             batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size]).items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            labels = batch["labels"][:, 1:]
+            logits, labels = shifted_lm_logits(model, batch)  # logits only where a label is
             mask = labels != -100
-            logits = logits[:, :-1] if logits.dtype == torch.float64 else logits[:, :-1].float()
-            logp = torch.log_softmax(logits, dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            logp = torch.log_softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
             sums = (logp * mask).sum(dim=1, dtype=torch.float64)
             out.extend((float(s), int(n)) for s, n in zip(sums.tolist(), mask.sum(dim=1).tolist()))
     return out
