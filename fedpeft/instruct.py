@@ -305,7 +305,7 @@ def prompt_ids(rendered: Rendered, tokenizer: Any, *, budget: int) -> tuple[list
     the remaining ids are the whole prompt's tokenisation with some tokens left out.
     """
     bos = [tokenizer.bos_token_id] if rendered.bos else []
-    enc = tokenizer(rendered.prompt, add_special_tokens=False, return_offsets_mapping=bool(getattr(tokenizer, "is_fast", False)))
+    enc = tokenizer(rendered.prompt, add_special_tokens=False, return_offsets_mapping=bool(getattr(tokenizer, "is_fast", False)), verbose=False)
     ids = bos + list(enc["input_ids"])
     excess = len(ids) - budget
     if excess <= 0:

@@ -49,6 +49,10 @@ TINY_LLAMA_CONFIG = dict(
     tie_word_embeddings=True,
     initializer_range=0.02,
 )
+# The (tied) embeddings are drawn wider than the other weights: the head's logits are the final
+# RMS-normalised state (norm ~ sqrt(width)) times an embedding row, and at std 0.02 no hidden state
+# could give a token more than a few percent of the probability, so loss could hardly fall.
+TINY_LLAMA_EMBEDDING_STD = 0.3
 
 
 class LLMConfigError(ValueError):
@@ -166,7 +170,9 @@ def tiny_llama_path(root: Path | None = None, *, seed: int = 0) -> Path:
     an old folder; it is written to a temporary folder and renamed, so two processes building it
     at once both end with a complete copy.
     """
-    recipe = json.dumps({"config": TINY_LLAMA_CONFIG, "seed": seed, "template": MINILM_CHAT_TEMPLATE, "v": 1}, sort_keys=True)
+    recipe = json.dumps(
+        {"config": TINY_LLAMA_CONFIG, "embedding_std": TINY_LLAMA_EMBEDDING_STD, "seed": seed, "template": MINILM_CHAT_TEMPLATE, "v": 1}, sort_keys=True
+    )
     target = (root or cache_root()) / f"tiny-llama-{hashlib.sha256(recipe.encode()).hexdigest()[:12]}"
     if (target / "config.json").exists():
         return target
@@ -183,6 +189,8 @@ def tiny_llama_path(root: Path | None = None, *, seed: int = 0) -> Path:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
+        with torch.no_grad():
+            model.get_input_embeddings().weight.normal_(0.0, TINY_LLAMA_EMBEDDING_STD)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tiny-llama-"))
     try:
@@ -207,3 +215,49 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
         yield model
     finally:
         model.train(was_training)
+
+
+# ------------------------------------------------------------------------------ weights and data on this machine
+class MissingAsset(LLMConfigError):
+    """Weights or data named by a hub id are neither cached here nor reachable."""
+
+
+def _is_hub_id(name: str | None) -> bool:
+    if not name or name.startswith(("embedded:", ".", "/", "~")) or name == "test-split":
+        return False
+    return not Path(name).expanduser().exists() and Path(name).suffix.lower() not in {".json", ".jsonl", ".csv"}
+
+
+def hub_available(repo_id: str, *, repo_type: str, timeout: float = 5.0) -> bool:
+    """Whether ``repo_id`` is in the local Hugging Face cache, or the hub answers for it."""
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        snapshot_download(repo_id, repo_type=repo_type, local_files_only=True)
+        return True
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    try:
+        HfApi().repo_info(repo_id, repo_type=repo_type, timeout=timeout)
+        return True
+    except Exception:  # no network, unknown repo, gated repo: all mean "not usable from here"
+        return False
+
+
+def check_assets(cfg: Any) -> None:
+    """Fail at start, in one line, when a hub id the run needs is neither cached nor reachable:
+    say what to download and which override points at a local copy."""
+    wanted = [(cfg.model.name_or_path, "model", "model.name_or_path", "<folder>"), (cfg.data.name, "dataset", "data.name", "<file.jsonl>")]
+    evaluation = getattr(cfg, "evaluation", None)
+    if evaluation is not None:
+        wanted += [(evaluation.mc.name, "dataset", "evaluation.mc.name", "<file.jsonl>"), (evaluation.generation.name, "dataset", "evaluation.generation.name", "<file.jsonl>")]
+    for name, repo_type, override, local in wanted:
+        if _is_hub_id(name) and not hub_available(name, repo_type=repo_type):
+            flag = " --repo-type dataset" if repo_type == "dataset" else ""
+            raise MissingAsset(
+                f"{override}={name!r} is not on this machine and the Hugging Face hub is not reachable: "
+                f"download it (huggingface-cli download{flag} {name} --local-dir <folder>) and set {override}={local}"
+            )

@@ -99,3 +99,26 @@ def test_a_bfloat16_base_keeps_float32_lora_factors():
     assert {v.dtype for v in state.values()} == {torch.float32}
     assert next(p for n, p in peft_model.named_parameters() if "q_proj.base_layer" in n).dtype == torch.bfloat16
     assert {v.dtype for v in llm.full_precision_state({"x": torch.ones(2, dtype=torch.bfloat16)}).values()} == {torch.float32}
+
+
+@pytest.mark.parametrize("exp", ["flora_dolly", "fedit_alpaca", "ffa_lora_gsm8k_dp"])
+def test_paper_experiments_without_weights_or_data_fail_at_start_in_one_line(exp, tmp_path, monkeypatch):
+    from fedpeft.config import compose_config
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    cfg = compose_config([f"+exp={exp}"])
+    with pytest.raises(llm.MissingAsset, match=r"model.name_or_path='TinyLlama/TinyLlama_v1.1' is not on this machine.*huggingface-cli download TinyLlama/TinyLlama_v1.1 .*set model.name_or_path=<folder>") as err:
+        llm.check_assets(cfg)
+    assert "\n" not in str(err.value)
+    local_model = str(llm.tiny_llama_path(tmp_path))
+    data = tmp_path / "data.jsonl"
+    data.write_text("{}")
+    cfg = compose_config([f"+exp={exp}", f"model.name_or_path={local_model}"])
+    with pytest.raises(llm.MissingAsset, match=r"set data.name=<file.jsonl>"):
+        llm.check_assets(cfg)
+    cfg = compose_config([f"+exp={exp}", f"model.name_or_path={local_model}", f"data.name={data}"])
+    with pytest.raises(llm.MissingAsset, match=r"--repo-type dataset .* set evaluation.(mc|generation).name=<file.jsonl>"):
+        llm.check_assets(cfg)
+    cfg = compose_config([f"+exp={exp}", f"model.name_or_path={local_model}", f"data.name={data}", f"evaluation.mc.name={data}", f"evaluation.generation.name={data}"])
+    llm.check_assets(cfg)
