@@ -287,3 +287,55 @@ def exact_match(
         hits.append(predicted is not None and predicted == expected)
     samples = [{"question": str(row[instruct.INSTRUCTION])[:200], "output": out[:200], "reference": ref[-50:]} for (row, ref), out in list(zip(items, outputs))[:3]]
     return GenerationResult(exact_match=sum(hits) / len(hits), num_questions=len(hits), samples=samples)
+
+
+# ------------------------------------------------------------------------------ the server's evaluation
+TEST_SPLIT = "test-split"
+
+
+class LLMEvaluator:
+    """Everything ``cfg.evaluation`` asks for, prepared once (tokenised, read from disk), run per call.
+
+    Returns metrics under their own names: ``response_loss``, ``perplexity`` (held-out split of an
+    instruction set), ``mc_accuracy`` and ``mc_accuracy_by_subject``, ``exact_match``.
+    """
+
+    def __init__(self, cfg: Any, data: fdata.FederatedData, tokenizer: Any) -> None:
+        ev, self.cfg, self.tokenizer = cfg.evaluation, cfg, tokenizer
+        self.collate = instruct.Collator(tokenizer)
+        instruction_data = cfg.data.format != "text"
+        self.test_examples = (
+            instruct.encode_config(data.test, tokenizer, cfg.data, max_length=cfg.model.max_length)[0] if ev.response_loss and instruction_data else []
+        )
+        self.questions: list[ChoiceQuestion] = []
+        if ev.mc.name == TEST_SPLIT:
+            if not instruction_data:
+                raise DataError("evaluation.mc.name=test-split scores the held-out split of an instruction set; data.format is 'text'")
+            responses = list(data.train[instruct.RESPONSE]) + list(data.test[instruct.RESPONSE])
+            self.questions = mc_from_split(list(data.test), choices=responses)[: ev.mc.max_samples or None]
+        elif ev.mc.name:
+            self.questions = read_mc(ev.mc)
+        self.generation = read_generation(ev.generation) if ev.generation.name else []
+
+    @property
+    def active(self) -> bool:
+        return bool(self.test_examples or self.questions or self.generation)
+
+    def __call__(self, model: nn.Module, *, device: torch.device | str, batch_size: int) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        system = self.cfg.data.system_prompt
+        if self.test_examples:
+            loss = response_loss(model, self.test_examples, collate=self.collate, batch_size=batch_size, device=device)
+            out.update(response_loss=loss.loss, perplexity=loss.perplexity)
+        if self.questions:
+            mc = mc_accuracy(model, self.questions, self.tokenizer, max_length=self.cfg.model.max_length, batch_size=batch_size, device=device, system_prompt=system, collate=self.collate)
+            out["mc_accuracy"] = mc.accuracy
+            if mc.per_subject:
+                out["mc_accuracy_by_subject"] = mc.per_subject
+        if self.generation:
+            gen = self.cfg.evaluation.generation
+            em = exact_match(
+                model, self.tokenizer, self.generation, max_length=self.cfg.model.max_length, max_new_tokens=gen.max_new_tokens, batch_size=gen.batch_size, device=device, system_prompt=system
+            )
+            out["exact_match"] = em.exact_match
+        return out
