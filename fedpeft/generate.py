@@ -8,7 +8,8 @@ greedily.
 
 A prompts file has one JSON object per line: ``{"prompt": ...}``, ``{"instruction": ..., "input": ...}``
 or ``{"messages": [{role, content}, ...]}`` ending with a user turn. With ``--file`` the output is
-JSON lines ``{"prompt": ..., "output": ...}``; otherwise the bare output.
+JSON lines ``{"prompt": ..., "output": ...}``; otherwise the bare output. ``--evaluate`` prints the
+run's evaluation metrics recomputed from the saved model (they equal the last row of ``metrics.jsonl``).
 """
 
 from __future__ import annotations
@@ -81,6 +82,16 @@ def generate_texts(cfg: Config, model, tokenizer, rows: list[dict[str, str]], *,
     return llm_eval.generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, device=device)
 
 
+def evaluate_run(run_dir: Path, *, device: str = "cpu") -> dict[str, Any]:
+    """The run's LLM metrics (``evaluation.*``) recomputed from its saved final model on the same
+    held-out split: what the last row of ``metrics.jsonl`` reports, from plain transformers + peft."""
+    from fedpeft import data as fdata
+
+    cfg, model, tokenizer = load_run(run_dir, device=device)
+    data = fdata.prepare(cfg.data, seed=cfg.seed, num_clients=cfg.num_clients, need_labels=False)
+    return llm_eval.LLMEvaluator(cfg, data, tokenizer)(model, device=device, batch_size=cfg.server_eval_batch_size)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fedpeft.generate", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path)
@@ -89,9 +100,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--evaluate", action="store_true", help="print the run's evaluation metrics, recomputed from the saved model, as JSON")
     args = parser.parse_args(argv)
+    if args.evaluate:
+        print(json.dumps(evaluate_run(args.run_dir, device=args.device), sort_keys=True))
+        return 0
     if (args.prompt is None) == (args.file is None):
-        parser.error("give either a prompt or --file prompts.jsonl")
+        parser.error("give either a prompt, --file prompts.jsonl or --evaluate")
     if args.file is not None:
         lines = [line for line in args.file.read_text().splitlines() if line.strip()]
         items = [json.loads(line) for line in lines]

@@ -141,7 +141,16 @@ def read_mc(cfg: MultipleChoiceEval) -> list[ChoiceQuestion]:
         else:
             raise DataError(f"evaluation.mc.choice_format must be 'text' or 'letter', got {cfg.choice_format!r}")
         out.append(ChoiceQuestion(row=row, choices=choices, answer=index, subject=None if subject is None else str(subject)))
-    return out[: cfg.max_samples] if cfg.max_samples else out
+    return spread(out, cfg.max_samples)
+
+
+def spread(items: list, limit: int | None) -> list:
+    """At most ``limit`` items, evenly spaced over the list (a sorted file's or split's head would
+    hold only its first subjects or labels)."""
+    if not limit or limit >= len(items):
+        return items
+    step = len(items) / limit
+    return [items[int(i * step)] for i in range(limit)]
 
 
 MAX_SPLIT_CHOICES = 20
@@ -244,7 +253,7 @@ def read_generation(cfg: GenerationEval) -> list[tuple[dict[str, str], str]]:
     if missing:
         raise DataError(f"generation set {cfg.name!r} has no column {missing[0]!r}; its columns are {ds.column_names}")
     items = [({instruct.INSTRUCTION: str(q), instruct.INPUT: "", instruct.HISTORY: "[]"}, str(a)) for q, a in zip(ds[cfg.question_column], ds[cfg.answer_column])]
-    return items[: cfg.max_samples] if cfg.max_samples else items
+    return spread(items, cfg.max_samples)
 
 
 @torch.no_grad()
@@ -312,7 +321,7 @@ class LLMEvaluator:
             if not instruction_data:
                 raise DataError("evaluation.mc.name=test-split scores the held-out split of an instruction set; data.format is 'text'")
             responses = list(data.train[instruct.RESPONSE]) + list(data.test[instruct.RESPONSE])
-            self.questions = mc_from_split(list(data.test), choices=responses)[: ev.mc.max_samples or None]
+            self.questions = spread(mc_from_split(list(data.test), choices=responses), ev.mc.max_samples)
         elif ev.mc.name:
             self.questions = read_mc(ev.mc)
         self.generation = read_generation(ev.generation) if ev.generation.name else []
