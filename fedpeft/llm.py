@@ -38,10 +38,10 @@ MINILM_CHAT_TEMPLATE = (
     "[CLS]{% for message in messages %}{{ message['role'] }}: {{ message['content'] }} [SEP] {% endfor %}"
     "{% if add_generation_prompt %}assistant:{% endif %}"
 )
-# The tiny Llama: 2 layers, width 64, MiniLM's 30,522-token vocabulary, tied embeddings (2.1 M parameters).
+# The tiny Llama: 2 layers, width 128, MiniLM's 30,522-token vocabulary, tied embeddings (4.3 M parameters).
 TINY_LLAMA_CONFIG = dict(
-    hidden_size=64,
-    intermediate_size=128,
+    hidden_size=128,
+    intermediate_size=256,
     num_hidden_layers=2,
     num_attention_heads=4,
     num_key_value_heads=2,
@@ -52,7 +52,7 @@ TINY_LLAMA_CONFIG = dict(
 # The (tied) embeddings are drawn wider than the other weights: the head's logits are the final
 # RMS-normalised state (norm ~ sqrt(width)) times an embedding row, and at std 0.02 no hidden state
 # could give a token more than a few percent of the probability, so loss could hardly fall.
-TINY_LLAMA_EMBEDDING_STD = 0.3
+TINY_LLAMA_EMBEDDING_STD = 0.2
 
 
 class LLMConfigError(ValueError):
