@@ -21,7 +21,7 @@ import importlib.util
 import json
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -343,10 +343,34 @@ class Collator:
         return batch
 
 
-def make_loader(examples: Sequence[dict[str, Any]], *, pad_token_id: int, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
-    """A DataLoader over encoded examples; shuffling draws from a generator seeded by ``seed``."""
+def make_loader(
+    examples: Sequence[dict[str, Any]], *, pad_token_id: int, batch_size: int, shuffle: bool, seed: int = 0, collate_fn: Callable | None = None
+) -> DataLoader:
+    """A DataLoader over encoded examples; shuffling draws from a generator seeded by ``seed``.
+
+    ``collate_fn`` defaults to :class:`Collator` (see :func:`collator_for` for instruction data).
+    """
     generator = torch.Generator().manual_seed(seed) if shuffle else None
-    return DataLoader(list(examples), batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=Collator(pad_token_id))
+    return DataLoader(list(examples), batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=collate_fn or Collator(pad_token_id))
+
+
+def encode_config(cfg: Any, ds: Dataset, tokenizer: Any) -> list[dict[str, Any]]:
+    """Tokenise ``ds`` as the run's config (``cfg.data``, ``cfg.model``) says: an instruction format
+    through :mod:`fedpeft.instruct` (prompt template, response-only labels), text through :func:`encode`."""
+    if cfg.data.format != "text":
+        from fedpeft import instruct  # instruct builds on this module: imported here to break the cycle
+
+        return instruct.encode_config(ds, tokenizer, cfg.data, max_length=cfg.model.max_length)[0]
+    return encode(ds, tokenizer, max_length=cfg.model.max_length, task=cfg.model.task)
+
+
+def collator_for(cfg: Any, tokenizer: Any) -> Callable:
+    """The batch collator of the run's data: ``DataCollatorForSeq2Seq`` for instruction formats."""
+    if cfg.data.format != "text":
+        from fedpeft import instruct  # see encode_config
+
+        return instruct.Collator(tokenizer)
+    return Collator(tokenizer.pad_token_id)
 
 
 def label_histogram(ds: Dataset, num_labels: int) -> list[int]:

@@ -25,7 +25,8 @@ register_configs()
 def check_config(cfg: Config) -> None:
     """Every mistake that can be caught before training, raised as one clear ``ValueError``."""
     from fedpeft.data import check_data_config
-    from fedpeft.models import check_model_config, client_ranks
+    from fedpeft.llm import check_assets, check_llm_options
+    from fedpeft.models import check_model_config, client_ranks, resolve_device
     from strategies import STRATEGIES, get_strategy
 
     if cfg.mode not in MODES:
@@ -53,6 +54,8 @@ def check_config(cfg: Config) -> None:
         raise ValueError(f"strategy={cfg.strategy.name} federates {'/'.join(rule.peft_methods)} adapters only, not model.peft={cfg.model.peft}; rules that accept it: {accepting}")
     client_ranks(cfg)
     check_data_config(cfg.data, num_clients=cfg.num_clients)
+    check_llm_options(cfg.model, device=resolve_device(cfg.device))
+    check_assets(cfg)  # a hub id that is neither cached nor reachable: one line saying what to download
 
 
 def check_dp(cfg: Config, sizes: list[int]) -> None:
