@@ -293,7 +293,9 @@ def train_round(strategy: LoRAStrategy, grid: Grid, server_round: int, *, attemp
         if msg.metadata.dst_node_id not in answered:
             report.failures.append({"node": msg.metadata.dst_node_id, "reason": f"no reply within round_timeout={timeout} s"})
             log.warning("round %d: node %d did not reply within %.0f s", server_round, msg.metadata.dst_node_id, timeout)
+    aggregating = time.perf_counter()
     strategy.aggregate_train(server_round, replies)
+    report.extra["aggregation_seconds"] = time.perf_counter() - aggregating  # the server's share of the round
     return report
 
 
