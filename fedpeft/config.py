@@ -48,7 +48,7 @@ class ModelConfig:
     max_length: int = 64
     dtype: str = field(
         default="float32",
-        metadata={"help": "Compute dtype of the base: float32, bfloat16 or float16 (float16 trains under autocast with a grad scaler). LoRA factors stay float32."},
+        metadata={"help": "dtype the base is loaded and run in: float32, bfloat16 or float16. LoRA factors stay float32 (peft upcasts them)."},
     )
     quantization: str = field(
         default="none",

@@ -129,20 +129,6 @@ def full_precision_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return {k: v if v.dtype in (torch.float32, torch.float64) else v.float() for k, v in state.items()}
 
 
-def autocast(cfg: ModelConfig, device: torch.device | str) -> contextlib.AbstractContextManager:
-    """``torch.autocast`` in the model's low-precision dtype (a no-op for float32/float64 models)."""
-    device = torch.device(device)
-    if cfg.dtype in ("bfloat16", "float16"):
-        return torch.autocast(device_type=device.type, dtype=DTYPES[cfg.dtype])
-    return contextlib.nullcontext()
-
-
-def grad_scaler(cfg: ModelConfig, device: torch.device | str) -> torch.amp.GradScaler:
-    """A loss scaler for float16 training (disabled for every other dtype)."""
-    device = torch.device(device)
-    return torch.amp.GradScaler(device.type, enabled=cfg.dtype == "float16" and device.type == "cuda")
-
-
 # ------------------------------------------------------------------------------ the tiny Llama
 def cache_root() -> Path:
     """``$FEDPEFT_CACHE``, else ``$XDG_CACHE_HOME/fedpeft``, else ``~/.cache/fedpeft``."""

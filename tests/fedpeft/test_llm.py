@@ -122,3 +122,29 @@ def test_paper_experiments_without_weights_or_data_fail_at_start_in_one_line(exp
         llm.check_assets(cfg)
     cfg = compose_config([f"+exp={exp}", f"model.name_or_path={local_model}", f"data.name={data}", f"evaluation.mc.name={data}", f"evaluation.generation.name={data}"])
     llm.check_assets(cfg)
+
+
+def tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64))
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
+def test_logits_only_where_labelled_equal_the_full_logits(build):
+    from fedpeft.data import Collator
+    from fedpeft.training import shifted_lm_logits
+
+    model = build().double().eval()
+    examples = [
+        {"input_ids": [5, 6, 7, 8, 9, 10], "attention_mask": [1] * 6, "labels": [-100, -100, -100, -100, 9, 10]},
+        {"input_ids": [3, 4, 11], "attention_mask": [1] * 3, "labels": [-100, 4, 11]},
+    ]
+    batch = Collator(0)(examples)
+    logits, targets = shifted_lm_logits(model, batch)
+    full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    kept = [0, 1, 3, 4]  # positions predicting a labelled token in some row
+    assert logits.shape[1] == len(kept) < full.shape[1]
+    torch.testing.assert_close(logits, full[:, kept], rtol=1e-12, atol=1e-12)
+    assert targets.tolist() == [[-100, -100, 9, 10], [4, 11, -100, -100]]
