@@ -165,16 +165,17 @@ def evaluate(model: nn.Module, loader: DataLoader, *, device: torch.device | str
     total_loss, correct, count = 0.0, 0, 0
     for batch in loader:
         batch = to_device(batch, device)
-        logits = forward_logits(model, batch)
         labels = batch["labels"]
-        losses = loss_from_logits(logits, labels)
-        total_loss += losses.sum().item()
-        if logits.dim() == 2:
+        if labels.dim() == 1:  # classification
+            logits = forward_logits(model, batch)
+            losses = loss_from_logits(logits, labels)
             correct += (logits.argmax(dim=-1) == labels).sum().item()
-        else:  # next-token accuracy averaged per sample
-            pred, target = logits[:, :-1].argmax(dim=-1), labels[:, 1:]
+        else:  # causal LM: next-token accuracy averaged per sample, logits only where labelled
+            logits, target = shifted_lm_logits(model, batch)
+            losses = lm_loss(logits, target)
             mask = target != -100
-            correct += ((pred == target) & mask).sum(dim=1).div(mask.sum(dim=1).clamp(min=1)).sum().item()
+            correct += ((logits.argmax(dim=-1) == target) & mask).sum(dim=1).div(mask.sum(dim=1).clamp(min=1)).sum().item()
+        total_loss += losses.sum().item()
         count += losses.shape[0]
     if count == 0:
         return EvalResult(loss=float("nan"), accuracy=float("nan"), num_examples=0)
