@@ -304,7 +304,7 @@ def dp_train(cfg: Config, model, examples: list, pad_id: int, store: NodeStore, 
     result = train_local_dp(
         model,
         examples,
-        fdata.Collator(pad_id),
+        fdata.collator_for(cfg, models.load_tokenizer(cfg.model)),
         num_steps=steps,
         batch_size=cfg.client.batch_size,
         lr=cfg.client.lr,

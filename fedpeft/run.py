@@ -25,7 +25,7 @@ register_configs()
 def check_config(cfg: Config) -> None:
     """Every mistake that can be caught before training, raised as one clear ``ValueError``."""
     from fedpeft.data import check_data_config
-    from fedpeft.llm import check_assets, check_llm_options
+    from fedpeft.llm import check_assets, check_llm_options, check_quantized_base
     from fedpeft.models import check_model_config, client_ranks, resolve_device
     from strategies import STRATEGIES, get_strategy
 
@@ -55,6 +55,7 @@ def check_config(cfg: Config) -> None:
     client_ranks(cfg)
     check_data_config(cfg.data, num_clients=cfg.num_clients)
     check_llm_options(cfg.model, device=resolve_device(cfg.device))
+    check_quantized_base(cfg.model, rule=cfg.strategy.name, moves_base=rule.moves_base)
     check_assets(cfg)  # a hub id that is neither cached nor reachable: one line saying what to download
 
 

@@ -148,3 +148,19 @@ def test_logits_only_where_labelled_equal_the_full_logits(build):
     assert logits.shape[1] == len(kept) < full.shape[1]
     torch.testing.assert_close(logits, full[:, kept], rtol=1e-12, atol=1e-12)
     assert targets.tolist() == [[-100, -100, 9, 10], [4, 11, -100, -100]]
+
+
+def test_rules_declare_whether_they_move_the_base_and_a_quantized_base_refuses_those_that_do():
+    import inspect
+
+    from strategies import STRATEGIES
+
+    for name, rule in STRATEGIES.items():
+        # The declaration the start check reads agrees with the code: a rule that merges says so.
+        assert rule.moves_base == ("merge_into_base(" in inspect.getsource(rule)), name
+    quantized = dataclasses.replace(CAUSAL, quantization="4bit")
+    movers = [n for n, r in STRATEGIES.items() if r.moves_base]
+    assert movers == ["flora"]
+    with pytest.raises(llm.LLMConfigError, match="'flora' merges each round's update into the base"):
+        llm.check_quantized_base(quantized, rule="flora", moves_base=STRATEGIES["flora"].moves_base)
+    llm.check_quantized_base(quantized, rule="fedavg", moves_base=STRATEGIES["fedavg"].moves_base)
