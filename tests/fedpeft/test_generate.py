@@ -37,9 +37,13 @@ def test_generate_loads_the_adapter_and_matches_the_in_memory_model(run_dir, cap
     run, cfg, model, tokenizer = run_dir
     prompts = [{"prompt": "which topic is this article about?"}, {"instruction": "summarise", "input": "the match ended two all"}]
     expected = generate.generate_texts(cfg, model, tokenizer, [generate.prompt_row(p, line=1) for p in prompts], max_new_tokens=5)
-    with model.disable_adapter():
-        base_only = generate.generate_texts(cfg, model, tokenizer, [generate.prompt_row(p, line=1) for p in prompts], max_new_tokens=5)
-    assert expected != base_only  # the adapter changes what is generated, so loading it is checked
+    # What load_run loads is the adapter: its logits are the in-memory model's, not the base's.
+    _, loaded, _ = generate.load_run(run)
+    ids = torch.tensor([tokenizer("the match ended two all", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+        with model.disable_adapter():
+            assert not torch.allclose(loaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-3)
 
     assert generate.main([str(run), prompts[0]["prompt"], "--max-new-tokens", "5"]) == 0
     assert capsys.readouterr().out == expected[0] + "\n"
