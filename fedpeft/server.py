@@ -256,6 +256,7 @@ def run_federated(cfg: Config, grid: Grid, run_dir: Path) -> list[dict[str, Any]
         stop = cfg.comm_budget_mb is not None and (totals["up"] + totals["down"]) / 1e6 >= cfg.comm_budget_mb
         if stop and result is None and strategy.has_global_model:
             row.update(_eval_fields(evaluator(strategy.global_model())))
+            row.update(evaluator.extra)
         writer.write(row)
         save_checkpoint(
             run_dir,
