@@ -186,7 +186,8 @@ def run_job(job: Job) -> JobResult:
     if plan.evaluate == Evaluate.GLOBAL or (plan.evaluate == Evaluate.PERSONAL and not plan.trains):
         metrics.update(evaluate_metrics(model, job, pad_id, device=cm.device, which=plan.evaluate))
     if plan.trains:
-        loader = fdata.make_loader(job.train_examples, pad_token_id=pad_id, batch_size=cfg.client.batch_size, shuffle=True, seed=job.seed)
+        collate = fdata.collator_for(cfg, models.load_tokenizer(cfg.model))
+        loader = fdata.make_loader(job.train_examples, pad_token_id=pad_id, batch_size=cfg.client.batch_size, shuffle=True, seed=job.seed, collate_fn=collate)
         torch.manual_seed(job.seed)  # LoRA dropout
         if cfg.client.dp.enabled:
             result, dp_metrics = dp_train(cfg, model, job.train_examples, pad_id, job.store, pid=job.partition_id, steps=job.steps, seed=job.seed, device=cm.device)
@@ -204,7 +205,8 @@ def evaluate_metrics(model, job: Job, pad_id: int, *, device, which: Evaluate) -
     """Loss and accuracy on the node's validation slice (nothing when it has none)."""
     if not job.val_examples:
         return {}
-    loader = fdata.make_loader(job.val_examples, pad_token_id=pad_id, batch_size=job.cfg.client.eval_batch_size, shuffle=False)
+    collate = fdata.collator_for(job.cfg, models.load_tokenizer(job.cfg.model))
+    loader = fdata.make_loader(job.val_examples, pad_token_id=pad_id, batch_size=job.cfg.client.eval_batch_size, shuffle=False, collate_fn=collate)
     val = evaluate(model, loader, device=device)
     return {protocol.VAL_LOSS: val.loss, protocol.VAL_ACCURACY: val.accuracy, protocol.VAL_EXAMPLES: val.num_examples, protocol.EVALUATED: 1 if which == Evaluate.GLOBAL else 2}
 
@@ -327,7 +329,7 @@ def dp_train(cfg: Config, model, examples: list, pad_id: int, store: NodeStore, 
     result = train_local_dp(
         model,
         examples,
-        fdata.Collator(pad_id),
+        fdata.collator_for(cfg, models.load_tokenizer(cfg.model)),
         num_steps=steps,
         batch_size=cfg.client.batch_size,
         lr=cfg.client.lr,

@@ -6,7 +6,6 @@ data are loaded once and reused.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 from pathlib import Path
@@ -99,6 +98,5 @@ def local_data(cfg: Config, pid: int, context: Context, run: RunInfo) -> tuple[i
 
 
 def encode_split(cfg: Config, train_ds, val_ds) -> tuple[list, list]:
-    tokenizer = models.load_tokenizer(cfg.model)
-    encode = functools.partial(fdata.encode, tokenizer=tokenizer, max_length=cfg.model.max_length, task=cfg.model.task)
-    return encode(train_ds), encode(val_ds)
+    tokenizer = models.load_tokenizer(cfg.model)  # instruction formats: prompt template, response-only labels
+    return fdata.encode_config(cfg, train_ds, tokenizer), fdata.encode_config(cfg, val_ds, tokenizer)

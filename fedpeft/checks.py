@@ -33,6 +33,7 @@ from fedpeft.results import LOGGERS
 from fedpeft.training import num_local_steps
 from fedpeft.audit import check_audit_config, client_train_split
 from fedpeft.compression import codec_from_config
+from fedpeft.llm import check_assets, check_llm_options, check_quantized_base
 from fedpeft.simulation import check_engine
 from strategies import STRATEGIES, get_strategy
 
@@ -96,6 +97,9 @@ def check_config(cfg: Config) -> None:
     codec_from_config(cfg.compression)
     check_audit_config(cfg)
     fdata.check_data_config(cfg.data, num_clients=cfg.num_clients)
+    check_llm_options(cfg.model, device=resolve_device(cfg.device))
+    check_quantized_base(cfg.model, rule=cfg.strategy.name, moves_base=rule.moves_base)
+    check_assets(cfg)  # a hub id that is neither cached nor reachable: one line saying what to download
 
 
 def check_client(cfg: Config) -> None:

@@ -53,7 +53,18 @@ class ModelConfig:
     )
     task: str = field(default="seq_cls", metadata={"help": "'seq_cls' or 'causal_lm'."})
     max_length: int = field(default=64, metadata={"help": "Tokens per example (truncated); at most the model's positions."})
-    dtype: str = "float32"
+    dtype: str = field(
+        default="float32",
+        metadata={"help": "dtype the base is loaded and run in: float32, bfloat16 or float16. LoRA factors stay float32 (peft upcasts them)."},
+    )
+    quantization: str = field(
+        default="none",
+        metadata={"help": "'none', '4bit' (QLoRA: NF4 base) or '8bit' (bitsandbytes, CUDA only). The adapter, aggregation and saved artifact stay float32."},
+    )
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward (less memory, ~30% slower)."})
+    attn_implementation: Optional[str] = field(
+        default=None, metadata={"help": "transformers' attn_implementation: 'eager', 'sdpa', 'flash_attention_2'; None: transformers' default."}
+    )
     peft: str = field(
         default="lora",
         metadata={
@@ -80,6 +91,7 @@ class DataConfig:
     text_column: str = "text"
     label_column: str = "label"
     split: str = field(default="train", metadata={"help": "Split to read from a HF dataset."})
+    subset: Optional[str] = field(default=None, metadata={"help": "Configuration of a HF dataset (e.g. 'main' for openai/gsm8k)."})
     test_fraction: float = 0.2
     max_samples: Optional[int] = field(
         default=None, metadata={"help": "Keep only this many examples (stratified); for quick runs."}
@@ -88,6 +100,64 @@ class DataConfig:
     dirichlet_alpha: float = 0.5
     classes_per_client: int = 2
     val_fraction: float = 0.1
+    # Instruction tuning (fedpeft/instruct.py): the columns of each format, the prompt and the loss.
+    format: str = field(
+        default="text",
+        metadata={"help": "'text' (a text column: classification or plain LM), 'alpaca', 'dolly' or 'chat' (instruction tuning of a causal LM)."},
+    )
+    instruction_column: Optional[str] = field(default=None, metadata={"help": "Default: 'instruction' (alpaca, dolly)."})
+    input_column: Optional[str] = field(default=None, metadata={"help": "Optional context column. Default: 'input' (alpaca), 'context' (dolly)."})
+    response_column: Optional[str] = field(default=None, metadata={"help": "Default: 'output' (alpaca), 'response' (dolly)."})
+    messages_column: Optional[str] = field(default=None, metadata={"help": "Default: 'messages' (chat): a list of {role, content}."})
+    partition_column: Optional[str] = field(
+        default=None,
+        metadata={"help": "Column the non-IID partitioners split by (Dolly: 'category'); 'natural' gives each value its own client."},
+    )
+    system_prompt: Optional[str] = field(default=None, metadata={"help": "A system message put before every prompt."})
+    train_on_prompt: bool = field(default=False, metadata={"help": "Loss on the prompt tokens too (default: on the response only)."})
+
+
+@dataclass
+class MultipleChoiceEval:
+    """Multiple-choice accuracy by the log-likelihood of each choice (MMLU layout)."""
+
+    name: Optional[str] = field(
+        default=None,
+        metadata={"help": "A JSON/JSONL/CSV file or HF dataset name in MMLU layout; 'test-split': the run's own held-out split (labelled data)."},
+    )
+    split: str = "test"
+    subset: Optional[str] = field(default=None, metadata={"help": "HF dataset configuration, e.g. 'all' for cais/mmlu."})
+    question_column: str = "question"
+    choices_column: str = "choices"
+    answer_column: str = field(default="answer", metadata={"help": "Index of the right choice (or its letter A, B, ...)."})
+    subject_column: Optional[str] = field(default="subject", metadata={"help": "Per-subject accuracy when the column exists."})
+    choice_format: str = field(
+        default="text", metadata={"help": "'text': score each choice's text; 'letter': list the choices as A. B. ... and score the letter."}
+    )
+    max_samples: Optional[int] = None
+
+
+@dataclass
+class GenerationEval:
+    """Greedy generation and exact match of the final answer (GSM8K layout: the number after '####')."""
+
+    name: Optional[str] = field(default=None, metadata={"help": "A JSON/JSONL/CSV file or HF dataset name in GSM8K layout."})
+    split: str = "test"
+    subset: Optional[str] = field(default=None, metadata={"help": "HF dataset configuration, e.g. 'main' for openai/gsm8k."})
+    question_column: str = "question"
+    answer_column: str = "answer"
+    max_new_tokens: int = 256
+    batch_size: int = 16
+    max_samples: Optional[int] = None
+
+
+@dataclass
+class EvaluationConfig:
+    """What the server reports for a causal LM, every ``eval_every`` rounds and at the end."""
+
+    response_loss: bool = field(default=True, metadata={"help": "Response-only loss and perplexity on the held-out split."})
+    mc: MultipleChoiceEval = field(default_factory=MultipleChoiceEval)
+    generation: GenerationEval = field(default_factory=GenerationEval)
 
 
 @dataclass
@@ -277,6 +347,7 @@ class Config:
     audit: AuditConfig = field(default_factory=AuditConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     extra: dict[str, Any] = field(default_factory=dict, metadata={"help": "Free-form notes copied to results."})
 
 

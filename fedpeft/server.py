@@ -24,6 +24,7 @@ from fedpeft import data as fdata
 from fedpeft import models
 from fedpeft.config import Config, to_json
 from fedpeft import protocol
+from fedpeft.llm_eval import LLMEvaluator
 from fedpeft.records import State, fresh_lora, round_seed, split_state, stack_to_delta
 from fedpeft.models import client_ranks
 from fedpeft.results import MetricsWriter, weighted_spread
@@ -53,8 +54,11 @@ class ServerEvaluator:
         self.lineage = lineage
         self.cm = models.cached_model(cfg.model, num_labels=data.num_labels, device=models.resolve_device(cfg.device), seed=cfg.seed)
         tokenizer = models.load_tokenizer(cfg.model)
-        examples = fdata.encode(data.test, tokenizer, max_length=cfg.model.max_length, task=cfg.model.task)
-        self.loader = fdata.make_loader(examples, pad_token_id=tokenizer.pad_token_id, batch_size=cfg.server_eval_batch_size, shuffle=False)
+        examples = fdata.encode_config(cfg, data.test, tokenizer)
+        self.loader = fdata.make_loader(examples, pad_token_id=tokenizer.pad_token_id, batch_size=cfg.server_eval_batch_size, shuffle=False, collate_fn=fdata.collator_for(cfg, tokenizer))
+        # Response loss, perplexity, MC accuracy, exact match (evaluation.*): its metrics join the row.
+        self.llm = LLMEvaluator(cfg, data, tokenizer) if cfg.model.task == "causal_lm" else None
+        self.extra: dict[str, Any] = {}
 
     def load(self, global_model: GlobalModel) -> torch.nn.Module:
         """Put the global model into the server's PEFT model and return it."""
@@ -67,7 +71,10 @@ class ServerEvaluator:
         return model
 
     def __call__(self, global_model: GlobalModel) -> EvalResult:
-        return evaluate(self.load(global_model), self.loader, device=self.cm.device)
+        model = self.load(global_model)
+        if self.llm is not None and self.llm.active:
+            self.extra = self.llm(model, device=self.cm.device, batch_size=self.cfg.server_eval_batch_size)
+        return evaluate(model, self.loader, device=self.cm.device)
 
 
 def exchange(grid: Grid, messages: list[Message], *, timeout: float, poll: float = 0.2) -> list[tuple[int, Message]]:
@@ -251,9 +258,12 @@ def run_federated(cfg: Config, grid: Grid, run_dir: Path) -> list[dict[str, Any]
             evaluate_round(strategy, grid, server_round, timeout=cfg.round_timeout)
         result = evaluator(strategy.global_model()) if evaluate_now and strategy.has_global_model else None
         row = round_row(strategy, server_round, wall=time.perf_counter() - started, result=result, totals=totals)
+        if result is not None:
+            row.update(evaluator.extra)
         stop = cfg.comm_budget_mb is not None and (totals["up"] + totals["down"]) / 1e6 >= cfg.comm_budget_mb
         if stop and result is None and strategy.has_global_model:
             row.update(_eval_fields(evaluator(strategy.global_model())))
+            row.update(evaluator.extra)
         writer.write(row)
         save_checkpoint(
             run_dir,
@@ -292,7 +302,9 @@ def train_round(strategy: LoRAStrategy, grid: Grid, server_round: int, *, attemp
         if msg.metadata.dst_node_id not in answered:
             report.failures.append({"node": msg.metadata.dst_node_id, "reason": f"no reply within round_timeout={timeout} s", "unreachable": True})
             log.warning("round %d: node %d did not reply within %.0f s", server_round, msg.metadata.dst_node_id, timeout)
+    aggregating = time.perf_counter()
     strategy.aggregate_train(server_round, replies)
+    report.extra["aggregation_seconds"] = time.perf_counter() - aggregating  # the server's share of the round
     return report
 
 
@@ -361,7 +373,7 @@ def run_centralized(cfg: Config, run_dir: Path) -> list[dict[str, Any]]:
     model = evaluator.load(GlobalModel(adapter=adapter, rank=rank))
     tokenizer = models.load_tokenizer(cfg.model)
     pooled = [data.client_split(k)[0] for k in range(cfg.num_clients)]
-    examples = [e for ds in pooled for e in fdata.encode(ds, tokenizer, max_length=cfg.model.max_length, task=cfg.model.task)]
+    examples = [e for ds in pooled for e in fdata.encode_config(cfg, ds, tokenizer)]
     per_client = sum(len(ds) for ds in pooled) / cfg.num_clients
     steps = cfg.clients_per_round * num_local_steps(
         num_examples=round(per_client), batch_size=cfg.client.batch_size, local_epochs=cfg.client.local_epochs, local_steps=cfg.client.local_steps
@@ -369,9 +381,12 @@ def run_centralized(cfg: Config, run_dir: Path) -> list[dict[str, Any]]:
     writer = MetricsWriter(run_dir, num_rounds=cfg.num_rounds, logger=cfg.logger)
     for server_round in range(1, cfg.num_rounds + 1):
         started = time.perf_counter()
-        loader = fdata.make_loader(examples, pad_token_id=tokenizer.pad_token_id, batch_size=cfg.client.batch_size, shuffle=True, seed=round_seed(cfg.seed, server_round))
+        loader = fdata.make_loader(
+            examples, pad_token_id=tokenizer.pad_token_id, batch_size=cfg.client.batch_size, shuffle=True, seed=round_seed(cfg.seed, server_round), collate_fn=fdata.collator_for(cfg, tokenizer)
+        )
         train = train_local(model, loader, num_steps=steps, lr=cfg.client.lr, weight_decay=cfg.client.weight_decay, device=evaluator.cm.device)
         result = evaluate(model, evaluator.loader, device=evaluator.cm.device)
+        extra = evaluator.llm(model, device=evaluator.cm.device, batch_size=cfg.server_eval_batch_size) if evaluator.llm and evaluator.llm.active else {}
         writer.write(
             {
                 "round": server_round,
@@ -385,6 +400,7 @@ def run_centralized(cfg: Config, run_dir: Path) -> list[dict[str, Any]]:
                 "bytes_down": 0,
                 "cumulative_bytes_up": 0,
                 "cumulative_bytes_down": 0,
+                **extra,
             }
         )
     if cfg.save_adapter:

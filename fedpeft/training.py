@@ -6,6 +6,7 @@ difference between them is a difference in data or aggregation, never in the opt
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -38,7 +39,48 @@ def per_sample_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torc
     sample's own tokens (so the batch loss is a mean of per-sample means, which is what per-sample
     clipping in DP-SGD needs).
     """
-    return loss_from_logits(forward_logits(model, batch), batch["labels"])
+    labels = batch["labels"]
+    if labels.dim() == 2:
+        logits, targets = shifted_lm_logits(model, batch)
+        return lm_loss(logits, targets)
+    return loss_from_logits(forward_logits(model, batch), labels)
+
+
+def _accepts_logits_to_keep(model: nn.Module) -> bool:
+    """Whether the causal LM under ``model`` (peft and Opacus wrappers unwrapped) takes ``logits_to_keep``."""
+    while True:
+        if hasattr(model, "_module"):  # opacus GradSampleModule
+            model = model._module
+        elif hasattr(model, "get_base_model"):  # peft
+            model = model.get_base_model()
+        else:
+            break
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+def shifted_lm_logits(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, targets) of a causal LM, target t+1 predicted by the logits at t.
+
+    Only positions that predict a labelled token (``labels != -100`` in some row) get logits:
+    with a response-only loss the LM head, the biggest matmul of a small model with a large
+    vocabulary, then runs on a few positions instead of all (``logits_to_keep``; the loss is the
+    same as from full logits). Returns logits (batch, K, vocab) and targets (batch, K).
+    """
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    targets = batch["labels"][:, 1:]
+    positions = torch.nonzero((targets != -100).any(dim=0)).flatten()
+    if 0 < positions.numel() < targets.shape[1] and _accepts_logits_to_keep(model):
+        return model(**inputs, logits_to_keep=positions).logits, targets[:, positions]
+    return model(**inputs).logits[:, :-1], targets
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean token cross-entropy over each sample's own labelled targets (float32 at least)."""
+    if logits.dtype != torch.float64:
+        logits = logits.float()
+    token_loss = nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none", ignore_index=-100).view(targets.shape)
+    mask = (targets != -100).to(token_loss.dtype)
+    return (token_loss * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
 
 
 def forward_logits(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -46,17 +88,15 @@ def forward_logits(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch
 
 
 def loss_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-sample loss from logits: (batch, num_labels) for classification, (batch, T, V) for LMs."""
+    """Per-sample loss from logits: (batch, num_labels) for classification, (batch, T, V) for LMs.
+
+    Computed in float32 at least (bfloat16/float16 logits are upcast; float64 stays float64).
+    """
+    if logits.dtype != torch.float64:
+        logits = logits.float()
     if logits.dim() == 2:  # sequence classification: (batch, num_labels)
-        return nn.functional.cross_entropy(logits.float(), labels, reduction="none")
-    # causal LM: predict token t+1 from tokens <= t
-    shift_logits = logits[:, :-1].float()
-    shift_labels = labels[:, 1:]
-    token_loss = nn.functional.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), reduction="none", ignore_index=-100
-    ).view(shift_labels.shape)
-    mask = (shift_labels != -100).float()
-    return (token_loss * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+        return nn.functional.cross_entropy(logits, labels, reduction="none")
+    return lm_loss(logits[:, :-1], labels[:, 1:])  # causal LM: predict token t+1 from tokens <= t
 
 
 def to_device(batch: Mapping[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
@@ -125,16 +165,17 @@ def evaluate(model: nn.Module, loader: DataLoader, *, device: torch.device | str
     total_loss, correct, count = 0.0, 0, 0
     for batch in loader:
         batch = to_device(batch, device)
-        logits = forward_logits(model, batch)
         labels = batch["labels"]
-        losses = loss_from_logits(logits, labels)
-        total_loss += losses.sum().item()
-        if logits.dim() == 2:
+        if labels.dim() == 1:  # classification
+            logits = forward_logits(model, batch)
+            losses = loss_from_logits(logits, labels)
             correct += (logits.argmax(dim=-1) == labels).sum().item()
-        else:  # next-token accuracy averaged per sample
-            pred, target = logits[:, :-1].argmax(dim=-1), labels[:, 1:]
+        else:  # causal LM: next-token accuracy averaged per sample, logits only where labelled
+            logits, target = shifted_lm_logits(model, batch)
+            losses = lm_loss(logits, target)
             mask = target != -100
-            correct += ((pred == target) & mask).sum(dim=1).div(mask.sum(dim=1).clamp(min=1)).sum().item()
+            correct += ((logits.argmax(dim=-1) == target) & mask).sum(dim=1).div(mask.sum(dim=1).clamp(min=1)).sum().item()
+        total_loss += losses.sum().item()
         count += losses.shape[0]
     if count == 0:
         return EvalResult(loss=float("nan"), accuracy=float("nan"), num_examples=0)

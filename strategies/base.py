@@ -123,6 +123,8 @@ class LoRAStrategy(FedAvg):
     # The peft methods (``model.peft``) whose adapters this rule can federate; None: any. The
     # default is plain LoRA, as a rule that works on LoRA factors needs (DoRA's magnitude breaks B@A).
     peft_methods: tuple[str, ...] | None = ("lora",)
+    # Whether the rule calls merge_into_base: checked at start (a quantized base cannot absorb a merge).
+    moves_base: bool = False
 
     def __init__(self, initial_adapter: State, *, clients_per_round: int, seed: int, min_clients: int = 1) -> None:
         super().__init__(fraction_evaluate=0.0, min_train_nodes=clients_per_round, min_available_nodes=clients_per_round)

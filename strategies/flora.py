@@ -61,6 +61,7 @@ class FLoRA(LoRAStrategy):
 
     name = "flora"
     config_class = FLoRAConfig
+    moves_base = True
 
     def __init__(self, initial_adapter: State, *, scaling: float = 1.0, **kwargs: Any) -> None:
         super().__init__(initial_adapter, **kwargs)
