@@ -93,7 +93,7 @@ def bbc_instructions() -> Dataset:
 
     Alpaca layout (``instruction``, ``input``, ``output``) plus the ``topic`` column to split by.
     """
-    ds = fdata.read_text_folder(fdata.embedded_bbc_dir())
+    ds = fdata.read_text_folder(fdata.embedded_bbc_dir(), strict=False)  # one article is Latin-1 (see read_text_folder)
     names = ds.features[fdata.LABEL].names
     topics = [names[i] for i in ds[fdata.LABEL]]
     return fdata._hf().Dataset.from_dict(
