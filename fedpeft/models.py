@@ -197,7 +197,8 @@ def lora_config(lora: LoraSettings, *, rank: int, task: str, **options) -> LoraC
 class CachedModel:
     """One base model with one peft adapter per rank (one in all for a method without ranks), living
     for the whole worker process. The adapters are workspaces: a client loads every tensor of its
-    adapter before it trains (``clients.job.run_job``), so nothing of one client reaches another."""
+    adapter before it trains (``clients.job.run_job``), so nothing of one client reaches another, and
+    a run's round-0 adapter starts from :meth:`built_state`, never from what earlier jobs left."""
 
     model: PeftModel
     cfg: ModelConfig
@@ -207,18 +208,34 @@ class CachedModel:
     pristine: dict[str, torch.Tensor] = field(default_factory=dict)
     base_lineage: str = ""
     base_version: int = 0
+    # Each adapter's tensors as peft built it, by adapter name: the workspace itself holds whatever
+    # the last job or evaluation loaded, so a run's initial adapter must not be read from it.
+    built: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in self.model.peft_config:
+            self.built.setdefault(name, self._state(name))
 
     def activate(self, rank: int | None) -> PeftModel:
         name = adapter_name(rank)
         if name not in self.model.peft_config:
             self.model.add_adapter(name, peft_config(self.cfg, rank=rank))
             self.model.to(self.device)
+            self.built[name] = self._state(name)
         self.model.set_adapter(name)  # also marks only this adapter's LoRA and head trainable
         return self.model
 
     def adapter_state(self, rank: int | None) -> dict[str, torch.Tensor]:
-        """The trainable tensors (LoRA factors and head) of the rank-``rank`` adapter, detached on CPU."""
-        sd = get_peft_model_state_dict(self.model, adapter_name=adapter_name(rank))
+        """The trainable tensors (LoRA factors and head) of the rank-``rank`` adapter as they are now, detached on CPU."""
+        return self._state(adapter_name(rank))
+
+    def built_state(self, rank: int | None) -> dict[str, torch.Tensor]:
+        """The rank-``rank`` adapter's tensors as peft built it (a copy), whatever jobs ran on this model since."""
+        self.activate(rank)
+        return {k: v.clone() for k, v in self.built[adapter_name(rank)].items()}
+
+    def _state(self, name: str) -> dict[str, torch.Tensor]:
+        sd = get_peft_model_state_dict(self.model, adapter_name=name)
         return {k: v.detach().to("cpu", copy=True) for k, v in sd.items()}
 
     def adapter_template(self, rank: int | None) -> dict[str, torch.Tensor]:
@@ -281,12 +298,14 @@ class CachedModel:
         self.base_lineage, self.base_version = lineage, version
 
     def use_base(self, lineage: str, deltas: list[dict[str, torch.Tensor]], *, version: int) -> None:
-        """Make the base weights ``W_0 + Σ deltas[:version]`` for the run ``lineage``.
+        """Bring the base weights to ``W_0 + ΔW_1 + ... + ΔW_version`` for the run ``lineage``.
 
-        ``deltas[t]`` maps module names (as in :meth:`base_layers`) to ΔW of round t+1 in peft's
-        orientation ``(d_out, d_in)`` (``lora_B @ lora_A``); it is added as peft merges an adapter,
-        transposed where the layer stores its weight ``fan_in_fan_out`` (GPT-2's ``Conv1D``).
-        Only what is new is applied: a worker already at version v adds ``deltas[v:version]``.
+        ``deltas`` holds only the updates this model lacks, in round order: with the base already
+        at version ``v`` of ``lineage``, ``deltas[t]`` is ΔW of round ``v+t+1`` (so ``deltas[:version-v]``
+        is applied; after a restore to ``W_0`` — another lineage, or a lower version — ``v`` is 0
+        and ``deltas`` must start at round 1). Each maps module names (as in :meth:`base_layers`)
+        to ΔW in peft's orientation ``(d_out, d_in)`` (``lora_B @ lora_A``); it is added as peft
+        merges an adapter, transposed where the layer stores its weight ``fan_in_fan_out`` (GPT-2's ``Conv1D``).
         Each update is added in float64 and cast once, in round order, so every process that
         applies the same deltas holds bit-identical weights. A different lineage (another run in
         the same process) or a lower version restores ``W_0`` first.

@@ -41,9 +41,9 @@ class RunError(RuntimeError):
 
 
 def initial_adapter(cm: models.CachedModel, *, rank: int | None, seed: int) -> State:
-    """The round-0 adapter at ``rank``: A drawn from ``seed``, B zero (peft's init), the head as built."""
-    cm.activate(rank)
-    return fresh_lora(cm.adapter_state(rank), seed=seed)
+    """The round-0 adapter at ``rank``: A drawn from ``seed``, B zero (peft's init), the head (and any
+    other tensor) as peft built it — not what the cached model's adapter holds after earlier jobs."""
+    return fresh_lora(cm.built_state(rank), seed=seed)
 
 
 class ServerEvaluator:
