@@ -101,6 +101,7 @@ class FedExLoRA(LoRAStrategy):
     """
 
     name = "fedex_lora"
+    moves_base = True  # the residual is merged into W every round
     config_class = FedExLoRAConfig
 
     def __init__(self, initial_adapter: State, *, scaling: float = 1.0, **kwargs: Any) -> None:

@@ -160,7 +160,7 @@ def test_rules_declare_whether_they_move_the_base_and_a_quantized_base_refuses_t
         assert rule.moves_base == ("merge_into_base(" in inspect.getsource(rule)), name
     quantized = dataclasses.replace(CAUSAL, quantization="4bit")
     movers = [n for n, r in STRATEGIES.items() if r.moves_base]
-    assert movers == ["flora"]
+    assert movers == ["flora", "fedex_lora"]
     with pytest.raises(llm.LLMConfigError, match="'flora' merges each round's update into the base"):
         llm.check_quantized_base(quantized, rule="flora", moves_base=STRATEGIES["flora"].moves_base)
     llm.check_quantized_base(quantized, rule="fedavg", moves_base=STRATEGIES["fedavg"].moves_base)
