@@ -196,7 +196,7 @@ def main() -> None:
         "Each row breaks one rule file on purpose (exact text replaced, file restored afterwards) and",
         "runs the named property tests (`--hypothesis-seed=0`); every one must fail. Regenerate with",
         "",
-        "    PYTHONPATH=$PWD /work/venv/bin/python experiments/rules_mutation_checks.py",
+        "    python experiments/rules_mutation_checks.py",
         "",
         f"Unmodified code first: {clean_summary}. Whole check: {time.time() - start:.0f} s.",
         "",

@@ -98,7 +98,7 @@ def check_config(cfg: Config) -> None:
     check_audit_config(cfg)
     fdata.check_data_config(cfg.data, num_clients=cfg.num_clients)
     check_llm_options(cfg.model, device=resolve_device(cfg.device))
-    check_quantized_base(cfg.model, rule=cfg.strategy.name, moves_base=rule.moves_base)
+    check_quantized_base(cfg.model, rule=cfg.strategy.name, moves_base=rule.moves_base, fixed_base_rules=tuple(n for n, r in STRATEGIES.items() if not r.moves_base))
     check_assets(cfg)  # a hub id that is neither cached nor reachable: one line saying what to download
 
 

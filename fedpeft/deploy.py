@@ -403,7 +403,7 @@ def check_node_config(node_config: dict[str, Any]) -> None:
         if path.is_dir() and not any(path.iterdir()):
             raise NodeConfigError(f"data-path {str(path)!r} is an empty folder (expected <label>/<doc>.txt files)")
     if "state-dir" not in node_config:
-        raise NodeConfigError("no state-dir (the node's disk state: FLoRA's base updates, the DP ledger, its data cache)")
+        raise NodeConfigError("no state-dir (the node's disk state: base updates of a rule that moves the base, kept tensors, the DP ledger, its data cache)")
     state = Path(str(node_config["state-dir"])).expanduser()
     if not state.is_dir():
         raise NodeConfigError(f"state-dir {str(state)!r} does not exist (create it: mkdir -p {state})" if not state.exists() else f"state-dir {str(state)!r} is not a folder")

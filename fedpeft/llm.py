@@ -80,13 +80,13 @@ def check_llm_options(cfg: ModelConfig, *, device: torch.device) -> None:
         raise LLMConfigError("model.attn_implementation=flash_attention_2 needs the flash-attn package; use 'sdpa' or leave it unset")
 
 
-def check_quantized_base(cfg: ModelConfig, *, rule: str, moves_base: bool) -> None:
-    """A quantized base cannot absorb merged updates: refuse a rule that moves the base."""
+def check_quantized_base(cfg: ModelConfig, *, rule: str, moves_base: bool, fixed_base_rules: tuple[str, ...] = ()) -> None:
+    """A quantized base cannot absorb merged updates: refuse a rule that moves the base, naming those that do not."""
     if cfg.quantization != "none" and moves_base:
         raise LLMConfigError(
             f"strategy {rule!r} merges each round's update into the base weights, but model.quantization={cfg.quantization} "
             "keeps the base quantized and a quantized base cannot absorb a merge (W + ΔW is not representable without "
-            "requantising every weight); use model.quantization=none or a rule that keeps the base fixed (fedavg, ffa_lora, lora_fair)"
+            f"requantising every weight); use model.quantization=none or a rule that keeps the base fixed ({', '.join(fixed_base_rules) or 'moves_base=False'})"
         )
 
 
