@@ -18,6 +18,8 @@ import math
 import os
 import signal
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -301,28 +303,51 @@ def say(text: str, *, run_log: Path | None = None, stream: int = 1) -> None:
             pass
 
 
-def kill_children(timeout: float = 5.0) -> int:
-    """SIGKILL every process this one started (Ray's GCS, raylet and workers; ``flwr run``); returns how many."""
+def kill_children_after_exit() -> None:
+    """Have every process this one started (Ray's GCS, raylet and workers; ``flwr run``) SIGKILLed
+    right after this process exits, by a forked reaper.
+
+    Not before: a Ray driver whose raylet dies ends its own process at once with exit code 1, which
+    would race the exit code of a Ctrl-C (130). The reaper holds this process's stdout open until
+    its work is done, so whoever reads the output sees its end only once the children are gone.
+    """
     import psutil
 
     try:
-        children = psutil.Process().children(recursive=True)
+        pids = [child.pid for child in psutil.Process().children(recursive=True)]
     except psutil.Error:
-        return 0
-    for child in children:
+        return
+    if not pids:
+        return
+    parent = os.getpid()
+    if os.fork() == 0:  # the reaper: only async-signal-safe calls from here on (the parent has threads)
         try:
-            child.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(children, timeout=timeout)
-    return len(children)
+            deadline = time.monotonic() + 10.0
+            while os.getppid() == parent and time.monotonic() < deadline:
+                time.sleep(0.01)
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+        finally:
+            os._exit(0)
+
+
+# Held by whoever is ending the process. Ctrl-C kills Ray, which makes the main thread (or one of
+# Flower's) fail and call stop_now(1) too: that second caller waits here while the first exits.
+_STOPPING = threading.RLock()
 
 
 def stop_now(code: int) -> None:
-    """End the process now: its child processes killed, its log files flushed, no thread waited for."""
-    # Flower's threads would log the failures that killing Ray causes (actor unavailable, ...): silence them first
+    """End the process now: its child processes killed, its log files flushed, no thread waited for.
+
+    The first caller wins: a later one (another thread) blocks until the process is gone, so the
+    exit code and the last console lines are the first caller's.
+    """
+    _STOPPING.acquire()
+    # Flower's threads would log the failures that losing Ray causes (actor unavailable, ...): silence them first
     logging.disable(logging.CRITICAL)
-    kill_children()
     for handler in logging.getLogger().handlers:
         try:
             handler.flush()
@@ -333,6 +358,7 @@ def stop_now(code: int) -> None:
         sys.stderr.flush()
     except Exception:
         pass
+    kill_children_after_exit()
     os._exit(code)
 
 
@@ -341,6 +367,7 @@ def on_interrupt(message: Any) -> None:
 
     def handler(signum: int, frame: Any) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the clean-up
+        _STOPPING.acquire()  # from now on a failing thread cannot exit with its own code first
         logging.disable(logging.CRITICAL)  # from here on the run's threads print nothing; these lines are the last
         for line, run_log in message():
             say(line, run_log=run_log)

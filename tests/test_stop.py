@@ -92,7 +92,8 @@ def test_first_ctrl_c_stops_the_run_keeps_the_checkpoint_and_leaves_no_ray_proce
     assert 1 <= kept < 4
     assert "stopped by Ctrl-C" in out
     # The console holds fedpeft's lines only (header, rounds, the stop): no Flower, Ray or worker output
-    header, rest = out.splitlines()[:8], out.splitlines()[8:]
+    lines = out.splitlines()
+    header, rest = lines[:8], lines[next(i for i, line in enumerate(lines) if line.startswith("round ")) :]  # between: partition and node tables
     assert header[0].startswith("fedpeft: FedIT (strategy=fedavg)") and all(line.startswith("  ") for line in header[1:]), out
     assert all(line.startswith(("round ", "stopped by Ctrl-C")) for line in rest), out
     assert f"round {kept} is the last complete one (checkpointed in {run_dir}); continue with: python -m fedpeft.run +exp=smoke" in out
