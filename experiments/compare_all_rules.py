@@ -36,6 +36,7 @@ sys.path.insert(0, str(REPO))
 
 from fedpeft.config import to_config  # noqa: E402
 from fedpeft.results import read_metrics  # noqa: E402
+from experiments.compare_rules import mean_std  # noqa: E402  (the same table format)
 
 RULES = ["fedavg", "ffa_lora", "flora", "lora_fair", "fedex_lora", "flexlora", "fedsa_lora", "rolora", "fedsvd", "hetlora"]
 EQUAL_RANKS_ONLY = {"fedex_lora"}  # refuses heterogeneous ranks at start
@@ -88,21 +89,6 @@ def accuracy(rule: str, row: dict) -> float | None:
     if rule in PERSONAL:  # every node's own model on its validation slice (the rule's evaluation round)
         return row.get("client_val_accuracy_mean", row.get("personal_accuracy"))
     return row.get("test_accuracy")
-
-
-def client_val_accuracy(row: dict) -> float:
-    """Example-weighted validation accuracy of the clients of one round (what the sweep selects on)."""
-    clients = [c for c in row["clients"] if c.get("val_accuracy") is not None]
-    total = sum(c.get("val_examples", 1) for c in clients)
-    return sum(c["val_accuracy"] * c.get("val_examples", 1) for c in clients) / total if total else float("nan")
-
-
-def mean_std(values: list[float]) -> str:
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{100 * values[0]:.1f}"
-    return f"{100 * statistics.mean(values):.1f} ± {100 * statistics.stdev(values):.1f}"
 
 
 def rounds_to(curve: list[float], target: float) -> str:
@@ -212,7 +198,7 @@ def main() -> None:
     # 1. the learning-rate sweep: client validation accuracy of the last round, seed 0, homogeneous
     lrs: dict[str, float] = {}
     for rule in args.rules:
-        scores = {lr: client_val_accuracy(run("homogeneous", rule, args.seeds[0], lr)[-1]) for lr in args.lrs}
+        scores = {lr: run("homogeneous", rule, args.seeds[0], lr)[-1]["client_val_accuracy_mean"] for lr in args.lrs}  # the server's example-weighted mean
         lrs[rule] = max(scores, key=lambda lr: scores[lr])
     (out / "learning_rates.json").write_text(json.dumps(lrs, indent=1))
     # 2. every setting at the chosen rate, every seed; the centralised reference at the middle rate
