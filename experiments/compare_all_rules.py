@@ -178,6 +178,7 @@ def main() -> None:
     parser.add_argument("--rules", nargs="+", default=RULES)
     parser.add_argument("--quick", action="store_true", help="1 seed, 2 rounds, 2 local steps, 300 examples, one lr: checks the pipeline")
     parser.add_argument("--no-readme", action="store_true")
+    parser.add_argument("--runs-only", action="store_true", help="only the given rules' runs (no reference, no table): for parallel invocations over disjoint --rules")
     parser.add_argument("--out", default=str(REPO / "experiments" / "results" / "compare_all_rules"))
     args = parser.parse_args()
     if args.quick:
@@ -200,7 +201,8 @@ def main() -> None:
     for rule in args.rules:
         scores = {lr: run("homogeneous", rule, args.seeds[0], lr)[-1]["client_val_accuracy_mean"] for lr in args.lrs}  # the server's example-weighted mean
         lrs[rule] = max(scores, key=lambda lr: scores[lr])
-    (out / "learning_rates.json").write_text(json.dumps(lrs, indent=1))
+    if not args.runs_only:
+        (out / "learning_rates.json").write_text(json.dumps(lrs, indent=1))
     # 2. every setting at the chosen rate, every seed; the centralised reference at the middle rate
     results: dict[tuple[str, str], list[dict]] = {}
     plan = [("homogeneous", r) for r in args.rules] + [("heterogeneous", r) for r in args.rules if r not in EQUAL_RANKS_ONLY]
@@ -208,8 +210,12 @@ def main() -> None:
     for seed in args.seeds:
         for setting, rule in plan:
             results.setdefault((setting, rule), []).append({"rows": run(setting, rule, seed, lrs[rule])})
+        if args.runs_only:
+            continue
         central_lr = args.lrs[len(args.lrs) // 2]
         results.setdefault(("reference", "centralized"), []).append({"rows": run("reference", None, seed, central_lr)})
+    if args.runs_only:
+        return
     text = table(results, lrs, args, sum(walls.values()))
     (out / "results.md").write_text(text)
     plot(out, results)

@@ -263,4 +263,7 @@ if __name__ == "__main__":
     if any(arg in ("--help", "-h") for arg in sys.argv[1:]):
         print(console.help_text([a for a in sys.argv[1:] if a not in ("--help", "-h")]))
         sys.exit(0)
+    if (problem := console.composition_error(sys.argv[1:])) is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(1)
     main()

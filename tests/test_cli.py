@@ -38,6 +38,21 @@ def test_a_directory_holding_another_run_is_refused_in_one_line(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
 
 
+@pytest.mark.parametrize(
+    "override, line",
+    [
+        ("strategy.lamda=0.1", "key 'lamda' not in 'FedAvgConfig'; Could not override 'strategy.lamda'; To append to your config use +strategy.lamda=0.1"),
+        ("strategy=fedavgg", "could not find 'strategy/fedavgg'; options in 'strategy': fedavg, fedex_lora, fedsa_lora, fedsvd, ffa_lora, flexlora, flora, hetlora, lora_fair, rolora"),
+    ],
+)
+def test_a_hydra_composition_error_is_one_line_and_leaves_no_run_directory(tmp_path, override, line):
+    run_dir = tmp_path / "outputs" / "run"
+    done = fedpeft_run(override, f"hydra.run.dir={run_dir}")
+    assert done.returncode == 1
+    assert done.stdout == "" and done.stderr == f"error: {line}\n"
+    assert not (tmp_path / "outputs").exists()
+
+
 @pytest.mark.slow
 def test_verbose_shows_the_traceback_of_a_start_error(tmp_path):
     run_dir = tmp_path / "outputs" / "run"
