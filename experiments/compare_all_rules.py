@@ -57,8 +57,8 @@ def run_config(*, rule: str | None, setting: str, seed: int, lr: float, args: ar
         "client": {"local_steps": args.local_steps, "lr": lr},
         "data": {"partitioner": "dirichlet", "dirichlet_alpha": 0.5, **({"max_samples": args.max_samples} if args.max_samples else {})},
     }
-    if rule is None:
-        cfg["mode"] = "centralized"
+    if rule is None:  # a bound: "reference" (pooled data) or "local" (each client alone)
+        cfg["mode"] = "local" if setting == "local" else "centralized"
         return cfg
     cfg["strategy"] = {"name": rule, "ranks": HETERO if setting == "heterogeneous" else None}
     if setting == "dp":
@@ -109,7 +109,7 @@ def table(results: dict, lrs: dict[str, float], args: argparse.Namespace, wall: 
         "|---|---|---|---|---|---|---|---|",
     ]
     for (setting, rule), runs in results.items():
-        if setting == "reference":
+        if setting in ("reference", "local"):
             continue
         finals = [accuracy(rule, r["rows"][-1]) for r in runs]
         bests = [max(a for a in (accuracy(rule, row) for row in r["rows"]) if a is not None) for r in runs]
@@ -119,11 +119,15 @@ def table(results: dict, lrs: dict[str, float], args: argparse.Namespace, wall: 
         reach = rounds_to(curve, 0.9 * central) if central else "-"
         mark = " †" if rule in PERSONAL else ""
         lines.append(f"| {setting} | {rule}{mark} | {lrs.get(rule, '-')} | {mean_std(finals)} | {mean_std(bests)} | {up:.2f} | {down:.2f} | {reach} |")
-    if reference:
-        lines.append(f"| bound | centralised | {args.lrs[1] if len(args.lrs) > 1 else args.lrs[0]} | {mean_std([r['rows'][-1]['test_accuracy'] for r in reference])} | "
-                     f"{mean_std([max(x['test_accuracy'] for x in r['rows']) for r in reference])} | 0 | 0 | - |")
+    bound_lr = args.lrs[len(args.lrs) // 2]
+    for key, name in ((("reference", "centralized"), "centralised"), (("local", "local-only"), "local-only ‡")):
+        runs = results.get(key)
+        if runs:
+            lines.append(f"| bound | {name} | {bound_lr} | {mean_std([r['rows'][-1]['test_accuracy'] for r in runs])} | "
+                         f"{mean_std([max(x['test_accuracy'] for x in r['rows'] if x.get('test_accuracy') is not None) for r in runs])} | 0 | 0 | - |")
     lines += ["", "† FedSA-LoRA has no global model: mean accuracy of each client's own model on its validation slice.",
-              "Local-only bound: not measured (fedpeft has no local-only mode yet)."]
+              "‡ Local-only (`mode=local`): every client trains its own adapter on its own data every round, never communicating; "
+              "accuracy of the clients' models on the test split, weighted by their training examples."]
     return "\n".join(lines) + "\n"
 
 
@@ -133,17 +137,18 @@ def plot(out: Path, results: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    settings = sorted({s for s, _ in results if s != "reference"})
+    bounds = ("reference", "local")
+    settings = sorted({s for s, _ in results if s not in bounds})
     for x_key, name, label in (("round", "accuracy_vs_round.png", "round"), ("bytes", "accuracy_vs_bytes.png", "cumulative MB per client (up + down)")):
         fig, axes = plt.subplots(1, len(settings), figsize=(6 * len(settings), 4.5), sharey=True, squeeze=False)
         for ax, setting in zip(axes[0], settings):
             for (s, rule), runs in results.items():
-                if s not in (setting, "reference") or (x_key == "bytes" and s == "reference"):
+                if s not in (setting, *bounds) or (x_key == "bytes" and s in bounds):
                     continue
                 rows = runs[0]["rows"]
                 accs = [statistics.mean(accuracy(rule, run["rows"][i]) or 0.0 for run in runs) for i in range(len(rows))]
                 xs = [r["round"] for r in rows] if x_key == "round" else [(r["cumulative_bytes_up"] + r["cumulative_bytes_down"]) / 1e6 / 10 for r in rows]
-                ax.plot(xs, [100 * a for a in accs], marker=".", label=rule, linestyle="--" if s == "reference" else "-")
+                ax.plot(xs, [100 * a for a in accs], marker=".", label=rule, linestyle="--" if s in bounds else "-")
             ax.set_title(setting)
             ax.set_xlabel(label)
             ax.grid(alpha=0.3)
@@ -189,7 +194,7 @@ def main() -> None:
     walls: dict[str, float] = {}  # run name -> wall seconds (a run read twice counts once)
 
     def run(setting: str, rule: str | None, seed: int, lr: float) -> list[dict]:
-        name = f"{setting}-{rule or 'centralized'}-lr{lr:g}-seed{seed}"
+        name = f"{setting}-{rule or ('local-only' if setting == 'local' else 'centralized')}-lr{lr:g}-seed{seed}"
         rows, wall = run_one(out / "runs" / name, run_config(rule=rule, setting=setting, seed=seed, lr=lr, args=args))
         walls[name] = wall
         shown = accuracy(rule or "centralized", rows[-1])
@@ -214,6 +219,7 @@ def main() -> None:
             continue
         central_lr = args.lrs[len(args.lrs) // 2]
         results.setdefault(("reference", "centralized"), []).append({"rows": run("reference", None, seed, central_lr)})
+        results.setdefault(("local", "local-only"), []).append({"rows": run("local", None, seed, central_lr)})
     if args.runs_only:
         return
     text = table(results, lrs, args, sum(walls.values()))

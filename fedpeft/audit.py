@@ -136,8 +136,8 @@ def plant_canaries(train, canaries: Canaries, *, repeats: int):
 def check_audit_config(cfg) -> None:
     """Audit settings that cannot work, refused before training (``ValueError`` naming the key)."""
     a = cfg.audit
-    if a.enabled and cfg.mode == "centralized":
-        raise ValueError("audit.enabled audits a federated run's clients; mode=centralized has none (audit its run directory by hand)")
+    if a.enabled and cfg.mode in ("centralized", "local"):
+        raise ValueError(f"audit.enabled audits a federated run's final model; mode={cfg.mode} has none (audit its run directory by hand)")
     if a.enabled and not cfg.save_adapter:
         raise ValueError("audit.enabled=true audits the final model, which save_adapter=false does not write")
     if a.max_examples is not None and a.max_examples < 1:

@@ -37,7 +37,7 @@ from fedpeft.llm import check_assets, check_llm_options, check_quantized_base
 from fedpeft.simulation import check_engine
 from strategies import STRATEGIES, get_strategy
 
-MODES = ("simulation", "deploy", "centralized")
+MODES = ("simulation", "deploy", "centralized", "local")
 ACCOUNTANTS = ("rdp", "prv", "gdp")
 
 
@@ -63,6 +63,8 @@ def check_config(cfg: Config) -> None:
             raise ConfigError(f"faults.{key} must be in [0, 1], got {getattr(cfg.faults, key)}")
     check_client(cfg)
     check_dp_settings(cfg.client.dp, peft=cfg.model.peft)
+    if cfg.mode in ("centralized", "local") and cfg.client.dp.enabled:
+        raise ConfigError(f"client.dp.enabled: DP-SGD runs in the federated clients; mode={cfg.mode} trains without it (drop client=dp)")
     if cfg.model.max_length < 1:
         raise ConfigError(f"model.max_length must be >= 1, got {cfg.model.max_length}")
     if not 0.0 <= cfg.model.lora.dropout < 1.0:

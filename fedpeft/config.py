@@ -308,7 +308,7 @@ class Config:
     clients_per_round: int = field(default=4, metadata={"help": "Clients sampled (seeded) to train in each round."})
     mode: str = field(
         default="simulation",
-        metadata={"help": "'simulation' (Flower on Ray), 'deploy' (a SuperLink and its SuperNodes) or 'centralized'."},
+        metadata={"help": "'simulation' (Flower on Ray), 'deploy' (a SuperLink and its SuperNodes), 'centralized' (pooled data) or 'local' (each client alone: the local-only bound)."},
     )
     device: str = field(default="auto", metadata={"help": "'auto', 'cpu' or 'cuda'."})
     eval_every: int = field(default=1, metadata={"help": "Evaluate the global model every k rounds (and after the last)."})

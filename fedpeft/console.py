@@ -160,6 +160,8 @@ def header_lines(cfg: Any, run_dir: Path, *, data: Any = None, device: str | Non
     rule = get_strategy(cfg.strategy.name).__name__
     if cfg.mode == "centralized":
         head = f"fedpeft: centralised LoRA reference (mode=centralized), {cfg.num_rounds} rounds, seed {cfg.seed}"
+    elif cfg.mode == "local":
+        head = f"fedpeft: local-only bound (mode=local: each client trains alone), {cfg.num_rounds} rounds, seed {cfg.seed}"
     else:
         head = f"fedpeft: {rule} (strategy={cfg.strategy.name}), {cfg.num_rounds} rounds, seed {cfg.seed}"
     lines = [head]
@@ -184,6 +186,8 @@ def header_lines(cfg: Any, run_dir: Path, *, data: Any = None, device: str | Non
         engine = f"Flower simulation on Ray, {cfg.client.num_cpus:g} CPU / {cfg.client.num_gpus:g} GPU per client"
     elif cfg.mode == "deploy":
         engine = f"Flower deployment: SuperLink {cfg.deploy.superlink} ({'insecure' if cfg.deploy.insecure else 'TLS'})"
+    elif cfg.mode == "local":
+        engine = "one process, every client in turn, no communication"
     else:
         engine = "one process, pooled data"
     lines.append(f"  engine  {engine}; device {device or cfg.device}")

@@ -94,7 +94,7 @@ def claim_run_dir(cfg: Config, run_dir: Path) -> Path:
         run_dir = Path(cfg.resume).expanduser()
         if not run_dir.is_dir():
             raise RunDirError(f"resume={cfg.resume!r}: no such run directory")
-        if cfg.mode == "centralized":
+        if cfg.mode in ("centralized", "local"):
             raise RunDirError("resume works for federated runs (mode=simulation or mode=deploy)")
         from fedpeft.server import load_checkpoint
 
@@ -138,6 +138,10 @@ def launch(cfg: Config, run_dir: Path, *, data: Any = None) -> list[dict[str, An
         from fedpeft.server import run_centralized
 
         return run_centralized(cfg, run_dir)
+    if cfg.mode == "local":
+        from fedpeft.server import run_local_only
+
+        return run_local_only(cfg, run_dir)
     if cfg.mode == "deploy":
         from fedpeft.deploy import submit
 
@@ -239,8 +243,8 @@ def main(dcfg: DictConfig) -> float | None:
             from fedpeft.deploy import stop_submitted
 
             lines.append((stop_submitted(run_dir), run_log))
-        if cfg.mode == "centralized":
-            return [*lines, (f"a centralised run cannot be resumed; its metrics so far are in {run_dir}", run_log)]
+        if cfg.mode in ("centralized", "local"):
+            return [*lines, (f"a {'centralised' if cfg.mode == 'centralized' else 'local-only'} run cannot be resumed; its metrics so far are in {run_dir}", run_log)]
         return [*lines, (console.resume_advice(results_dir, overrides), run_log)]
 
     results_dir = Path(cfg.deploy.run_dir).expanduser() if cfg.mode == "deploy" and cfg.deploy.run_dir else run_dir  # where checkpoints go

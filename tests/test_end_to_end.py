@@ -76,6 +76,28 @@ def test_centralized_reference_runs(tmp_path):
     assert torch.isfinite(torch.tensor(rows[0]["test_loss"]))
 
 
+def test_local_only_with_one_client_is_the_centralised_reference(tmp_path):
+    """Two code paths, one computation: one client alone (mode=local) trains what pooled data
+    (mode=centralized) trains when the pool is that client's data and a round is its steps."""
+    one = ["+exp=smoke", "num_clients=1", "clients_per_round=1", "data.partitioner=iid", "save_adapter=false"]
+    local = execute(compose_cfg([*one, "mode=local"]), tmp_path / "local")
+    central = execute(compose_cfg([*one, "mode=centralized"]), tmp_path / "central")
+    assert [r["round"] for r in local] == [1, 2]
+    for lo, ce in zip(local, central):
+        for key in ("test_accuracy", "test_loss", "train_loss"):
+            assert lo[key] == pytest.approx(ce[key], rel=1e-6, abs=1e-9), key
+        assert lo["bytes_up"] == lo["bytes_down"] == 0
+
+
+def test_local_only_reports_the_clients_own_models(tmp_path):
+    rows = execute(compose_cfg(["+exp=smoke", "mode=local", "num_rounds=1", "save_adapter=false"]), tmp_path)
+    (row,) = rows
+    assert row["clients_sampled"] == row["clients_replied"] == 3
+    assert row["test_accuracy_min"] <= row["test_accuracy"] <= row["test_accuracy_max"]
+    assert row["test_accuracy_min"] < row["test_accuracy_max"]  # three different models, not one
+    assert 0.0 <= row["client_val_accuracy_mean"] <= 1.0
+
+
 def lora_a_crc32(state) -> int:
     import zlib
 
