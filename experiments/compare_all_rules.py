@@ -13,8 +13,12 @@ reference. Steps:
    accuracy_vs_round.png`` and ``<out>/accuracy_vs_bytes.png``; the table is also written into the
    README between the ``compare_all_rules`` markers.
 
-FedSA-LoRA has no global model (each client keeps its B): its accuracy is the example-weighted mean
-of every node's own model on its validation slice (``client_val_accuracy_mean``), marked ``†``.
+The table and curves are :mod:`fedpeft.report`'s (``python -m fedpeft.report <out>/runs
+--reference <out>/runs/reference-*`` prints the same figures, grouped by config). The bounds: the
+centralised reference (``mode=centralized``, pooled data, the steps of a round) and the local-only
+bound (``mode=local``, each client alone). FedSA-LoRA has no global model (each client keeps its
+B): its accuracy is the example-weighted mean of every node's own model on its validation slice
+(``client_val_accuracy_mean``), marked ``†``.
 Every run directory is kept under ``<out>/runs/``; a finished run is read, not repeated, so the
 script can be stopped and restarted, and its finished runs committed as it goes.
 
@@ -26,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -34,14 +37,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from fedpeft import report  # noqa: E402  (the table and curves: fedpeft.report over the run directories)
 from fedpeft.config import to_config  # noqa: E402
 from fedpeft.results import read_metrics  # noqa: E402
-from experiments.compare_rules import mean_std  # noqa: E402  (the same table format)
 
 RULES = ["fedavg", "ffa_lora", "flora", "lora_fair", "fedex_lora", "flexlora", "fedsa_lora", "rolora", "fedsvd", "hetlora"]
 EQUAL_RANKS_ONLY = {"fedex_lora"}  # refuses heterogeneous ranks at start
 DP_RULES = ["fedavg", "ffa_lora", "fedsvd", "rolora"]
-PERSONAL = {"fedsa_lora"}  # evaluated on the clients' own models only
 HETERO = [16, 8, 4, 4, 2, 2, 1, 1, 1, 1]
 README_START, README_END = "<!-- compare_all_rules:start -->", "<!-- compare_all_rules:end -->"
 
@@ -85,53 +87,32 @@ def run_one(run_dir: Path, cfg_dict: dict) -> tuple[list[dict], float]:
     return rows, wall
 
 
-def accuracy(rule: str, row: dict) -> float | None:
-    if rule in PERSONAL:  # every node's own model on its validation slice (the rule's evaluation round)
-        return row.get("client_val_accuracy_mean", row.get("personal_accuracy"))
-    return row.get("test_accuracy")
-
-
-def rounds_to(curve: list[float], target: float) -> str:
-    hit = next((i + 1 for i, a in enumerate(curve) if a is not None and a >= target), None)
-    return "-" if hit is None else str(hit)
-
-
-def table(results: dict, lrs: dict[str, float], args: argparse.Namespace, wall: float) -> str:
-    reference = results.get(("reference", "centralized"), [])
-    central = statistics.mean(r["rows"][-1]["test_accuracy"] for r in reference) if reference else None
-    lines = [
+def table(results: dict[tuple[str, str], list[Path]], lrs: dict[str, float], args: argparse.Namespace, wall: float) -> str:
+    """The results table, made by :mod:`fedpeft.report` from the run directories (one group per setting and rule)."""
+    bound_lr = args.lrs[len(args.lrs) // 2]
+    groups = []
+    for (setting, rule), dirs in results.items():
+        bound = setting in ("reference", "local")
+        key = ("bound", {"reference": "centralised", "local": "local-only ‡"}[setting], f"{bound_lr:g}") if bound else (setting, rule, f"{lrs[rule]:g}")
+        groups.append(report.Group(columns=("setting", "rule", "lr"), key=key, runs=report.load_runs(dirs)))
+    groups.sort(key=lambda g: g.key[0] == "bound")  # the bounds last
+    target, target_label = report.reference_target(results[("reference", "centralized")], 0.9)
+    summaries = [report.summarise(g, target=target) for g in groups]
+    head = (
         f"MiniLM + BBC News, 10 clients, 4 per round, Dirichlet α = 0.5; {args.rounds} rounds of {args.local_steps} local steps, "
         f"max length {args.max_length}{f', {args.max_samples} examples' if args.max_samples else ''}; seeds {args.seeds}; "
-        f"DP at ε = {args.epsilon}. Learning rate per rule picked from {args.lrs} on client validation accuracy (seed 0, homogeneous). "
-        f"Whole sweep: {wall / 60:.0f} min of runs.",
-        "",
-        "| setting | rule | lr | final acc (%) | best acc (%) | MB up / client | MB down / client | rounds to 90 % of centralised |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for (setting, rule), runs in results.items():
-        if setting in ("reference", "local"):
-            continue
-        finals = [accuracy(rule, r["rows"][-1]) for r in runs]
-        bests = [max(a for a in (accuracy(rule, row) for row in r["rows"]) if a is not None) for r in runs]
-        up = statistics.mean(r["rows"][-1]["cumulative_bytes_up"] for r in runs) / 1e6 / 10
-        down = statistics.mean(r["rows"][-1]["cumulative_bytes_down"] for r in runs) / 1e6 / 10
-        curve = [statistics.mean(accuracy(rule, r["rows"][i]) or 0.0 for r in runs) for i in range(len(runs[0]["rows"]))]
-        reach = rounds_to(curve, 0.9 * central) if central else "-"
-        mark = " †" if rule in PERSONAL else ""
-        lines.append(f"| {setting} | {rule}{mark} | {lrs.get(rule, '-')} | {mean_std(finals)} | {mean_std(bests)} | {up:.2f} | {down:.2f} | {reach} |")
-    bound_lr = args.lrs[len(args.lrs) // 2]
-    for key, name in ((("reference", "centralized"), "centralised"), (("local", "local-only"), "local-only ‡")):
-        runs = results.get(key)
-        if runs:
-            lines.append(f"| bound | {name} | {bound_lr} | {mean_std([r['rows'][-1]['test_accuracy'] for r in runs])} | "
-                         f"{mean_std([max(x['test_accuracy'] for x in r['rows'] if x.get('test_accuracy') is not None) for r in runs])} | 0 | 0 | - |")
-    lines += ["", "† FedSA-LoRA has no global model: mean accuracy of each client's own model on its validation slice.",
-              "‡ Local-only (`mode=local`): every client trains its own adapter on its own data every round, never communicating; "
-              "accuracy of the clients' models on the test split, weighted by their training examples."]
-    return "\n".join(lines) + "\n"
+        f"DP-SGD at ε = {args.epsilon} (δ = 1e-5). Each rule's learning rate is the best of {args.lrs} by the mean client validation "
+        f"accuracy of the last round (seed 0, homogeneous ranks). Whole sweep: {wall / 60:.0f} min of runs on 2 CPU cores."
+    )
+    foot = (
+        "‡ Local-only (`mode=local`): every client trains its own adapter on its own data every round and never communicates; "
+        "accuracy of the clients' models on the test split, weighted by their training examples."
+    )
+    return f"{head}\n\n{report.markdown(['setting', 'rule', 'lr'], groups, summaries, target_label=target_label)}{foot}\n"
 
 
-def plot(out: Path, results: dict) -> None:
+def plot(out: Path, results: dict[tuple[str, str], list[Path]]) -> None:
+    """accuracy_vs_round.png and accuracy_vs_bytes.png: one panel per setting, one line per rule (mean over seeds); the bounds dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -142,17 +123,19 @@ def plot(out: Path, results: dict) -> None:
     for x_key, name, label in (("round", "accuracy_vs_round.png", "round"), ("bytes", "accuracy_vs_bytes.png", "cumulative MB per client (up + down)")):
         fig, axes = plt.subplots(1, len(settings), figsize=(6 * len(settings), 4.5), sharey=True, squeeze=False)
         for ax, setting in zip(axes[0], settings):
-            for (s, rule), runs in results.items():
+            for (s, rule), dirs in results.items():
                 if s not in (setting, *bounds) or (x_key == "bytes" and s in bounds):
                     continue
-                rows = runs[0]["rows"]
-                accs = [statistics.mean(accuracy(rule, run["rows"][i]) or 0.0 for run in runs) for i in range(len(rows))]
+                runs = report.load_runs(dirs)
+                rows = runs[0].rows
+                accs = report.mean_curve(runs)
                 xs = [r["round"] for r in rows] if x_key == "round" else [(r["cumulative_bytes_up"] + r["cumulative_bytes_down"]) / 1e6 / 10 for r in rows]
-                ax.plot(xs, [100 * a for a in accs], marker=".", label=rule, linestyle="--" if s in bounds else "-")
+                shown = [(x, 100 * a) for x, a in zip(xs, accs) if a is not None]
+                ax.plot(*zip(*shown), marker=".", label=rule + (" †" if runs[0].accuracy_key != "test_accuracy" else ""), linestyle="--" if s in bounds else "-")
             ax.set_title(setting)
             ax.set_xlabel(label)
             ax.grid(alpha=0.3)
-        axes[0][0].set_ylabel("test accuracy (%)")
+        axes[0][0].set_ylabel("accuracy (%)")
         axes[0][-1].legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out / name, dpi=120)
@@ -193,33 +176,33 @@ def main() -> None:
     started = time.perf_counter()
     walls: dict[str, float] = {}  # run name -> wall seconds (a run read twice counts once)
 
-    def run(setting: str, rule: str | None, seed: int, lr: float) -> list[dict]:
+    def run(setting: str, rule: str | None, seed: int, lr: float) -> Path:
         name = f"{setting}-{rule or ('local-only' if setting == 'local' else 'centralized')}-lr{lr:g}-seed{seed}"
-        rows, wall = run_one(out / "runs" / name, run_config(rule=rule, setting=setting, seed=seed, lr=lr, args=args))
+        _, wall = run_one(out / "runs" / name, run_config(rule=rule, setting=setting, seed=seed, lr=lr, args=args))
         walls[name] = wall
-        shown = accuracy(rule or "centralized", rows[-1])
-        print(f"[compare_all_rules] {name}: accuracy {100 * (shown or 0):.1f}% in {wall:.0f} s", flush=True)
-        return rows
+        (done,) = report.load_runs([out / "runs" / name])
+        print(f"[compare_all_rules] {name}: accuracy {100 * (done.final_accuracy or 0):.1f}% in {wall:.0f} s", flush=True)
+        return out / "runs" / name
 
     # 1. the learning-rate sweep: client validation accuracy of the last round, seed 0, homogeneous
     lrs: dict[str, float] = {}
     for rule in args.rules:
-        scores = {lr: run("homogeneous", rule, args.seeds[0], lr)[-1]["client_val_accuracy_mean"] for lr in args.lrs}  # the server's example-weighted mean
+        scores = {lr: read_metrics(run("homogeneous", rule, args.seeds[0], lr))[-1]["client_val_accuracy_mean"] for lr in args.lrs}  # the server's example-weighted mean
         lrs[rule] = max(scores, key=lambda lr: scores[lr])
     if not args.runs_only:
         (out / "learning_rates.json").write_text(json.dumps(lrs, indent=1))
     # 2. every setting at the chosen rate, every seed; the centralised reference at the middle rate
-    results: dict[tuple[str, str], list[dict]] = {}
+    results: dict[tuple[str, str], list[Path]] = {}
     plan = [("homogeneous", r) for r in args.rules] + [("heterogeneous", r) for r in args.rules if r not in EQUAL_RANKS_ONLY]
     plan += [("dp", r) for r in DP_RULES if r in args.rules]
     for seed in args.seeds:
         for setting, rule in plan:
-            results.setdefault((setting, rule), []).append({"rows": run(setting, rule, seed, lrs[rule])})
+            results.setdefault((setting, rule), []).append(run(setting, rule, seed, lrs[rule]))
         if args.runs_only:
             continue
         central_lr = args.lrs[len(args.lrs) // 2]
-        results.setdefault(("reference", "centralized"), []).append({"rows": run("reference", None, seed, central_lr)})
-        results.setdefault(("local", "local-only"), []).append({"rows": run("local", None, seed, central_lr)})
+        results.setdefault(("reference", "centralized"), []).append(run("reference", None, seed, central_lr))
+        results.setdefault(("local", "local-only"), []).append(run("local", None, seed, central_lr))
     if args.runs_only:
         return
     text = table(results, lrs, args, sum(walls.values()))

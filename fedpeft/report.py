@@ -4,8 +4,12 @@ Runs are grouped by the settings that differ between them — the command-line o
 run's ``.hydra/overrides.yaml`` when every run has them, otherwise the resolved ``config.yaml`` —
 leaving out ``seed`` (and paths such as ``resume``), so a group's runs are its seeds. Per group:
 final and best test accuracy and final test loss as mean ± std over seeds (sample std; none for
-one seed), mean traffic up and down, rounds and wall time. Printed as Markdown and written as
-``report.md``, ``report.csv`` and overlaid ``accuracy_vs_round.png`` / ``accuracy_vs_mb.png``.
+one seed), mean traffic up and down per client, rounds and wall time; with ``--reference <runs>``
+also the rounds the mean curve takes to reach 90 % (``--fraction``) of the reference's final
+accuracy. A rule without a global model (FedSA-LoRA) has no test accuracy: its figures are the
+clients' own models on their validation slices (``client_val_accuracy_mean``), marked †. Printed as
+Markdown and written as ``report.md``, ``report.csv`` and overlaid ``accuracy_vs_round.png`` /
+``accuracy_vs_mb.png``. The README's results tables are made with this module.
 """
 
 from __future__ import annotations
@@ -35,21 +39,37 @@ class ReportError(ValueError):
     """The given paths hold no runs, or a run's files cannot be read."""
 
 
+PERSONAL_ACCURACY = "client_val_accuracy_mean"  # what a run without a global model is judged by
+
+
 @dataclass
 class Run:
     path: Path
     rows: list[dict[str, Any]]
     seed: Any
     settings: dict[str, str]  # overrides (or flattened config) of this run, seed included
+    num_clients: int | None = None
+
+    @property
+    def accuracy_key(self) -> str:
+        """``test_accuracy``, or the clients' own models (``client_val_accuracy_mean``) for a run that never had a global one."""
+        if any(r.get("test_accuracy") is not None for r in self.rows) or not any(r.get(PERSONAL_ACCURACY) is not None for r in self.rows):
+            return "test_accuracy"
+        return PERSONAL_ACCURACY
+
+    @property
+    def accuracies(self) -> list[float | None]:
+        """The accuracy of each round (None where the round was not evaluated)."""
+        return [r.get(self.accuracy_key) for r in self.rows]
 
     @property
     def final_accuracy(self) -> float | None:
-        evaluated = [r["test_accuracy"] for r in self.rows if r.get("test_accuracy") is not None]
+        evaluated = [a for a in self.accuracies if a is not None]
         return evaluated[-1] if evaluated else None
 
     @property
     def best_accuracy(self) -> float | None:
-        evaluated = [r["test_accuracy"] for r in self.rows if r.get("test_accuracy") is not None]
+        evaluated = [a for a in self.accuracies if a is not None]
         return max(evaluated) if evaluated else None
 
     @property
@@ -122,15 +142,17 @@ def load_runs(run_dirs: Sequence[Path]) -> list[Run]:
     use_overrides = all(o is not None for o in overrides.values())
     runs = []
     for d in run_dirs:
+        config = read_config(d) if (d / "config.yaml").is_file() else {}
         settings = overrides[d] if use_overrides else read_config(d)
         seed = settings.get("seed")
         if seed is None:  # an override list without seed=: the run's seed is in its config
-            seed = read_config(d).get("seed") if (d / "config.yaml").is_file() else None
+            seed = config.get("seed")
         try:
             rows = read_metrics(d)
         except ValueError as err:
             raise ReportError(f"{d / 'metrics.jsonl'}: not JSON lines ({err})") from None
-        runs.append(Run(path=d, rows=rows, seed=seed, settings=settings))
+        clients = config.get("num_clients")
+        runs.append(Run(path=d, rows=rows, seed=seed, settings=settings, num_clients=int(clients) if clients is not None else None))
     return runs
 
 
@@ -162,10 +184,28 @@ def _last(rows: Sequence[Mapping[str, Any]], key: str) -> float:
     return float(rows[-1].get(key) or 0) if rows else 0.0
 
 
-def summarise(group: Group) -> dict[str, Any]:
-    """The CSV row of a group: accuracies in [0, 1], traffic in MB, time in seconds."""
+def mean_curve(runs: Sequence[Run]) -> list[float | None]:
+    """The accuracy of each round averaged over the runs that evaluated it."""
+    length = max((len(r.rows) for r in runs), default=0)
+    curve = []
+    for i in range(length):
+        present = [r.accuracies[i] for r in runs if i < len(r.rows) and r.accuracies[i] is not None]
+        curve.append(statistics.mean(present) if present else None)
+    return curve
+
+
+def rounds_to(runs: Sequence[Run], target: float) -> int | None:
+    """The first round whose mean accuracy over the runs reaches ``target`` (None: never)."""
+    return next((i + 1 for i, a in enumerate(mean_curve(runs)) if a is not None and a >= target), None)
+
+
+def summarise(group: Group, *, target: float | None = None) -> dict[str, Any]:
+    """The CSV row of a group: accuracies in [0, 1], traffic in MB, time in seconds.
+
+    ``target``: an accuracy; the row then has ``rounds_to_target``, the first round whose mean
+    accuracy over the group's runs reaches it (None: never)."""
     runs = group.runs
-    out: dict[str, Any] = {"runs": len(runs), "seeds": " ".join(str(r.seed) for r in runs)}
+    out: dict[str, Any] = {"runs": len(runs), "seeds": " ".join(str(r.seed) for r in runs), "accuracy": runs[0].accuracy_key}
     for name, values in (
         ("final_accuracy", [r.final_accuracy for r in runs]),
         ("best_accuracy", [r.best_accuracy for r in runs]),
@@ -175,7 +215,13 @@ def summarise(group: Group) -> dict[str, Any]:
     out["rounds"] = statistics.mean(len(r.rows) for r in runs)
     out["mb_up"] = statistics.mean(_last(r.rows, "cumulative_bytes_up") / 1e6 for r in runs)
     out["mb_down"] = statistics.mean(_last(r.rows, "cumulative_bytes_down") / 1e6 for r in runs)
+    clients = [r.num_clients for r in runs]
+    if all(clients):
+        out["mb_up_per_client"] = statistics.mean(_last(r.rows, "cumulative_bytes_up") / 1e6 / r.num_clients for r in runs)
+        out["mb_down_per_client"] = statistics.mean(_last(r.rows, "cumulative_bytes_down") / 1e6 / r.num_clients for r in runs)
     out["seconds"] = statistics.mean(sum(row.get("wall_seconds") or 0 for row in r.rows) for r in runs)
+    if target is not None:
+        out["rounds_to_target"] = rounds_to(runs, target)
     return out
 
 
@@ -186,32 +232,53 @@ def _pm(mean: float | None, std: float | None, *, scale: float = 1.0, digits: in
     return text if std is None else f"{text} ± {scale * std:.{digits}f}"
 
 
-def markdown(columns: Sequence[str], groups: Sequence[Group], summaries: Sequence[Mapping[str, Any]]) -> str:
-    head = [*(columns or ["runs"]), "seeds", "final acc (%)", "best acc (%)", "test loss", "MB up", "MB down", "rounds", "time (s)"]
+def markdown(columns: Sequence[str], groups: Sequence[Group], summaries: Sequence[Mapping[str, Any]], *, target_label: str | None = None) -> str:
+    """The table: one row per group; MB per client where every run's client count is known, else
+    over all clients; ``target_label`` names the rounds-to-target column (when the summaries have it)."""
+    per_client = all("mb_up_per_client" in s for s in summaries)
+    mb = ("MB up / client", "MB down / client") if per_client else ("MB up", "MB down")
+    head = [*(columns or ["runs"]), "seeds", "final acc (%)", "best acc (%)", "test loss", *mb, "rounds", "time (s)"]
+    if target_label:
+        head.append(target_label)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for group, s in zip(groups, summaries):
+        mark = " †" if s["accuracy"] == PERSONAL_ACCURACY else ""
         cells = [*(group.key or ("all",)), str(s["runs"])]
         cells += [
-            _pm(s["final_accuracy_mean"], s["final_accuracy_std"], scale=100),
-            _pm(s["best_accuracy_mean"], s["best_accuracy_std"], scale=100),
+            _pm(s["final_accuracy_mean"], s["final_accuracy_std"], scale=100) + mark,
+            _pm(s["best_accuracy_mean"], s["best_accuracy_std"], scale=100) + mark,
             _pm(s["final_test_loss_mean"], s["final_test_loss_std"], digits=3),
-            f"{s['mb_up']:.2f}",
-            f"{s['mb_down']:.2f}",
+            f"{s['mb_up_per_client' if per_client else 'mb_up']:.2f}",
+            f"{s['mb_down_per_client' if per_client else 'mb_down']:.2f}",
             f"{s['rounds']:g}",
             f"{s['seconds']:.0f}",
         ]
+        if target_label:
+            cells.append("—" if s.get("rounds_to_target") is None else str(s["rounds_to_target"]))
         lines.append("| " + " | ".join(cells) + " |")
+    if any(s["accuracy"] == PERSONAL_ACCURACY for s in summaries):
+        lines += ["", "† no global model: the clients' own models on their validation slices (`client_val_accuracy_mean`), weighted by examples."]
     return "\n".join(lines) + "\n"
 
 
-def report(paths: Sequence[str | Path], out_dir: Path) -> str:
+def reference_target(paths: Sequence[str | Path], fraction: float) -> tuple[float, str]:
+    """(``fraction`` × the mean final accuracy of the reference runs below ``paths``, the column's name)."""
+    runs = load_runs(find_runs(paths))
+    finals = [r.final_accuracy for r in runs if r.final_accuracy is not None]
+    if not finals:
+        raise ReportError(f"the reference runs {[str(p) for p in paths]} have no evaluated round")
+    return fraction * statistics.mean(finals), f"rounds to {100 * fraction:g} % of reference ({100 * statistics.mean(finals):.1f} %)"
+
+
+def report(paths: Sequence[str | Path], out_dir: Path, *, reference: Sequence[str | Path] = (), fraction: float = 0.9) -> str:
     """Write ``report.md``, ``report.csv`` and the overlaid plots to ``out_dir``; returns the Markdown."""
     runs = load_runs(find_runs(paths))
     columns, groups = group_runs(runs)
-    summaries = [summarise(g) for g in groups]
+    target, target_label = reference_target(reference, fraction) if reference else (None, None)
+    summaries = [summarise(g, target=target) for g in groups]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    text = markdown(columns, groups, summaries)
+    text = markdown(columns, groups, summaries, target_label=target_label)
     sources = "\n".join(f"- {g.label}: " + ", ".join(str(r.path) for r in g.runs) for g in groups)
     (out_dir / "report.md").write_text(
         f"{len(runs)} runs, grouped by {', '.join(columns) or 'nothing (all runs alike)'}; mean ± std over seeds.\n\n{text}\nRuns:\n{sources}\n"
@@ -221,8 +288,15 @@ def report(paths: Sequence[str | Path], out_dir: Path) -> str:
         writer.writeheader()
         for group, s in zip(groups, summaries):
             writer.writerow({**dict(zip(columns, group.key)), **{k: "" if v is None else v for k, v in s.items()}})
-    plots.overlay_plots({g.label: [r.rows for r in g.runs] for g in groups}, out_dir)
+    plots.overlay_plots({g.label: [plot_rows(r) for r in g.runs] for g in groups}, out_dir)
     return text
+
+
+def plot_rows(run: Run) -> list[dict[str, Any]]:
+    """The run's rows with its accuracy (test, or the clients' own for a run without a global model) as ``test_accuracy``."""
+    if run.accuracy_key == "test_accuracy":
+        return run.rows
+    return [{**row, "test_accuracy": row.get(run.accuracy_key)} for row in run.rows]
 
 
 def default_out(paths: Sequence[str]) -> Path:
@@ -236,10 +310,14 @@ def cli(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fedpeft.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="+", help="run directories, or directories holding runs (a Hydra multirun folder)")
     parser.add_argument("--out", type=Path, help="where report.md, report.csv and the plots go (default: <multirun dir>/report or ./report)")
+    parser.add_argument("--reference", nargs="+", default=(), help="runs whose mean final accuracy is the target of a 'rounds to target' column (e.g. a mode=centralized run)")
+    parser.add_argument("--fraction", type=float, default=0.9, help="the target is this fraction of the reference's accuracy (default 0.9)")
     args = parser.parse_args(argv)
+    if not 0 < args.fraction <= 1:
+        parser.error(f"--fraction must be in (0, 1], got {args.fraction}")
     out = args.out or default_out(args.paths)
     try:
-        text = report(args.paths, out)
+        text = report(args.paths, out, reference=args.reference, fraction=args.fraction)
     except ReportError as err:
         print(f"fedpeft.report: {err}", file=sys.stderr)
         return 2

@@ -101,3 +101,30 @@ def test_a_group_is_labelled_by_its_settings(multirun):
     root, _ = multirun
     _, groups = group_runs(load_runs(find_runs([root])))
     assert [g.label for g in groups] == ["strategy=fedavg", "strategy=flora"]
+
+
+def test_rounds_to_a_fraction_of_the_reference_and_traffic_per_client(tmp_path, capsys):
+    ref = fake_run(tmp_path / "ref", overrides=None, accs=[0.5, 1.0], config={"seed": 0, "mode": "centralized", "num_clients": 4})
+    for seed, accs in enumerate([[0.5, 0.88, 0.95], [0.6, 0.96, 0.95]]):  # mean curve 0.55, 0.92, 0.95
+        fake_run(tmp_path / "runs" / f"s{seed}", overrides=None, accs=accs, config={"seed": seed, "num_clients": 4}, mb=2.0)
+    assert cli([str(tmp_path / "runs"), "--reference", str(ref), "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    head, _, row = out.splitlines()[:3]
+    assert "MB up / client" in head and head.endswith("| rounds to 90 % of reference (100.0 %) |")
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[-1] == "2"  # 0.92 >= 0.9 x 1.0 at round 2 (the mean curve, not either seed alone)
+    assert cells[5] == f"{3 * 2.0 / 4:.2f}"  # 6 MB over 3 rounds, 4 clients
+    assert cli([str(tmp_path / "runs"), "--reference", str(ref), "--fraction", "0.96", "--out", str(tmp_path / "out")]) == 0
+    assert capsys.readouterr().out.splitlines()[2].rstrip().endswith("| — |")  # never reached
+
+
+def test_a_run_without_a_global_model_is_judged_by_its_clients_own_models(tmp_path):
+    run = fake_run(tmp_path / "personal", overrides=None, accs=[None, None], config={"seed": 0, "strategy": {"name": "fedsa_lora"}})
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for row, acc in zip(rows, (0.4, 0.7)):
+        row["client_val_accuracy_mean"] = acc
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = report([run], tmp_path / "out")
+    assert "| 70.0 † | 70.0 † |" in text and "client_val_accuracy_mean" in text
+    (loaded,) = load_runs(find_runs([run]))
+    assert loaded.accuracy_key == "client_val_accuracy_mean" and loaded.best_accuracy == 0.7
