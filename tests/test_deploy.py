@@ -82,9 +82,11 @@ def federation(tmp_path_factory):
 
 
 def test_two_supernodes_with_tls_and_auth_run_flora_and_the_console_follows_the_rounds(federation):
+    """A deployed FLoRA run with ComPEFT uploads (error feedback on the nodes' disks) and the privacy audit at the end."""
     fed, root = federation
     run_dir = root / "run"
-    proc = submit(fed, run_dir, "strategy=flora", "strategy.ranks=[4,2]")
+    compressed = ["compression=compeft", "compression.density=0.2", "compression.error_feedback=true", "audit.enabled=true", "audit.max_examples=10"]
+    proc = submit(fed, run_dir, "strategy=flora", "strategy.ranks=[4,2]", *compressed)
     lines: list[str] = []
     # The console reports each round while the run is still going (not only at the end)
     read_until(proc, "2 nodes connected", lines)
@@ -112,11 +114,20 @@ def test_two_supernodes_with_tls_and_auth_run_flora_and_the_console_follows_the_
     assert all(0.0 <= r["test_accuracy"] <= 1.0 for r in rows)
     assert sorted(c["rank"] for c in rows[-1]["clients"]) == [2, 4]
     assert (run_dir / "final_model" / "config.json").exists() and (run_dir / "plots" / "accuracy_loss.png").exists()
+    # ComPEFT: every upload accepted and far below its dense size (A and B of query/value in 6 layers at the node's rank, 4 bytes each)
+    assert all(r["clients_rejected"] == 0 for r in rows)
+    for c in (c for r in rows for c in r["clients"]):
+        assert 0 < c["bytes_up"] < c["rank"] * (384 + 384) * 12 * 4 / 8
+    # The audit of the final model, reported on the console and written next to it
+    audit = json.loads((run_dir / "audit.json").read_text())
+    assert set(audit["membership"]["per_client"]) == {"0", "1"} and 0.0 <= audit["membership"]["overall"]["auc"] <= 1.0
+    assert "privacy audit" in out
     # Node state on the nodes' disks: FLoRA's merged base after round 1, the encoded-data cache
     for k in range(2):
         store = root / f"state{k}" / f"node-{k}"
         assert list(store.glob("*/merged-base.safetensors")), sorted(p.name for p in store.rglob("*"))
         assert list((store / "cache").glob("data-*.pt"))
+        assert list(store.rglob("compression-residual.safetensors"))  # error feedback: what ComPEFT dropped, kept by the node
 
 
 def test_ctrl_c_on_the_submitting_console_stops_the_run_on_the_superlink(federation):
