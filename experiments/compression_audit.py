@@ -5,7 +5,9 @@
     and 0.05, with and without error feedback, next to dense uploads;
 (b) membership-inference AUC (loss-threshold and calibrated) of the final model without DP and at
     ε = 8, 3, 1 (``conf/exp/fedavg_dp.yaml``'s setting, audited with ``audit.enabled=true``);
-    with ``--llm-model`` also canary exposure on a causal LM.
+    and canary exposure (The Secret Sharer) on the tiny LLM of ``conf/exp/llm_tiny.yaml``: random
+    6-digit secrets planted ``--canary-repeats`` times in client 0's data, each ranked among 1,000
+    candidates of the same format.
 
 Writes ``<out>/results-<parts>.md``, ``<out>/accuracy_vs_uplink.png`` and one run folder per setting;
 finished runs are not repeated.
@@ -87,6 +89,7 @@ def codec_ratios(args, out: Path) -> list[str]:
 
 def compression_sweep(args, out: Path) -> list[str]:
     base = [f"num_rounds={args.rounds}", f"model.max_length={args.max_length}", f"num_clients={args.clients}", f"clients_per_round={args.per_round}"]
+    base += [f"client.local_steps={args.local_steps}"] if args.local_steps else []
     settings = [("dense", [])] + [
         (f"compeft d={d:g}{' +EF' if ef else ''}", ["compression=compeft", f"compression.density={d}", f"compression.error_feedback={str(ef).lower()}"])
         for d in args.densities
@@ -101,7 +104,8 @@ def compression_sweep(args, out: Path) -> list[str]:
                 results.setdefault((rule, name), []).append(rows)
                 print(f"[compression] {rule:9s} {name:18s} seed {seed}: acc {100 * rows[-1]['test_accuracy']:.1f}%  up {rows[-1]['cumulative_bytes_up'] / 1e6:.3f} MB", flush=True)
     lines = [
-        f"ComPEFT on the uplink (scale α·std(Δ), α = 1): {args.clients} clients, {args.per_round} per round, {args.rounds} rounds, "
+        f"ComPEFT on the uplink (scale α·std(Δ), α = 1): {args.clients} clients, {args.per_round} per round (Dirichlet α = 0.5), {args.rounds} rounds"
+        f"{f' of {args.local_steps} local steps' if args.local_steps else ''}, "
         f"max_length {args.max_length}, seeds {args.seeds}. Uplink is every byte of every accepted upload over the run.",
         "",
         "| rule | upload | accuracy (%) | uplink (MB) | ratio vs dense |",
@@ -145,7 +149,7 @@ def plot_uplink(results, settings, out: Path) -> None:
 def audit_sweep(args, out: Path) -> list[str]:
     lines = [
         "",
-        f"Membership inference on the final model (conf/exp/fedavg_dp.yaml: 4 IID clients, all every round; {args.rounds} rounds, "
+        f"Membership inference on the final model (conf/exp/fedavg_dp.yaml: 4 IID clients, all every round; {args.audit_rounds or args.rounds} rounds, "
         f"{args.audit_steps} local steps; audit.max_examples={args.audit_examples}). AUC 0.5 = chance.",
         "",
         "| target ε | accuracy (%) | AUC | calibrated AUC | max per-client AUC |",
@@ -154,7 +158,7 @@ def audit_sweep(args, out: Path) -> list[str]:
     for eps in args.epsilons:
         privacy = "client.dp.enabled=false" if math.isinf(eps) else f"client.dp.target_epsilon={eps}"
         overrides = [
-            "+exp=fedavg_dp", privacy, f"num_rounds={args.rounds}", f"model.max_length={args.max_length}", f"client.local_steps={args.audit_steps}",
+            "+exp=fedavg_dp", privacy, f"num_rounds={args.audit_rounds or args.rounds}", f"model.max_length={args.max_length}", f"client.local_steps={args.audit_steps}",
             "audit.enabled=true", f"audit.max_examples={args.audit_examples}",
         ]
         for seed in args.seeds:
@@ -168,6 +172,38 @@ def audit_sweep(args, out: Path) -> list[str]:
     return lines
 
 
+def exposure_sweep(args, out: Path) -> list[str]:
+    """Canary exposure of the tiny LLM (conf/exp/llm_tiny.yaml) without DP and at each ε."""
+    lines = [
+        "",
+        f"Canary exposure on the tiny LLM (conf/exp/llm_tiny.yaml: 4 IID clients, all every round; {args.llm_rounds} rounds of "
+        f"{args.llm_steps} local steps; {args.canaries} canaries of 6 random digits planted {args.canary_repeats}× in client 0's data, "
+        "each ranked among 1,000 random candidates; exposure = log2(1001) − log2(rank), at most 9.97 bits, about 1.4 bits for a model that learned nothing).",
+        "",
+        "| target ε | MC accuracy (%) | response loss | mean exposure (bits) | max exposure (bits) | canaries ranked first |",
+        "|---|---|---|---|---|---|",
+    ]
+    for eps in args.epsilons:
+        privacy = [] if math.isinf(eps) else ["client=dp", f"client.dp.target_epsilon={eps}", "client.dp.noise_multiplier=null"]
+        overrides = [
+            "+exp=llm_tiny", *privacy, f"num_rounds={args.llm_rounds}", f"client.local_steps={args.llm_steps}", "audit.enabled=true",
+            f"audit.canaries={args.canaries}", f"audit.canary_repeats={args.canary_repeats}", f"audit.max_examples={args.audit_examples}",
+        ]
+        for seed in args.seeds:
+            run_dir = out / "runs" / f"canary-eps{eps:g}-seed{seed}"
+            rows = run([*overrides, f"seed={seed}"], run_dir)
+            report = json.loads((run_dir / "audit.json").read_text())["canaries"]
+            label = "∞ (no DP)" if math.isinf(eps) else f"{eps:g}"
+            last = rows[-1]
+            mc = last.get("mc_accuracy")
+            lines.append(
+                f"| {label} | {'—' if mc is None else f'{100 * mc:.1f}'} | {last.get('response_loss', float('nan')):.3f} | "
+                f"{report['mean_exposure']:.2f} | {max(report['exposure']):.2f} | {sum(r == 1 for r in report['rank'])} of {report['count']} |"
+            )
+            print(f"[canary] ε={eps:g} seed {seed}: mean exposure {report['mean_exposure']:.2f} bits", flush=True)
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", nargs="+", default=["ratios", "a", "b"], choices=["ratios", "a", "b"], help="ratios: the codec alone, no training")
@@ -176,10 +212,16 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--per-round", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=48)
+    parser.add_argument("--local-steps", type=int, default=None, help="local steps per round in (a) (default: the client config's)")
     parser.add_argument("--densities", type=float, nargs="+", default=[1.0, 0.2, 0.1, 0.05])
     parser.add_argument("--epsilons", type=float, nargs="+", default=[math.inf, 8.0, 3.0, 1.0], help="inf: without DP")
     parser.add_argument("--audit-steps", type=int, default=30, help="local steps per round in (b): more steps, more memorisation to detect")
     parser.add_argument("--audit-examples", type=int, default=200)
+    parser.add_argument("--audit-rounds", type=int, default=None, help="rounds of the membership runs in (b) (default: --rounds)")
+    parser.add_argument("--llm-rounds", type=int, default=4, help="rounds of the canary runs in (b)")
+    parser.add_argument("--llm-steps", type=int, default=40, help="local steps per round of the canary runs in (b)")
+    parser.add_argument("--canaries", type=int, default=10)
+    parser.add_argument("--canary-repeats", type=int, default=20)
     parser.add_argument("--out", default=str(REPO / "experiments" / "results" / "compression_audit"))
     args = parser.parse_args()
     out = Path(args.out)
@@ -191,6 +233,7 @@ def main() -> None:
         lines += compression_sweep(args, out)
     if "b" in args.part:
         lines += audit_sweep(args, out)
+        lines += exposure_sweep(args, out)
     text = "\n".join(lines) + "\n"
     (out / f"results-{'-'.join(args.part)}.md").write_text(text)
     print(text)
