@@ -195,6 +195,8 @@ def run_job(job: Job) -> JobResult:
         else:
             result = train_local(model, loader, num_steps=job.steps, lr=cfg.client.lr, weight_decay=cfg.client.weight_decay, device=cm.device)
         metrics.update({protocol.TRAIN_LOSS: result.loss, protocol.STEPS: result.num_steps})
+        if result.skipped_steps:
+            log.warning("partition %s: the float16 loss scaler skipped %d of %d steps (gradients overflowed)", job.partition_id, result.skipped_steps, result.num_steps)
         if plan.evaluate == Evaluate.PERSONAL:
             metrics.update(evaluate_metrics(model, job, pad_id, device=cm.device, which=plan.evaluate))
     metrics.update({protocol.TRAIN_SECONDS: time.perf_counter() - job.received_at, protocol.BASE_LOADS: models.BASE_MODEL_LOADS, protocol.WORKER_PID: os.getpid()})

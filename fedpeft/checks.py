@@ -100,6 +100,10 @@ def check_config(cfg: Config) -> None:
     check_audit_config(cfg)
     fdata.check_data_config(cfg.data, num_clients=cfg.num_clients)
     check_llm_options(cfg.model, device=resolve_device(cfg.device))
+    if cfg.model.dtype == "float16" and cfg.client.dp.enabled:
+        raise ConfigError("model.dtype=float16 with client.dp: DP-SGD's per-sample gradients get no loss scaling and underflow in float16; use model.dtype=bfloat16")
+    if cfg.model.dtype == "float16" and cfg.mode == "simulation" and cfg.engine.name == "batched":
+        raise ConfigError("model.dtype=float16 with engine=batched: the batched pass has no loss scaler; use model.dtype=bfloat16 or engine=ray")
     check_quantized_base(cfg.model, rule=cfg.strategy.name, moves_base=rule.moves_base, fixed_base_rules=tuple(n for n, r in STRATEGIES.items() if not r.moves_base))
     check_assets(cfg)  # a hub id that is neither cached nor reachable: one line saying what to download
 

@@ -21,6 +21,7 @@ class TrainResult:
     loss: float  # mean training loss over the steps taken
     num_steps: int
     num_examples: int  # examples seen (with repetition over epochs)
+    skipped_steps: int = 0  # float16 only: steps the loss scaler skipped (their gradients overflowed)
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -134,21 +135,51 @@ def train_local(
     weight_decay: float = 0.0,
     device: torch.device | str = "cpu",
 ) -> TrainResult:
-    """Train the model's trainable parameters for ``num_steps`` optimiser steps."""
+    """Train the model's trainable parameters for ``num_steps`` optimiser steps.
+
+    A float16 base gets a dynamic loss scaler (:func:`loss_scaler`); a step whose scaled gradients
+    overflow is skipped, as mixed-precision training does, and counted in ``skipped_steps``.
+    """
     model.train()
     optimizer = make_optimizer(trainable_parameters(model), lr=lr, weight_decay=weight_decay)
-    total_loss, seen = 0.0, 0
+    scaler = loss_scaler(model, device)
+    total_loss, seen, skipped = 0.0, 0, 0
     for batch in _cycle(loader, num_steps):
         batch = to_device(batch, device)
         loss = per_sample_loss(model, batch).mean()
         if not torch.isfinite(loss):
             raise FloatingPointError(f"training loss became {loss.item()} after {seen} examples")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            scale = scaler.get_scale()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)  # unscales first; skips the step if a gradient is inf/NaN
+            scaler.update()
+            skipped += int(scaler.get_scale() < scale)  # the scale only falls after an overflow
         total_loss += loss.item()
         seen += batch["labels"].shape[0]
-    return TrainResult(loss=total_loss / max(num_steps, 1), num_steps=num_steps, num_examples=seen)
+    return TrainResult(loss=total_loss / max(num_steps, 1), num_steps=num_steps, num_examples=seen, skipped_steps=skipped)
+
+
+# float16 gradients underflow below ~6e-8: the loss is scaled up before the backward and the
+# gradients scaled back before the step. A small start (2^10, not the usual 2^16) because a
+# client's round is a few dozen steps and every overflow at the start costs one of them.
+LOSS_SCALE_START = 2.0**10
+
+
+def loss_scaler(model: nn.Module, device: torch.device | str) -> torch.amp.GradScaler | None:
+    """A dynamic loss scaler when the model computes in float16 (its frozen base), else None.
+
+    The LoRA factors stay float32 (peft upcasts them), so no master copy is needed: the scaler
+    only protects the float16 activations' gradients on their way back to the factors. bfloat16
+    has float32's range and needs none.
+    """
+    if any(p.dtype == torch.float16 for p in model.parameters()):
+        return torch.amp.GradScaler(torch.device(device).type, init_scale=LOSS_SCALE_START)
+    return None
 
 
 @dataclass(frozen=True)

@@ -101,6 +101,40 @@ def test_a_bfloat16_base_keeps_float32_lora_factors():
     assert {v.dtype for v in llm.full_precision_state({"x": torch.ones(2, dtype=torch.bfloat16)}).values()} == {torch.float32}
 
 
+def test_a_float16_base_gets_a_loss_scaler_and_trains():
+    from fedpeft.training import loss_scaler, train_local
+
+    assert loss_scaler(lora(tiny_llama()), "cpu") is None and loss_scaler(lora(tiny_llama(torch.bfloat16)), "cpu") is None
+    peft_model = lora(tiny_llama(torch.float16))
+    assert loss_scaler(peft_model, "cpu") is not None
+    ids = torch.randint(1, 64, (4, 12), generator=torch.Generator().manual_seed(2))
+    batches = [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}]
+    before = {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
+    result = train_local(peft_model, batches, num_steps=3, lr=1e-2)
+    assert torch.isfinite(torch.tensor(result.loss)) and result.skipped_steps < 3
+    assert all(not torch.equal(before[n], p) for n, p in peft_model.named_parameters() if "lora_A" in n)
+
+
+def test_loss_scaling_rescues_the_gradients_a_float16_base_would_underflow():
+    """A loss of order 1e-6 (late in training, or a small per-token weight): its gradients through the
+    float16 activations flush to zero unless scaled; scaled and unscaled they match float64."""
+    import copy
+
+    ids = torch.randint(1, 64, (2, 12), generator=torch.Generator().manual_seed(3))
+    tiny = 1e-6
+    half = lora(tiny_llama(torch.float16))
+
+    def lora_grads(model, scale=1.0):
+        model = copy.deepcopy(model)
+        (model(input_ids=ids, labels=ids).loss.float() * tiny * scale).backward()
+        return torch.cat([p.grad.double().flatten() / scale for n, p in model.named_parameters() if "layers.0" in n and "lora_A" in n])
+
+    exact = lora_grads(copy.deepcopy(half).double())  # the same weights, computed in float64
+    unscaled, scaled = lora_grads(half), lora_grads(half, scale=2.0**16)
+    err = lambda g: ((g - exact).norm() / exact.norm()).item()  # noqa: E731
+    assert err(scaled) < 0.05 < err(unscaled)
+
+
 @pytest.mark.parametrize("exp", ["flora_dolly", "fedit_alpaca", "ffa_lora_gsm8k_dp"])
 def test_paper_experiments_without_weights_or_data_fail_at_start_in_one_line(exp, tmp_path, monkeypatch):
     from fedpeft.config import compose_config
