@@ -28,6 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from fedpeft import report  # noqa: E402
 from fedpeft.results import read_metrics  # noqa: E402
 
 RULES = ["fedavg", "ffa_lora"]
@@ -96,12 +97,14 @@ def compression_sweep(args, out: Path) -> list[str]:
         for ef in (False, True)
     ]
     results: dict[tuple[str, str], list[list[dict]]] = {}
+    dirs: dict[tuple[str, str], list[Path]] = {}
     for seed in args.seeds:
         for rule in RULES:
             for name, extra in settings:
                 tag = name.replace(" ", "").replace("=", "").replace("+", "-")
                 rows = run([f"strategy={rule}", f"seed={seed}", *base, *extra], out / "runs" / f"{rule}-{tag}-seed{seed}")
                 results.setdefault((rule, name), []).append(rows)
+                dirs.setdefault((rule, name), []).append(out / "runs" / f"{rule}-{tag}-seed{seed}")
                 print(f"[compression] {rule:9s} {name:18s} seed {seed}: acc {100 * rows[-1]['test_accuracy']:.1f}%  up {rows[-1]['cumulative_bytes_up'] / 1e6:.3f} MB", flush=True)
     lines = [
         f"ComPEFT on the uplink (scale α·std(Δ), α = 1): {args.clients} clients, {args.per_round} per round (Dirichlet α = 0.5), {args.rounds} rounds"
@@ -111,14 +114,12 @@ def compression_sweep(args, out: Path) -> list[str]:
         "| rule | upload | accuracy (%) | uplink (MB) | ratio vs dense |",
         "|---|---|---|---|---|",
     ]
-    for rule in RULES:
-        dense_mb = statistics.mean(r[-1]["cumulative_bytes_up"] for r in results[(rule, "dense")]) / 1e6
+    for rule in RULES:  # the figures are fedpeft.report's summary of each setting's run directories
+        summary = {name: report.summarise(report.Group(columns=(), key=(), runs=report.load_runs(dirs[(rule, name)]))) for name, _ in settings}
         for name, _ in settings:
-            runs = results[(rule, name)]
-            accs = [100 * r[-1]["test_accuracy"] for r in runs]
-            mb = statistics.mean(r[-1]["cumulative_bytes_up"] for r in runs) / 1e6
-            acc = f"{statistics.mean(accs):.1f}" + (f" ± {statistics.stdev(accs):.1f}" if len(accs) > 1 else "")
-            lines.append(f"| {rule} | {name} | {acc} | {mb:.3f} | {dense_mb / mb:.1f}× |")
+            s = summary[name]
+            acc = report.pm(s["final_accuracy_mean"], s["final_accuracy_std"], scale=100)
+            lines.append(f"| {rule} | {name} | {acc} | {s['mb_up']:.3f} | {summary['dense']['mb_up'] / s['mb_up']:.1f}× |")
     plot_uplink(results, settings, out)
     return lines
 

@@ -225,7 +225,7 @@ def summarise(group: Group, *, target: float | None = None) -> dict[str, Any]:
     return out
 
 
-def _pm(mean: float | None, std: float | None, *, scale: float = 1.0, digits: int = 1) -> str:
+def pm(mean: float | None, std: float | None, *, scale: float = 1.0, digits: int = 1) -> str:
     if mean is None:
         return "—"
     text = f"{scale * mean:.{digits}f}"
@@ -245,9 +245,9 @@ def markdown(columns: Sequence[str], groups: Sequence[Group], summaries: Sequenc
         mark = " †" if s["accuracy"] == PERSONAL_ACCURACY else ""
         cells = [*(group.key or ("all",)), str(s["runs"])]
         cells += [
-            _pm(s["final_accuracy_mean"], s["final_accuracy_std"], scale=100) + mark,
-            _pm(s["best_accuracy_mean"], s["best_accuracy_std"], scale=100) + mark,
-            _pm(s["final_test_loss_mean"], s["final_test_loss_std"], digits=3),
+            pm(s["final_accuracy_mean"], s["final_accuracy_std"], scale=100) + mark,
+            pm(s["best_accuracy_mean"], s["best_accuracy_std"], scale=100) + mark,
+            pm(s["final_test_loss_mean"], s["final_test_loss_std"], digits=3),
             f"{s['mb_up_per_client' if per_client else 'mb_up']:.2f}",
             f"{s['mb_down_per_client' if per_client else 'mb_down']:.2f}",
             f"{s['rounds']:g}",
