@@ -61,6 +61,8 @@ def run_config(*, rule: str | None, setting: str, seed: int, lr: float, args: ar
     }
     if rule is None:  # a bound: "reference" (pooled data) or "local" (each client alone)
         cfg["mode"] = "local" if setting == "local" else "centralized"
+        if setting == "local":
+            cfg["eval_every"] = max(1, args.rounds // 2)  # ten models on the test split each round would cost more than the run
         return cfg
     cfg["strategy"] = {"name": rule, "ranks": HETERO if setting == "heterogeneous" else None}
     if setting == "dp":
@@ -167,6 +169,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1 seed, 2 rounds, 2 local steps, 300 examples, one lr: checks the pipeline")
     parser.add_argument("--no-readme", action="store_true")
     parser.add_argument("--runs-only", action="store_true", help="only the given rules' runs (no reference, no table): for parallel invocations over disjoint --rules")
+    parser.add_argument("--bounds-only", action="store_true", help="only the centralised and local-only runs (for a parallel invocation)")
     parser.add_argument("--out", default=str(REPO / "experiments" / "results" / "compare_all_rules"))
     args = parser.parse_args()
     if args.quick:
@@ -184,6 +187,11 @@ def main() -> None:
         print(f"[compare_all_rules] {name}: accuracy {100 * (done.final_accuracy or 0):.1f}% in {wall:.0f} s", flush=True)
         return out / "runs" / name
 
+    if args.bounds_only:
+        for seed in args.seeds:
+            run("reference", None, seed, args.lrs[len(args.lrs) // 2])
+            run("local", None, seed, args.lrs[len(args.lrs) // 2])
+        return
     # 1. the learning-rate sweep: client validation accuracy of the last round, seed 0, homogeneous
     lrs: dict[str, float] = {}
     for rule in args.rules:
