@@ -356,22 +356,27 @@ def merged_checkpoint(cm: models.CachedModel, global_model: GlobalModel) -> torc
     return fresh
 
 
-# ------------------------------------------------------------------------------ centralised
+# ------------------------------------------------------------------------------ the bounds
+def one_process_run(cfg: Config, run_dir: Path, *, lineage: str) -> tuple[fdata.FederatedData, ServerEvaluator, torch.nn.Module, Any]:
+    """What a run without clients (the centralised and local-only bounds) starts from: its data,
+    the evaluator, the model holding the run's initial adapter, and the tokenizer."""
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(max(1, int(cfg.client.num_cpus)))
+    data = fdata.prepare(cfg.data, seed=cfg.seed, num_clients=cfg.num_clients, need_labels=cfg.model.task == "seq_cls")
+    evaluator = ServerEvaluator(cfg, data, lineage=lineage)
+    rank = cfg.model.lora.r
+    model = evaluator.load(GlobalModel(adapter=initial_adapter(evaluator.cm, rank=rank, seed=cfg.seed), rank=rank))
+    return data, evaluator, model, models.load_tokenizer(cfg.model)
+
+
 def run_centralized(cfg: Config, run_dir: Path) -> list[dict[str, Any]]:
     """The non-federated reference: one LoRA model trained on the pooled training data.
 
     Each "round" trains as many steps as one federated round does in total
     (``clients_per_round`` × local steps), so curves compare at equal compute.
     """
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(max(1, int(cfg.client.num_cpus)))
-    data = fdata.prepare(cfg.data, seed=cfg.seed, num_clients=cfg.num_clients, need_labels=cfg.model.task == "seq_cls")
-    evaluator = ServerEvaluator(cfg, data, lineage="centralized")
+    data, evaluator, model, tokenizer = one_process_run(cfg, run_dir, lineage="centralized")
     rank = cfg.model.lora.r
-    adapter = initial_adapter(evaluator.cm, rank=rank, seed=cfg.seed)
-    model = evaluator.load(GlobalModel(adapter=adapter, rank=rank))
-    tokenizer = models.load_tokenizer(cfg.model)
     pooled = [data.client_split(k)[0] for k in range(cfg.num_clients)]
     examples = [e for ds in pooled for e in fdata.encode_config(cfg, ds, tokenizer)]
     per_client = sum(len(ds) for ds in pooled) / cfg.num_clients
@@ -409,7 +414,6 @@ def run_centralized(cfg: Config, run_dir: Path) -> list[dict[str, Any]]:
     return writer.rows
 
 
-# ------------------------------------------------------------------------------ local-only
 def run_local_only(cfg: Config, run_dir: Path) -> list[dict[str, Any]]:
     """The local-only bound: every client trains its own adapter on its own data, and never communicates.
 
@@ -420,15 +424,9 @@ def run_local_only(cfg: Config, run_dir: Path) -> list[dict[str, Any]]:
     mean over clients weighted by their training examples, and its spread) and on each client's
     own validation slice (``client_val_accuracy_*``, as the federated evaluation reports it).
     """
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(max(1, int(cfg.client.num_cpus)))
-    data = fdata.prepare(cfg.data, seed=cfg.seed, num_clients=cfg.num_clients, need_labels=cfg.model.task == "seq_cls")
-    evaluator = ServerEvaluator(cfg, data, lineage="local-only")
+    data, evaluator, model, tokenizer = one_process_run(cfg, run_dir, lineage="local-only")
     rank = cfg.model.lora.r
-    start = initial_adapter(evaluator.cm, rank=rank, seed=cfg.seed)
-    model = evaluator.load(GlobalModel(adapter=start, rank=rank))
-    tokenizer = models.load_tokenizer(cfg.model)
+    start = evaluator.cm.adapter_state(rank)  # the initial adapter every client starts from
     collate = fdata.collator_for(cfg, tokenizer)
     splits = [data.client_split(k) for k in range(cfg.num_clients)]
     train_sets = [fdata.encode_config(cfg, train, tokenizer) for train, _ in splits]
