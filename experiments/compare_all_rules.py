@@ -75,7 +75,7 @@ def run_one(run_dir: Path, cfg_dict: dict) -> tuple[list[dict], float]:
     from fedpeft import models
     from fedpeft.run import execute
 
-    cfg = to_config(cfg_dict)
+    cfg = to_config({**cfg_dict, "overwrite": True})  # read below if it finished; an unfinished attempt is redone
     wall_file = run_dir / "wall.json"
     if wall_file.exists() and (run_dir / "metrics.jsonl").exists():
         rows = read_metrics(run_dir)
