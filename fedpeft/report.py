@@ -31,7 +31,7 @@ from fedpeft import plots
 from fedpeft.results import read_metrics
 
 # Settings that are not part of what a group is: the seed is what a group averages over.
-NOT_A_SETTING = ("seed", "resume", "hydra.", "deploy.run_dir", "extra.")
+NOT_A_SETTING = ("seed", "resume", "overwrite", "verbose", "hydra.", "deploy.run_dir", "extra.")
 DEFAULT = "(default)"
 
 
