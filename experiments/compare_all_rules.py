@@ -5,8 +5,9 @@ Settings (issue 12): MiniLM + BBC News, 10 clients, 4 per round, Dirichlet(0.5);
 take them); FedIT, FFA-LoRA, FedSVD and RoLoRA also under DP-SGD at ε = 3; the centralised
 reference. Steps:
 
-1. learning-rate sweep (seed 0, homogeneous, ``--lrs``): each rule's rate is the one with the best
-   mean client validation accuracy in the last round (never the test split);
+1. learning-rate sweep (seed 0, homogeneous, ``--lrs``): each rule's rate is the one whose final
+   global model is most accurate on the clients' validation slices pooled (validation loss breaks
+   ties; FedSA-LoRA: its clients' personal models); never the test split;
 2. every (setting, rule) at that rate for ``--seeds``;
 3. ``<out>/results.md`` — final and best test accuracy (mean ± std over seeds), MB up and down
    per client over the run, rounds to reach 90 % of the centralised reference; ``<out>/
@@ -89,6 +90,39 @@ def run_one(run_dir: Path, cfg_dict: dict) -> tuple[list[dict], float]:
     return rows, wall
 
 
+def validation_score(run_dir: Path) -> tuple[float, float]:
+    """(accuracy, −loss) of the run's final global model on every client's validation slice pooled.
+
+    Read from the run's last checkpoint (``checkpoint.pt``), so a finished run is scored without
+    rerunning it. A rule without a global model (FedSA-LoRA) is scored by its own federated
+    evaluation of the clients' personal models (``client_val_accuracy_mean``). Never the test split.
+    """
+    import torch
+    from omegaconf import OmegaConf
+
+    from fedpeft import data as fdata
+    from fedpeft import models
+    from fedpeft.server import ServerEvaluator, initial_adapter
+    from fedpeft.training import evaluate
+    from strategies import get_strategy
+
+    cfg = to_config(OmegaConf.load(run_dir / "config.yaml"))
+    rule = get_strategy(cfg.strategy.name)
+    if not rule.has_global_model:
+        return read_metrics(run_dir)[-1]["client_val_accuracy_mean"], 0.0
+    state = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
+    data = fdata.prepare(cfg.data, seed=cfg.seed, num_clients=cfg.num_clients, need_labels=True)
+    evaluator = ServerEvaluator(cfg, data, lineage=state["lineage"])
+    strategy = rule.from_config(cfg, initial_adapter(evaluator.cm, rank=max(models.client_ranks(cfg)), seed=cfg.seed))
+    strategy.load_state_dict(state["strategy"])
+    model = evaluator.load(strategy.global_model())
+    tokenizer = models.load_tokenizer(cfg.model)
+    val = [e for k in range(cfg.num_clients) for e in fdata.encode_config(cfg, data.client_split(k)[1], tokenizer)]
+    loader = fdata.make_loader(val, pad_token_id=tokenizer.pad_token_id, batch_size=64, shuffle=False, collate_fn=fdata.collator_for(cfg, tokenizer))
+    result = evaluate(model, loader, device=evaluator.cm.device)
+    return result.accuracy, -result.loss
+
+
 def table(results: dict[tuple[str, str], list[Path]], lrs: dict[str, float], args: argparse.Namespace, wall: float) -> str:
     """The results table, made by :mod:`fedpeft.report` from the run directories (one group per setting and rule)."""
     groups = []
@@ -102,8 +136,8 @@ def table(results: dict[tuple[str, str], list[Path]], lrs: dict[str, float], arg
     head = (
         f"MiniLM + BBC News, 10 clients, 4 per round, Dirichlet α = 0.5; {args.rounds} rounds of {args.local_steps} local steps, "
         f"max length {args.max_length}{f', {args.max_samples} examples' if args.max_samples else ''}; seeds {args.seeds}; "
-        f"DP-SGD at ε = {args.epsilon} (δ = 1e-5). Each rule's learning rate is the best of {args.lrs} by the mean client validation "
-        f"accuracy of the last round (seed 0, homogeneous ranks); the centralised reference's by its final training loss (it has no clients to validate on). Whole sweep: {wall / 60:.0f} min of runs on 2 CPU cores."
+        f"DP-SGD at ε = {args.epsilon} (δ = 1e-5). Each rule's learning rate is the best of {args.lrs} by its final global model's "
+        f"accuracy on the clients' pooled validation slices (seed 0, homogeneous ranks; loss breaks ties; FedSA-LoRA: the clients' own models); the centralised reference's by its final training loss (it has no clients to validate on). Whole sweep: {wall / 60:.0f} min of runs on 2 CPU cores."
     )
     foot = (
         "‡ Local-only (`mode=local`): every client trains its own adapter on its own data every round and never communicates; "
@@ -207,8 +241,9 @@ def main() -> None:
         return
     # 1. the learning-rate sweep: client validation accuracy of the last round, seed 0, homogeneous
     for rule in args.rules:
-        scores = {lr: read_metrics(run("homogeneous", rule, args.seeds[0], lr))[-1]["client_val_accuracy_mean"] for lr in args.lrs}  # the server's example-weighted mean
+        scores = {lr: validation_score(run("homogeneous", rule, args.seeds[0], lr)) for lr in args.lrs}  # accuracy first, loss breaks ties
         lrs[rule] = max(scores, key=lambda lr: scores[lr])
+        print(f"[compare_all_rules] {rule}: validation (accuracy, -loss) by lr {scores}; picked {lrs[rule]:g}", flush=True)
     # 2. every setting at the chosen rate, every seed
     results: dict[tuple[str, str], list[Path]] = {}
     plan = [("homogeneous", r) for r in args.rules] + [("heterogeneous", r) for r in args.rules if r not in EQUAL_RANKS_ONLY]
