@@ -43,7 +43,7 @@ def run(overrides: list[str], run_dir: Path) -> list[dict]:
     done = run_dir / "wall.json"
     if not done.exists():
         started = time.perf_counter()
-        execute(compose_config(overrides), run_dir)
+        execute(compose_config([*overrides, "overwrite=true"]), run_dir)  # an unfinished earlier attempt is redone
         done.write_text(json.dumps({"seconds": time.perf_counter() - started, "overrides": overrides}))
         models.clear_cache()
     return read_metrics(run_dir)
