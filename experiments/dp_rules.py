@@ -21,6 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from fedpeft import report  # noqa: E402
 from fedpeft.results import read_metrics  # noqa: E402
 
 RULES = ["fedavg", "ffa_lora"]
@@ -46,6 +47,7 @@ def main() -> None:
 
     out = Path(args.out)
     results: dict[tuple[str, float], list[list[dict]]] = {}
+    dirs: dict[tuple[str, float], list[Path]] = {}
     for seed in args.seeds:
         for rule in RULES:
             for eps in args.epsilons:
@@ -58,6 +60,7 @@ def main() -> None:
                     models.clear_cache()
                 rows = read_metrics(run_dir)
                 results.setdefault((rule, eps), []).append(rows)
+                dirs.setdefault((rule, eps), []).append(run_dir)
                 print(f"[dp_rules] {rule:9s} ε={eps:g} seed {seed}: accuracy {100 * rows[-1]['test_accuracy']:.1f}%", flush=True)
     lines = [
         f"Client-side DP-SGD (conf/exp/<rule>_dp.yaml: 4 IID clients, all in every round, batch 64, 10 local steps), δ = 1e-5, "
@@ -66,10 +69,10 @@ def main() -> None:
         "| rule | target ε | accuracy (%) | max client ε spent |",
         "|---|---|---|---|",
     ]
-    for (rule, eps), runs in results.items():
-        accs = [100 * r[-1]["test_accuracy"] for r in runs]
+    for (rule, eps), runs in results.items():  # accuracy: fedpeft.report's summary of the setting's run directories
+        summary = report.summarise(report.Group(columns=(), key=(), runs=report.load_runs(dirs[(rule, eps)])))
         spent = max(max((row.get("max_epsilon") or 0.0) for row in r) for r in runs)
-        acc = f"{statistics.mean(accs):.1f}" + (f" ± {statistics.stdev(accs):.1f}" if len(accs) > 1 else "")
+        acc = report.pm(summary["final_accuracy_mean"], summary["final_accuracy_std"], scale=100)
         lines.append(f"| {rule} | {eps:g} | {acc} | {spent:.2f} |" if not math.isinf(eps) else f"| {rule} | ∞ (no DP) | {acc} | — |")
     text = "\n".join(lines) + "\n"
     out.mkdir(parents=True, exist_ok=True)
