@@ -123,7 +123,14 @@ def validation_score(run_dir: Path) -> tuple[float, float]:
     return result.accuracy, -result.loss
 
 
-def table(results: dict[tuple[str, str], list[Path]], lrs: dict[str, float], args: argparse.Namespace, wall: float) -> str:
+def sweep_span(run_dirs: list[Path]) -> float:
+    """Wall-clock seconds from the first run's start to the last run's end (runs may overlap)."""
+    ends = {d: (d / "wall.json").stat().st_mtime for d in run_dirs}
+    starts = [ends[d] - json.loads((d / "wall.json").read_text())["seconds"] for d in run_dirs]
+    return max(ends.values()) - min(starts)
+
+
+def table(results: dict[tuple[str, str], list[Path]], lrs: dict[str, float], args: argparse.Namespace, walls: dict[str, float]) -> str:
     """The results table, made by :mod:`fedpeft.report` from the run directories (one group per setting and rule)."""
     groups = []
     for (setting, rule), dirs in results.items():
@@ -135,9 +142,11 @@ def table(results: dict[tuple[str, str], list[Path]], lrs: dict[str, float], arg
     summaries = [report.summarise(g, target=target) for g in groups]
     head = (
         f"MiniLM + BBC News, 10 clients, 4 per round, Dirichlet α = 0.5; {args.rounds} rounds of {args.local_steps} local steps, "
-        f"max length {args.max_length}{f', {args.max_samples} examples' if args.max_samples else ''}; seeds {args.seeds}; "
+        f"max length {args.max_length}{f', {args.max_samples} examples' if args.max_samples else ''}; seeds {args.seeds} (the seeds column counts "
+        f"each group's finished runs); "
         f"DP-SGD at ε = {args.epsilon} (δ = 1e-5). Each rule's learning rate is the best of {args.lrs} by its final global model's "
-        f"accuracy on the clients' pooled validation slices (seed 0, homogeneous ranks; loss breaks ties; FedSA-LoRA: the clients' own models); the centralised reference's by its final training loss (it has no clients to validate on). Whole sweep: {wall / 60:.0f} min of runs on 2 CPU cores."
+        f"accuracy on the clients' pooled validation slices (seed 0, homogeneous ranks; loss breaks ties; FedSA-LoRA: the clients' own models); the centralised reference's by its final training loss (it has no clients to validate on). Whole sweep ({len(walls)} runs): "
+        f"{sweep_span(list(walls)) / 60:.0f} min wall-clock on 2 CPU cores, running two to four at a time ({sum(walls.values()) / 60:.0f} min of run time summed)."
     )
     foot = (
         "‡ Local-only (`mode=local`): every client trains its own adapter on its own data every round and never communicates; "
@@ -202,6 +211,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1 seed, 2 rounds, 2 local steps, 300 examples, one lr: checks the pipeline")
     parser.add_argument("--no-readme", action="store_true")
     parser.add_argument("--runs-only", action="store_true", help="only the given rules' runs (no reference, no table): for parallel invocations over disjoint --rules")
+    parser.add_argument("--finished-only", action="store_true", help="the table and plots from the runs that finished; run nothing")
     parser.add_argument("--bounds-only", action="store_true", help="only the centralised and local-only runs (for a parallel invocation)")
     parser.add_argument("--out", default=str(REPO / "experiments" / "results" / "compare_all_rules"))
     args = parser.parse_args()
@@ -210,12 +220,15 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    walls: dict[str, float] = {}  # run name -> wall seconds (a run read twice counts once)
+    walls: dict[Path, float] = {}  # run directory -> its wall seconds (a run read twice counts once)
 
-    def run(setting: str, rule: str | None, seed: int, lr: float) -> Path:
+    def run(setting: str, rule: str | None, seed: int, lr: float) -> Path | None:
         name = f"{setting}-{rule or ('local-only' if setting == 'local' else 'centralized')}-lr{lr:g}-seed{seed}"
+        if args.finished_only and not (out / "runs" / name / "wall.json").exists():
+            print(f"[compare_all_rules] {name}: not run yet (left out)", flush=True)
+            return None
         _, wall = run_one(out / "runs" / name, run_config(rule=rule, setting=setting, seed=seed, lr=lr, args=args))
-        walls[name] = wall
+        walls[out / "runs" / name] = wall
         (done,) = report.load_runs([out / "runs" / name])
         print(f"[compare_all_rules] {name}: accuracy {100 * (done.final_accuracy or 0):.1f}% in {wall:.0f} s", flush=True)
         return out / "runs" / name
@@ -232,7 +245,7 @@ def main() -> None:
         for name, (setting, score) in picks.items():
             scores = {lr: score(read_metrics(run(setting, None, args.seeds[0], lr))) for lr in args.lrs}
             lrs[name] = max(scores, key=lambda lr: scores[lr])
-            found[(setting, name)] = [run(setting, None, seed, lrs[name]) for seed in args.seeds]
+            found[(setting, name)] = [d for d in (run(setting, None, seed, lrs[name]) for seed in args.seeds) if d is not None]
         return found
 
     lrs: dict[str, float] = {}
@@ -250,12 +263,13 @@ def main() -> None:
     plan += [("dp", r) for r in DP_RULES if r in args.rules]
     for seed in args.seeds:
         for setting, rule in plan:
-            results.setdefault((setting, rule), []).append(run(setting, rule, seed, lrs[rule]))
+            if (done := run(setting, rule, seed, lrs[rule])) is not None:
+                results.setdefault((setting, rule), []).append(done)
     if args.runs_only:
         return
     results.update(bounds())
     (out / "learning_rates.json").write_text(json.dumps(lrs, indent=1))
-    text = table(results, lrs, args, sum(walls.values()))
+    text = table(results, lrs, args, walls)
     (out / "results.md").write_text(text)
     plot(out, results)
     if not args.no_readme:
