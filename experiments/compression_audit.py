@@ -150,8 +150,9 @@ def plot_uplink(results, settings, out: Path) -> None:
 def audit_sweep(args, out: Path) -> list[str]:
     lines = [
         "",
-        f"Membership inference on the final model (conf/exp/fedavg_dp.yaml: 4 IID clients, all every round; {args.audit_rounds or args.rounds} rounds, "
-        f"{args.audit_steps} local steps; audit.max_examples={args.audit_examples}). AUC 0.5 = chance.",
+        f"Membership inference on the final model (conf/exp/fedavg_dp.yaml: 4 IID clients, all every round, on {args.audit_max_samples or 'all'} articles; "
+        f"{args.audit_rounds or args.rounds} rounds of {args.audit_steps} local steps at batch {args.audit_batch}; audit.max_examples={args.audit_examples}). "
+        "AUC 0.5 = chance.",
         "",
         "| target ε | accuracy (%) | AUC | calibrated AUC | max per-client AUC |",
         "|---|---|---|---|---|",
@@ -160,10 +161,11 @@ def audit_sweep(args, out: Path) -> list[str]:
         privacy = "client.dp.enabled=false" if math.isinf(eps) else f"client.dp.target_epsilon={eps}"
         overrides = [
             "+exp=fedavg_dp", privacy, f"num_rounds={args.audit_rounds or args.rounds}", f"model.max_length={args.max_length}", f"client.local_steps={args.audit_steps}",
-            "audit.enabled=true", f"audit.max_examples={args.audit_examples}",
+            "audit.enabled=true", f"audit.max_examples={args.audit_examples}", f"client.batch_size={args.audit_batch}",
+            *([f"data.max_samples={args.audit_max_samples}"] if args.audit_max_samples else []),
         ]
         for seed in args.seeds:
-            run_dir = out / "runs" / f"audit-eps{eps:g}-seed{seed}"
+            run_dir = out / "runs" / f"audit-n{args.audit_max_samples or 0}-b{args.audit_batch}-eps{eps:g}-seed{seed}"
             rows = run([*overrides, f"seed={seed}"], run_dir)
             report = json.loads((run_dir / "audit.json").read_text())["membership"]
             per = max(v["auc"] for v in report["per_client"].values())
@@ -219,6 +221,8 @@ def main() -> None:
     parser.add_argument("--audit-steps", type=int, default=30, help="local steps per round in (b): more steps, more memorisation to detect")
     parser.add_argument("--audit-examples", type=int, default=200)
     parser.add_argument("--audit-rounds", type=int, default=None, help="rounds of the membership runs in (b) (default: --rounds)")
+    parser.add_argument("--audit-max-samples", type=int, default=400, help="(b): the corpus cut to this many articles, so each client's few dozen are seen many times")
+    parser.add_argument("--audit-batch", type=int, default=16, help="(b): local batch size (DP's expected Poisson batch)")
     parser.add_argument("--llm-rounds", type=int, default=4, help="rounds of the canary runs in (b)")
     parser.add_argument("--llm-steps", type=int, default=40, help="local steps per round of the canary runs in (b)")
     parser.add_argument("--canaries", type=int, default=10)
