@@ -154,8 +154,8 @@ def audit_sweep(args, out: Path) -> list[str]:
         f"{args.audit_rounds or args.rounds} rounds of {args.audit_steps} local steps at batch {args.audit_batch}; audit.max_examples={args.audit_examples}). "
         "AUC 0.5 = chance.",
         "",
-        "| target ε | accuracy (%) | AUC | calibrated AUC | max per-client AUC |",
-        "|---|---|---|---|---|",
+        "| target ε | accuracy (%) | AUC | calibrated AUC | max per-client AUC | ε spent (max client) |",
+        "|---|---|---|---|---|---|",
     ]
     for eps in args.epsilons:
         privacy = "client.dp.enabled=false" if math.isinf(eps) else f"client.dp.target_epsilon={eps}"
@@ -170,7 +170,11 @@ def audit_sweep(args, out: Path) -> list[str]:
             report = json.loads((run_dir / "audit.json").read_text())["membership"]
             per = max(v["auc"] for v in report["per_client"].values())
             label = "∞ (no DP)" if math.isinf(eps) else f"{eps:g}"
-            lines.append(f"| {label} | {100 * rows[-1]['test_accuracy']:.1f} | {report['overall']['auc']:.3f} | {report['overall']['calibrated_auc']:.3f} | {per:.3f} |")
+            spent = max((row.get("max_epsilon") or 0.0) for row in rows)
+            lines.append(
+                f"| {label} | {100 * rows[-1]['test_accuracy']:.1f} | {report['overall']['auc']:.3f} | {report['overall']['calibrated_auc']:.3f} | {per:.3f} | "
+                f"{'—' if math.isinf(eps) else f'{spent:.2f}'} |"
+            )
             print(f"[audit] ε={eps:g} seed {seed}: AUC {report['overall']['auc']:.3f} calibrated {report['overall']['calibrated_auc']:.3f}", flush=True)
     return lines
 
@@ -226,6 +230,7 @@ def main() -> None:
     parser.add_argument("--llm-rounds", type=int, default=4, help="rounds of the canary runs in (b)")
     parser.add_argument("--llm-steps", type=int, default=40, help="local steps per round of the canary runs in (b)")
     parser.add_argument("--canaries", type=int, default=10)
+    parser.add_argument("--skip-exposure", action="store_true", help="(b) without the canary runs on the tiny LLM")
     parser.add_argument("--canary-repeats", type=int, default=20)
     parser.add_argument("--out", default=str(REPO / "experiments" / "results" / "compression_audit"))
     args = parser.parse_args()
@@ -238,7 +243,8 @@ def main() -> None:
         lines += compression_sweep(args, out)
     if "b" in args.part:
         lines += audit_sweep(args, out)
-        lines += exposure_sweep(args, out)
+        if not args.skip_exposure:
+            lines += exposure_sweep(args, out)
     text = "\n".join(lines) + "\n"
     (out / f"results-{'-'.join(args.part)}.md").write_text(text)
     print(text)
