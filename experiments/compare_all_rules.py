@@ -164,6 +164,8 @@ def plot(out: Path, results: dict[tuple[str, str], list[Path]]) -> None:
 
     bounds = ("reference", "local")
     settings = sorted({s for s, _ in results if s not in bounds})
+    names = list(dict.fromkeys(rule for _, rule in results))  # one colour per rule in every panel
+    colors = {rule: plt.get_cmap("tab20")(i % 20) for i, rule in enumerate(names)}
     for x_key, name, label in (("round", "accuracy_vs_round.png", "round"), ("bytes", "accuracy_vs_bytes.png", "cumulative MB per client (up + down)")):
         fig, axes = plt.subplots(1, len(settings), figsize=(6 * len(settings), 4.5), sharey=True, squeeze=False)
         for ax, setting in zip(axes[0], settings):
@@ -175,12 +177,13 @@ def plot(out: Path, results: dict[tuple[str, str], list[Path]]) -> None:
                 accs = report.mean_curve(runs)
                 xs = [r["round"] for r in rows] if x_key == "round" else [(r["cumulative_bytes_up"] + r["cumulative_bytes_down"]) / 1e6 / 10 for r in rows]
                 shown = [(x, 100 * a) for x, a in zip(xs, accs) if a is not None]
-                ax.plot(*zip(*shown), marker=".", label=rule + (" †" if runs[0].accuracy_key != "test_accuracy" else ""), linestyle="--" if s in bounds else "-")
+                ax.plot(*zip(*shown), marker=".", label=rule + (" †" if runs[0].accuracy_key != "test_accuracy" else ""), linestyle="--" if s in bounds else "-", color=colors[rule])
             ax.set_title(setting)
             ax.set_xlabel(label)
             ax.grid(alpha=0.3)
         axes[0][0].set_ylabel("accuracy (%)")
-        axes[0][-1].legend(fontsize=7)
+        for ax in axes[0]:
+            ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out / name, dpi=120)
         plt.close(fig)
