@@ -147,6 +147,15 @@ def plot_uplink(results, settings, out: Path) -> None:
     plt.close(fig)
 
 
+def privacy_runs(args, out: Path, name: str, base: list[str], privacy):
+    """Each run of a privacy sweep as (ε, seed, run folder, metrics rows): the ``base`` overrides plus
+    ``privacy(ε)``, for every ``--epsilons`` and ``--seeds``, in ``<out>/runs/<name>-eps<ε>-seed<seed>``."""
+    for eps in args.epsilons:
+        for seed in args.seeds:
+            run_dir = out / "runs" / f"{name}-eps{eps:g}-seed{seed}"
+            yield eps, seed, run_dir, run([*base, *privacy(eps), f"seed={seed}"], run_dir)
+
+
 def audit_sweep(args, out: Path) -> list[str]:
     lines = [
         "",
@@ -157,25 +166,22 @@ def audit_sweep(args, out: Path) -> list[str]:
         "| target ε | accuracy (%) | AUC | calibrated AUC | max per-client AUC | ε spent (max client) |",
         "|---|---|---|---|---|---|",
     ]
-    for eps in args.epsilons:
-        privacy = "client.dp.enabled=false" if math.isinf(eps) else f"client.dp.target_epsilon={eps}"
-        overrides = [
-            "+exp=fedavg_dp", privacy, f"num_rounds={args.audit_rounds or args.rounds}", f"model.max_length={args.max_length}", f"client.local_steps={args.audit_steps}",
-            "audit.enabled=true", f"audit.max_examples={args.audit_examples}", f"client.batch_size={args.audit_batch}",
-            *([f"data.max_samples={args.audit_max_samples}"] if args.audit_max_samples else []),
-        ]
-        for seed in args.seeds:
-            run_dir = out / "runs" / f"audit-n{args.audit_max_samples or 0}-b{args.audit_batch}-eps{eps:g}-seed{seed}"
-            rows = run([*overrides, f"seed={seed}"], run_dir)
-            report = json.loads((run_dir / "audit.json").read_text())["membership"]
-            per = max(v["auc"] for v in report["per_client"].values())
-            label = "∞ (no DP)" if math.isinf(eps) else f"{eps:g}"
-            spent = max((row.get("max_epsilon") or 0.0) for row in rows)
-            lines.append(
-                f"| {label} | {100 * rows[-1]['test_accuracy']:.1f} | {report['overall']['auc']:.3f} | {report['overall']['calibrated_auc']:.3f} | {per:.3f} | "
-                f"{'—' if math.isinf(eps) else f'{spent:.2f}'} |"
-            )
-            print(f"[audit] ε={eps:g} seed {seed}: AUC {report['overall']['auc']:.3f} calibrated {report['overall']['calibrated_auc']:.3f}", flush=True)
+    base = [
+        "+exp=fedavg_dp", f"num_rounds={args.audit_rounds or args.rounds}", f"model.max_length={args.max_length}", f"client.local_steps={args.audit_steps}",
+        "audit.enabled=true", f"audit.max_examples={args.audit_examples}", f"client.batch_size={args.audit_batch}",
+        *([f"data.max_samples={args.audit_max_samples}"] if args.audit_max_samples else []),
+    ]
+    privacy = lambda eps: ["client.dp.enabled=false" if math.isinf(eps) else f"client.dp.target_epsilon={eps}"]  # noqa: E731
+    for eps, seed, run_dir, rows in privacy_runs(args, out, f"audit-n{args.audit_max_samples or 0}-b{args.audit_batch}", base, privacy):
+        report = json.loads((run_dir / "audit.json").read_text())["membership"]
+        per = max(v["auc"] for v in report["per_client"].values())
+        label = "∞ (no DP)" if math.isinf(eps) else f"{eps:g}"
+        spent = max((row.get("max_epsilon") or 0.0) for row in rows)
+        lines.append(
+            f"| {label} | {100 * rows[-1]['test_accuracy']:.1f} | {report['overall']['auc']:.3f} | {report['overall']['calibrated_auc']:.3f} | {per:.3f} | "
+            f"{'—' if math.isinf(eps) else f'{spent:.2f}'} |"
+        )
+        print(f"[audit] ε={eps:g} seed {seed}: AUC {report['overall']['auc']:.3f} calibrated {report['overall']['calibrated_auc']:.3f}", flush=True)
     return lines
 
 
@@ -190,24 +196,21 @@ def exposure_sweep(args, out: Path) -> list[str]:
         "| target ε | MC accuracy (%) | response loss | mean exposure (bits) | max exposure (bits) | canaries ranked first |",
         "|---|---|---|---|---|---|",
     ]
-    for eps in args.epsilons:
-        privacy = [] if math.isinf(eps) else ["client=dp", f"client.dp.target_epsilon={eps}", "client.dp.noise_multiplier=null"]
-        overrides = [
-            "+exp=llm_tiny", *privacy, f"num_rounds={args.llm_rounds}", f"client.local_steps={args.llm_steps}", "audit.enabled=true",
-            f"audit.canaries={args.canaries}", f"audit.canary_repeats={args.canary_repeats}", f"audit.max_examples={args.audit_examples}",
-        ]
-        for seed in args.seeds:
-            run_dir = out / "runs" / f"canary-eps{eps:g}-seed{seed}"
-            rows = run([*overrides, f"seed={seed}"], run_dir)
-            report = json.loads((run_dir / "audit.json").read_text())["canaries"]
-            label = "∞ (no DP)" if math.isinf(eps) else f"{eps:g}"
-            last = rows[-1]
-            mc = last.get("mc_accuracy")
-            lines.append(
-                f"| {label} | {'—' if mc is None else f'{100 * mc:.1f}'} | {last.get('response_loss', float('nan')):.3f} | "
-                f"{report['mean_exposure']:.2f} | {max(report['exposure']):.2f} | {sum(r == 1 for r in report['rank'])} of {report['count']} |"
-            )
-            print(f"[canary] ε={eps:g} seed {seed}: mean exposure {report['mean_exposure']:.2f} bits", flush=True)
+    base = [
+        "+exp=llm_tiny", f"num_rounds={args.llm_rounds}", f"client.local_steps={args.llm_steps}", "audit.enabled=true",
+        f"audit.canaries={args.canaries}", f"audit.canary_repeats={args.canary_repeats}", f"audit.max_examples={args.audit_examples}",
+    ]
+    privacy = lambda eps: [] if math.isinf(eps) else ["client=dp", f"client.dp.target_epsilon={eps}", "client.dp.noise_multiplier=null"]  # noqa: E731
+    for eps, seed, run_dir, rows in privacy_runs(args, out, "canary", base, privacy):
+        report = json.loads((run_dir / "audit.json").read_text())["canaries"]
+        label = "∞ (no DP)" if math.isinf(eps) else f"{eps:g}"
+        last = rows[-1]
+        mc = last.get("mc_accuracy")
+        lines.append(
+            f"| {label} | {'—' if mc is None else f'{100 * mc:.1f}'} | {last.get('response_loss', float('nan')):.3f} | "
+            f"{report['mean_exposure']:.2f} | {max(report['exposure']):.2f} | {sum(r == 1 for r in report['rank'])} of {report['count']} |"
+        )
+        print(f"[canary] ε={eps:g} seed {seed}: mean exposure {report['mean_exposure']:.2f} bits", flush=True)
     return lines
 
 
