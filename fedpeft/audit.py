@@ -147,6 +147,11 @@ def check_audit_config(cfg) -> None:
     if a.canaries:
         if cfg.model.task != "causal_lm":
             raise ValueError(f"audit.canaries plants secrets in text a language model learns: it needs model.task=causal_lm, not {cfg.model.task!r}")
+        if cfg.data.format != "text":
+            raise ValueError(
+                f"audit.canaries plants secrets as plain-text examples; data.format={cfg.data.format} (instruction data) has no text column "
+                "to plant them in yet: use a text dataset (data.format=text)"
+            )
         if not 0 <= a.canary_client < cfg.num_clients:
             raise ValueError(f"audit.canary_client={a.canary_client} is not a client of num_clients={cfg.num_clients}")
         make_canaries(count=a.canaries, candidates=a.candidates, digits=a.canary_digits, seed=cfg.seed)  # space large enough

@@ -216,6 +216,7 @@ def test_run_audit_reads_a_run_directory_and_writes_audit_json(tmp_path):
         (["audit.max_examples=0"], "max_examples must be >= 1"),
         (["audit.enabled=true", "mode=centralized"], "mode=centralized has none"),
         (["audit.canary_repeats=0"], "canary_repeats"),
+        (["+exp=llm_tiny", "audit.canaries=2"], "data.format=alpaca"),
     ],
 )
 def test_audit_settings_that_cannot_work_fail_before_training(overrides, fragment):
