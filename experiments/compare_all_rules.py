@@ -60,10 +60,12 @@ def run_config(*, rule: str | None, setting: str, seed: int, lr: float, args: ar
         "client": {"local_steps": args.local_steps, "lr": lr},
         "data": {"partitioner": "dirichlet", "dirichlet_alpha": 0.5, **({"max_samples": args.max_samples} if args.max_samples else {})},
     }
+    if args.engine != "ray":  # left out for Ray (the default), so the runs made before the option match their configs
+        cfg["engine"] = {"name": args.engine}
     if rule is None:  # a bound: "reference" (pooled data) or "local" (each client alone)
         cfg["mode"] = "local" if setting == "local" else "centralized"
         if setting == "local":
-            cfg["eval_every"] = max(1, args.rounds // 2)  # ten models on the test split each round would cost more than the run
+            cfg["eval_every"] = max(1, args.rounds // 4)  # ten models on the test split each round would cost more than the run
         return cfg
     cfg["strategy"] = {"name": rule, "ranks": HETERO if setting == "heterogeneous" else None}
     if setting == "dp":
@@ -72,22 +74,60 @@ def run_config(*, rule: str | None, setting: str, seed: int, lr: float, args: ar
 
 
 def run_one(run_dir: Path, cfg_dict: dict) -> tuple[list[dict], float]:
-    """The run's metrics rows and wall seconds; a finished run directory is read, not rerun."""
+    """The run's metrics rows and wall seconds; a finished run directory is read, not rerun.
+
+    A run that finished fewer rounds than asked is lengthened in place (``resume=`` with the new
+    ``num_rounds``: it ends exactly as a run planned that long) where the rounds allow it; a run
+    that cannot be (DP noise calibrated for its rounds, a bound, an interrupted attempt) is redone.
+    ``wall.json`` keeps each sitting's start and end, so the sweep's wall-clock time counts every part.
+    """
     from fedpeft import models
     from fedpeft.run import execute
 
     cfg = to_config({**cfg_dict, "overwrite": True})  # read below if it finished; an unfinished attempt is redone
     wall_file = run_dir / "wall.json"
+    sittings: list[list[float]] = []
     if wall_file.exists() and (run_dir / "metrics.jsonl").exists():
         rows = read_metrics(run_dir)
         if len(rows) == cfg.num_rounds:
             return rows, json.loads(wall_file.read_text())["seconds"]
-    started = time.perf_counter()
+        if lengthens(run_dir, cfg_dict):
+            cfg, sittings = to_config({**cfg_dict, "resume": str(run_dir)}), wall_sittings(wall_file)
+    started, begun = time.perf_counter(), time.time()
     rows = execute(cfg, run_dir)
-    wall = time.perf_counter() - started
-    wall_file.write_text(json.dumps({"seconds": wall}))
+    sittings.append([begun, begun + time.perf_counter() - started])
+    wall = sum(end - start for start, end in sittings)
+    wall_file.write_text(json.dumps({"seconds": wall, "sittings": sittings}))
     models.clear_cache()
     return rows, wall
+
+
+def finished(run_dir: Path, rounds: int) -> bool:
+    return (run_dir / "wall.json").exists() and len(read_metrics(run_dir)) == rounds
+
+
+def lengthens(run_dir: Path, cfg_dict: dict) -> bool:
+    """Whether the finished run in ``run_dir`` can go on to ``cfg_dict``'s rounds (same config otherwise, no DP target)."""
+    from fedpeft.run import run_config
+    from fedpeft.server import RunError, load_checkpoint
+
+    cfg = to_config({**cfg_dict, "resume": str(run_dir)})
+    if cfg.mode != "simulation" or not (run_dir / "checkpoint.pt").exists():
+        return False
+    try:
+        return load_checkpoint(run_dir, run_config(cfg))["round"] < cfg.num_rounds
+    except RunError as err:
+        print(f"[compare_all_rules] {run_dir.name}: redone ({err})", flush=True)
+        return False
+
+
+def wall_sittings(wall_file: Path) -> list[list[float]]:
+    """[start, end] of each sitting of a run (a run written before sittings were kept: one, ending at the file's time)."""
+    wall = json.loads(wall_file.read_text())
+    if "sittings" in wall:
+        return wall["sittings"]
+    end = wall_file.stat().st_mtime
+    return [[end - wall["seconds"], end]]
 
 
 def validation_score(run_dir: Path) -> tuple[float, float]:
@@ -124,10 +164,13 @@ def validation_score(run_dir: Path) -> tuple[float, float]:
 
 
 def sweep_span(run_dirs: list[Path]) -> float:
-    """Wall-clock seconds from the first run's start to the last run's end (runs may overlap)."""
-    ends = {d: (d / "wall.json").stat().st_mtime for d in run_dirs}
-    starts = [ends[d] - json.loads((d / "wall.json").read_text())["seconds"] for d in run_dirs]
-    return max(ends.values()) - min(starts)
+    """Wall-clock seconds during which at least one of the runs was going (runs overlap; a sweep may pause between parts)."""
+    spans = sorted(span for d in run_dirs for span in wall_sittings(d / "wall.json"))
+    total, end = 0.0, float("-inf")
+    for start, stop in spans:
+        total += max(0.0, stop - max(start, end))
+        end = max(end, stop)
+    return total
 
 
 def table(results: dict[tuple[str, str], list[Path]], lrs: dict[str, float], args: argparse.Namespace, walls: dict[str, float]) -> str:
@@ -216,6 +259,9 @@ def main() -> None:
     parser.add_argument("--runs-only", action="store_true", help="only the given rules' runs (no reference, no table): for parallel invocations over disjoint --rules")
     parser.add_argument("--finished-only", action="store_true", help="the table and plots from the runs that finished; run nothing")
     parser.add_argument("--bounds-only", action="store_true", help="only the centralised and local-only runs (for a parallel invocation)")
+    parser.add_argument("--settings", nargs="+", default=["homogeneous", "heterogeneous", "dp"], help="which of the federated settings to run (the order of a sweep run in parts)")
+    parser.add_argument("--lrs-from", default=None, help="take every rate from this learning_rates.json (a finished sweep's picks) instead of sweeping: to lengthen a sweep's runs without its sweep")
+    parser.add_argument("--engine", default="ray", choices=["ray", "batched"], help="the simulation engine (engine.name); batched trains the clients of a round in one pass over one base")
     parser.add_argument("--out", default=str(REPO / "experiments" / "results" / "compare_all_rules"))
     args = parser.parse_args()
     if args.quick:
@@ -227,7 +273,7 @@ def main() -> None:
 
     def run(setting: str, rule: str | None, seed: int, lr: float) -> Path | None:
         name = f"{setting}-{rule or ('local-only' if setting == 'local' else 'centralized')}-lr{lr:g}-seed{seed}"
-        if args.finished_only and not (out / "runs" / name / "wall.json").exists():
+        if args.finished_only and not finished(out / "runs" / name, args.rounds):
             print(f"[compare_all_rules] {name}: not run yet (left out)", flush=True)
             return None
         _, wall = run_one(out / "runs" / name, run_config(rule=rule, setting=setting, seed=seed, lr=lr, args=args))
@@ -246,17 +292,25 @@ def main() -> None:
         }
         found = {}
         for name, (setting, score) in picks.items():
+            if picked is not None:
+                lrs[name] = picked[name]
+                found[(setting, name)] = [d for d in (run(setting, None, seed, lrs[name]) for seed in args.seeds) if d is not None]
+                continue
             scores = {lr: score(read_metrics(run(setting, None, args.seeds[0], lr))) for lr in args.lrs}
             lrs[name] = max(scores, key=lambda lr: scores[lr])
             found[(setting, name)] = [d for d in (run(setting, None, seed, lrs[name]) for seed in args.seeds) if d is not None]
         return found
 
     lrs: dict[str, float] = {}
+    picked = json.loads(Path(args.lrs_from).read_text()) if args.lrs_from else None
     if args.bounds_only:
         bounds()
         return
     # 1. the learning-rate sweep: client validation accuracy of the last round, seed 0, homogeneous
     for rule in args.rules:
+        if picked is not None:
+            lrs[rule] = picked[rule]
+            continue
         scores = {lr: validation_score(run("homogeneous", rule, args.seeds[0], lr)) for lr in args.lrs}  # accuracy first, loss breaks ties
         lrs[rule] = max(scores, key=lambda lr: scores[lr])
         print(f"[compare_all_rules] {rule}: validation (accuracy, -loss) by lr {scores}; picked {lrs[rule]:g}", flush=True)
@@ -264,6 +318,7 @@ def main() -> None:
     results: dict[tuple[str, str], list[Path]] = {}
     plan = [("homogeneous", r) for r in args.rules] + [("heterogeneous", r) for r in args.rules if r not in EQUAL_RANKS_ONLY]
     plan += [("dp", r) for r in DP_RULES if r in args.rules]
+    plan = [(setting, rule) for setting, rule in plan if setting in args.settings]
     for seed in args.seeds:
         for setting, rule in plan:
             if (done := run(setting, rule, seed, lrs[rule])) is not None:

@@ -11,10 +11,13 @@
   Calibration in Membership Inference Attacks", ICLR 2022). Held-out ("non-members") are the
   server's test split and every client's validation slice: examples no client trained on, drawn
   from the same pool. AUC 0.5 is chance, 1.0 a perfect attack.
-* **canary exposure** (causal LMs): ``audit.canaries`` random secrets ``"<prefix> d d d d d d"`` were
-  planted ``audit.canary_repeats`` times each in client ``audit.canary_client``'s training data;
-  each canary's log-perplexity (summed token NLL) is ranked among ``audit.candidates`` = M random
-  secrets of the same format, and ``exposure = log2(M + 1) - log2(rank)`` bits, rank 1 = the most
+* **canary exposure** (causal LMs): ``audit.canaries`` random secrets ``"d d d d d d"`` were
+  planted ``audit.canary_repeats`` times each in client ``audit.canary_client``'s training data,
+  as the text ``"my secret number is d d d d d d"`` (``data.format=text``) or, on instruction data,
+  as the example "What is my secret number?" → ``"d d d d d d"`` rendered by the run's own prompt
+  template; each canary's log-perplexity (the summed NLL of the tokens the run trains on: all but the
+  first of a text, the response of an instruction) is ranked among ``audit.candidates`` = M random
+  secrets of the same format in the same place, and ``exposure = log2(M + 1) - log2(rank)`` bits, rank 1 = the most
   likely ("The Secret Sharer", Carlini et al., USENIX Security 2019, §4, with the candidate set
   sampled as in their §4.2 extrapolation). M + 1 ≥ 2^exposure: ``log2(M + 1)`` is the most this
   estimate can show; a candidate tied with the canary counts as more likely (rank is an upper bound).
@@ -97,9 +100,16 @@ class Canaries:
     prefix: str
     secrets: list[str]
     candidates: list[str]
+    question: str = "What is my secret number?"  # the instruction a secret answers, on instruction data
 
     def text(self, secret: str) -> str:
         return f"{self.prefix} {secret}"
+
+    def row(self, secret: str) -> dict[str, Any]:
+        """A normalised instruction row (:mod:`fedpeft.instruct`'s layout) whose response is ``secret``."""
+        from fedpeft import instruct
+
+        return {instruct.INSTRUCTION: self.question, instruct.INPUT: "", instruct.RESPONSE: secret, instruct.HISTORY: "[]", fdata.LABEL: 0}
 
 
 def make_canaries(*, count: int, candidates: int, digits: int, seed: int, prefix: str = "my secret number is") -> Canaries:
@@ -121,16 +131,32 @@ def make_canaries(*, count: int, candidates: int, digits: int, seed: int, prefix
 
 
 def plant_canaries(train, canaries: Canaries, *, repeats: int):
-    """``train`` (a ``datasets.Dataset`` with ``text`` and ``label``) with every canary text appended ``repeats`` times.
+    """``train`` with every canary appended ``repeats`` times, in ``train``'s own layout.
 
-    Canaries are for causal LMs, which train on the text alone; their label is the first class
-    (ignored by the LM loss, present only because every fedpeft dataset has the column).
+    A text dataset (``text``, ``label``) gets the canary text; a normalised instruction dataset gets
+    the canary's instruction row (its response is the secret). Canaries are for causal LMs, which
+    train on the tokens alone; their label is the first class (ignored by the LM loss, present only
+    because every fedpeft dataset has the column).
     """
     from datasets import Dataset, concatenate_datasets  # function-local: datasets is imported on first use, as in fedpeft.data
 
-    texts = [canaries.text(s) for s in canaries.secrets for _ in range(repeats)]
-    extra = Dataset.from_dict({"text": texts, "label": [0] * len(texts)}, features=train.features)
-    return concatenate_datasets([train, extra])
+    planted = [s for s in canaries.secrets for _ in range(repeats)]
+    if fdata.TEXT in train.column_names:
+        rows = {fdata.TEXT: [canaries.text(s) for s in planted], fdata.LABEL: [0] * len(planted)}
+    else:
+        made = [canaries.row(s) for s in planted]
+        rows = {k: [r[k] for r in made] for k in train.column_names}
+    return concatenate_datasets([train, Dataset.from_dict(rows, features=train.features)])
+
+
+def canary_examples(cfg, tokenizer, canaries: Canaries, secrets: Sequence[str]) -> list[dict[str, list[int]]]:
+    """``secrets`` tokenised as the run trains on them (labels: the tokens whose NLL is scored)."""
+    if cfg.data.format == "text":
+        ids = tokenizer([canaries.text(s) for s in secrets], truncation=True, max_length=cfg.model.max_length)["input_ids"]
+        return [{"input_ids": list(x), "attention_mask": [1] * len(x), "labels": list(x)} for x in ids]
+    from fedpeft import instruct
+
+    return instruct.encode_config([canaries.row(s) for s in secrets], tokenizer, cfg.data, max_length=cfg.model.max_length)[0]
 
 
 def check_audit_config(cfg) -> None:
@@ -147,11 +173,6 @@ def check_audit_config(cfg) -> None:
     if a.canaries:
         if cfg.model.task != "causal_lm":
             raise ValueError(f"audit.canaries plants secrets in text a language model learns: it needs model.task=causal_lm, not {cfg.model.task!r}")
-        if cfg.data.format != "text":
-            raise ValueError(
-                f"audit.canaries plants secrets as plain-text examples; data.format={cfg.data.format} (instruction data) has no text column "
-                "to plant them in yet: use a text dataset (data.format=text)"
-            )
         if not 0 <= a.canary_client < cfg.num_clients:
             raise ValueError(f"audit.canary_client={a.canary_client} is not a client of num_clients={cfg.num_clients}")
         make_canaries(count=a.canaries, candidates=a.candidates, digits=a.canary_digits, seed=cfg.seed)  # space large enough
@@ -177,10 +198,10 @@ def example_losses(model: torch.nn.Module, examples: Sequence[dict[str, Any]], *
 
 
 @torch.no_grad()
-def sequence_nll(model: torch.nn.Module, sequences: Sequence[Sequence[int]], *, pad_token_id: int, batch_size: int = 64, device: torch.device | str = "cpu") -> np.ndarray:
-    """Log-perplexity of each token sequence: the summed NLL of tokens 2..T given their prefix (nats)."""
+def sequence_nll(model: torch.nn.Module, examples: Sequence[dict[str, list[int]]], *, pad_token_id: int, batch_size: int = 64, device: torch.device | str = "cpu") -> np.ndarray:
+    """Log-perplexity of each example: the summed NLL (nats) of its labelled tokens 2..T given their prefix
+    (labels −100 are not scored: an instruction's prompt)."""
     model.eval()
-    examples = [{"input_ids": list(s), "attention_mask": [1] * len(s), "labels": list(s)} for s in sequences]
     out = []
     for batch in make_loader(examples, pad_token_id=pad_token_id, batch_size=batch_size, shuffle=False):
         batch = to_device(batch, device)
@@ -263,7 +284,7 @@ def run_audit(run_dir: str | Path, *, cfg=None) -> dict[str, Any]:
     pad = tokenizer.pad_token_id
 
     def encode(ds) -> list:
-        return fdata.encode(ds, tokenizer, max_length=cfg.model.max_length, task=task)
+        return fdata.encode_config(cfg, ds, tokenizer)  # as the run trained on it (instruction data: its template, response-only labels)
 
     splits = [data.client_split(k) for k in range(cfg.num_clients)]
     members = {k: subsample(encode(train), settings.max_examples, seed=cfg.seed + k) for k, (train, _) in enumerate(splits)}
@@ -293,8 +314,8 @@ def canary_report(model: torch.nn.Module, cfg, tokenizer, *, device: torch.devic
     settings = cfg.audit
     canaries = make_canaries(count=settings.canaries, candidates=settings.candidates, digits=settings.canary_digits, seed=cfg.seed)
 
-    def tokens(secrets: list[str]) -> list[list[int]]:
-        return tokenizer([canaries.text(s) for s in secrets], truncation=True, max_length=cfg.model.max_length)["input_ids"]
+    def tokens(secrets: list[str]) -> list[dict[str, list[int]]]:
+        return canary_examples(cfg, tokenizer, canaries, secrets)
 
     pad = tokenizer.pad_token_id
     canary_nll = sequence_nll(model, tokens(canaries.secrets), pad_token_id=pad, batch_size=settings.batch_size, device=device)

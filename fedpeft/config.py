@@ -335,7 +335,7 @@ class Config:
         default=False, metadata={"help": "Run into a directory that holds another run, deleting that run's results first."}
     )
     resume: Optional[str] = field(
-        default=None, metadata={"help": "A run directory to continue from its last complete round (same config)."}
+        default=None, metadata={"help": "A run directory to continue from its last complete round (same config; another num_rounds lengthens the run)."}
     )
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

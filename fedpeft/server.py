@@ -200,8 +200,27 @@ def load_checkpoint(run_dir: Path, cfg: Config) -> dict[str, Any]:
 
         a, b = json.loads(saved), json.loads(wanted)
         diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-        raise RunError(f"resume={str(run_dir)!r}: the config differs from the checkpoint's in {diff}")
+        if diff != ["num_rounds"]:
+            raise RunError(f"resume={str(run_dir)!r}: the config differs from the checkpoint's in {diff}")
+        check_extension(run_dir, cfg, planned=a["num_rounds"], done=state["round"])
     return state
+
+
+def check_extension(run_dir: Path, cfg: Config, *, planned: int, done: int) -> None:
+    """``resume=`` with another ``num_rounds``: the run goes on (or stops) as one planned for that many rounds would.
+
+    Nothing a round does depends on ``num_rounds`` except DP noise calibrated to reach
+    ``target_epsilon`` over the planned rounds: those runs cannot be lengthened (the rounds already
+    trained spent their share of a budget sized for ``planned`` rounds).
+    """
+    dp = cfg.client.dp
+    if cfg.num_rounds > planned and dp.enabled and dp.noise_multiplier is None:
+        raise RunError(
+            f"resume={str(run_dir)!r} with num_rounds={cfg.num_rounds}: its DP noise was calibrated to reach ε={dp.target_epsilon} "
+            f"over {planned} rounds, so more rounds would exceed that budget; start a new run with num_rounds={cfg.num_rounds}, "
+            f"or resume it with num_rounds={planned}"
+        )
+    log.info("resume=%s: planned for %d rounds, %d done; now runs to %d", run_dir, planned, done, cfg.num_rounds)
 
 
 def _without_resume(cfg: Config) -> Config:

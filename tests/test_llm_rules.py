@@ -39,3 +39,26 @@ def test_tiny_llama_rule_saves_what_reproduces_the_reported_metrics(rule, artifa
     again = json.loads(out.stdout.strip().splitlines()[-1])
     assert again["response_loss"] == pytest.approx(last["response_loss"], rel=1e-5)
     assert again["mc_accuracy"] == pytest.approx(last["mc_accuracy"], abs=1e-9)
+
+
+def test_canaries_planted_in_instruction_data_are_trained_on_and_audited(tmp_path, monkeypatch):
+    """audit.canaries on the tiny Llama's instruction data: client 0 trains on the planted
+    instructions, and the audit ranks each secret's response likelihood among the candidates."""
+    from clients.app import app
+    from fedpeft.audit import run_audit
+    from fedpeft.results import read_metrics
+
+    monkeypatch.setenv("FEDPEFT_CACHE", str(tmp_path / "cache"))
+    cfg = compose_config([*TINY, "audit.canaries=2", "audit.canary_repeats=4", "audit.candidates=30", "audit.max_examples=8"])
+    grid = InProcessGrid(app, [{"partition-id": k} for k in range(cfg.num_clients)])
+    run_federated(cfg, grid, tmp_path / "run")
+    sizes = {c["partition"]: c["num_examples"] for c in read_metrics(tmp_path / "run")[0]["clients"]}
+    from fedpeft import data as fdata
+
+    data = fdata.prepare(cfg.data, seed=cfg.seed, num_clients=cfg.num_clients, need_labels=False)
+    assert sizes == {0: len(data.client_split(0)[0]) + 8, 1: len(data.client_split(1)[0])}  # 2 canaries x 4, in client 0 only
+    report = run_audit(tmp_path / "run", cfg=cfg)
+    canaries = report["canaries"]
+    assert canaries["count"] == 2 and canaries["repeats"] == 4 and all(1 <= r <= 31 for r in canaries["rank"])
+    assert canaries["max_exposure"] == pytest.approx(__import__("math").log2(31))
+    assert report["membership"]["overall"]["members"] == 16 and 0 <= report["membership"]["overall"]["auc"] <= 1

@@ -95,6 +95,31 @@ def test_plant_canaries_appends_each_secret_repeats_times():
     assert all(texts.count(canaries.text(s)) == 3 for s in canaries.secrets)
 
 
+def test_on_instruction_data_a_canary_is_an_instruction_whose_response_is_the_secret():
+    """Planted in the normalised layout, rendered by the run's template, scored on the response alone."""
+    from fedpeft import instruct
+    from fedpeft.audit import canary_examples
+    from fedpeft.config import compose_config
+    from fedpeft.models import load_tokenizer
+
+    cfg = compose_config(["+exp=llm_tiny", "model.max_length=64"])
+    data = instruct.build(cfg.data, seed=0, num_clients=cfg.num_clients)
+    train, _ = data.client_split(0)
+    canaries = make_canaries(count=2, candidates=5, digits=4, seed=0)
+    planted = plant_canaries(train, canaries, repeats=3)
+    assert planted.column_names == train.column_names and len(planted) == len(train) + 6
+    tail = planted.select(range(len(train), len(planted)))
+    assert list(tail[instruct.RESPONSE]) == [s for s in canaries.secrets for _ in range(3)]
+    assert set(tail[instruct.INSTRUCTION]) == {canaries.question} and set(tail[instruct.INPUT]) == {""}
+    tokenizer = load_tokenizer(cfg.model)
+    (example,) = canary_examples(cfg, tokenizer, canaries, canaries.secrets[:1])
+    trained = instruct.encode_config(tail.select([0]), tokenizer, cfg.data, max_length=cfg.model.max_length)[0][0]
+    assert example == trained  # scored exactly as it was trained on
+    scored = [t for t, label in zip(example["input_ids"], example["labels"]) if label != -100]
+    assert tokenizer.decode(scored, skip_special_tokens=True).replace(" ", "") == canaries.secrets[0].replace(" ", "")
+    assert example["labels"][0] == -100  # the prompt is not scored
+
+
 # ------------------------------------------------------------------------------ attacks on tiny models
 def random_examples(n: int, *, seed: int, vocab: int = 50, labels: int = 3):
     g = torch.Generator().manual_seed(seed)
@@ -150,8 +175,12 @@ def test_a_repeated_canary_is_exposed_after_training():
     assert exposed_before < exposed_after - 2
 
 
+def lm_examples(seqs):
+    return [{"input_ids": list(s), "attention_mask": [1] * len(s), "labels": list(s)} for s in seqs]
+
+
 def _nll(model, canary, candidates):
-    nll = sequence_nll(model, [canary, *candidates], pad_token_id=0)
+    nll = sequence_nll(model, lm_examples([canary, *candidates]), pad_token_id=0)
     return float(nll[0]), nll[1:]
 
 
@@ -161,12 +190,18 @@ def test_sequence_nll_sums_the_token_losses_and_ignores_padding():
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
     seqs = [[1, 2, 3, 4, 5], [6, 7]]
-    batched = sequence_nll(model, seqs, pad_token_id=0)
+    batched = sequence_nll(model, lm_examples(seqs), pad_token_id=0)
     for seq, value in zip(seqs, batched):  # one at a time, no padding
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([seq])).logits[0, :-1].double()
             manual = -torch.log_softmax(logits, dim=-1)[torch.arange(len(seq) - 1), torch.tensor(seq[1:])].sum()
         assert value == pytest.approx(manual.item(), rel=1e-5)
+    # a prompt's labels are -100: only the response's tokens are scored
+    prompt_masked = sequence_nll(model, [{"input_ids": seqs[0], "attention_mask": [1] * 5, "labels": [-100, -100, -100, 4, 5]}], pad_token_id=0)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([seqs[0]])).logits[0].double()
+        manual = -(torch.log_softmax(logits[2], dim=-1)[4] + torch.log_softmax(logits[3], dim=-1)[5])
+    assert prompt_masked[0] == pytest.approx(manual.item(), rel=1e-5)
 
 
 def test_membership_report_is_json_ready():
@@ -216,7 +251,7 @@ def test_run_audit_reads_a_run_directory_and_writes_audit_json(tmp_path):
         (["audit.max_examples=0"], "max_examples must be >= 1"),
         (["audit.enabled=true", "mode=centralized"], "mode=centralized has none"),
         (["audit.canary_repeats=0"], "canary_repeats"),
-        (["+exp=llm_tiny", "audit.canaries=2"], "data.format=alpaca"),
+        (["+exp=llm_tiny", "audit.canaries=2", "audit.canary_client=4"], "audit.canary_client=4 is not a client of num_clients=4"),
     ],
 )
 def test_audit_settings_that_cannot_work_fail_before_training(overrides, fragment):
