@@ -173,7 +173,21 @@ def sweep_span(run_dirs: list[Path]) -> float:
     return total
 
 
-def table(results: dict[tuple[str, str], list[Path]], lrs: dict[str, float], args: argparse.Namespace, walls: dict[str, float]) -> str:
+def flatness(results: dict[tuple[str, str], list[Path]], window: int) -> str:
+    """How flat each group's curve is at the end: the mean accuracy (over seeds and the last ``window``
+    evaluated rounds) minus that of the ``window`` before, in points; one line per setting."""
+    by_setting: dict[str, list[str]] = {}
+    for (setting, rule), dirs in results.items():
+        curve = [a for a in report.mean_curve(report.load_runs(dirs)) if a is not None]
+        if len(curve) < 2 * window:
+            continue
+        last, before = curve[-window:], curve[-2 * window : -window]
+        change = 100 * (sum(last) / window - sum(before) / window)
+        by_setting.setdefault(setting, []).append(f"{rule} {change:+.1f}")
+    return "; ".join(f"{setting}: {', '.join(parts)}" for setting, parts in by_setting.items())
+
+
+def table(results: dict[tuple[str, str], list[Path]], lrs: dict[str, float], args: argparse.Namespace, every_run: list[Path]) -> str:
     """The results table, made by :mod:`fedpeft.report` from the run directories (one group per setting and rule)."""
     groups = []
     for (setting, rule), dirs in results.items():
@@ -183,19 +197,26 @@ def table(results: dict[tuple[str, str], list[Path]], lrs: dict[str, float], arg
     groups.sort(key=lambda g: g.key[0] == "bound")  # the bounds last
     target, target_label = report.reference_target(results[("reference", "centralized")], 0.9)
     summaries = [report.summarise(g, target=target) for g in groups]
+    sweep_rounds = args.sweep_rounds or args.rounds
+    summed = sum(json.loads((d / "wall.json").read_text())["seconds"] for d in every_run)
     head = (
         f"MiniLM + BBC News, 10 clients, 4 per round, Dirichlet α = 0.5; {args.rounds} rounds of {args.local_steps} local steps, "
         f"max length {args.max_length}{f', {args.max_samples} examples' if args.max_samples else ''}; seeds {args.seeds} (the seeds column counts "
         f"each group's finished runs); "
         f"DP-SGD at ε = {args.epsilon} (δ = 1e-5). Each rule's learning rate is the best of {args.lrs} by its final global model's "
-        f"accuracy on the clients' pooled validation slices (seed 0, homogeneous ranks; loss breaks ties; FedSA-LoRA: the clients' own models); the centralised reference's by its final training loss (it has no clients to validate on). Whole sweep ({len(walls)} runs): "
-        f"{sweep_span(list(walls)) / 60:.0f} min wall-clock on 2 CPU cores, running two to four at a time ({sum(walls.values()) / 60:.0f} min of run time summed)."
+        f"accuracy on the clients' pooled validation slices after {sweep_rounds} rounds (seed 0, homogeneous ranks; loss breaks ties; FedSA-LoRA: the clients' own models); "
+        f"the centralised reference's by its final training loss (it has no clients to validate on). "
+        f"All {len(every_run)} runs behind the table (the learning-rate sweep's included): {sweep_span(every_run) / 60:.0f} min wall-clock on 2 CPU cores "
+        f"(time with at least one run going; {summed / 60:.0f} min of run time summed)."
     )
+    window = max(2, args.rounds // 4)
     foot = (
         "‡ Local-only (`mode=local`): every client trains its own adapter on its own data every round and never communicates; "
-        "accuracy of the clients' models on the test split, weighted by their training examples."
+        "accuracy of the clients' models on the test split, weighted by their training examples.\n\n"
+        f"How flat the curves are at the end — mean accuracy of the last {window} rounds minus the {window} before, in points "
+        f"(over seeds): {flatness(results, window)}.\n"
     )
-    return f"{head}\n\n{report.markdown(['setting', 'rule', 'lr'], groups, summaries, target_label=target_label)}{foot}\n"
+    return f"{head}\n\n{report.markdown(['setting', 'rule', 'lr'], groups, summaries, target_label=target_label)}{foot}"
 
 
 def plot(out: Path, results: dict[tuple[str, str], list[Path]]) -> None:
@@ -261,6 +282,7 @@ def main() -> None:
     parser.add_argument("--bounds-only", action="store_true", help="only the centralised and local-only runs (for a parallel invocation)")
     parser.add_argument("--settings", nargs="+", default=["homogeneous", "heterogeneous", "dp"], help="which of the federated settings to run (the order of a sweep run in parts)")
     parser.add_argument("--lrs-from", default=None, help="take every rate from this learning_rates.json (a finished sweep's picks) instead of sweeping: to lengthen a sweep's runs without its sweep")
+    parser.add_argument("--sweep-rounds", type=int, default=None, help="with --lrs-from: the rounds that sweep ran (for the table's text)")
     parser.add_argument("--engine", default="ray", choices=["ray", "batched"], help="the simulation engine (engine.name); batched trains the clients of a round in one pass over one base")
     parser.add_argument("--out", default=str(REPO / "experiments" / "results" / "compare_all_rules"))
     args = parser.parse_args()
@@ -269,7 +291,6 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    walls: dict[Path, float] = {}  # run directory -> its wall seconds (a run read twice counts once)
 
     def run(setting: str, rule: str | None, seed: int, lr: float) -> Path | None:
         name = f"{setting}-{rule or ('local-only' if setting == 'local' else 'centralized')}-lr{lr:g}-seed{seed}"
@@ -277,7 +298,6 @@ def main() -> None:
             print(f"[compare_all_rules] {name}: not run yet (left out)", flush=True)
             return None
         _, wall = run_one(out / "runs" / name, run_config(rule=rule, setting=setting, seed=seed, lr=lr, args=args))
-        walls[out / "runs" / name] = wall
         (done,) = report.load_runs([out / "runs" / name])
         print(f"[compare_all_rules] {name}: accuracy {100 * (done.final_accuracy or 0):.1f}% in {wall:.0f} s", flush=True)
         return out / "runs" / name
@@ -327,7 +347,8 @@ def main() -> None:
         return
     results.update(bounds())
     (out / "learning_rates.json").write_text(json.dumps(lrs, indent=1))
-    text = table(results, lrs, args, walls)
+    every_run = sorted(d for d in (out / "runs").iterdir() if (d / "wall.json").exists())  # the sweep's runs too, read or not
+    text = table(results, lrs, args, every_run)
     (out / "results.md").write_text(text)
     plot(out, results)
     if not args.no_readme:

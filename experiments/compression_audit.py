@@ -189,26 +189,33 @@ def exposure_sweep(args, out: Path) -> list[str]:
     """Canary exposure of the tiny LLM (conf/exp/llm_tiny.yaml) without DP and at each ε."""
     lines = [
         "",
-        f"Canary exposure on the tiny LLM (conf/exp/llm_tiny.yaml: 4 IID clients, all every round; {args.llm_rounds} rounds of "
-        f"{args.llm_steps} local steps; {args.canaries} canaries of 6 random digits planted {args.canary_repeats}× in client 0's data, "
-        "each ranked among 1,000 random candidates; exposure = log2(1001) − log2(rank), at most 9.97 bits, about 1.4 bits for a model that learned nothing).",
+        f"Canary exposure on the tiny LLM (conf/exp/llm_tiny.yaml: 4 IID clients, all every round, on {args.llm_max_samples or 'all'} articles; "
+        f"{args.llm_rounds} rounds of {args.llm_steps} local steps at learning rate {args.llm_lr:g}; {args.canaries} canaries of 6 random digits planted "
+        f"{args.canary_repeats}× in client 0's data as the instruction \"What is my secret number?\" → the digits, in the run's chat template; "
+        "each ranked by its response's likelihood among 1,000 random candidates; exposure = log2(1001) − log2(rank), at most 9.97 bits, "
+        "about 1.4 bits on average for a model that learned nothing).",
         "",
-        "| target ε | MC accuracy (%) | response loss | mean exposure (bits) | max exposure (bits) | canaries ranked first |",
-        "|---|---|---|---|---|---|",
+        "| target ε | MC accuracy (%) | response loss | mean exposure (bits) | max exposure (bits) | canaries ranked first | membership AUC | ε spent (max client) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     base = [
-        "+exp=llm_tiny", f"num_rounds={args.llm_rounds}", f"client.local_steps={args.llm_steps}", "audit.enabled=true",
+        "+exp=llm_tiny", f"num_rounds={args.llm_rounds}", f"client.local_steps={args.llm_steps}", f"client.lr={args.llm_lr}", "audit.enabled=true",
+        *([f"data.max_samples={args.llm_max_samples}"] if args.llm_max_samples else []),
         f"audit.canaries={args.canaries}", f"audit.canary_repeats={args.canary_repeats}", f"audit.max_examples={args.audit_examples}",
     ]
     privacy = lambda eps: [] if math.isinf(eps) else ["client=dp", f"client.dp.target_epsilon={eps}", "client.dp.noise_multiplier=null"]  # noqa: E731
-    for eps, seed, run_dir, rows in privacy_runs(args, out, "canary", base, privacy):
-        report = json.loads((run_dir / "audit.json").read_text())["canaries"]
+    name = f"canary-n{args.llm_max_samples or 0}-r{args.llm_rounds}-s{args.llm_steps}-lr{args.llm_lr:g}"
+    for eps, seed, run_dir, rows in privacy_runs(args, out, name, base, privacy):
+        audit = json.loads((run_dir / "audit.json").read_text())
+        report, membership = audit["canaries"], audit["membership"]["overall"]
         label = "∞ (no DP)" if math.isinf(eps) else f"{eps:g}"
+        spent = max((row.get("max_epsilon") or 0.0) for row in rows)
         last = rows[-1]
         mc = last.get("mc_accuracy")
         lines.append(
             f"| {label} | {'—' if mc is None else f'{100 * mc:.1f}'} | {last.get('response_loss', float('nan')):.3f} | "
-            f"{report['mean_exposure']:.2f} | {max(report['exposure']):.2f} | {sum(r == 1 for r in report['rank'])} of {report['count']} |"
+            f"{report['mean_exposure']:.2f} | {max(report['exposure']):.2f} | {sum(r == 1 for r in report['rank'])} of {report['count']} | "
+            f"{membership['auc']:.3f} | {'—' if math.isinf(eps) else f'{spent:.2f}'} |"
         )
         print(f"[canary] ε={eps:g} seed {seed}: mean exposure {report['mean_exposure']:.2f} bits", flush=True)
     return lines
@@ -230,8 +237,10 @@ def main() -> None:
     parser.add_argument("--audit-rounds", type=int, default=None, help="rounds of the membership runs in (b) (default: --rounds)")
     parser.add_argument("--audit-max-samples", type=int, default=400, help="(b): the corpus cut to this many articles, so each client's few dozen are seen many times")
     parser.add_argument("--audit-batch", type=int, default=16, help="(b): local batch size (DP's expected Poisson batch)")
-    parser.add_argument("--llm-rounds", type=int, default=4, help="rounds of the canary runs in (b)")
-    parser.add_argument("--llm-steps", type=int, default=40, help="local steps per round of the canary runs in (b)")
+    parser.add_argument("--llm-rounds", type=int, default=6, help="rounds of the canary runs in (b)")
+    parser.add_argument("--llm-steps", type=int, default=60, help="local steps per round of the canary runs in (b)")
+    parser.add_argument("--llm-lr", type=float, default=2e-3, help="learning rate of the canary runs in (b)")
+    parser.add_argument("--llm-max-samples", type=int, default=400, help="(b): the canary runs' corpus cut to this many articles (small clients memorise)")
     parser.add_argument("--canaries", type=int, default=10)
     parser.add_argument("--skip-exposure", action="store_true", help="(b) without the canary runs on the tiny LLM")
     parser.add_argument("--canary-repeats", type=int, default=20)
