@@ -49,10 +49,15 @@ HETERO = [16, 8, 4, 4, 2, 2, 1, 1, 1, 1]
 README_START, README_END = "<!-- compare_all_rules:start -->", "<!-- compare_all_rules:end -->"
 
 
+def rounds_of(setting: str, args: argparse.Namespace) -> int:
+    """The rounds of a setting: ``--dp-rounds`` for DP (its noise is calibrated to ε over them), ``--rounds`` otherwise."""
+    return args.dp_rounds if setting == "dp" and args.dp_rounds else args.rounds
+
+
 def run_config(*, rule: str | None, setting: str, seed: int, lr: float, args: argparse.Namespace) -> dict:
     cfg = {
         "seed": seed,
-        "num_rounds": args.rounds,
+        "num_rounds": rounds_of(setting, args),
         "num_clients": 10,
         "clients_per_round": 4,
         "save_adapter": False,
@@ -73,13 +78,14 @@ def run_config(*, rule: str | None, setting: str, seed: int, lr: float, args: ar
     return cfg
 
 
-def run_one(run_dir: Path, cfg_dict: dict) -> tuple[list[dict], float]:
+def run_one(run_dir: Path, cfg_dict: dict, *, redo: bool = False) -> tuple[list[dict], float] | None:
     """The run's metrics rows and wall seconds; a finished run directory is read, not rerun.
 
     A run that finished fewer rounds than asked is lengthened in place (``resume=`` with the new
     ``num_rounds``: it ends exactly as a run planned that long) where the rounds allow it; a run
     that cannot be (DP noise calibrated for its rounds, a bound, an interrupted attempt) is redone.
     ``wall.json`` keeps each sitting's start and end, so the sweep's wall-clock time counts every part.
+    A finished run of other rounds that cannot be lengthened is kept, and None returned, unless ``redo``.
     """
     from fedpeft import models
     from fedpeft.run import execute
@@ -93,6 +99,9 @@ def run_one(run_dir: Path, cfg_dict: dict) -> tuple[list[dict], float]:
             return rows, json.loads(wall_file.read_text())["seconds"]
         if lengthens(run_dir, cfg_dict):
             cfg, sittings = to_config({**cfg_dict, "resume": str(run_dir)}), wall_sittings(wall_file)
+        elif not redo:
+            print(f"[compare_all_rules] {run_dir.name}: kept as it is ({len(rows)} rounds, not {cfg.num_rounds}); --redo replaces it", flush=True)
+            return None
     started, begun = time.perf_counter(), time.time()
     rows = execute(cfg, run_dir)
     sittings.append([begun, begun + time.perf_counter() - started])
@@ -200,7 +209,8 @@ def table(results: dict[tuple[str, str], list[Path]], lrs: dict[str, float], arg
     sweep_rounds = args.sweep_rounds or args.rounds
     summed = sum(json.loads((d / "wall.json").read_text())["seconds"] for d in every_run)
     head = (
-        f"MiniLM + BBC News, 10 clients, 4 per round, Dirichlet α = 0.5; {args.rounds} rounds of {args.local_steps} local steps, "
+        f"MiniLM + BBC News, 10 clients, 4 per round, Dirichlet α = 0.5; {args.rounds} rounds "
+        f"{f'(DP: {args.dp_rounds}) ' if args.dp_rounds and args.dp_rounds != args.rounds else ''}of {args.local_steps} local steps, "
         f"max length {args.max_length}{f', {args.max_samples} examples' if args.max_samples else ''}; seeds {args.seeds} (the seeds column counts "
         f"each group's finished runs); "
         f"DP-SGD at ε = {args.epsilon} (δ = 1e-5). Each rule's learning rate is the best of {args.lrs} by its final global model's "
@@ -282,6 +292,8 @@ def main() -> None:
     parser.add_argument("--bounds-only", action="store_true", help="only the centralised and local-only runs (for a parallel invocation)")
     parser.add_argument("--settings", nargs="+", default=["homogeneous", "heterogeneous", "dp"], help="which of the federated settings to run (the order of a sweep run in parts)")
     parser.add_argument("--lrs-from", default=None, help="take every rate from this learning_rates.json (a finished sweep's picks) instead of sweeping: to lengthen a sweep's runs without its sweep")
+    parser.add_argument("--dp-rounds", type=int, default=None, help="rounds of the DP runs (default: --rounds); ε is reached over them")
+    parser.add_argument("--redo", action="store_true", help="replace a finished run of other rounds that cannot be lengthened (DP, the bounds)")
     parser.add_argument("--sweep-rounds", type=int, default=None, help="with --lrs-from: the rounds that sweep ran (for the table's text)")
     parser.add_argument("--engine", default="ray", choices=["ray", "batched"], help="the simulation engine (engine.name); batched trains the clients of a round in one pass over one base")
     parser.add_argument("--out", default=str(REPO / "experiments" / "results" / "compare_all_rules"))
@@ -294,10 +306,13 @@ def main() -> None:
 
     def run(setting: str, rule: str | None, seed: int, lr: float) -> Path | None:
         name = f"{setting}-{rule or ('local-only' if setting == 'local' else 'centralized')}-lr{lr:g}-seed{seed}"
-        if args.finished_only and not finished(out / "runs" / name, args.rounds):
+        if args.finished_only and not finished(out / "runs" / name, rounds_of(setting, args)):
             print(f"[compare_all_rules] {name}: not run yet (left out)", flush=True)
             return None
-        _, wall = run_one(out / "runs" / name, run_config(rule=rule, setting=setting, seed=seed, lr=lr, args=args))
+        done = run_one(out / "runs" / name, run_config(rule=rule, setting=setting, seed=seed, lr=lr, args=args), redo=args.redo)
+        if done is None:
+            return None
+        _, wall = done
         (done,) = report.load_runs([out / "runs" / name])
         print(f"[compare_all_rules] {name}: accuracy {100 * (done.final_accuracy or 0):.1f}% in {wall:.0f} s", flush=True)
         return out / "runs" / name

@@ -1,0 +1,36 @@
+"""The bookkeeping of experiments/compare_all_rules.py: how long a sweep run in parts took."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+from tests.conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def script():
+    spec = importlib.util.spec_from_file_location("compare_all_rules", REPO / "experiments" / "compare_all_rules.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sweep_span_counts_the_time_any_run_was_going_across_sittings(tmp_path, script):
+    # Prepare: a lengthened run (two sittings), a run overlapping its first sitting, and a run
+    # written before sittings were kept (one sitting that ends at the file's time)
+    runs = {"a": {"seconds": 30, "sittings": [[100, 110], [200, 220]]}, "b": {"seconds": 15, "sittings": [[105, 120]]}}
+    for name, wall in runs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "wall.json").write_text(json.dumps(wall))
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "wall.json").write_text(json.dumps({"seconds": 50}))
+    os.utime(tmp_path / "old" / "wall.json", (300, 300))
+    # Execute
+    span = script.sweep_span([tmp_path / n for n in ("a", "b", "old")])
+    # Assert: [100, 120] + [200, 220] + [250, 300], the gaps between sittings not counted
+    assert span == pytest.approx(20 + 20 + 50)
+    assert script.wall_sittings(tmp_path / "old" / "wall.json") == [[250, 300]]
