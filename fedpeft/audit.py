@@ -298,7 +298,7 @@ def run_audit(run_dir: str | Path, *, cfg=None) -> dict[str, Any]:
     scores_base = {k: example_losses(reference, ex, pad_token_id=pad, batch_size=settings.batch_size, device=device) for k, ex in members.items()}
     held_base = example_losses(reference, nonmembers, pad_token_id=pad, batch_size=settings.batch_size, device=device)
     report: dict[str, Any] = {
-        "run": str(run_dir),
+        "run": run_dir.name,  # audit.json lies in the run directory: its name, no machine path
         "model": "final_model" if (run_dir / "final_model").is_dir() else "final_adapter",
         "dp": {"enabled": cfg.client.dp.enabled, "target_epsilon": cfg.client.dp.target_epsilon, "noise_multiplier": cfg.client.dp.noise_multiplier},
         "membership": membership_report(scores, held, members_base=scores_base, nonmembers_base=held_base),
