@@ -7,7 +7,9 @@ final and best test accuracy and final test loss as mean ± std over seeds (samp
 one seed), mean traffic up and down per client, rounds and wall time; with ``--reference <runs>``
 also the rounds the mean curve takes to reach 90 % (``--fraction``) of the reference's final
 accuracy. A rule without a global model (FedSA-LoRA) has no test accuracy: its figures are the
-clients' own models on their validation slices (``client_val_accuracy_mean``), marked †. Printed as
+clients' own models on their validation slices (``client_val_accuracy_mean``), marked †. Runs that
+were audited (``audit.json``, see :mod:`fedpeft.audit`) add the membership AUC, its calibrated
+variant and the mean canary exposure, mean ± std over the audited seeds. Printed as
 Markdown and written as ``report.md``, ``report.csv`` and overlaid ``accuracy_vs_round.png`` /
 ``accuracy_vs_mb.png``. The README's results tables are made with this module.
 """
@@ -49,6 +51,7 @@ class Run:
     seed: Any
     settings: dict[str, str]  # overrides (or flattened config) of this run, seed included
     num_clients: int | None = None
+    audit: dict[str, Any] | None = None  # the run's audit.json, when it was audited
 
     @property
     def accuracy_key(self) -> str:
@@ -152,8 +155,30 @@ def load_runs(run_dirs: Sequence[Path]) -> list[Run]:
         except ValueError as err:
             raise ReportError(f"{d / 'metrics.jsonl'}: not JSON lines ({err})") from None
         clients = config.get("num_clients")
-        runs.append(Run(path=d, rows=rows, seed=seed, settings=settings, num_clients=int(clients) if clients is not None else None))
+        audit = None
+        if (d / "audit.json").is_file():
+            try:
+                audit = json.loads((d / "audit.json").read_text())
+            except ValueError as err:
+                raise ReportError(f"{d / 'audit.json'}: not JSON ({err})") from None
+        runs.append(Run(path=d, rows=rows, seed=seed, settings=settings, num_clients=int(clients) if clients is not None else None, audit=audit))
     return runs
+
+
+AUDIT_FIGURES = (  # (summary name, column, where in audit.json)
+    ("membership_auc", "membership AUC", ("membership", "overall", "auc")),
+    ("calibrated_auc", "calibrated AUC", ("membership", "overall", "calibrated_auc")),
+    ("exposure", "canary exposure (bits)", ("canaries", "mean_exposure")),
+)
+
+
+def audit_figure(audit: Mapping[str, Any] | None, path: Sequence[str]) -> float | None:
+    value: Any = audit
+    for key in path:
+        if not isinstance(value, Mapping) or key not in value:
+            return None
+        value = value[key]
+    return float(value)
 
 
 def differing_settings(runs: Sequence[Run]) -> list[str]:
@@ -222,6 +247,10 @@ def summarise(group: Group, *, target: float | None = None) -> dict[str, Any]:
     out["seconds"] = statistics.mean(sum(row.get("wall_seconds") or 0 for row in r.rows) for r in runs)
     if target is not None:
         out["rounds_to_target"] = rounds_to(runs, target)
+    for name, _, where in AUDIT_FIGURES:
+        values = [audit_figure(r.audit, where) for r in runs]
+        if any(v is not None for v in values):
+            out[f"{name}_mean"], out[f"{name}_std"] = mean_std(values)
     return out
 
 
@@ -240,6 +269,8 @@ def markdown(columns: Sequence[str], groups: Sequence[Group], summaries: Sequenc
     head = [*(columns or ["runs"]), "seeds", "final acc (%)", "best acc (%)", "test loss", *mb, "rounds", "time (s)"]
     if target_label:
         head.append(target_label)
+    audited = [(name, column) for name, column, _ in AUDIT_FIGURES if any(f"{name}_mean" in s for s in summaries)]
+    head += [column for _, column in audited]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for group, s in zip(groups, summaries):
         mark = " †" if s["accuracy"] == PERSONAL_ACCURACY else ""
@@ -255,6 +286,7 @@ def markdown(columns: Sequence[str], groups: Sequence[Group], summaries: Sequenc
         ]
         if target_label:
             cells.append("—" if s.get("rounds_to_target") is None else str(s["rounds_to_target"]))
+        cells += [pm(s.get(f"{name}_mean"), s.get(f"{name}_std"), digits=2 if name == "exposure" else 3) for name, _ in audited]
         lines.append("| " + " | ".join(cells) + " |")
     if any(s["accuracy"] == PERSONAL_ACCURACY for s in summaries):
         lines += ["", "† no global model: the clients' own models on their validation slices (`client_val_accuracy_mean`), weighted by examples."]
@@ -284,7 +316,7 @@ def report(paths: Sequence[str | Path], out_dir: Path, *, reference: Sequence[st
         f"{len(runs)} runs, grouped by {', '.join(columns) or 'nothing (all runs alike)'}; mean ± std over seeds.\n\n{text}\nRuns:\n{sources}\n"
     )
     with (out_dir / "report.csv").open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=[*columns, *summaries[0].keys()])
+        writer = csv.DictWriter(fh, fieldnames=[*columns, *dict.fromkeys(k for s in summaries for k in s)])  # audited groups add columns
         writer.writeheader()
         for group, s in zip(groups, summaries):
             writer.writerow({**dict(zip(columns, group.key)), **{k: "" if v is None else v for k, v in s.items()}})

@@ -128,3 +128,24 @@ def test_a_run_without_a_global_model_is_judged_by_its_clients_own_models(tmp_pa
     assert "| 70.0 † | 70.0 † |" in text and "client_val_accuracy_mean" in text
     (loaded,) = load_runs(find_runs([run]))
     assert loaded.accuracy_key == "client_val_accuracy_mean" and loaded.best_accuracy == 0.7
+
+
+def test_audited_runs_add_the_audit_figures_over_seeds(tmp_path):
+    # Prepare: two audited seeds of one setting, one unaudited setting
+    for seed, (auc, calibrated, exposure) in enumerate([(0.6, 0.55, 8.0), (0.7, 0.65, 9.0)]):
+        run = fake_run(tmp_path / f"dp-off-{seed}", overrides=["client.dp.enabled=false", f"seed={seed}"], accs=[0.5, 0.6])
+        audit = {"membership": {"overall": {"auc": auc, "calibrated_auc": calibrated}}, "canaries": {"mean_exposure": exposure}}
+        (run / "audit.json").write_text(json.dumps(audit))
+    fake_run(tmp_path / "dp-on-0", overrides=["client.dp.enabled=true", "seed=0"], accs=[0.3, 0.4])
+    # Execute
+    text = report([tmp_path], tmp_path / "out")
+    # Assert: mean ± sample std of each figure; the unaudited group has none
+    head, _, audited, plain = text.splitlines()[:4]
+    assert head.endswith("| membership AUC | calibrated AUC | canary exposure (bits) |")
+    assert audited.endswith("| 0.650 ± 0.071 | 0.600 ± 0.071 | 8.50 ± 0.71 |") and "false" in audited
+    assert plain.endswith("| — | — | — |")
+    rows = list(csv.DictReader((tmp_path / "out" / "report.csv").open()))
+    assert float(rows[0]["exposure_mean"]) == pytest.approx(8.5) and rows[1]["exposure_mean"] == ""
+    (tmp_path / "dp-on-0" / "audit.json").write_text("{not json")
+    with pytest.raises(ReportError, match="audit.json: not JSON"):
+        report([tmp_path], tmp_path / "out")
