@@ -124,7 +124,7 @@ def execute(cfg: Config, run_dir: Path) -> list[dict[str, Any]]:
 
 
 def launch(cfg: Config, run_dir: Path, *, data: Any = None) -> list[dict[str, Any]]:
-    """Write ``config.yaml`` (a fresh run) and run the chosen mode."""
+    """Write ``config.yaml`` (``resume`` left out) and run the chosen mode."""
     run_dir.mkdir(parents=True, exist_ok=True)
     # a resumed run's config is the checkpoint's (or, with another num_rounds, the lengthened one)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(dataclasses.replace(cfg, resume=None))))
