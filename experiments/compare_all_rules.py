@@ -81,11 +81,11 @@ def run_config(*, rule: str | None, setting: str, seed: int, lr: float, args: ar
 def run_one(run_dir: Path, cfg_dict: dict, *, redo: bool = False) -> tuple[list[dict], float] | None:
     """The run's metrics rows and wall seconds; a finished run directory is read, not rerun.
 
-    A run that finished fewer rounds than asked is lengthened in place (``resume=`` with the new
-    ``num_rounds``: it ends exactly as a run planned that long) where the rounds allow it; a run
-    that cannot be (DP noise calibrated for its rounds, a bound, an interrupted attempt) is redone.
-    ``wall.json`` keeps each sitting's start and end, so the sweep's wall-clock time counts every part.
-    A finished run of other rounds that cannot be lengthened is kept, and None returned, unless ``redo``.
+    A run that finished other rounds than asked is lengthened in place (``resume=`` with the new
+    ``num_rounds``: it ends exactly as a run planned that long) where that is allowed; one that
+    cannot be (DP noise calibrated for its rounds, a bound) is kept and None returned, or redone
+    with ``redo``. An unfinished attempt is redone. ``wall.json`` keeps each sitting's start and
+    end, so the sweep's wall-clock time counts every part.
     """
     from fedpeft import models
     from fedpeft.run import execute
@@ -126,7 +126,7 @@ def lengthens(run_dir: Path, cfg_dict: dict) -> bool:
     try:
         return load_checkpoint(run_dir, run_config(cfg))["round"] < cfg.num_rounds
     except RunError as err:
-        print(f"[compare_all_rules] {run_dir.name}: redone ({err})", flush=True)
+        print(f"[compare_all_rules] {run_dir.name}: cannot be lengthened ({err})", flush=True)
         return False
 
 

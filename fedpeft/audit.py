@@ -314,12 +314,9 @@ def canary_report(model: torch.nn.Module, cfg, tokenizer, *, device: torch.devic
     settings = cfg.audit
     canaries = make_canaries(count=settings.canaries, candidates=settings.candidates, digits=settings.canary_digits, seed=cfg.seed)
 
-    def tokens(secrets: list[str]) -> list[dict[str, list[int]]]:
-        return canary_examples(cfg, tokenizer, canaries, secrets)
-
     pad = tokenizer.pad_token_id
-    canary_nll = sequence_nll(model, tokens(canaries.secrets), pad_token_id=pad, batch_size=settings.batch_size, device=device)
-    candidate_nll = sequence_nll(model, tokens(canaries.candidates), pad_token_id=pad, batch_size=settings.batch_size, device=device)
+    canary_nll = sequence_nll(model, canary_examples(cfg, tokenizer, canaries, canaries.secrets), pad_token_id=pad, batch_size=settings.batch_size, device=device)
+    candidate_nll = sequence_nll(model, canary_examples(cfg, tokenizer, canaries, canaries.candidates), pad_token_id=pad, batch_size=settings.batch_size, device=device)
     ranked = [exposure(float(c), candidate_nll) for c in canary_nll]
     bits = [e for e, _ in ranked]
     return {

@@ -202,11 +202,11 @@ def load_checkpoint(run_dir: Path, cfg: Config) -> dict[str, Any]:
         diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
         if diff != ["num_rounds"]:
             raise RunError(f"resume={str(run_dir)!r}: the config differs from the checkpoint's in {diff}")
-        check_extension(run_dir, cfg, planned=a["num_rounds"], done=state["round"])
+        check_extension(run_dir, cfg, planned=a["num_rounds"])
     return state
 
 
-def check_extension(run_dir: Path, cfg: Config, *, planned: int, done: int) -> None:
+def check_extension(run_dir: Path, cfg: Config, *, planned: int) -> None:
     """``resume=`` with another ``num_rounds``: the run goes on (or stops) as one planned for that many rounds would.
 
     Nothing a round does depends on ``num_rounds`` except DP noise calibrated to reach
@@ -220,7 +220,6 @@ def check_extension(run_dir: Path, cfg: Config, *, planned: int, done: int) -> N
             f"over {planned} rounds, so more rounds would exceed that budget; start a new run with num_rounds={cfg.num_rounds}, "
             f"or resume it with num_rounds={planned}"
         )
-    log.info("resume=%s: planned for %d rounds, %d done; now runs to %d", run_dir, planned, done, cfg.num_rounds)
 
 
 def _without_resume(cfg: Config) -> Config:
@@ -256,7 +255,7 @@ def run_federated(cfg: Config, grid: Grid, run_dir: Path) -> list[dict[str, Any]
         first_round, totals = checkpoint["round"] + 1, dict(checkpoint["totals"])
         for row in checkpoint["rows"]:  # metrics.jsonl/csv rewritten up to the checkpoint
             writer.write(row, rounds_done=row["round"])
-        log.info("resumed %s after round %d", run_dir, checkpoint["round"])
+        log.info("resumed %s after round %d; it runs to round %d", run_dir, checkpoint["round"], cfg.num_rounds)
     for server_round in range(first_round, cfg.num_rounds + 1):
         started = time.perf_counter()
         for attempt in range(cfg.max_retries + 1 if cfg.on_too_few == "retry" else 1):
