@@ -54,10 +54,12 @@ def rounds_of(setting: str, args: argparse.Namespace) -> int:
     return args.dp_rounds if setting == "dp" and args.dp_rounds else args.rounds
 
 
-def run_config(*, rule: str | None, setting: str, seed: int, lr: float, args: argparse.Namespace) -> dict:
+def run_config(*, rule: str | None, setting: str, seed: int, lr: float, args: argparse.Namespace, rounds: int | None = None) -> dict:
+    """One run's overrides; ``rounds`` (the learning-rate sweep's) replaces the setting's."""
     cfg = {
         "seed": seed,
-        "num_rounds": rounds_of(setting, args),
+        "num_rounds": rounds or rounds_of(setting, args),
+        "eval_every": args.eval_every,
         "num_clients": 10,
         "clients_per_round": 4,
         "save_adapter": False,
@@ -65,13 +67,12 @@ def run_config(*, rule: str | None, setting: str, seed: int, lr: float, args: ar
         "client": {"local_steps": args.local_steps, "lr": lr},
         "data": {"partitioner": "dirichlet", "dirichlet_alpha": 0.5, **({"max_samples": args.max_samples} if args.max_samples else {})},
     }
-    if args.engine != "ray":  # left out for Ray (the default), so the runs made before the option match their configs
-        cfg["engine"] = {"name": args.engine}
     if rule is None:  # a bound: "reference" (pooled data) or "local" (each client alone)
         cfg["mode"] = "local" if setting == "local" else "centralized"
         if setting == "local":
-            cfg["eval_every"] = max(1, args.rounds // 4)  # ten models on the test split each round would cost more than the run
+            cfg["eval_every"] = max(args.eval_every, args.rounds // 4)  # ten models on the test split each round would cost more than the run
         return cfg
+    cfg["engine"] = {"name": args.engine}  # the bounds run in the server process whatever the engine
     cfg["strategy"] = {"name": rule, "ranks": HETERO if setting == "heterogeneous" else None}
     if setting == "dp":
         cfg["client"]["dp"] = {"enabled": True, "target_epsilon": args.epsilon, "noise_multiplier": None}
@@ -172,6 +173,24 @@ def validation_score(run_dir: Path) -> tuple[float, float]:
     return result.accuracy, -result.loss
 
 
+def scored(run_dir: Path, rounds: int) -> bool:
+    kept = run_dir / "sweep_score.json"
+    return kept.exists() and json.loads(kept.read_text())["rounds"] == rounds
+
+
+def sweep_score(run_dir: Path, rounds: int) -> tuple[float, float]:
+    """:func:`validation_score` of the sweep run after its ``rounds`` rounds, kept in ``sweep_score.json``:
+    the picked run is lengthened afterwards, and a rerun of the script must pick as the first did."""
+    kept = run_dir / "sweep_score.json"
+    if scored(run_dir, rounds):
+        return tuple(json.loads(kept.read_text())["score"])
+    if len(read_metrics(run_dir)) != rounds:
+        raise SystemExit(f"{run_dir.name} ran {len(read_metrics(run_dir))} rounds and has no sweep_score.json for {rounds}: rerun it with --redo or into a new --out")
+    score = validation_score(run_dir)
+    kept.write_text(json.dumps({"rounds": rounds, "score": list(score)}))
+    return score
+
+
 def sweep_span(run_dirs: list[Path]) -> float:
     """Wall-clock seconds during which at least one of the runs was going (runs overlap; a sweep may pause between parts)."""
     spans = sorted(span for d in run_dirs for span in wall_sittings(d / "wall.json"))
@@ -182,16 +201,20 @@ def sweep_span(run_dirs: list[Path]) -> float:
     return total
 
 
-def flatness(results: dict[tuple[str, str], list[Path]], window: int) -> str:
-    """How flat each group's curve is at the end: the mean accuracy (over seeds and the last ``window``
-    evaluated rounds) minus that of the ``window`` before, in points; one line per setting."""
+def flatness(results: dict[tuple[str, str], list[Path]]) -> str:
+    """How flat each group's curve is at the end: its mean accuracy (over seeds and the evaluated rounds
+    of the last quarter of its rounds) minus that of the quarter before, in points; one line per setting."""
     by_setting: dict[str, list[str]] = {}
     for (setting, rule), dirs in results.items():
-        curve = [a for a in report.mean_curve(report.load_runs(dirs)) if a is not None]
-        if len(curve) < 2 * window:
+        runs = report.load_runs(dirs)
+        points = [(row["round"], a) for row, a in zip(runs[0].rows, report.mean_curve(runs)) if a is not None]
+        last_round = points[-1][0] if points else 0
+        quarter = max(1, last_round // 4)
+        last = [a for r, a in points if r > last_round - quarter]
+        before = [a for r, a in points if last_round - 2 * quarter < r <= last_round - quarter]
+        if not last or not before:
             continue
-        last, before = curve[-window:], curve[-2 * window : -window]
-        change = 100 * (sum(last) / window - sum(before) / window)
+        change = 100 * (sum(last) / len(last) - sum(before) / len(before))
         by_setting.setdefault(setting, []).append(f"{rule} {change:+.1f}")
     return "; ".join(f"{setting}: {', '.join(parts)}" for setting, parts in by_setting.items())
 
@@ -211,7 +234,8 @@ def table(results: dict[tuple[str, str], list[Path]], lrs: dict[str, float], arg
     head = (
         f"MiniLM + BBC News, 10 clients, 4 per round, Dirichlet α = 0.5; {args.rounds} rounds "
         f"{f'(DP: {args.dp_rounds}) ' if args.dp_rounds and args.dp_rounds != args.rounds else ''}of {args.local_steps} local steps, "
-        f"max length {args.max_length}{f', {args.max_samples} examples' if args.max_samples else ''}; seeds {args.seeds} (the seeds column counts "
+        f"max length {args.max_length}{f', {args.max_samples} examples' if args.max_samples else ''}; test accuracy every {args.eval_every} rounds; "
+        f"engine {args.engine}; seeds {args.seeds} (the seeds column counts "
         f"each group's finished runs); "
         f"DP-SGD at ε = {args.epsilon} (δ = 1e-5). Each rule's learning rate is the best of {args.lrs} by its final global model's "
         f"accuracy on the clients' pooled validation slices after {sweep_rounds} rounds (seed 0, homogeneous ranks; loss breaks ties; FedSA-LoRA: the clients' own models); "
@@ -219,12 +243,11 @@ def table(results: dict[tuple[str, str], list[Path]], lrs: dict[str, float], arg
         f"All {len(every_run)} runs behind the table (the learning-rate sweep's included): {sweep_span(every_run) / 60:.0f} min wall-clock on 2 CPU cores "
         f"(time with at least one run going; {summed / 60:.0f} min of run time summed)."
     )
-    window = max(2, args.rounds // 4)
     foot = (
         "‡ Local-only (`mode=local`): every client trains its own adapter on its own data every round and never communicates; "
         "accuracy of the clients' models on the test split, weighted by their training examples.\n\n"
-        f"How flat the curves are at the end — mean accuracy of the last {window} rounds minus the {window} before, in points "
-        f"(over seeds): {flatness(results, window)}.\n"
+        "How flat the curves are at the end — mean test accuracy over the last quarter of a run's rounds minus that over the quarter "
+        f"before, in points (over seeds and the evaluated rounds): {flatness(results)}.\n"
     )
     return f"{head}\n\n{report.markdown(['setting', 'rule', 'lr'], groups, summaries, target_label=target_label)}{foot}"
 
@@ -278,10 +301,11 @@ def write_readme(text: str, out: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--lrs", type=float, nargs="+", default=[2e-3, 5e-3, 1e-2])
-    parser.add_argument("--rounds", type=int, default=12)
-    parser.add_argument("--local-steps", type=int, default=8)
-    parser.add_argument("--max-length", type=int, default=48)
+    parser.add_argument("--lrs", type=float, nargs="+", default=[5e-3, 1e-2, 2e-2])
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--local-steps", type=int, default=4)
+    parser.add_argument("--max-length", type=int, default=32)
+    parser.add_argument("--eval-every", type=int, default=2, help="test-split evaluation every k rounds and after the last (the bounds' local-only runs: every rounds/4)")
     parser.add_argument("--max-samples", type=int, default=None)
     parser.add_argument("--epsilon", type=float, default=3.0)
     parser.add_argument("--rules", nargs="+", default=RULES)
@@ -292,24 +316,27 @@ def main() -> None:
     parser.add_argument("--bounds-only", action="store_true", help="only the centralised and local-only runs (for a parallel invocation)")
     parser.add_argument("--settings", nargs="+", default=["homogeneous", "heterogeneous", "dp"], help="which of the federated settings to run (the order of a sweep run in parts)")
     parser.add_argument("--lrs-from", default=None, help="take every rate from this learning_rates.json (a finished sweep's picks) instead of sweeping: to lengthen a sweep's runs without its sweep")
-    parser.add_argument("--dp-rounds", type=int, default=None, help="rounds of the DP runs (default: --rounds); ε is reached over them")
+    parser.add_argument("--dp-rounds", type=int, default=8, help="rounds of the DP runs (0: --rounds); ε is reached over them")
     parser.add_argument("--redo", action="store_true", help="replace a finished run of other rounds that cannot be lengthened (DP, the bounds)")
-    parser.add_argument("--sweep-rounds", type=int, default=None, help="with --lrs-from: the rounds that sweep ran (for the table's text)")
-    parser.add_argument("--engine", default="ray", choices=["ray", "batched"], help="the simulation engine (engine.name); batched trains the clients of a round in one pass over one base")
+    parser.add_argument("--sweep-rounds", type=int, default=8, help="rounds of the learning-rate sweep's runs; the picked rate's run is then lengthened to --rounds (with --lrs-from: the rounds that sweep ran, for the table's text)")
+    parser.add_argument("--engine", default="batched", choices=["ray", "batched"], help="the simulation engine (engine.name); batched trains the clients of a round in one pass over one base")
     parser.add_argument("--out", default=str(REPO / "experiments" / "results" / "compare_all_rules"))
     args = parser.parse_args()
     if args.quick:
         args.seeds, args.lrs, args.rounds, args.local_steps, args.max_samples, args.max_length = [0], [5e-3], 2, 2, 300, 32
+        args.sweep_rounds, args.dp_rounds, args.eval_every = 1, 2, 1
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 
-    def run(setting: str, rule: str | None, seed: int, lr: float) -> Path | None:
+    def run(setting: str, rule: str | None, seed: int, lr: float, rounds: int | None = None) -> Path | None:
         name = f"{setting}-{rule or ('local-only' if setting == 'local' else 'centralized')}-lr{lr:g}-seed{seed}"
-        if args.finished_only and not finished(out / "runs" / name, rounds_of(setting, args)):
+        if rounds is not None and scored(out / "runs" / name, rounds):  # swept, and maybe lengthened since
+            return out / "runs" / name
+        if args.finished_only and not finished(out / "runs" / name, rounds or rounds_of(setting, args)):
             print(f"[compare_all_rules] {name}: not run yet (left out)", flush=True)
             return None
-        done = run_one(out / "runs" / name, run_config(rule=rule, setting=setting, seed=seed, lr=lr, args=args), redo=args.redo)
+        done = run_one(out / "runs" / name, run_config(rule=rule, setting=setting, seed=seed, lr=lr, args=args, rounds=rounds), redo=args.redo)
         if done is None:
             return None
         _, wall = done
@@ -346,7 +373,8 @@ def main() -> None:
         if picked is not None:
             lrs[rule] = picked[rule]
             continue
-        scores = {lr: validation_score(run("homogeneous", rule, args.seeds[0], lr)) for lr in args.lrs}  # accuracy first, loss breaks ties
+        # accuracy first, loss breaks ties; the picked run goes on to --rounds in step 2
+        scores = {lr: sweep_score(run("homogeneous", rule, args.seeds[0], lr, rounds=args.sweep_rounds), args.sweep_rounds) for lr in args.lrs}
         lrs[rule] = max(scores, key=lambda lr: scores[lr])
         print(f"[compare_all_rules] {rule}: validation (accuracy, -loss) by lr {scores}; picked {lrs[rule]:g}", flush=True)
     # 2. every setting at the chosen rate, every seed
