@@ -32,8 +32,9 @@ from fedpeft.protocol import Evaluate
 
 
 def passable(job: Job) -> bool:
-    """Whether a job can share a pass: it trains a plain LoRA adapter without DP."""
-    return job.plan.trains and job.steps > 0 and job.plan.rank is not None and not job.cfg.client.dp.enabled
+    """Whether a job can share a pass: it trains a plain LoRA adapter without DP or rank self-pruning
+    (whose penalty and decision run on the one-client path, :func:`clients.job.run_job`)."""
+    return job.plan.trains and job.steps > 0 and job.plan.rank is not None and not job.cfg.client.dp.enabled and job.plan.prune is None
 
 
 def pass_key(job: Job) -> str:

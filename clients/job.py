@@ -35,7 +35,7 @@ from fedpeft import protocol
 from fedpeft.compression import ComPEFT, codec_from_config, compress_uploads
 from fedpeft.config import Config, from_json
 from fedpeft.protocol import ClientPlan, Evaluate, ProtocolError, RunInfo, Source
-from fedpeft.records import State, round_seed, seeded_tensors, stack_to_delta
+from fedpeft.records import State, resize_rank, round_seed, seeded_tensors, stack_to_delta
 from fedpeft.training import evaluate, num_local_steps, train_local
 
 log = logging.getLogger(__name__)
@@ -189,18 +189,55 @@ def run_job(job: Job) -> JobResult:
         collate = fdata.collator_for(cfg, models.load_tokenizer(cfg.model))
         loader = fdata.make_loader(job.train_examples, pad_token_id=pad_id, batch_size=cfg.client.batch_size, shuffle=True, seed=job.seed, collate_fn=collate)
         torch.manual_seed(job.seed)  # LoRA dropout
+        prune = plan.prune
         if cfg.client.dp.enabled:
+            if prune is not None:
+                raise ValueError("rank self-pruning's penalty is not a per-sample loss: it cannot be trained under DP-SGD")
             result, dp_metrics = dp_train(cfg, model, job.train_examples, pad_id, job.store, pid=job.partition_id, steps=job.steps, seed=job.seed, device=cm.device)
             metrics.update(dp_metrics)
-        else:
+        elif prune is None:
             result = train_local(model, loader, num_steps=job.steps, lr=cfg.client.lr, weight_decay=cfg.client.weight_decay, device=cm.device)
+        else:
+            factors, tail = lora_factors(model, plan.rank), prune.pruned_rank(plan.rank)
+            before = float(tail_norm(factors, tail).detach())
+            result = train_local(
+                model, loader, num_steps=job.steps, lr=cfg.client.lr, weight_decay=cfg.client.weight_decay, device=cm.device,
+                penalty=lambda: prune.weight * tail_norm(factors, tail),
+            )
+            after = float(tail_norm(factors, tail).detach())
+            metrics.update({protocol.TAIL_NORM_BEFORE: before, protocol.TAIL_NORM_AFTER: after, protocol.RANK: tail if after < before else plan.rank})
+            if after < before:  # the tail faded: drop it, so the personal evaluation below sees the pruned model
+                with torch.no_grad():
+                    for a, b in factors:
+                        a[tail:].zero_()
+                        b[:, tail:].zero_()
         metrics.update({protocol.TRAIN_LOSS: result.loss, protocol.STEPS: result.num_steps})
         if result.skipped_steps:
             log.warning("partition %s: the float16 loss scaler skipped %d of %d steps (gradients overflowed)", job.partition_id, result.skipped_steps, result.num_steps)
         if plan.evaluate == Evaluate.PERSONAL:
             metrics.update(evaluate_metrics(model, job, pad_id, device=cm.device, which=plan.evaluate))
     metrics.update({protocol.TRAIN_SECONDS: time.perf_counter() - job.received_at, protocol.BASE_LOADS: models.BASE_MODEL_LOADS, protocol.WORKER_PID: os.getpid()})
-    return JobResult(state=cm.adapter_state(plan.rank), metrics=metrics)
+    state = cm.adapter_state(plan.rank)
+    if plan.rank is not None and metrics.get(protocol.RANK, plan.rank) != plan.rank:  # pruned: its first components, as trained
+        state = resize_rank(state, metrics[protocol.RANK])
+    return JobResult(state=state, metrics=metrics)
+
+
+# ------------------------------------------------------------------------------ rank self-pruning
+def lora_factors(model, rank: int | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(A, B) parameters of every LoRA layer of the rank-``rank`` adapter, live (not copies)."""
+    name = models.adapter_name(rank)
+    params = dict(model.named_parameters())
+    a_keys = sorted(k for k in params if k.endswith(f".lora_A.{name}.weight"))
+    return [(params[k], params[k.replace(f".lora_A.{name}.", f".lora_B.{name}.")]) for k in a_keys]
+
+
+def tail_norm(factors: Sequence[tuple[torch.Tensor, torch.Tensor]], start: int) -> torch.Tensor:
+    """``Σ_layers ‖B[:, start:]‖_F ‖A[start:, :]‖_F``: the size of the components a pruned client drops."""
+    if not factors:
+        raise ValueError("rank self-pruning needs LoRA layers; the adapter has none")
+    return sum(torch.linalg.norm(b[:, start:]) * torch.linalg.norm(a[start:, :]) for a, b in factors)
+
 
 
 def evaluate_metrics(model, job: Job, pad_id: int, *, device, which: Evaluate) -> dict[str, Any]:

@@ -11,7 +11,9 @@ a :class:`ClientPlan`:
   the node has none), whether it trains, whether it goes back up and whether the node keeps it;
 * the base: which run lineage and version of the moving base to train on, and the base updates
   the node has not seen yet (stacked LoRA factors, :class:`BasePlan`);
-* what to evaluate on the node's validation slice (:class:`Evaluate`).
+* what to evaluate on the node's validation slice (:class:`Evaluate`);
+* optionally, rank self-pruning (:class:`RankPruning`): a penalty on the adapter's last rank
+  components while training, and the rank the client may shrink to when they faded.
 
 A non-LoRA peft method has only :data:`OTHER` tensors, so a single "all trainable" group
 (:data:`ALL_ROLES`) federates it. :func:`encode_instruction` / :func:`decode_instruction` turn a
@@ -60,7 +62,11 @@ GROUPS = "groups"  # JSON list of groups (field names below)
 EVALUATE = "evaluate"
 BASE_LINEAGE = "base-lineage"
 BASE_VERSION = "base-version"
-_PLAN_KEYS = {PLAN_VERSION_KEY, SERVER_ROUND, ATTEMPT, RANK, GROUPS, EVALUATE, BASE_LINEAGE, BASE_VERSION}
+PRUNE_DECAY = "prune-decay"  # rank self-pruning (RankPruning); absent: the client keeps its rank
+PRUNE_WEIGHT = "prune-weight"
+PRUNE_MIN_RANK = "prune-min-rank"
+_PRUNE_KEYS = {PRUNE_DECAY, PRUNE_WEIGHT, PRUNE_MIN_RANK}
+_PLAN_KEYS = {PLAN_VERSION_KEY, SERVER_ROUND, ATTEMPT, RANK, GROUPS, EVALUATE, BASE_LINEAGE, BASE_VERSION} | _PRUNE_KEYS
 _GROUP_FIELDS = {"roles", "source", "seed", "seed_rank", "fallback", "train", "upload", "keep"}
 
 # --- metric keys (kebab-case, as Flower's)
@@ -73,6 +79,8 @@ VAL_EXAMPLES = "val-examples"
 EVALUATED = "evaluated"  # which model a client evaluated: 1 global, 2 personal
 STEPS = "steps"
 TRAIN_SECONDS = "train-seconds"
+TAIL_NORM_BEFORE = "tail-norm-before"  # rank self-pruning: the penalised tail's norm before and after training
+TAIL_NORM_AFTER = "tail-norm-after"
 BASE_LOADS = "base-loads"
 WORKER_PID = "worker-pid"
 LORA_A_CRC32 = "lora-a-crc32"  # fingerprint of the LORA_A tensors after the round
@@ -186,6 +194,33 @@ class BasePlan:
 
 
 @dataclass(frozen=True)
+class RankPruning:
+    """Rank self-pruning on a client (HetLoRA's, Cho et al. 2024), as data in the plan.
+
+    A client at rank r trains with the penalty ``weight · Σ_layers ‖B[:, t:r]‖_F ‖A[t:r, :]‖_F``
+    added to its loss, where ``t = pruned_rank(r) = max(min_rank, ⌊decay · r⌋)``: the components it
+    would drop. If training left that tail norm smaller than it started, the client drops them and
+    replies at rank t (its first t components, as trained); the server sends it rank t from then on.
+    """
+
+    decay: float
+    weight: float
+    min_rank: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.decay < 1.0:
+            raise ProtocolError(f"pruning decay must lie in (0, 1), got {self.decay}")
+        if not (self.weight >= 0.0 and self.weight < float("inf")):
+            raise ProtocolError(f"pruning weight must be finite and >= 0, got {self.weight}")
+        if self.min_rank < 1:
+            raise ProtocolError(f"pruning min_rank must be >= 1, got {self.min_rank}")
+
+    def pruned_rank(self, rank: int) -> int:
+        """The rank a client at ``rank`` shrinks to (``rank`` itself when nothing can go)."""
+        return min(rank, max(self.min_rank, int(self.decay * rank)))
+
+
+@dataclass(frozen=True)
 class ClientPlan:
     """One client's instructions for one round (see the module docstring)."""
 
@@ -195,6 +230,7 @@ class ClientPlan:
     base: BasePlan = field(default_factory=BasePlan)
     evaluate: Evaluate = Evaluate.PERSONAL
     attempt: int = 0
+    prune: RankPruning | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "groups", tuple(self.groups))
@@ -217,6 +253,12 @@ class ClientPlan:
     @property
     def trains(self) -> bool:
         return any(g.train for g in self.groups)
+
+    def reply_ranks(self) -> tuple[int | None, ...]:
+        """The ranks a train reply to this plan may have: the plan's, or the pruned one."""
+        if self.prune is None or self.rank is None:
+            return (self.rank,)
+        return tuple(sorted({self.rank, self.prune.pruned_rank(self.rank)}, reverse=True))
 
 
 def single_group(**kwargs: Any) -> tuple[GroupPlan, ...]:
@@ -262,6 +304,13 @@ def check_plan(plan: ClientPlan) -> None:
             raise ProtocolError(f"group {sorted(g.roles)}: seed_rank {g.seed_rank} < the client's rank {plan.rank}")
     if seen != ALL_ROLES:
         raise ProtocolError(f"the plan says nothing about roles {sorted(ALL_ROLES - seen)}; every role needs a group")
+    if plan.prune is not None:
+        if plan.rank is None:
+            raise ProtocolError("rank self-pruning needs a LoRA rank; this plan has none")
+        trained = {role for g in plan.groups if g.train for role in g.roles}
+        uploaded = {role for g in plan.groups if g.upload for role in g.roles}
+        if not {LORA_A, LORA_B} <= trained & uploaded:
+            raise ProtocolError("rank self-pruning needs both LoRA factors trained and uploaded (it penalises and drops components of both)")
 
 
 # ------------------------------------------------------------------------------ run record
@@ -321,6 +370,8 @@ def encode_plan(plan: ClientPlan) -> ConfigRecord:
     )
     if plan.rank is not None:
         record[RANK] = plan.rank
+    if plan.prune is not None:
+        record[PRUNE_DECAY], record[PRUNE_WEIGHT], record[PRUNE_MIN_RANK] = plan.prune.decay, plan.prune.weight, plan.prune.min_rank
     return record
 
 
@@ -367,6 +418,12 @@ def decode_plan(record: ConfigRecord, *, updates: Mapping[int, State] | None = N
         raise ProtocolError(f"unknown evaluate target {record.get(EVALUATE)!r}; known: {[e.value for e in Evaluate]}") from None
     base = BasePlan(lineage=str(record.get(BASE_LINEAGE, "")), version=int(record.get(BASE_VERSION, 0)), updates=dict(updates or {}))
     rank = record.get(RANK)
+    prune = None
+    if _PRUNE_KEYS & set(record):
+        missing = sorted(_PRUNE_KEYS - set(record))
+        if missing:
+            raise ProtocolError(f"rank self-pruning without {missing}")
+        prune = RankPruning(decay=float(record[PRUNE_DECAY]), weight=float(record[PRUNE_WEIGHT]), min_rank=int(record[PRUNE_MIN_RANK]))
     return ClientPlan(
         groups=tuple(groups),
         server_round=int(record[SERVER_ROUND]),
@@ -374,6 +431,7 @@ def decode_plan(record: ConfigRecord, *, updates: Mapping[int, State] | None = N
         base=base,
         evaluate=evaluate,
         attempt=int(record.get(ATTEMPT, 0)),
+        prune=prune,
     )
 
 

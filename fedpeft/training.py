@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -134,8 +134,12 @@ def train_local(
     lr: float,
     weight_decay: float = 0.0,
     device: torch.device | str = "cpu",
+    penalty: Callable[[], torch.Tensor] | None = None,
 ) -> TrainResult:
     """Train the model's trainable parameters for ``num_steps`` optimiser steps.
+
+    ``penalty``: a term of the parameters alone (no data) added to every step's loss, e.g. rank
+    self-pruning's tail norm; the reported loss is the data loss without it.
 
     A float16 base gets a dynamic loss scaler (:func:`loss_scaler`); a step whose scaled gradients
     overflow is skipped, as mixed-precision training does, and counted in ``skipped_steps``.
@@ -150,12 +154,13 @@ def train_local(
         if not torch.isfinite(loss):
             raise FloatingPointError(f"training loss became {loss.item()} after {seen} examples")
         optimizer.zero_grad(set_to_none=True)
+        objective = loss if penalty is None else loss + penalty()
         if scaler is None:
-            loss.backward()
+            objective.backward()
             optimizer.step()
         else:
             scale = scaler.get_scale()
-            scaler.scale(loss).backward()
+            scaler.scale(objective).backward()
             scaler.step(optimizer)  # unscales first; skips the step if a gradient is inf/NaN
             scaler.update()
             skipped += int(scaler.get_scale() < scale)  # the scale only falls after an overflow

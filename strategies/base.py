@@ -240,7 +240,8 @@ class LoRAStrategy(FedAvg):
 
     def node_adapter(self, node: NodeInfo) -> State:
         """The global adapter at ``node``'s rank (the shapes its tensors have)."""
-        return resize_rank(self.adapter, node.rank) if self.max_rank is not None and node.rank is not None else {k: v.clone() for k, v in self.adapter.items()}
+        rank = self.node_rank(node)
+        return resize_rank(self.adapter, rank) if rank is not None else {k: v.clone() for k, v in self.adapter.items()}
 
     def message_tensors(self, node: NodeInfo, plan: ClientPlan) -> State:
         """The tensors a plan sends: the global adapter's keys in message-sourced groups."""
@@ -345,8 +346,10 @@ class LoRAStrategy(FedAvg):
             raise RejectedUpdate(f"num-examples must be a positive integer, got {num_examples!r}")
         if num_examples != node.num_examples:
             raise RejectedUpdate(f"num-examples {num_examples} differs from the {node.num_examples} the node declared")
-        if metrics.get(protocol.RANK) != plan.rank:
-            raise RejectedUpdate(f"rank {metrics.get(protocol.RANK)} differs from the assigned rank {plan.rank}")
+        rank = metrics.get(protocol.RANK)
+        if rank not in plan.reply_ranks():
+            pruned = f" or its pruned rank {plan.prune.pruned_rank(plan.rank)}" if plan.prune is not None and plan.rank is not None else ""
+            raise RejectedUpdate(f"rank {rank} differs from the assigned rank {plan.rank}{pruned}")
         expected = self.upload_keys(node, plan)
         nbytes = state_nbytes(state) + payload_nbytes(packed)  # what travelled, compressed or not
         if packed:
@@ -354,16 +357,16 @@ class LoRAStrategy(FedAvg):
         if set(state) != expected:
             missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
             raise RejectedUpdate(f"adapter keys differ: missing {missing[:2]}{'...' if len(missing) > 2 else ''}, unexpected {extra[:2]}")
-        reference = self.node_adapter(node)
+        reference = self.node_adapter(node) if rank == plan.rank else resize_rank(self.node_adapter(node), rank)
         for key, tensor in state.items():
             ref = reference[key]
             if tensor.shape != ref.shape:
-                raise RejectedUpdate(f"{key}: shape {tuple(tensor.shape)}, expected {tuple(ref.shape)} (rank {plan.rank})")
+                raise RejectedUpdate(f"{key}: shape {tuple(tensor.shape)}, expected {tuple(ref.shape)} (rank {rank})")
             if tensor.dtype != ref.dtype:
                 raise RejectedUpdate(f"{key}: dtype {tensor.dtype}, expected {ref.dtype}")
             if not torch.isfinite(tensor).all():
                 raise RejectedUpdate(f"{key}: contains NaN or Inf")
-        return ClientUpdate(node_id=node_id, rank=plan.rank, num_examples=num_examples, state=state, metrics=metrics, nbytes=nbytes)
+        return ClientUpdate(node_id=node_id, rank=rank, num_examples=num_examples, state=state, metrics=metrics, nbytes=nbytes)
 
     def unpack_uploads(self, node: NodeInfo, plan: ClientPlan, dense: State, packed: Mapping[str, Any], *, expected: set[str]) -> State:
         """Dense uploads plus the compressed ones decoded onto the start the server knows (ComPEFT)."""

@@ -10,21 +10,28 @@ Server: every client's factors are zero-padded to r_max and averaged with the sp
 so a client whose update is larger (less sparse) counts more; each client truncates the global
 adapter to its own rank (its first r_k rows of A, columns of B). The norms come from the factors,
 ``‖B A‖²_F = Σ (BᵀB) ⊙ (A Aᵀ)`` (two r × r Gram matrices), never from a dense d_out × d_in product.
-When every update is zero the weights fall back to ``n_k / Σ n_j``. The paper's optional rank
-self-pruning on the clients is not implemented (clients train the rank the server assigns).
+When every update is zero the weights fall back to ``n_k / Σ n_j``.
+
+Rank self-pruning (the paper's optional client step, off unless ``prune_decay`` is set): each
+plan carries a :class:`fedpeft.protocol.RankPruning`, so a client at rank r trains with
+``λ Σ_layers ‖B[:, t:r]‖_F ‖A[t:r, :]‖_F`` added to its loss (``t = max(min_rank, ⌊γ r⌋)``) and,
+if training shrank that tail norm, replies at rank t. The server sends that client rank t from
+then on (a client never grows back); the ranks are part of the checkpoint.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from fedpeft.config import StrategyConfig
+from fedpeft.protocol import ClientPlan, ProtocolError, RankPruning
 from fedpeft.records import State, exact_product, split_state
-from strategies.base import ClientUpdate, LoRAStrategy
+from strategies.base import ClientUpdate, LoRAStrategy, NodeInfo
 from strategies.fedavg import fedit_pair
 from strategies.lora_math import ideal_delta, relative_residual, residual_parts, weighted_sum
 
@@ -84,9 +91,12 @@ def hetlora(states: Sequence[Mapping[str, torch.Tensor]], counts: Sequence[int],
 # ---------------------------------------------------------------------------------- the strategy
 @dataclass
 class HetLoRAConfig(StrategyConfig):
-    """HetLoRA has no options of its own (rank self-pruning is not implemented)."""
+    """HetLoRA's optional rank self-pruning on the clients (off by default)."""
 
     name: str = "hetlora"
+    prune_decay: Optional[float] = field(default=None, metadata={"help": "γ in (0, 1): a client may shrink from rank r to ⌊γ r⌋ each round; null: no pruning."})
+    prune_weight: float = field(default=0.01, metadata={"help": "λ, the weight of the tail-norm penalty ‖B[:, t:]‖ ‖A[t:, :]‖ in the clients' loss."})
+    prune_min_rank: int = field(default=1, metadata={"help": "No client prunes below this rank."})
 
 
 class HetLoRA(LoRAStrategy):
@@ -95,13 +105,25 @@ class HetLoRA(LoRAStrategy):
     name = "hetlora"
     config_class = HetLoRAConfig
 
-    def __init__(self, initial_adapter: State, *, scaling: float = 1.0, **kwargs: Any) -> None:
+    def __init__(self, initial_adapter: State, *, scaling: float = 1.0, prune: RankPruning | None = None, **kwargs: Any) -> None:
         super().__init__(initial_adapter, **kwargs)
         if self.max_rank is None:
             raise ValueError("hetlora weights clients by their LoRA update and the adapter has none; use fedavg for other peft methods")
         self.scaling = scaling
+        self.prune = prune
+        self.pruned: dict[int, int] = {}  # partition id -> the rank that client pruned itself to
+
+    def node_rank(self, node: NodeInfo) -> int | None:
+        return self.pruned.get(node.partition_id, node.rank)
+
+    def plan(self, node: NodeInfo, server_round: int, *, attempt: int = 0) -> ClientPlan:
+        plan = super().plan(node, server_round, attempt=attempt)
+        return plan if self.prune is None else dataclasses.replace(plan, prune=self.prune)
 
     def aggregate(self, updates: list[ClientUpdate], weights: torch.Tensor, server_round: int) -> dict[str, float]:
+        for u in updates:  # a client that replied at a smaller rank pruned itself: it trains at that rank from now on
+            if u.rank is not None and u.rank < self.node_rank(self.nodes[u.node_id]):
+                self.pruned[self.nodes[u.node_id].partition_id] = u.rank
         states = [u.state for u in updates]
         self.adapter, sparsity = hetlora(states, [u.num_examples for u in updates], scaling=self.scaling, rank=self.max_rank)
         pairs, _ = split_state(self.adapter)
@@ -109,8 +131,38 @@ class HetLoRA(LoRAStrategy):
         for pair in pairs:  # against the example-weighted ideal update Σ p_k s B_k A_k
             target = ideal_delta([s[pair.a_key] for s in states], [s[pair.b_key] for s in states], weights, scalings=[self.scaling] * len(states))
             parts.append(residual_parts(target, self.scaling * exact_product(self.adapter[pair.b_key], self.adapter[pair.a_key])))
-        return {"residual": relative_residual(parts), "max_weight": float(sparsity.max())}
+        figures = {"residual": relative_residual(parts), "max_weight": float(sparsity.max())}
+        if self.prune is not None:
+            figures["mean_rank"] = sum(self.node_rank(node) for node in self.nodes.values()) / len(self.nodes)
+        return figures
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "pruned": dict(self.pruned)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.pruned = dict(state.get("pruned", {}))
+
+    @classmethod
+    def check_config(cls, cfg: Any) -> None:
+        options = cfg.strategy
+        if getattr(options, "prune_decay", None) is None:
+            return
+        try:
+            pruning(options)
+        except ProtocolError as err:
+            raise ValueError(f"strategy.prune_*: {err}") from None
+        if cfg.client.dp.enabled:
+            raise ValueError("strategy.prune_decay (rank self-pruning) with client.dp: the tail-norm penalty is not a per-sample loss, so DP-SGD cannot clip it; turn one off")
+        if cfg.compression.name != "none":
+            raise ValueError(f"strategy.prune_decay (rank self-pruning) with compression={cfg.compression.name}: a pruned reply's update has no start of its rank to be compressed against; turn one off")
 
     @classmethod
     def from_config(cls, cfg: Any, initial_adapter: State) -> "HetLoRA":
-        return cls(initial_adapter, clients_per_round=cfg.clients_per_round, seed=cfg.seed, min_clients=cfg.min_clients, scaling=cfg.model.lora.alpha / cfg.model.lora.r)
+        prune = pruning(cfg.strategy) if getattr(cfg.strategy, "prune_decay", None) is not None else None
+        return cls(initial_adapter, clients_per_round=cfg.clients_per_round, seed=cfg.seed, min_clients=cfg.min_clients, scaling=cfg.model.lora.alpha / cfg.model.lora.r, prune=prune)
+
+
+def pruning(options: Any) -> RankPruning:
+    """The :class:`RankPruning` the strategy options ask for (a :class:`ProtocolError` naming a bad value)."""
+    return RankPruning(decay=float(options.prune_decay), weight=float(options.prune_weight), min_rank=int(options.prune_min_rank))
