@@ -34,3 +34,19 @@ def test_sweep_span_counts_the_time_any_run_was_going_across_sittings(tmp_path, 
     # Assert: [100, 120] + [200, 220] + [250, 300], the gaps between sittings not counted
     assert span == pytest.approx(20 + 20 + 50)
     assert script.wall_sittings(tmp_path / "old" / "wall.json") == [[250, 300]]
+
+
+def test_a_swept_run_keeps_its_score_after_it_is_lengthened(tmp_path, script, monkeypatch):
+    # Prepare: a sweep run scored after 2 rounds, then lengthened to 4
+    run = tmp_path / "homogeneous-fedavg-lr0.01-seed0"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"round": t}) + "\n" for t in (1, 2)))
+    monkeypatch.setattr(script, "validation_score", lambda run_dir: (0.75, -0.5))
+    first = script.sweep_score(run, 2)
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"round": t}) + "\n" for t in (1, 2, 3, 4)))
+    monkeypatch.setattr(script, "validation_score", lambda run_dir: (0.99, -0.1))  # what the lengthened run would score
+    # Execute / Assert: the pick is made on the 2-round score, whenever the script runs again
+    assert script.scored(run, 2) and not script.scored(run, 4)
+    assert script.sweep_score(run, 2) == first == (0.75, -0.5)
+    with pytest.raises(SystemExit, match="ran 4 rounds and has no sweep_score.json for 3"):
+        script.sweep_score(run, 3)
