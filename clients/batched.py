@@ -27,7 +27,7 @@ from fedpeft import data as fdata
 from fedpeft import models
 from fedpeft import protocol
 from fedpeft.batched import ClientTask, train_batched
-from fedpeft.config import to_container
+from fedpeft.config import round_lr, to_container
 from fedpeft.protocol import Evaluate
 
 
@@ -82,7 +82,7 @@ def train_pass(jobs: Sequence[Job]) -> list[JobResult]:
                 adapter=job.start,
                 batches=loader,
                 num_steps=job.steps,
-                lr=job.cfg.client.lr,
+                lr=round_lr(job.cfg.client, job.plan.server_round),
                 weight_decay=job.cfg.client.weight_decay,
                 frozen=frozenset(k for k in job.start if protocol.key_role(k) not in trains),
             )

@@ -33,7 +33,7 @@ from fedpeft import data as fdata
 from fedpeft import models
 from fedpeft import protocol
 from fedpeft.compression import ComPEFT, codec_from_config, compress_uploads
-from fedpeft.config import Config, from_json
+from fedpeft.config import Config, from_json, round_lr
 from fedpeft.protocol import ClientPlan, Evaluate, ProtocolError, RunInfo, Source
 from fedpeft.records import State, resize_rank, round_seed, seeded_tensors, stack_to_delta
 from fedpeft.training import evaluate, num_local_steps, train_local
@@ -193,15 +193,15 @@ def run_job(job: Job) -> JobResult:
         if cfg.client.dp.enabled:
             if prune is not None:
                 raise ValueError("rank self-pruning's penalty is not a per-sample loss: it cannot be trained under DP-SGD")
-            result, dp_metrics = dp_train(cfg, model, job.train_examples, pad_id, job.store, pid=job.partition_id, steps=job.steps, seed=job.seed, device=cm.device)
+            result, dp_metrics = dp_train(cfg, model, job.train_examples, pad_id, job.store, pid=job.partition_id, steps=job.steps, seed=job.seed, device=cm.device, lr=round_lr(cfg.client, plan.server_round))
             metrics.update(dp_metrics)
         elif prune is None:
-            result = train_local(model, loader, num_steps=job.steps, lr=cfg.client.lr, weight_decay=cfg.client.weight_decay, device=cm.device)
+            result = train_local(model, loader, num_steps=job.steps, lr=round_lr(cfg.client, plan.server_round), weight_decay=cfg.client.weight_decay, device=cm.device)
         else:
             factors, tail = lora_factors(model, plan.rank), prune.pruned_rank(plan.rank)
             before = float(tail_norm(factors, tail).detach())
             result = train_local(
-                model, loader, num_steps=job.steps, lr=cfg.client.lr, weight_decay=cfg.client.weight_decay, device=cm.device,
+                model, loader, num_steps=job.steps, lr=round_lr(cfg.client, plan.server_round), weight_decay=cfg.client.weight_decay, device=cm.device,
                 penalty=lambda: prune.weight * tail_norm(factors, tail),
             )
             after = float(tail_norm(factors, tail).detach())
@@ -354,7 +354,7 @@ def dp_noise(cfg: Config, *, num_examples: int, steps: int) -> tuple[float, floa
     return calibrate_noise(target_epsilon=dp.target_epsilon, delta=dp.delta, sample_rate=sample_rate, total_steps=total, accountant=dp.accountant), sample_rate
 
 
-def dp_train(cfg: Config, model, examples: list, pad_id: int, store: NodeStore, *, pid: int, steps: int, seed: int, device) -> tuple[Any, dict[str, Any]]:
+def dp_train(cfg: Config, model, examples: list, pad_id: int, store: NodeStore, *, pid: int, steps: int, seed: int, device, lr: float) -> tuple[Any, dict[str, Any]]:
     """A DP-SGD round whose privacy cost is added to the node's persistent ledger."""
     dp = cfg.client.dp
     noise, sample_rate = dp_noise(cfg, num_examples=len(examples), steps=steps)
@@ -371,7 +371,7 @@ def dp_train(cfg: Config, model, examples: list, pad_id: int, store: NodeStore, 
         fdata.collator_for(cfg, models.load_tokenizer(cfg.model)),
         num_steps=steps,
         batch_size=cfg.client.batch_size,
-        lr=cfg.client.lr,
+        lr=lr,
         weight_decay=cfg.client.weight_decay,
         noise_multiplier=noise,
         max_grad_norm=dp.max_grad_norm,

@@ -116,6 +116,8 @@ def check_client(cfg: Config) -> None:
             raise ConfigError(f"client.{key} must be >= 1, got {getattr(c, key)}")
     if not (c.lr > 0 and math.isfinite(c.lr)):
         raise ConfigError(f"client.lr must be > 0, got {c.lr}")
+    if not 0.0 < c.lr_decay <= 1.0:
+        raise ConfigError(f"client.lr_decay must lie in (0, 1] (the rate of round t is lr · lr_decay^(t-1)), got {c.lr_decay}")
     if c.weight_decay < 0:
         raise ConfigError(f"client.weight_decay must be >= 0, got {c.weight_decay}")
     if c.local_steps < 0:

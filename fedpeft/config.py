@@ -210,6 +210,10 @@ class ClientConfig:
     local_steps: int = field(default=10, metadata={"help": "If > 0, train exactly this many steps instead of epochs."})
     batch_size: int = field(default=16, metadata={"help": "Local training batch size (the expected batch under DP's Poisson sampling)."})
     lr: float = field(default=5e-3, metadata={"help": "AdamW learning rate of the local training (a fresh optimiser every round)."})
+    lr_decay: float = field(
+        default=1.0,
+        metadata={"help": "The rate of round t is lr · lr_decay^(t-1) (1: constant). FedAvg on non-IID data needs a decaying rate to converge (Li et al., ICLR 2020)."},
+    )
     weight_decay: float = 0.0
     eval_batch_size: int = 64
     num_cpus: float = field(default=1.0, metadata={"help": "CPU cores Ray reserves per simulated client (at most the machine's)."})
@@ -502,3 +506,13 @@ def compose_config(overrides: list[str]) -> Config:
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return to_config(compose(config_name="config", overrides=overrides))
+
+
+def round_lr(client: ClientConfig, server_round: int) -> float:
+    """The local learning rate of ``server_round`` (1-based): ``lr · lr_decay^(round-1)``.
+
+    It depends on the round alone, so a resumed or lengthened run trains each round at the rate a
+    run planned that long does; round 0 (evaluation only) and round 1 have the base rate.
+    """
+    return client.lr * client.lr_decay ** max(0, server_round - 1)
+

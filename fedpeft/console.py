@@ -181,7 +181,8 @@ def header_lines(cfg: Any, run_dir: Path, *, data: Any = None, device: str | Non
             shown = f"all {ranks[0]}" if len(set(ranks)) == 1 else " ".join(map(str, ranks))
         lines.append(f"  clients {cfg.num_clients}, {cfg.clients_per_round} per round; ranks {shown}")
     step = f"{cfg.client.local_steps} local steps" if cfg.client.local_steps > 0 else f"{cfg.client.local_epochs} local epoch(s)"
-    lines.append(f"  train   {step}, batch {cfg.client.batch_size}, lr {cfg.client.lr:g}")
+    decay = f" × {cfg.client.lr_decay:g}^(round-1)" if cfg.client.lr_decay != 1.0 else ""
+    lines.append(f"  train   {step}, batch {cfg.client.batch_size}, lr {cfg.client.lr:g}{decay}")
     if cfg.mode == "simulation":
         engine = f"Flower simulation on Ray, {cfg.client.num_cpus:g} CPU / {cfg.client.num_gpus:g} GPU per client"
     elif cfg.mode == "deploy":

@@ -22,7 +22,7 @@ from flwr.serverapp import Grid
 
 from fedpeft import data as fdata
 from fedpeft import models
-from fedpeft.config import Config, to_json
+from fedpeft.config import Config, round_lr, to_json
 from fedpeft import protocol
 from fedpeft.llm_eval import LLMEvaluator
 from fedpeft.records import State, fresh_lora, round_seed, split_state, stack_to_delta
@@ -408,7 +408,7 @@ def run_centralized(cfg: Config, run_dir: Path) -> list[dict[str, Any]]:
             examples, pad_token_id=tokenizer.pad_token_id, batch_size=cfg.client.batch_size, shuffle=True, seed=round_seed(cfg.seed, server_round), collate_fn=fdata.collator_for(cfg, tokenizer)
         )
         torch.manual_seed(round_seed(cfg.seed, server_round))  # dropout: a rerun repeats the run
-        train = train_local(model, loader, num_steps=steps, lr=cfg.client.lr, weight_decay=cfg.client.weight_decay, device=evaluator.cm.device)
+        train = train_local(model, loader, num_steps=steps, lr=round_lr(cfg.client, server_round), weight_decay=cfg.client.weight_decay, device=evaluator.cm.device)
         result = evaluate(model, evaluator.loader, device=evaluator.cm.device)
         extra = evaluator.llm(model, device=evaluator.cm.device, batch_size=cfg.server_eval_batch_size) if evaluator.llm and evaluator.llm.active else {}
         writer.write(
@@ -466,7 +466,7 @@ def run_local_only(cfg: Config, run_dir: Path) -> list[dict[str, Any]]:
                 examples, pad_token_id=tokenizer.pad_token_id, batch_size=cfg.client.batch_size, shuffle=True, seed=round_seed(cfg.seed, server_round) + k, collate_fn=collate
             )
             torch.manual_seed(round_seed(cfg.seed, server_round) + k)  # dropout, as a federated client seeds it
-            losses.append(train_local(model, loader, num_steps=steps, lr=cfg.client.lr, weight_decay=cfg.client.weight_decay, device=evaluator.cm.device).loss)
+            losses.append(train_local(model, loader, num_steps=steps, lr=round_lr(cfg.client, server_round), weight_decay=cfg.client.weight_decay, device=evaluator.cm.device).loss)
             adapters[k] = evaluator.cm.adapter_state(rank)
             if server_round % cfg.eval_every == 0 or server_round == cfg.num_rounds:
                 tests.append(evaluate(model, evaluator.loader, device=evaluator.cm.device))
