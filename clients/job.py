@@ -239,7 +239,6 @@ def tail_norm(factors: Sequence[tuple[torch.Tensor, torch.Tensor]], start: int) 
     return sum(torch.linalg.norm(b[:, start:]) * torch.linalg.norm(a[start:, :]) for a, b in factors)
 
 
-
 def evaluate_metrics(model, job: Job, pad_id: int, *, device, which: Evaluate) -> dict[str, Any]:
     """Loss and accuracy on the node's validation slice (nothing when it has none)."""
     if not job.val_examples:

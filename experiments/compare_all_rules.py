@@ -64,7 +64,7 @@ def run_config(*, rule: str | None, setting: str, seed: int, lr: float, args: ar
         "clients_per_round": 4,
         "save_adapter": False,
         "model": {"max_length": args.max_length},
-        "client": {"local_steps": args.local_steps, "lr": lr},
+        "client": {"local_steps": args.local_steps, "lr": lr, "lr_decay": args.lr_decay},
         "data": {"partitioner": "dirichlet", "dirichlet_alpha": 0.5, **({"max_samples": args.max_samples} if args.max_samples else {})},
     }
     if rule is None:  # a bound: "reference" (pooled data) or "local" (each client alone)
@@ -95,6 +95,8 @@ def run_one(run_dir: Path, cfg_dict: dict, *, redo: bool = False) -> tuple[list[
     wall_file = run_dir / "wall.json"
     sittings: list[list[float]] = []
     if wall_file.exists() and (run_dir / "metrics.jsonl").exists():
+        if changed := differs(run_dir, cfg):
+            raise SystemExit(f"[compare_all_rules] {run_dir} was run with other settings than asked ({', '.join(changed)}): move it away, or pass --out elsewhere")
         rows = read_metrics(run_dir)
         if len(rows) == cfg.num_rounds:
             return rows, json.loads(wall_file.read_text())["seconds"]
@@ -110,6 +112,23 @@ def run_one(run_dir: Path, cfg_dict: dict, *, redo: bool = False) -> tuple[list[
     wall_file.write_text(json.dumps({"seconds": wall, "sittings": sittings}))
     models.clear_cache()
     return rows, wall
+
+
+def differs(run_dir: Path, cfg) -> list[str]:
+    """The settings (dotted keys, with both values) in which the run in ``run_dir`` differs from
+    ``cfg``, its length and run-directory handling aside: a finished run is reused only as the run asked."""
+    from omegaconf import OmegaConf
+
+    from fedpeft.config import to_container
+
+    def flat(d: dict, prefix: str = "") -> dict[str, object]:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    saved, asked = flat(to_container(to_config(OmegaConf.load(run_dir / "config.yaml")))), flat(to_container(cfg))
+    return [f"{k}: {saved.get(k)!r} there, {asked.get(k)!r} asked" for k in sorted(saved.keys() | asked.keys()) if k not in ("num_rounds", "resume", "overwrite") and saved.get(k) != asked.get(k)]
 
 
 def finished(run_dir: Path, rounds: int) -> bool:
@@ -233,7 +252,8 @@ def table(results: dict[tuple[str, str], list[Path]], lrs: dict[str, float], arg
     summed = sum(json.loads((d / "wall.json").read_text())["seconds"] for d in every_run)
     head = (
         f"MiniLM + BBC News, 10 clients, 4 per round, Dirichlet α = 0.5; {args.rounds} rounds "
-        f"{f'(DP: {args.dp_rounds}) ' if args.dp_rounds and args.dp_rounds != args.rounds else ''}of {args.local_steps} local steps, "
+        f"{f'(DP: {args.dp_rounds}) ' if args.dp_rounds and args.dp_rounds != args.rounds else ''}of {args.local_steps} local steps"
+        f"{f' at lr · {args.lr_decay:g}^(t-1) in round t (the lr column is the base rate)' if args.lr_decay != 1.0 else ''}, "
         f"max length {args.max_length}{f', {args.max_samples} examples' if args.max_samples else ''}; test accuracy every {args.eval_every} rounds; "
         f"engine {args.engine}; seeds {args.seeds} (the seeds column counts "
         f"each group's finished runs); "
@@ -305,6 +325,7 @@ def main() -> None:
     parser.add_argument("--lrs", type=float, nargs="+", default=[5e-3, 1e-2, 2e-2])
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--local-steps", type=int, default=4)
+    parser.add_argument("--lr-decay", type=float, default=0.9, help="client.lr_decay of every run, the bounds' too: round t trains at lr · decay^(t-1) (1: constant)")
     parser.add_argument("--max-length", type=int, default=32)
     parser.add_argument("--eval-every", type=int, default=2, help="test-split evaluation every k rounds and after the last (the bounds' local-only runs: every rounds/4)")
     parser.add_argument("--max-samples", type=int, default=None)

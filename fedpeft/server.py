@@ -9,6 +9,7 @@ communication budget. :func:`run_centralized` is the non-federated reference on 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -379,7 +380,7 @@ def one_process_run(cfg: Config, run_dir: Path, *, lineage: str) -> tuple[fdata.
     """What a run without clients (the centralised and local-only bounds) starts from: its data,
     the evaluator, the model holding the run's initial adapter, and the tokenizer."""
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(max(1, int(cfg.client.num_cpus)))
+    torch.set_num_threads(len(os.sched_getaffinity(0)))  # no clients share the machine: every core it may run on
     data = fdata.prepare(cfg.data, seed=cfg.seed, num_clients=cfg.num_clients, need_labels=cfg.model.task == "seq_cls")
     evaluator = ServerEvaluator(cfg, data, lineage=lineage)
     rank = cfg.model.lora.r
@@ -391,7 +392,8 @@ def run_centralized(cfg: Config, run_dir: Path) -> list[dict[str, Any]]:
     """The non-federated reference: one LoRA model trained on the pooled training data.
 
     Each "round" trains as many steps as one federated round does in total
-    (``clients_per_round`` × local steps), so curves compare at equal compute.
+    (``clients_per_round`` × local steps), so curves compare at equal compute; the test split is
+    scored every ``eval_every`` rounds and after the last, as in a federated run.
     """
     data, evaluator, model, tokenizer = one_process_run(cfg, run_dir, lineage="centralized")
     rank = cfg.model.lora.r
@@ -409,13 +411,14 @@ def run_centralized(cfg: Config, run_dir: Path) -> list[dict[str, Any]]:
         )
         torch.manual_seed(round_seed(cfg.seed, server_round))  # dropout: a rerun repeats the run
         train = train_local(model, loader, num_steps=steps, lr=round_lr(cfg.client, server_round), weight_decay=cfg.client.weight_decay, device=evaluator.cm.device)
-        result = evaluate(model, evaluator.loader, device=evaluator.cm.device)
-        extra = evaluator.llm(model, device=evaluator.cm.device, batch_size=cfg.server_eval_batch_size) if evaluator.llm and evaluator.llm.active else {}
+        evaluate_now = server_round % cfg.eval_every == 0 or server_round == cfg.num_rounds  # as the federated server does
+        result = evaluate(model, evaluator.loader, device=evaluator.cm.device) if evaluate_now else None
+        extra = evaluator.llm(model, device=evaluator.cm.device, batch_size=cfg.server_eval_batch_size) if evaluate_now and evaluator.llm and evaluator.llm.active else {}
         writer.write(
             {
                 "round": server_round,
-                "test_accuracy": result.accuracy,
-                "test_loss": result.loss,
+                "test_accuracy": result.accuracy if result else None,
+                "test_loss": result.loss if result else None,
                 "train_loss": train.loss,
                 "clients_sampled": 0,
                 "clients_replied": 0,

@@ -1,4 +1,4 @@
-"""The bookkeeping of experiments/compare_all_rules.py: how long a sweep run in parts took."""
+"""The bookkeeping of experiments/compare_all_rules.py: how long a sweep run in parts took, which runs it reuses."""
 
 from __future__ import annotations
 
@@ -50,3 +50,21 @@ def test_a_swept_run_keeps_its_score_after_it_is_lengthened(tmp_path, script, mo
     assert script.sweep_score(run, 2) == first == (0.75, -0.5)
     with pytest.raises(SystemExit, match="ran 4 rounds and has no sweep_score.json for 3"):
         script.sweep_score(run, 3)
+
+
+def test_a_finished_run_with_other_settings_is_refused_not_reused(tmp_path, script):
+    # Prepare: a finished run directory written with a constant learning rate
+    from omegaconf import OmegaConf
+
+    from fedpeft.config import to_config, to_container
+
+    run = tmp_path / "homogeneous-fedavg-lr0.01-seed0"
+    run.mkdir()
+    OmegaConf.save(OmegaConf.create(to_container(to_config({"client": {"lr": 0.01}}))), run / "config.yaml")
+    (run / "metrics.jsonl").write_text(json.dumps({"round": 1}) + "\n")
+    (run / "wall.json").write_text(json.dumps({"seconds": 1.0}))
+    # Execute / Assert: the same settings (another length aside) differ in nothing; a decaying rate is named
+    assert script.differs(run, to_config({"client": {"lr": 0.01}, "num_rounds": 40})) == []
+    assert script.differs(run, to_config({"client": {"lr": 0.01, "lr_decay": 0.9}})) == ["client.lr_decay: 1.0 there, 0.9 asked"]
+    with pytest.raises(SystemExit, match=r"run with other settings than asked \(client.lr_decay: 1.0 there, 0.9 asked\)"):
+        script.run_one(run, {"client": {"lr": 0.01, "lr_decay": 0.9}, "num_rounds": 1})
