@@ -220,22 +220,36 @@ def sweep_span(run_dirs: list[Path]) -> float:
     return total
 
 
+def end_change(runs: list) -> float | None:
+    """Mean accuracy (over the runs and the evaluated rounds) of the last quarter of the rounds minus
+    that of the quarter before, in points; None when either quarter has no evaluated round."""
+    points = [(row["round"], a) for row, a in zip(runs[0].rows, report.mean_curve(runs)) if a is not None]
+    last_round = points[-1][0] if points else 0
+    quarter = max(1, last_round // 4)
+    last = [a for r, a in points if r > last_round - quarter]
+    before = [a for r, a in points if last_round - 2 * quarter < r <= last_round - quarter]
+    return 100 * (sum(last) / len(last) - sum(before) / len(before)) if last and before else None
+
+
 def flatness(results: dict[tuple[str, str], list[Path]]) -> str:
-    """How flat each group's curve is at the end: its mean accuracy (over seeds and the evaluated rounds
-    of the last quarter of its rounds) minus that of the quarter before, in points; one line per setting."""
+    """How flat each group's curve is at the end (:func:`end_change` of its mean curve over seeds), one
+    part per setting; then, per seed, the mean of that change over every homogeneous and heterogeneous group."""
     by_setting: dict[str, list[str]] = {}
+    by_seed: dict[object, list[float]] = {}
     for (setting, rule), dirs in results.items():
         runs = report.load_runs(dirs)
-        points = [(row["round"], a) for row, a in zip(runs[0].rows, report.mean_curve(runs)) if a is not None]
-        last_round = points[-1][0] if points else 0
-        quarter = max(1, last_round // 4)
-        last = [a for r, a in points if r > last_round - quarter]
-        before = [a for r, a in points if last_round - 2 * quarter < r <= last_round - quarter]
-        if not last or not before:
-            continue
-        change = 100 * (sum(last) / len(last) - sum(before) / len(before))
-        by_setting.setdefault(setting, []).append(f"{rule} {change:+.1f}")
-    return "; ".join(f"{setting}: {', '.join(parts)}" for setting, parts in by_setting.items())
+        if (change := end_change(runs)) is not None:
+            by_setting.setdefault(setting, []).append(f"{rule} {change:+.1f}")
+        if setting in ("homogeneous", "heterogeneous"):
+            for run in runs:
+                if (own := end_change([run])) is not None:
+                    by_seed.setdefault(run.seed, []).append(own)
+    text = "; ".join(f"{setting}: {', '.join(parts)}" for setting, parts in by_setting.items())
+    if by_seed:
+        text += ". By seed, over the homogeneous and heterogeneous groups: " + ", ".join(
+            f"seed {seed} {sum(v) / len(v):+.1f} (from {min(v):+.1f} to {max(v):+.1f})" for seed, v in sorted(by_seed.items(), key=lambda kv: str(kv[0]))
+        )
+    return text
 
 
 def table(results: dict[tuple[str, str], list[Path]], lrs: dict[str, float], args: argparse.Namespace, every_run: list[Path]) -> str:

@@ -68,3 +68,20 @@ def test_a_finished_run_with_other_settings_is_refused_not_reused(tmp_path, scri
     assert script.differs(run, to_config({"client": {"lr": 0.01, "lr_decay": 0.9}})) == ["client.lr_decay: 1.0 there, 0.9 asked"]
     with pytest.raises(SystemExit, match=r"run with other settings than asked \(client.lr_decay: 1.0 there, 0.9 asked\)"):
         script.run_one(run, {"client": {"lr": 0.01, "lr_decay": 0.9}, "num_rounds": 1})
+
+
+def test_end_change_is_the_last_quarter_over_the_quarter_before(script):
+    from pathlib import Path
+
+    from fedpeft.report import Run
+
+    def run(seed, accuracies):  # 8 rounds, evaluated every second one
+        rows = [{"round": t, "test_accuracy": accuracies.get(t)} for t in range(1, 9)]
+        return Run(path=Path(f"seed{seed}"), rows=rows, seed=seed, settings={})
+
+    flat, climbing = run(0, {2: 0.5, 4: 0.9, 6: 0.9, 8: 0.9}), run(1, {2: 0.5, 4: 0.6, 6: 0.7, 8: 0.8})
+    # quarters of 8 rounds: rounds 7-8 against 5-6
+    assert script.end_change([flat]) == pytest.approx(0.0)
+    assert script.end_change([climbing]) == pytest.approx(10.0)
+    assert script.end_change([flat, climbing]) == pytest.approx(5.0)  # of the mean curve
+    assert script.end_change([run(2, {8: 0.9})]) is None  # nothing evaluated in the quarter before
