@@ -81,7 +81,7 @@ def test_client_declines_a_round_that_would_exceed_its_budget(tmp_path):
     store = NodeStore(tmp_path)
     store.save_json("dp-ledger", [[0.5, 0.5, 10]])
     with pytest.raises(BudgetExhausted, match=r"declines to train.*> target 1.0"):
-        dp_train(cfg, None, examples(32, task="seq_cls"), 0, store, pid=3, steps=4, seed=0, device="cpu")
+        dp_train(cfg, None, examples(32, task="seq_cls"), 0, store, pid=3, steps=4, seed=0, device="cpu", lr=cfg.client.lr)
 
 
 # ------------------------------------------------------------------------------ per-sample gradients
