@@ -189,19 +189,19 @@ def run_job(job: Job) -> JobResult:
         collate = fdata.collator_for(cfg, models.load_tokenizer(cfg.model))
         loader = fdata.make_loader(job.train_examples, pad_token_id=pad_id, batch_size=cfg.client.batch_size, shuffle=True, seed=job.seed, collate_fn=collate)
         torch.manual_seed(job.seed)  # LoRA dropout
-        prune = plan.prune
+        prune, lr = plan.prune, round_lr(cfg.client, plan.server_round)
         if cfg.client.dp.enabled:
             if prune is not None:
                 raise ValueError("rank self-pruning's penalty is not a per-sample loss: it cannot be trained under DP-SGD")
-            result, dp_metrics = dp_train(cfg, model, job.train_examples, pad_id, job.store, pid=job.partition_id, steps=job.steps, seed=job.seed, device=cm.device, lr=round_lr(cfg.client, plan.server_round))
+            result, dp_metrics = dp_train(cfg, model, job.train_examples, pad_id, job.store, pid=job.partition_id, steps=job.steps, seed=job.seed, device=cm.device, lr=lr)
             metrics.update(dp_metrics)
         elif prune is None:
-            result = train_local(model, loader, num_steps=job.steps, lr=round_lr(cfg.client, plan.server_round), weight_decay=cfg.client.weight_decay, device=cm.device)
+            result = train_local(model, loader, num_steps=job.steps, lr=lr, weight_decay=cfg.client.weight_decay, device=cm.device)
         else:
             factors, tail = lora_factors(model, plan.rank), prune.pruned_rank(plan.rank)
             before = float(tail_norm(factors, tail).detach())
             result = train_local(
-                model, loader, num_steps=job.steps, lr=round_lr(cfg.client, plan.server_round), weight_decay=cfg.client.weight_decay, device=cm.device,
+                model, loader, num_steps=job.steps, lr=lr, weight_decay=cfg.client.weight_decay, device=cm.device,
                 penalty=lambda: prune.weight * tail_norm(factors, tail),
             )
             after = float(tail_norm(factors, tail).detach())

@@ -121,13 +121,8 @@ def differs(run_dir: Path, cfg) -> list[str]:
 
     from fedpeft.config import to_container
 
-    def flat(d: dict, prefix: str = "") -> dict[str, object]:
-        out = {}
-        for k, v in d.items():
-            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-        return out
-
-    saved, asked = flat(to_container(to_config(OmegaConf.load(run_dir / "config.yaml")))), flat(to_container(cfg))
+    saved = report.flatten(to_container(to_config(OmegaConf.load(run_dir / "config.yaml"))), encode=False)
+    asked = report.flatten(to_container(cfg), encode=False)
     return [f"{k}: {saved.get(k)!r} there, {asked.get(k)!r} asked" for k in sorted(saved.keys() | asked.keys()) if k not in ("num_rounds", "resume", "overwrite") and saved.get(k) != asked.get(k)]
 
 

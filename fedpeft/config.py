@@ -516,3 +516,7 @@ def round_lr(client: ClientConfig, server_round: int) -> float:
     """
     return client.lr * client.lr_decay ** max(0, server_round - 1)
 
+
+def evaluates(cfg: Config, server_round: int) -> bool:
+    """Whether ``server_round`` scores the test split: every ``eval_every`` rounds and after the last."""
+    return server_round % cfg.eval_every == 0 or server_round == cfg.num_rounds

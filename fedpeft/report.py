@@ -108,14 +108,15 @@ def find_runs(paths: Sequence[str | Path]) -> list[Path]:
     return list(dict.fromkeys(p.resolve() for p in found))
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    flat: dict[str, str] = {}
+def flatten(tree: Mapping[str, Any], prefix: str = "", *, encode: bool = True) -> dict[str, Any]:
+    """``dotted.key -> value`` of a nested mapping; ``encode`` writes each non-string value as JSON text."""
+    flat: dict[str, Any] = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
         if isinstance(value, Mapping):
-            flat.update(_flatten(value, name + "."))
+            flat.update(flatten(value, name + ".", encode=encode))
         else:
-            flat[name] = value if isinstance(value, str) else json.dumps(value)
+            flat[name] = json.dumps(value) if encode and not isinstance(value, str) else value
     return flat
 
 
@@ -137,7 +138,7 @@ def read_config(run_dir: Path) -> dict[str, str]:
     path = run_dir / "config.yaml"
     if not path.is_file():
         raise ReportError(f"run {str(run_dir)!r} has neither .hydra/overrides.yaml nor config.yaml: its settings are unknown")
-    return _flatten(yaml.safe_load(path.read_text()) or {})
+    return flatten(yaml.safe_load(path.read_text()) or {})
 
 
 def load_runs(run_dirs: Sequence[Path]) -> list[Run]:

@@ -69,7 +69,8 @@ LOGGERS = ("none", "tensorboard")
 
 
 class MetricsWriter:
-    """Appends one line per round to ``metrics.jsonl`` and ``metrics.csv``, redraws ``plots/``,
+    """Appends one line per round to ``metrics.jsonl`` and ``metrics.csv``, redraws ``plots/`` (on
+    rounds that scored the test split, and after the last),
     optionally adds TensorBoard scalars (``logger="tensorboard"``), and prints progress."""
 
     def __init__(self, run_dir: Path, *, num_rounds: int, logger: str = "none") -> None:
@@ -101,11 +102,16 @@ class MetricsWriter:
                 if isinstance(row.get(key), (int, float)):
                     self.tensorboard.add_scalar(key, row[key], global_step=row["round"])
             self.tensorboard.flush()
+        if row.get("test_accuracy") is not None or row["round"] >= self.num_rounds:  # a new point, or the run's end: redraw
+            self.redraw()
+        self.progress(row)
+
+    def redraw(self) -> None:
+        """``plots/`` from every row so far (a failure is logged: a picture is never worth a run)."""
         try:
             plots.run_plots(self.rows, self.run_dir / "plots")
-        except Exception as err:  # a picture is never worth a run
+        except Exception as err:
             log.warning("could not draw %s: %s", self.run_dir / "plots", err)
-        self.progress(row)
 
     def progress(self, row: dict[str, Any]) -> None:
         """The console line of a round run now; the ETA from this run's own pace."""

@@ -23,7 +23,7 @@ from flwr.serverapp import Grid
 
 from fedpeft import data as fdata
 from fedpeft import models
-from fedpeft.config import Config, round_lr, to_json
+from fedpeft.config import Config, evaluates, round_lr, to_json
 from fedpeft import protocol
 from fedpeft.llm_eval import LLMEvaluator
 from fedpeft.records import State, fresh_lora, round_seed, split_state, stack_to_delta
@@ -271,8 +271,7 @@ def run_federated(cfg: Config, grid: Grid, run_dir: Path) -> list[dict[str, Any]
                 f"round {server_round}: {len(report.clients)} accepted updates, fewer than min_clients={max(cfg.min_clients, 1)}; "
                 f"reasons: {reasons[:3]}"  # fedpeft.run says how to resume, if a round finished
             )
-        last = server_round == cfg.num_rounds
-        evaluate_now = last or server_round % cfg.eval_every == 0
+        evaluate_now = evaluates(cfg, server_round)
         if evaluate_now:
             evaluate_round(strategy, grid, server_round, timeout=cfg.round_timeout)
         result = evaluator(strategy.global_model()) if evaluate_now and strategy.has_global_model else None
@@ -411,7 +410,7 @@ def run_centralized(cfg: Config, run_dir: Path) -> list[dict[str, Any]]:
         )
         torch.manual_seed(round_seed(cfg.seed, server_round))  # dropout: a rerun repeats the run
         train = train_local(model, loader, num_steps=steps, lr=round_lr(cfg.client, server_round), weight_decay=cfg.client.weight_decay, device=evaluator.cm.device)
-        evaluate_now = server_round % cfg.eval_every == 0 or server_round == cfg.num_rounds  # as the federated server does
+        evaluate_now = evaluates(cfg, server_round)  # as the federated server does
         result = evaluate(model, evaluator.loader, device=evaluator.cm.device) if evaluate_now else None
         extra = evaluator.llm(model, device=evaluator.cm.device, batch_size=cfg.server_eval_batch_size) if evaluate_now and evaluator.llm and evaluator.llm.active else {}
         writer.write(
@@ -471,7 +470,7 @@ def run_local_only(cfg: Config, run_dir: Path) -> list[dict[str, Any]]:
             torch.manual_seed(round_seed(cfg.seed, server_round) + k)  # dropout, as a federated client seeds it
             losses.append(train_local(model, loader, num_steps=steps, lr=round_lr(cfg.client, server_round), weight_decay=cfg.client.weight_decay, device=evaluator.cm.device).loss)
             adapters[k] = evaluator.cm.adapter_state(rank)
-            if server_round % cfg.eval_every == 0 or server_round == cfg.num_rounds:
+            if evaluates(cfg, server_round):
                 tests.append(evaluate(model, evaluator.loader, device=evaluator.cm.device))
                 if val_loaders[k] is not None:
                     vals.append((len(val_loaders[k].dataset), evaluate(model, val_loaders[k], device=evaluator.cm.device).accuracy))

@@ -6,7 +6,7 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from fedpeft.config import Config, compose_config, from_json, register_configs, to_json
+from fedpeft.config import Config, compose_config, evaluates, from_json, register_configs, to_config, to_json
 from fedpeft.run import check_config
 from tests.conftest import CONF_DIR
 
@@ -102,3 +102,9 @@ def test_ranks_from_resource_tiers():
     bad = compose_cfg(["+exp=flora_tiers", "strategy.client_tiers=[gpu,gpu,laptop,laptop,laptop,phone,phone,phone,phone,watch]"])
     with pytest.raises(ValueError, match=r"unknown tiers \['watch'\]"):
         check_config(bad)
+
+
+@pytest.mark.parametrize(("eval_every", "num_rounds", "scored"), [(1, 3, [1, 2, 3]), (2, 5, [2, 4, 5]), (3, 6, [3, 6]), (10, 4, [4])])
+def test_the_test_split_is_scored_every_eval_every_rounds_and_after_the_last(eval_every, num_rounds, scored):
+    cfg = to_config({"eval_every": eval_every, "num_rounds": num_rounds})
+    assert [t for t in range(1, num_rounds + 1) if evaluates(cfg, t)] == scored
