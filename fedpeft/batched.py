@@ -38,7 +38,7 @@ from peft.tuners.lora import LoraLayer
 from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 
-from fedpeft.training import TrainResult, _cycle, loss_from_logits, make_optimizer, to_device
+from fedpeft.training import TrainResult, _cycle, forward_logits, loss_from_logits, make_optimizer, to_device
 
 LORA_A = ".lora_A.weight"
 LORA_B = ".lora_B.weight"
@@ -311,7 +311,7 @@ def train_batched(model: nn.Module, tasks: Sequence[ClientTask], *, pad_token_id
                 batches = [to_device(next(streams[k]), device) for k in active]
                 pass_.clients, pass_.counts = active, [b["labels"].shape[0] for b in batches]
                 batch = combine(batches, pad_token_id=pad_token_id)
-                logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+                logits = forward_logits(model, batch)
                 losses = torch.stack([s.mean() for s in loss_from_logits(logits, batch["labels"]).split(pass_.counts)])
                 values = losses.detach().to("cpu", torch.float64).tolist()  # one device sync per pass step
                 for k, value in zip(active, values):

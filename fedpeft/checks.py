@@ -30,7 +30,7 @@ from fedpeft.config import Config, ConfigError, DeployConfig, DPConfig
 from clients.dp import MODES as DP_MODES
 from fedpeft.models import RANKED, ModelError, check_model_config, client_ranks, resolve_device, resolve_model_path
 from fedpeft.results import LOGGERS
-from fedpeft.training import num_local_steps
+from fedpeft.training import AUTOCAST_DTYPES, num_local_steps
 from fedpeft.audit import check_audit_config, client_train_split
 from fedpeft.compression import codec_from_config
 from fedpeft.llm import check_assets, check_llm_options, check_quantized_base
@@ -100,6 +100,13 @@ def check_config(cfg: Config) -> None:
     check_audit_config(cfg)
     fdata.check_data_config(cfg.data, num_clients=cfg.num_clients)
     check_llm_options(cfg.model, device=resolve_device(cfg.device))
+    if cfg.model.autocast is not None:
+        if cfg.model.autocast not in AUTOCAST_DTYPES:
+            raise ConfigError(f"model.autocast={cfg.model.autocast!r}: choose one of {list(AUTOCAST_DTYPES)} or null (off)")
+        if cfg.model.dtype != "float32":
+            raise ConfigError(f"model.autocast={cfg.model.autocast} with model.dtype={cfg.model.dtype}: autocast is mixed precision over a float32 base; a {cfg.model.dtype} base already computes in {cfg.model.dtype}")
+        if cfg.client.dp.enabled:
+            raise ConfigError(f"model.autocast={cfg.model.autocast} with client.dp: DP-SGD's per-sample gradients are clipped and noised in full precision; drop model.autocast for DP runs")
     if cfg.model.dtype == "float16" and cfg.client.dp.enabled:
         raise ConfigError("model.dtype=float16 with client.dp: DP-SGD's per-sample gradients get no loss scaling and underflow in float16; use model.dtype=bfloat16")
     if cfg.model.dtype == "float16" and cfg.mode == "simulation" and cfg.engine.name == "batched":

@@ -26,6 +26,7 @@ from fedpeft.config import EMBEDDED_MODEL, LoraSettings, ModelConfig
 from fedpeft.llm import TINY_LLAMA, from_pretrained_kwargs, prepare_for_training, tiny_llama_path
 from fedpeft.protocol import LORA_A, LORA_B, OTHER
 from fedpeft.records import exact_product
+from fedpeft.training import AUTOCAST, AUTOCAST_DTYPES
 
 log = logging.getLogger(__name__)
 # transformers prints a load report for every fresh head ("classifier: MISSING"): expected here.
@@ -362,7 +363,7 @@ def cached_model(cfg: ModelConfig, *, num_labels: int, device: torch.device, see
     Built under ``torch.manual_seed(seed)`` (on a forked RNG) so a freshly initialised head is
     the same in every process of a run.
     """
-    key = ("model", cfg.name_or_path, cfg.task, cfg.dtype, cfg.quantization, cfg.gradient_checkpointing, cfg.attn_implementation, num_labels, str(device), seed, cfg.peft, repr(sorted(cfg.peft_options.items())), _lora_key(cfg.lora))
+    key = ("model", cfg.name_or_path, cfg.task, cfg.dtype, cfg.autocast, cfg.quantization, cfg.gradient_checkpointing, cfg.attn_implementation, num_labels, str(device), seed, cfg.peft, repr(sorted(cfg.peft_options.items())), _lora_key(cfg.lora))
     with _LOCK:
         if key not in _CACHE:
             with torch.random.fork_rng(devices=[]):
@@ -372,6 +373,8 @@ def cached_model(cfg: ModelConfig, *, num_labels: int, device: torch.device, see
                 peft_model = get_peft_model(base, peft_config(cfg, rank=rank), adapter_name=adapter_name(rank))
             if cfg.quantization == "none":  # bitsandbytes placed a quantized base itself
                 peft_model.to(device)
+            if cfg.autocast is not None:  # read by fedpeft.training.outputs, wherever the model runs
+                setattr(peft_model, AUTOCAST, AUTOCAST_DTYPES[cfg.autocast])
             _CACHE[key] = CachedModel(model=peft_model, cfg=cfg, device=device)
         return _CACHE[key]
 

@@ -10,6 +10,7 @@ import inspect
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -71,8 +72,8 @@ def shifted_lm_logits(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tu
     targets = batch["labels"][:, 1:]
     positions = torch.nonzero((targets != -100).any(dim=0)).flatten()
     if 0 < positions.numel() < targets.shape[1] and _accepts_logits_to_keep(model):
-        return model(**inputs, logits_to_keep=positions).logits, targets[:, positions]
-    return model(**inputs).logits[:, :-1], targets
+        return outputs(model, **inputs, logits_to_keep=positions).logits, targets[:, positions]
+    return outputs(model, **inputs).logits[:, :-1], targets
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -84,8 +85,28 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return (token_loss * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
 
 
+AUTOCAST = "fedpeft_autocast"  # set on a model built with model.autocast (fedpeft.models.cached_model): the dtype its forward computes in
+AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16}
+
+
+def outputs(model: nn.Module, **inputs: Any) -> Any:
+    """``model(**inputs)``, under ``torch.autocast`` when the model was built with ``model.autocast``.
+
+    Only the forward is autocast: the backward follows its dtypes, while the trainable weights,
+    their gradients, the optimizer and everything after the step stay in the weights' dtype. The
+    logits come back in float32, so the loss is never computed in bf16.
+    """
+    dtype = getattr(model, AUTOCAST, None)
+    if dtype is None:
+        return model(**inputs)
+    with torch.autocast(next(model.parameters()).device.type, dtype=dtype):
+        out = model(**inputs)
+    out.logits = out.logits.float()
+    return out
+
+
 def forward_logits(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    return model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    return outputs(model, **{k: v for k, v in batch.items() if k != "labels"}).logits
 
 
 def loss_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

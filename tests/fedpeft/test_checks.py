@@ -34,6 +34,9 @@ SMOKE = ["+exp=smoke"]
         (["model.lora.target_modules=[]"], "model.lora.target_modules is empty"),
         (["round_timeout=0"], "round_timeout must be > 0"),
         (["model.peft=ia3", "client=dp"], "grad_sample_mode=lora computes per-sample gradients of LoRA layers only; model.peft=ia3 needs grad_sample_mode=loop"),
+        (["model.autocast=float8"], r"model.autocast='float8': choose one of \['bfloat16'\] or null"),
+        (["model.autocast=bfloat16", "model.dtype=bfloat16"], "autocast is mixed precision over a float32 base"),
+        (["model.autocast=bfloat16", "client=dp"], "per-sample gradients are clipped and noised in full precision; drop model.autocast"),
         (["deploy.superlink=10.0.0.1:9443"], "deploy.superlink=10.0.0.1:9443 has no effect with mode=simulation: add mode=deploy"),
     ],
 )
