@@ -332,7 +332,7 @@ def write_readme(text: str, out: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--lrs", type=float, nargs="+", default=[5e-3, 1e-2, 2e-2])
+    parser.add_argument("--lrs", type=float, nargs="+", default=[5e-3, 1e-2, 2e-2, 4e-2])
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--local-steps", type=int, default=2)
     parser.add_argument("--clients-per-round", type=int, default=10, help="of the 10 clients (the centralised reference trains this × --local-steps steps a round)")
