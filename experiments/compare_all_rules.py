@@ -63,7 +63,7 @@ def run_config(*, rule: str | None, setting: str, seed: int, lr: float, args: ar
         "num_clients": 10,
         "clients_per_round": args.clients_per_round,
         "save_adapter": False,
-        "model": {"max_length": args.max_length, "autocast": None if setting == "dp" or args.autocast == "none" else args.autocast},
+        "model": {"max_length": args.max_length, "autocast": None if args.autocast == "none" else args.autocast},
         "client": {"local_steps": args.local_steps, "lr": lr, "lr_decay": args.lr_decay},
         "data": {"partitioner": "dirichlet", "dirichlet_alpha": 0.5, **({"max_samples": args.max_samples} if args.max_samples else {})},
     }
@@ -264,7 +264,7 @@ def table(results: dict[tuple[str, str], list[Path]], lrs: dict[str, float], arg
         f"{f'(DP: {args.dp_rounds}) ' if args.dp_rounds and args.dp_rounds != args.rounds else ''}of {args.local_steps} local steps"
         f"{f' at lr · {args.lr_decay:g}^(t-1) in round t (the lr column is the base rate)' if args.lr_decay != 1.0 else ''}, "
         f"max length {args.max_length}{f', {args.max_samples} examples' if args.max_samples else ''}"
-        f"{f'; the forward in {args.autocast} (model.autocast; the DP runs in float32)' if args.autocast != 'none' else ''}; test accuracy every {args.eval_every} rounds; "
+        f"{f'; the forward in {args.autocast} (model.autocast; DP-SGD clips and noises float32 per-sample gradients)' if args.autocast != 'none' else ''}; test accuracy every {args.eval_every} rounds; "
         f"engine {args.engine}; seeds {args.seeds} (the seeds column counts "
         f"each group's finished runs); "
         f"DP-SGD at ε = {args.epsilon} (δ = 1e-5). Each rule's learning rate is the best of {args.lrs} by its final global model's "
@@ -338,7 +338,7 @@ def main() -> None:
     parser.add_argument("--clients-per-round", type=int, default=10, help="of the 10 clients (the centralised reference trains this × --local-steps steps a round)")
     parser.add_argument("--lr-decay", type=float, default=0.9, help="client.lr_decay of every run, the bounds' too: round t trains at lr · decay^(t-1) (1: constant)")
     parser.add_argument("--max-length", type=int, default=32)
-    parser.add_argument("--autocast", default="bfloat16", choices=["bfloat16", "none"], help="model.autocast of every run but the DP ones (DP-SGD refuses it): the forward in bf16, weights and adapter float32")
+    parser.add_argument("--autocast", default="bfloat16", choices=["bfloat16", "none"], help="model.autocast of every run: the forward in bf16; weights, gradients (DP's per-sample ones too) and adapter float32")
     parser.add_argument("--eval-every", type=int, default=2, help="test-split evaluation every k rounds and after the last (the bounds' local-only runs: every rounds/4)")
     parser.add_argument("--max-samples", type=int, default=None)
     parser.add_argument("--local-lrs", type=float, nargs="+", default=None, help="the local-only bound's learning-rate grid (default: --lrs)")

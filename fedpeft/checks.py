@@ -105,8 +105,11 @@ def check_config(cfg: Config) -> None:
             raise ConfigError(f"model.autocast={cfg.model.autocast!r}: choose one of {list(AUTOCAST_DTYPES)} or null (off)")
         if cfg.model.dtype != "float32":
             raise ConfigError(f"model.autocast={cfg.model.autocast} with model.dtype={cfg.model.dtype}: autocast is mixed precision over a float32 base; a {cfg.model.dtype} base already computes in {cfg.model.dtype}")
-        if cfg.client.dp.enabled:
-            raise ConfigError(f"model.autocast={cfg.model.autocast} with client.dp: DP-SGD's per-sample gradients are clipped and noised in full precision; drop model.autocast for DP runs")
+        if cfg.client.dp.enabled and cfg.client.dp.grad_sample_mode == "opacus":
+            raise ConfigError(
+                f"model.autocast={cfg.model.autocast} with client.dp.grad_sample_mode=opacus: Opacus' hooks would compute the per-sample gradients in bf16; "
+                "use grad_sample_mode=lora or loop (per-sample gradients, clipping and noise in float32) or drop model.autocast"
+            )
     if cfg.model.dtype == "float16" and cfg.client.dp.enabled:
         raise ConfigError("model.dtype=float16 with client.dp: DP-SGD's per-sample gradients get no loss scaling and underflow in float16; use model.dtype=bfloat16")
     if cfg.model.dtype == "float16" and cfg.mode == "simulation" and cfg.engine.name == "batched":

@@ -30,7 +30,7 @@ from fedpeft import instruct
 from fedpeft.config import GenerationEval, MultipleChoiceEval
 from fedpeft.data import DataError
 from fedpeft.llm import eval_mode
-from fedpeft.training import shifted_lm_logits
+from fedpeft.training import autocast, shifted_lm_logits
 
 Example = dict[str, list[int]]
 Collate = Callable[[Sequence[Example]], dict[str, torch.Tensor]]
@@ -261,7 +261,7 @@ def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[Sequence[int]],
     """Greedy continuations of token-id prompts, batched with left padding; decoded without special tokens."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out: list[str] = []
-    with eval_mode(model):
+    with eval_mode(model), autocast(model):  # model.autocast: generation in bf16 too, like every other forward
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
             width = max(len(p) for p in chunk)

@@ -6,6 +6,7 @@ difference between them is a difference in data or aggregation, never in the opt
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -89,6 +90,14 @@ AUTOCAST = "fedpeft_autocast"  # set on a model built with model.autocast (fedpe
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16}
 
 
+def autocast(model: nn.Module) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` in the dtype the model was built with (``model.autocast``); a no-op without it."""
+    dtype = getattr(model, AUTOCAST, None)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(next(model.parameters()).device.type, dtype=dtype)
+
+
 def outputs(model: nn.Module, **inputs: Any) -> Any:
     """``model(**inputs)``, under ``torch.autocast`` when the model was built with ``model.autocast``.
 
@@ -96,10 +105,9 @@ def outputs(model: nn.Module, **inputs: Any) -> Any:
     their gradients, the optimizer and everything after the step stay in the weights' dtype. The
     logits come back in float32, so the loss is never computed in bf16.
     """
-    dtype = getattr(model, AUTOCAST, None)
-    if dtype is None:
+    if getattr(model, AUTOCAST, None) is None:
         return model(**inputs)
-    with torch.autocast(next(model.parameters()).device.type, dtype=dtype):
+    with autocast(model):
         out = model(**inputs)
     out.logits = out.logits.float()
     return out

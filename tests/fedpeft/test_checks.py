@@ -36,7 +36,7 @@ SMOKE = ["+exp=smoke"]
         (["model.peft=ia3", "client=dp"], "grad_sample_mode=lora computes per-sample gradients of LoRA layers only; model.peft=ia3 needs grad_sample_mode=loop"),
         (["model.autocast=float8"], r"model.autocast='float8': choose one of \['bfloat16'\] or null"),
         (["model.autocast=bfloat16", "model.dtype=bfloat16"], "autocast is mixed precision over a float32 base"),
-        (["model.autocast=bfloat16", "client=dp"], "per-sample gradients are clipped and noised in full precision; drop model.autocast"),
+        (["model.autocast=bfloat16", "client=dp", "client.dp.grad_sample_mode=opacus"], "Opacus' hooks would compute the per-sample gradients in bf16; use grad_sample_mode=lora or loop"),
         (["deploy.superlink=10.0.0.1:9443"], "deploy.superlink=10.0.0.1:9443 has no effect with mode=simulation: add mode=deploy"),
     ],
 )
@@ -49,6 +49,11 @@ def test_config_mistakes_fail_before_anything_starts(overrides, fragment):
 def test_dp_turned_off_on_purpose_is_allowed():
     """``client=dp client.dp.enabled=false`` (the no-DP reference of a DP sweep) keeps its DP settings, unused."""
     check_config(compose_config([*SMOKE, "client=dp", "client.dp.enabled=false"]))
+
+
+@pytest.mark.parametrize("mode", ["lora", "loop"])
+def test_dp_under_autocast_is_allowed_where_per_sample_gradients_are_float32(mode):
+    check_config(compose_config([*SMOKE, "client=dp", f"client.dp.grad_sample_mode={mode}", "model.autocast=bfloat16"]))
 
 
 @pytest.mark.parametrize(

@@ -187,3 +187,26 @@ def test_batched_left_padded_generation_equals_one_by_one():
     batched = llm_eval.generate(model, tok, prompts, max_new_tokens=6, batch_size=3)
     single = [llm_eval.generate(model, tok, [p], max_new_tokens=6, batch_size=1)[0] for p in prompts]
     assert batched == single
+
+
+def test_generation_runs_in_the_models_autocast_dtype():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fedpeft.training import AUTOCAST
+
+    # Prepare: a tiny causal LM; a hook records the dtype its feed-forward computes in
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    tok = SimpleNamespace(pad_token_id=0, eos_token_id=None, decode=lambda ids, skip_special_tokens: " ".join(map(str, ids.tolist())))
+    seen: set[torch.dtype] = set()
+    model.model.layers[0].mlp.down_proj.register_forward_hook(lambda _m, _i, out: seen.add(out.dtype))
+    # Execute: greedy generation without, then with, model.autocast's mark
+    plain = llm_eval.generate(model, tok, [[5, 6, 7]], max_new_tokens=4, batch_size=1)
+    assert seen == {torch.float32}
+    seen.clear()
+    setattr(model, AUTOCAST, torch.bfloat16)
+    mixed = llm_eval.generate(model, tok, [[5, 6, 7]], max_new_tokens=4, batch_size=1)
+    # Assert: the same kind of output, computed in bf16; the weights untouched
+    assert seen == {torch.bfloat16}
+    assert len(mixed[0].split()) == len(plain[0].split()) == 4
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
