@@ -49,6 +49,11 @@ HETERO = [16, 8, 4, 4, 2, 2, 1, 1, 1, 1]
 README_START, README_END = "<!-- compare_all_rules:start -->", "<!-- compare_all_rules:end -->"
 
 
+def lr_name(setting: str, rule: str) -> str:
+    """A learning rate's key in ``learning_rates.json``: DP-SGD's runs have a sweep of their own."""
+    return f"dp/{rule}" if setting == "dp" else rule
+
+
 def rounds_of(setting: str, args: argparse.Namespace) -> int:
     """The rounds of a setting: ``--dp-rounds`` for DP (its noise is calibrated to ε over them), ``--rounds`` otherwise."""
     return args.dp_rounds if setting == "dp" and args.dp_rounds else args.rounds
@@ -252,7 +257,8 @@ def table(results: dict[tuple[str, str], list[Path]], lrs: dict[str, float], arg
     groups = []
     for (setting, rule), dirs in results.items():
         bound = setting in ("reference", "local")
-        key = ("bound", {"reference": "centralised", "local": "local-only ‡"}[setting], f"{lrs[rule]:g}") if bound else (setting, rule, f"{lrs[rule]:g}")
+        lr = f"{lrs[lr_name(setting, rule)]:g}"
+        key = ("bound", {"reference": "centralised", "local": "local-only ‡"}[setting], lr) if bound else (setting, rule, lr)
         groups.append(report.Group(columns=("setting", "rule", "lr"), key=key, runs=report.load_runs(dirs)))
     groups.sort(key=lambda g: g.key[0] == "bound")  # the bounds last
     target, target_label = report.reference_target(results[("reference", "centralized")], 0.9)
@@ -269,6 +275,7 @@ def table(results: dict[tuple[str, str], list[Path]], lrs: dict[str, float], arg
         f"each group's finished runs); "
         f"DP-SGD at ε = {args.epsilon} (δ = 1e-5). Each rule's learning rate is the best of {args.lrs} by its final global model's "
         f"accuracy on the clients' pooled validation slices after {sweep_rounds} rounds (seed 0, homogeneous ranks; loss breaks ties; FedSA-LoRA: the clients' own models); "
+        f"the DP rows' by the same score of DP runs of their own, calibrated to ε over those {sweep_rounds} rounds; "
         f"the centralised reference's by its final training loss (it has no clients to validate on)"
         f"{f'; the local-only bound ran at {args.local_lrs} only' if args.local_lrs else ''}. "
         f"All {len(every_run)} runs behind the table (the learning-rate sweep's included): {sweep_span(every_run) / 60:.0f} min wall-clock on 2 CPU cores "
@@ -351,7 +358,7 @@ def main() -> None:
     parser.add_argument("--bounds-only", action="store_true", help="only the centralised and local-only runs (for a parallel invocation)")
     parser.add_argument("--settings", nargs="+", default=["homogeneous", "heterogeneous", "dp"], help="which of the federated settings to run (the order of a sweep run in parts)")
     parser.add_argument("--lrs-from", default=None, help="take every rate from this learning_rates.json (a finished sweep's picks) instead of sweeping: to lengthen a sweep's runs without its sweep")
-    parser.add_argument("--dp-rounds", type=int, default=8, help="rounds of the DP runs (0: --rounds); ε is reached over them")
+    parser.add_argument("--dp-rounds", type=int, default=0, help="rounds of the DP runs (0: --rounds); ε is reached over them")
     parser.add_argument("--redo", action="store_true", help="replace a finished run of other rounds that cannot be lengthened (DP, the bounds)")
     parser.add_argument("--sweep-rounds", type=int, default=8, help="rounds of the learning-rate sweep's runs; the picked rate's run is then lengthened to --rounds (with --lrs-from: the rounds that sweep ran, for the table's text)")
     parser.add_argument("--engine", default="batched", choices=["ray", "batched"], help="the simulation engine (engine.name); batched trains the clients of a round in one pass over one base")
@@ -365,7 +372,9 @@ def main() -> None:
     started = time.perf_counter()
 
     def run(setting: str, rule: str | None, seed: int, lr: float, rounds: int | None = None) -> Path | None:
-        name = f"{setting}-{rule or ('local-only' if setting == 'local' else 'centralized')}-lr{lr:g}-seed{seed}"
+        # a DP sweep run is not the start of a longer run (its noise is calibrated to its own rounds): named apart
+        label = "dp_sweep" if setting == "dp" and rounds is not None else setting
+        name = f"{label}-{rule or ('local-only' if setting == 'local' else 'centralized')}-lr{lr:g}-seed{seed}"
         if rounds is not None and scored(out / "runs" / name, rounds):  # swept, and maybe lengthened since
             return out / "runs" / name
         if args.finished_only and not finished(out / "runs" / name, rounds or rounds_of(setting, args)):
@@ -404,15 +413,21 @@ def main() -> None:
     if args.bounds_only:
         bounds()
         return
-    # 1. the learning-rate sweep: client validation accuracy of the last round, seed 0, homogeneous
-    for rule in args.rules:
+    # 1. the learning-rate sweeps: client validation accuracy of the last round, seed 0, homogeneous
+    #    ranks; DP-SGD's own (noise changes which rate is best), in runs of its own calibrated to
+    #    ε over --sweep-rounds
+    sweeps = [("homogeneous", r) for r in args.rules] + [("dp", r) for r in DP_RULES if r in args.rules and "dp" in args.settings]
+    for setting, rule in sweeps:
+        name = lr_name(setting, rule)
         if picked is not None:
-            lrs[rule] = picked[rule]
+            if name not in picked:
+                raise SystemExit(f"[compare_all_rules] {args.lrs_from} has no learning rate for {name}")
+            lrs[name] = picked[name]
             continue
-        # accuracy first, loss breaks ties; the picked run goes on to --rounds in step 2
-        scores = {lr: sweep_score(run("homogeneous", rule, args.seeds[0], lr, rounds=args.sweep_rounds), args.sweep_rounds) for lr in args.lrs}
-        lrs[rule] = max(scores, key=lambda lr: scores[lr])
-        print(f"[compare_all_rules] {rule}: validation (accuracy, -loss) by lr {scores}; picked {lrs[rule]:g}", flush=True)
+        # accuracy first, loss breaks ties; a non-DP pick goes on to --rounds in step 2
+        scores = {lr: sweep_score(run(setting, rule, args.seeds[0], lr, rounds=args.sweep_rounds), args.sweep_rounds) for lr in args.lrs}
+        lrs[name] = max(scores, key=lambda lr: scores[lr])
+        print(f"[compare_all_rules] {name}: validation (accuracy, -loss) by lr {scores}; picked {lrs[name]:g}", flush=True)
     # 2. every setting at the chosen rate, every seed
     results: dict[tuple[str, str], list[Path]] = {}
     plan = [("homogeneous", r) for r in args.rules] + [("heterogeneous", r) for r in args.rules if r not in EQUAL_RANKS_ONLY]
@@ -420,7 +435,7 @@ def main() -> None:
     plan = [(setting, rule) for setting, rule in plan if setting in args.settings]
     for seed in args.seeds:
         for setting, rule in plan:
-            if (done := run(setting, rule, seed, lrs[rule])) is not None:
+            if (done := run(setting, rule, seed, lrs[lr_name(setting, rule)])) is not None:
                 results.setdefault((setting, rule), []).append(done)
     if args.runs_only:
         return
