@@ -33,6 +33,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,6 +53,23 @@ README_START, README_END = "<!-- compare_all_rules:start -->", "<!-- compare_all
 def lr_name(setting: str, rule: str) -> str:
     """A learning rate's key in ``learning_rates.json``: DP-SGD's runs have a sweep of their own."""
     return f"dp/{rule}" if setting == "dp" else rule
+
+
+def pick_rate(score: Callable[[float], tuple[float, float]], grid: Sequence[float], *, widen: int) -> tuple[float, dict[float, tuple[float, float]]]:
+    """The rate of ``grid`` with the best ``score`` (higher is better), and every rate's score.
+
+    While the best is the largest rate tried the grid goes on by doubling, and while it is the
+    smallest by halving, at most ``widen`` times in all: a pick at an edge of the grid says only
+    that the best rate may lie beyond it.
+    """
+    scores = {lr: score(lr) for lr in grid}
+    for _ in range(widen):
+        best = max(scores, key=lambda lr: scores[lr])
+        if best not in (max(scores), min(scores)):
+            break
+        beyond = 2 * best if best == max(scores) else best / 2
+        scores[beyond] = score(beyond)
+    return max(scores, key=lambda lr: scores[lr]), scores
 
 
 def rounds_of(setting: str, args: argparse.Namespace) -> int:
@@ -273,7 +291,8 @@ def table(results: dict[tuple[str, str], list[Path]], lrs: dict[str, float], arg
         f"{f'; the forward in {args.autocast} (model.autocast; DP-SGD clips and noises float32 per-sample gradients)' if args.autocast != 'none' else ''}; test accuracy every {args.eval_every} rounds; "
         f"engine {args.engine}; seeds {args.seeds} (the seeds column counts "
         f"each group's finished runs); "
-        f"DP-SGD at ε = {args.epsilon} (δ = 1e-5). Each rule's learning rate is the best of {args.lrs} by its final global model's "
+        f"DP-SGD at ε = {args.epsilon} (δ = 1e-5). Each rule's learning rate is the best of {args.lrs}"
+        f"{' (a pick at the top or bottom tried again at twice or half the rate, up to ' + str(args.widen) + ' times)' if args.widen else ''} by its final global model's "
         f"accuracy on the clients' pooled validation slices after {sweep_rounds} rounds (seed 0, homogeneous ranks; loss breaks ties; FedSA-LoRA: the clients' own models); "
         f"the DP rows' by the same score of DP runs of their own, calibrated to ε over those {sweep_rounds} rounds; "
         f"the centralised reference's by its final training loss (it has no clients to validate on)"
@@ -340,6 +359,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--lrs", type=float, nargs="+", default=[5e-3, 1e-2, 2e-2, 4e-2])
+    parser.add_argument("--widen", type=int, default=2, help="a pick at the grid's top (bottom) is tried at twice (half) the rate, up to this many times")
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--local-steps", type=int, default=2)
     parser.add_argument("--clients-per-round", type=int, default=10, help="of the 10 clients (the centralised reference trains this × --local-steps steps a round)")
@@ -366,7 +386,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.seeds, args.lrs, args.rounds, args.local_steps, args.max_samples, args.max_length = [0], [5e-3], 2, 2, 300, 32
-        args.sweep_rounds, args.dp_rounds, args.eval_every = 1, 2, 1
+        args.sweep_rounds, args.dp_rounds, args.eval_every, args.widen = 1, 2, 1, 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -403,8 +423,8 @@ def main() -> None:
                 found[(setting, name)] = [d for d in (run(setting, None, seed, lrs[name]) for seed in args.seeds) if d is not None]
                 continue
             grid = args.local_lrs if setting == "local" and args.local_lrs else args.lrs
-            scores = {lr: score(read_metrics(run(setting, None, args.seeds[0], lr))) for lr in grid}
-            lrs[name] = max(scores, key=lambda lr: scores[lr])
+            lrs[name], scores = pick_rate(lambda lr, setting=setting, score=score: score(read_metrics(run(setting, None, args.seeds[0], lr))), grid, widen=args.widen)
+            print(f"[compare_all_rules] {name}: score by lr {scores}; picked {lrs[name]:g}", flush=True)
             found[(setting, name)] = [d for d in (run(setting, None, seed, lrs[name]) for seed in args.seeds) if d is not None]
         return found
 
@@ -425,8 +445,11 @@ def main() -> None:
             lrs[name] = picked[name]
             continue
         # accuracy first, loss breaks ties; a non-DP pick goes on to --rounds in step 2
-        scores = {lr: sweep_score(run(setting, rule, args.seeds[0], lr, rounds=args.sweep_rounds), args.sweep_rounds) for lr in args.lrs}
-        lrs[name] = max(scores, key=lambda lr: scores[lr])
+        lrs[name], scores = pick_rate(
+            lambda lr, setting=setting, rule=rule: sweep_score(run(setting, rule, args.seeds[0], lr, rounds=args.sweep_rounds), args.sweep_rounds),
+            args.lrs,
+            widen=args.widen,
+        )
         print(f"[compare_all_rules] {name}: validation (accuracy, -loss) by lr {scores}; picked {lrs[name]:g}", flush=True)
     # 2. every setting at the chosen rate, every seed
     results: dict[tuple[str, str], list[Path]] = {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 
 import pytest
@@ -85,3 +86,28 @@ def test_end_change_is_the_last_quarter_over_the_quarter_before(script):
     assert script.end_change([climbing]) == pytest.approx(10.0)
     assert script.end_change([flat, climbing]) == pytest.approx(5.0)  # of the mean curve
     assert script.end_change([run(2, {8: 0.9})]) is None  # nothing evaluated in the quarter before
+
+
+@pytest.mark.parametrize(
+    "best, widen, picked, tried",
+    [
+        (0.02, 2, 0.02, [0.005, 0.01, 0.02, 0.04]),  # inside the grid: nothing more is run
+        (0.08, 2, 0.08, [0.005, 0.01, 0.02, 0.04, 0.08, 0.16]),  # the top won: doubled until it no longer wins
+        (0.3, 2, 0.16, [0.005, 0.01, 0.02, 0.04, 0.08, 0.16]),  # still at the top after the cap: the cap holds
+        (0.001, 2, 0.00125, [0.005, 0.01, 0.02, 0.04, 0.0025, 0.00125]),  # the bottom won: halved
+        (0.3, 0, 0.04, [0.005, 0.01, 0.02, 0.04]),  # --widen 0: the grid alone
+    ],
+)
+def test_a_pick_at_an_edge_of_the_grid_is_tried_beyond_it(script, best, widen, picked, tried):
+    # Prepare: a score that peaks at `best` (log scale), and a record of the rates run
+    ran = []
+
+    def score(lr):
+        ran.append(lr)
+        return (-abs(math.log(lr / best)), 0.0)
+
+    # Execute
+    pick, scores = script.pick_rate(score, [0.005, 0.01, 0.02, 0.04], widen=widen)
+    # Assert: the pick, and exactly the rates it took to find it
+    assert pick == pytest.approx(picked)
+    assert ran == pytest.approx(tried) and list(scores) == ran
