@@ -47,6 +47,15 @@ def test_experiment_list_is_not_empty():
     assert "smoke" in EXPERIMENTS and "fedavg_hetero" in EXPERIMENTS
 
 
+def test_every_rule_that_takes_heterogeneous_ranks_has_its_hetero_experiment():
+    from strategies import STRATEGIES
+
+    equal_ranks_only = {"fedex_lora"}  # refuses unequal ranks at start (tests/strategies/test_fedex_lora.py)
+    for rule in sorted(set(STRATEGIES) - equal_ranks_only):
+        cfg = compose_cfg([f"+exp={rule}_hetero"])
+        assert cfg.strategy.name == rule and len(set(cfg.strategy.ranks)) > 1, rule
+
+
 @pytest.mark.parametrize(
     "override, fragment",
     [
