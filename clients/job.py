@@ -358,8 +358,8 @@ def dp_train(cfg: Config, model, examples: list, pad_id: int, store: NodeStore, 
     dp = cfg.client.dp
     noise, sample_rate = dp_noise(cfg, num_examples=len(examples), steps=steps)
     ledger = [tuple(x) for x in store.load_json("dp-ledger", [])]
-    spent = epsilon(ledger, delta=dp.delta, accountant=dp.accountant)
     if dp.target_epsilon is not None and would_exceed(ledger, (noise, sample_rate, steps), delta=dp.delta, target_epsilon=dp.target_epsilon, accountant=dp.accountant):
+        spent = epsilon(ledger, delta=dp.delta, accountant=dp.accountant)
         after = epsilon([*ledger, (noise, sample_rate, steps)], delta=dp.delta, accountant=dp.accountant)
         raise BudgetExhausted(
             f"privacy budget: client {pid} declines to train: another round would take ε from {spent:.3f} to {after:.3f} > target {dp.target_epsilon} (δ={dp.delta})"

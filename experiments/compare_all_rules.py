@@ -423,7 +423,7 @@ def main() -> None:
                 found[(setting, name)] = [d for d in (run(setting, None, seed, lrs[name]) for seed in args.seeds) if d is not None]
                 continue
             grid = args.local_lrs if setting == "local" and args.local_lrs else args.lrs
-            lrs[name], scores = pick_rate(lambda lr, setting=setting, score=score: score(read_metrics(run(setting, None, args.seeds[0], lr))), grid, widen=args.widen)
+            lrs[name], scores = pick_rate(lambda lr: score(read_metrics(run(setting, None, args.seeds[0], lr))), grid, widen=args.widen)
             print(f"[compare_all_rules] {name}: score by lr {scores}; picked {lrs[name]:g}", flush=True)
             found[(setting, name)] = [d for d in (run(setting, None, seed, lrs[name]) for seed in args.seeds) if d is not None]
         return found
@@ -446,7 +446,7 @@ def main() -> None:
             continue
         # accuracy first, loss breaks ties; a non-DP pick goes on to --rounds in step 2
         lrs[name], scores = pick_rate(
-            lambda lr, setting=setting, rule=rule: sweep_score(run(setting, rule, args.seeds[0], lr, rounds=args.sweep_rounds), args.sweep_rounds),
+            lambda lr: sweep_score(run(setting, rule, args.seeds[0], lr, rounds=args.sweep_rounds), args.sweep_rounds),
             args.lrs,
             widen=args.widen,
         )
