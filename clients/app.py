@@ -6,10 +6,10 @@ every client (a GPU round took 36 s instead of 15 s that way).
 
 * ``query``: the handshake. Replies with the node's partition id, rank, number of examples, label
   counts and tier (for the server's node status table).
-* ``train`` and ``evaluate``: :func:`clients.job.decode` the message's plan into a job,
-  :data:`ENGINE` (default :func:`clients.job.train_jobs`) runs it, :func:`clients.job.encode`
+* ``train`` and ``evaluate``: :func:`fedpeft.clients.job.decode` the message's plan into a job,
+  :data:`ENGINE` (default :func:`fedpeft.clients.job.train_jobs`) runs it, :func:`fedpeft.clients.job.encode`
   writes the reply. What to start from, what to train, upload, keep and evaluate is all in the
-  plan (:mod:`fedpeft.protocol`); nothing here knows which aggregation rule the server runs.
+  plan (:mod:`fedpeft.protocol.wire`); nothing here knows which aggregation rule the server runs.
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from clients.job import Job, JobResult, decode, encode, train_jobs
-from clients.node import local_data, node_rank, partition_id
-from fedpeft import data as fdata
-from fedpeft import protocol
-from fedpeft.config import from_json
+from fedpeft.clients.job import Job, JobResult, decode, encode, train_jobs
+from fedpeft.clients.node import local_data, node_rank, partition_id
+from fedpeft.data import datasets as fdata
+from fedpeft.protocol import wire as protocol
+from fedpeft.config.schema import from_json
 
 app = ClientApp()
 

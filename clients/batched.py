@@ -1,13 +1,13 @@
 """The client's middle step for many jobs at once: train up to ``clients_per_pass`` jobs in one pass.
 
-:func:`clients.job.train_jobs` runs jobs one after the other; :func:`train_jobs_batched` is its
+:func:`fedpeft.clients.job.train_jobs` runs jobs one after the other; :func:`train_jobs_batched` is its
 drop-in for an engine that holds several clients' jobs (``engine=batched``): the jobs' decode and
 encode steps are the ClientApp's own, only the training of plain-LoRA jobs is shared
-(:func:`fedpeft.batched.train_batched`, one base copy, one adapter slice per client). Each job's
-data order is its own loader with the job's seed, as in :func:`clients.job.run_job`, so a job
+(:func:`fedpeft.training.batched.train_batched`, one base copy, one adapter slice per client). Each job's
+data order is its own loader with the job's seed, as in :func:`fedpeft.clients.job.run_job`, so a job
 gives the adapter it would give alone (METHODS.md invariant 12, dropout aside).
 
-Jobs a pass cannot hold run alone through :func:`clients.job.run_job`, the very path of the Ray
+Jobs a pass cannot hold run alone through :func:`fedpeft.clients.job.run_job`, the very path of the Ray
 engine: DP-SGD jobs (their per-sample clipping, noise and privacy ledger are exactly the Ray
 engine's, so ε does not change), evaluate-only jobs and non-LoRA adapters.
 """
@@ -22,18 +22,18 @@ from typing import Any
 
 import torch
 
-from clients.job import Job, JobResult, evaluate_metrics, run_job, sync_base, worker_model
-from fedpeft import data as fdata
-from fedpeft import models
-from fedpeft import protocol
-from fedpeft.batched import ClientTask, train_batched
-from fedpeft.config import round_lr, to_container
-from fedpeft.protocol import Evaluate
+from fedpeft.clients.job import Job, JobResult, evaluate_metrics, run_job, sync_base, worker_model
+from fedpeft.data import datasets as fdata
+from fedpeft.models import adapters as models
+from fedpeft.protocol import wire as protocol
+from fedpeft.training.batched import ClientTask, train_batched
+from fedpeft.config.schema import round_lr, to_container
+from fedpeft.protocol.wire import Evaluate
 
 
 def passable(job: Job) -> bool:
     """Whether a job can share a pass: it trains a plain LoRA adapter without DP or rank self-pruning
-    (whose penalty and decision run on the one-client path, :func:`clients.job.run_job`)."""
+    (whose penalty and decision run on the one-client path, :func:`fedpeft.clients.job.run_job`)."""
     return job.plan.trains and job.steps > 0 and job.plan.rank is not None and not job.cfg.client.dp.enabled and job.plan.prune is None
 
 
@@ -55,7 +55,7 @@ def passes(jobs: Sequence[Job], *, clients_per_pass: int) -> list[list[int]]:
 
 
 def train_pass(jobs: Sequence[Job]) -> list[JobResult]:
-    """Train ``jobs`` (all :func:`passable`, one :func:`pass_key`) in one pass; metrics as :func:`clients.job.run_job` writes them."""
+    """Train ``jobs`` (all :func:`passable`, one :func:`pass_key`) in one pass; metrics as :func:`fedpeft.clients.job.run_job` writes them."""
     if len({pass_key(j) for j in jobs}) > 1:
         raise ValueError("jobs of one pass must share model, seed and base version")
     cfg = jobs[0].cfg
@@ -104,10 +104,10 @@ def train_pass(jobs: Sequence[Job]) -> list[JobResult]:
 
 
 def train_jobs_batched(jobs: Sequence[Job], *, clients_per_pass: int) -> list[JobResult]:
-    """Every job's result, in order: passable jobs in passes, the others alone (:func:`clients.job.run_job`).
+    """Every job's result, in order: passable jobs in passes, the others alone (:func:`fedpeft.clients.job.run_job`).
 
-    Raises on the first failure, like :func:`clients.job.train_jobs`; an engine that wants one
-    failure per job calls :func:`passes`, :func:`train_pass` and :func:`clients.job.run_job` itself.
+    Raises on the first failure, like :func:`fedpeft.clients.job.train_jobs`; an engine that wants one
+    failure per job calls :func:`passes`, :func:`train_pass` and :func:`fedpeft.clients.job.run_job` itself.
     """
     results: list[JobResult | None] = [None] * len(jobs)
     for idx in passes(jobs, clients_per_pass=clients_per_pass):

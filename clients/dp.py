@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedpeft.training import TrainResult, make_optimizer, per_sample_loss, to_device, trainable_parameters
+from fedpeft.training.local import TrainResult, make_optimizer, per_sample_loss, to_device, trainable_parameters
 
 Ledger = list[tuple[float, float, int]]
 MODES = ("lora", "opacus", "loop")

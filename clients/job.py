@@ -1,6 +1,6 @@
 """The client in three steps: :func:`decode` a message into a :class:`Job`, :func:`train_jobs`, :func:`encode` the reply.
 
-* :func:`decode` reads the message's plan (:mod:`fedpeft.protocol`), the node's data and the
+* :func:`decode` reads the message's plan (:mod:`fedpeft.protocol.wire`), the node's data and the
   node's kept state, and resolves the adapter the job starts from, tensor by tensor, as the plan
   says (message / seed / zero / node state). Nothing is trained and no model is touched.
 * :func:`train_jobs` runs a list of jobs and returns one :class:`JobResult` each. This default
@@ -26,17 +26,17 @@ from typing import Any
 import torch
 from flwr.app import Context, Message, MessageType
 
-from clients.dp import BudgetExhausted, calibrate_noise, epsilon, planned_steps, train_local_dp, would_exceed
-from clients.node import local_data, node_store, partition_id
-from clients.state import NodeStore
-from fedpeft import data as fdata
-from fedpeft import models
-from fedpeft import protocol
-from fedpeft.compression import ComPEFT, codec_from_config, compress_uploads
-from fedpeft.config import Config, from_json, round_lr
-from fedpeft.protocol import ClientPlan, Evaluate, ProtocolError, RunInfo, Source
-from fedpeft.records import State, resize_rank, round_seed, seeded_tensors, stack_to_delta
-from fedpeft.training import evaluate, num_local_steps, train_local
+from fedpeft.clients.dp import BudgetExhausted, calibrate_noise, epsilon, planned_steps, train_local_dp, would_exceed
+from fedpeft.clients.node import local_data, node_store, partition_id
+from fedpeft.clients.state import NodeStore
+from fedpeft.data import datasets as fdata
+from fedpeft.models import adapters as models
+from fedpeft.protocol import wire as protocol
+from fedpeft.compression.compeft import ComPEFT, codec_from_config, compress_uploads
+from fedpeft.config.schema import Config, from_json, round_lr
+from fedpeft.protocol.wire import ClientPlan, Evaluate, ProtocolError, RunInfo, Source
+from fedpeft.protocol.records import State, resize_rank, round_seed, seeded_tensors, stack_to_delta
+from fedpeft.training.local import evaluate, num_local_steps, train_local
 
 log = logging.getLogger(__name__)
 

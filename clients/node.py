@@ -13,13 +13,13 @@ from typing import Any
 
 from flwr.app import Context
 
-from clients.state import NodeStore
-from fedpeft import data as fdata
-from fedpeft import models
-from fedpeft import protocol
+from fedpeft.clients.state import NodeStore
+from fedpeft.data import datasets as fdata
+from fedpeft.models import adapters as models
+from fedpeft.protocol import wire as protocol
 from fedpeft.audit import client_train_split
-from fedpeft.config import Config, to_container
-from fedpeft.protocol import RunInfo
+from fedpeft.config.schema import Config, to_container
+from fedpeft.protocol.wire import RunInfo
 
 _ENCODED: dict[str, tuple[int, list, list]] = {}
 

@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from fedpeft.protocol import NODE_DATA_PATH, NODE_PARTITION_ID, NODE_STATE_DIR
+from fedpeft.protocol.wire import NODE_DATA_PATH, NODE_PARTITION_ID, NODE_STATE_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -51,8 +51,8 @@ def round_walls(rows: list[dict]) -> list[float]:
 
 
 def bench_rounds(rounds: int, work: Path) -> dict:
-    from fedpeft import models
-    from fedpeft.config import to_config
+    from fedpeft.models import adapters as models
+    from fedpeft.config.schema import to_config
     from fedpeft.deploy import LocalFederation, export_partitions
     from fedpeft.run import execute
 
@@ -77,12 +77,12 @@ def prepare_node(store_dir: Path, base_rounds: int) -> None:
     """A node store as after ``base_rounds`` FLoRA rounds: every round's stacks, the merged base, the data cache."""
     import torch
 
-    from clients.job import worker_model
-    from clients.node import local_data
-    from fedpeft.protocol import RunInfo
-    from clients.state import NodeStore
-    from fedpeft.config import to_config
-    from fedpeft.records import stack_to_delta
+    from fedpeft.clients.job import worker_model
+    from fedpeft.clients.node import local_data
+    from fedpeft.protocol.wire import RunInfo
+    from fedpeft.clients.state import NodeStore
+    from fedpeft.config.schema import to_config
+    from fedpeft.protocol.records import stack_to_delta
 
     cfg = to_config(NODE_CFG)
     ctx = _context({NODE_PARTITION_ID: 0, NODE_STATE_DIR: str(store_dir)})
@@ -112,12 +112,12 @@ def _context(node_config: dict):
 def child(mode: str, store_dir: Path, base_rounds: int) -> dict:
     """One fresh process doing what a ClientApp process does before training (``mode``: before/after)."""
     t0 = time.perf_counter()
-    from clients.job import worker_model  # the imports a ClientApp pays
-    from clients.node import local_data
-    from fedpeft.protocol import RunInfo
-    from clients.state import NodeStore
-    from fedpeft.config import to_config
-    from fedpeft.records import stack_to_delta
+    from fedpeft.clients.job import worker_model  # the imports a ClientApp pays
+    from fedpeft.clients.node import local_data
+    from fedpeft.protocol.wire import RunInfo
+    from fedpeft.clients.state import NodeStore
+    from fedpeft.config.schema import to_config
+    from fedpeft.protocol.records import stack_to_delta
 
     t1 = time.perf_counter()
     cfg = to_config(NODE_CFG)

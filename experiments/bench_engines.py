@@ -49,9 +49,10 @@ sys.path.insert(0, str(REPO))
 
 from fedpeft import data as fdata  # noqa: E402
 from fedpeft import models  # noqa: E402
-from fedpeft.batched import ClientTask, train_batched  # noqa: E402
-from fedpeft.config import Config, compose_config  # noqa: E402
-from fedpeft.training import _cycle, num_local_steps, train_local  # noqa: E402
+from fedpeft.training.batched import ClientTask, train_batched  # noqa: E402
+from fedpeft.config.schema import Config  # noqa: E402
+from fedpeft.cli.configs import compose_config
+from fedpeft.training.local import _cycle, num_local_steps, train_local  # noqa: E402
 
 RESULTS = REPO / "experiments" / "results"
 
@@ -147,7 +148,7 @@ def _timed(fn) -> float:
 
 
 def has_batched_engine() -> bool:
-    return importlib.util.find_spec("fedpeft.batched_engine") is not None
+    return importlib.util.find_spec("fedpeft.engines.batched") is not None
 
 
 class TreeMemoryPoller:

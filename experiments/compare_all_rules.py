@@ -40,8 +40,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from fedpeft import report  # noqa: E402  (the table and curves: fedpeft.report over the run directories)
-from fedpeft.config import to_config  # noqa: E402
-from fedpeft.results import read_metrics  # noqa: E402
+from fedpeft.config.schema import to_config  # noqa: E402
+from fedpeft.reporting.metrics import read_metrics  # noqa: E402
 
 RULES = ["fedavg", "ffa_lora", "flora", "lora_fair", "fedex_lora", "flexlora", "fedsa_lora", "rolora", "fedsvd", "hetlora"]
 EQUAL_RANKS_ONLY = {"fedex_lora"}  # refuses heterogeneous ranks at start
@@ -111,7 +111,7 @@ def run_one(run_dir: Path, cfg_dict: dict, *, redo: bool = False) -> tuple[list[
     with ``redo``. An unfinished attempt is redone. ``wall.json`` keeps each sitting's start and
     end, so the sweep's wall-clock time counts every part.
     """
-    from fedpeft import models
+    from fedpeft.models import adapters as models
     from fedpeft.run import execute
 
     cfg = to_config({**cfg_dict, "overwrite": True})  # read below if it finished; an unfinished attempt is redone
@@ -142,7 +142,7 @@ def differs(run_dir: Path, cfg) -> list[str]:
     ``cfg``, its length and run-directory handling aside: a finished run is reused only as the run asked."""
     from omegaconf import OmegaConf
 
-    from fedpeft.config import to_container
+    from fedpeft.config.schema import to_container
 
     saved = report.flatten(to_container(to_config(OmegaConf.load(run_dir / "config.yaml"))), encode=False)
     asked = report.flatten(to_container(cfg), encode=False)
@@ -156,7 +156,7 @@ def finished(run_dir: Path, rounds: int) -> bool:
 def lengthens(run_dir: Path, cfg_dict: dict) -> bool:
     """Whether the finished run in ``run_dir`` can go on to ``cfg_dict``'s rounds (same config otherwise, no DP target)."""
     from fedpeft.run import run_config
-    from fedpeft.server import RunError, load_checkpoint
+    from fedpeft.server.loop import RunError, load_checkpoint
 
     cfg = to_config({**cfg_dict, "resume": str(run_dir)})
     if cfg.mode != "simulation" or not (run_dir / "checkpoint.pt").exists():
@@ -187,11 +187,11 @@ def validation_score(run_dir: Path) -> tuple[float, float]:
     import torch
     from omegaconf import OmegaConf
 
-    from fedpeft import data as fdata
-    from fedpeft import models
-    from fedpeft.server import ServerEvaluator, initial_adapter
-    from fedpeft.training import evaluate
-    from strategies import get_strategy
+    from fedpeft.data import datasets as fdata
+    from fedpeft.models import adapters as models
+    from fedpeft.server.loop import ServerEvaluator, initial_adapter
+    from fedpeft.training.local import evaluate
+    from fedpeft.strategies import get_strategy
 
     cfg = to_config(OmegaConf.load(run_dir / "config.yaml"))
     rule = get_strategy(cfg.strategy.name)

@@ -26,8 +26,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fedpeft.config import to_config  # noqa: E402
-from fedpeft.results import read_metrics  # noqa: E402
+from fedpeft.config.schema import to_config  # noqa: E402
+from fedpeft.reporting.metrics import read_metrics  # noqa: E402
 
 RULES = ["fedavg", "ffa_lora", "flora", "lora_fair"]
 HETERO = [16, 8, 4, 4, 2, 2, 1, 1, 1, 1]
@@ -52,7 +52,7 @@ def run_config(*, rule: str | None, ranks, seed: int, rounds: int, max_length: i
 
 
 def run_one(run_dir: Path, cfg_dict: dict) -> list[dict]:
-    from fedpeft import models
+    from fedpeft.models import adapters as models
     from fedpeft.run import execute
 
     cfg = to_config({**cfg_dict, "overwrite": True})  # an unfinished earlier attempt is redone

@@ -29,15 +29,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from fedpeft import report  # noqa: E402
-from fedpeft.results import read_metrics  # noqa: E402
+from fedpeft.reporting.metrics import read_metrics  # noqa: E402
 
 RULES = ["fedavg", "ffa_lora"]
 
 
 def run(overrides: list[str], run_dir: Path) -> list[dict]:
     """``python -m fedpeft.run <overrides>`` into ``run_dir`` (skipped when it finished before)."""
-    from fedpeft import models
-    from fedpeft.config import compose_config
+    from fedpeft.models import adapters as models
+    from fedpeft.cli.configs import compose_config
     from fedpeft.run import execute
 
     done = run_dir / "wall.json"
@@ -59,10 +59,10 @@ def codec_ratios(args, out: Path) -> list[str]:
     import torch
     from flwr.app import Array
 
-    from fedpeft import models
-    from fedpeft.compression import ComPEFT, encode_update, payload_nbytes
-    from fedpeft.config import compose_config
-    from fedpeft.records import LORA_A_SUFFIX, state_nbytes
+    from fedpeft.models import adapters as models
+    from fedpeft.compression.compeft import ComPEFT, encode_update, payload_nbytes
+    from fedpeft.cli.configs import compose_config
+    from fedpeft.protocol.records import LORA_A_SUFFIX, state_nbytes
 
     cfg = compose_config([])
     cm = models.cached_model(cfg.model, num_labels=5, device=torch.device("cpu"), seed=0)

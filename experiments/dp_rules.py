@@ -22,13 +22,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from fedpeft import report  # noqa: E402
-from fedpeft.results import read_metrics  # noqa: E402
+from fedpeft.reporting.metrics import read_metrics  # noqa: E402
 
 RULES = ["fedavg", "ffa_lora"]
 
 
 def compose(rule: str, eps: float, seed: int, rounds: int, max_length: int):
-    from fedpeft.config import compose_config
+    from fedpeft.cli.configs import compose_config
 
     privacy = "client.dp.enabled=false" if math.isinf(eps) else f"client.dp.target_epsilon={eps}"  # ε = ∞: the same run without DP
     return compose_config([f"+exp={rule}_dp", privacy, f"seed={seed}", f"num_rounds={rounds}", f"model.max_length={max_length}", "overwrite=true"])  # an unfinished earlier attempt is redone
@@ -42,7 +42,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=48)
     parser.add_argument("--out", default=str(REPO / "experiments" / "results" / "dp_rules"))
     args = parser.parse_args()
-    from fedpeft import models
+    from fedpeft.models import adapters as models
     from fedpeft.run import execute
 
     out = Path(args.out)

@@ -41,11 +41,11 @@ from omegaconf import OmegaConf
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from fedpeft import data as fdata
-from fedpeft import models
-from fedpeft.config import to_config
-from fedpeft.data import make_loader
-from fedpeft.training import forward_logits, per_sample_loss, to_device
+from fedpeft.data import datasets as fdata
+from fedpeft.models import adapters as models
+from fedpeft.config.schema import to_config
+from fedpeft.data.datasets import make_loader
+from fedpeft.training.local import forward_logits, per_sample_loss, to_device
 
 log = logging.getLogger("fedpeft")
 
@@ -106,8 +106,8 @@ class Canaries:
         return f"{self.prefix} {secret}"
 
     def row(self, secret: str) -> dict[str, Any]:
-        """A normalised instruction row (:mod:`fedpeft.instruct`'s layout) whose response is ``secret``."""
-        from fedpeft import instruct
+        """A normalised instruction row (:mod:`fedpeft.data.instruct`'s layout) whose response is ``secret``."""
+        from fedpeft.data import instruct
 
         return {instruct.INSTRUCTION: self.question, instruct.INPUT: "", instruct.RESPONSE: secret, instruct.HISTORY: "[]", fdata.LABEL: 0}
 
@@ -138,7 +138,7 @@ def plant_canaries(train, canaries: Canaries, *, repeats: int):
     train on the tokens alone; their label is the first class (ignored by the LM loss, present only
     because every fedpeft dataset has the column).
     """
-    from datasets import Dataset, concatenate_datasets  # function-local: datasets is imported on first use, as in fedpeft.data
+    from datasets import Dataset, concatenate_datasets  # function-local: datasets is imported on first use, as in fedpeft.data.datasets
 
     planted = [s for s in canaries.secrets for _ in range(repeats)]
     if fdata.TEXT in train.column_names:
@@ -154,7 +154,7 @@ def canary_examples(cfg, tokenizer, canaries: Canaries, secrets: Sequence[str]) 
     if cfg.data.format == "text":
         ids = tokenizer([canaries.text(s) for s in secrets], truncation=True, max_length=cfg.model.max_length)["input_ids"]
         return [{"input_ids": list(x), "attention_mask": [1] * len(x), "labels": list(x)} for x in ids]
-    from fedpeft import instruct
+    from fedpeft.data import instruct
 
     return instruct.encode_config([canaries.row(s) for s in secrets], tokenizer, cfg.data, max_length=cfg.model.max_length)[0]
 
@@ -255,10 +255,10 @@ def load_final_model(cfg, run_dir: Path, *, num_labels: int, device: torch.devic
 
 def round0_model(cfg, *, num_labels: int, device: torch.device) -> torch.nn.Module:
     """The model every client started from (base, B = 0, seeded A and head): the calibration reference."""
-    from fedpeft.server import initial_adapter  # function-local: keeps the server and the strategies off a ClientApp's imports
+    from fedpeft.server.loop import initial_adapter  # function-local: keeps the server and the strategies off a ClientApp's imports
 
     cm = models.cached_model(cfg.model, num_labels=num_labels, device=device, seed=cfg.seed)
-    rank = max(models.client_ranks(cfg))  # the global adapter's rank, as fedpeft.server builds it
+    rank = max(models.client_ranks(cfg))  # the global adapter's rank, as fedpeft.server.loop builds it
     adapter = initial_adapter(cm, rank=rank, seed=cfg.seed)
     cm.load_adapter_state(rank, adapter)
     return cm.model

@@ -1,8 +1,8 @@
 """Flower's deployment engine: the same apps as in simulation, on a SuperLink and real SuperNodes.
 
-The ClientApp is ``clients.app:app`` in both engines; the ServerApp below runs the same
-:func:`fedpeft.server.run_federated` as the simulation's, with the composed Hydra config arriving
-in the run config (``fedpeft.protocol.FEDPEFT_CONFIG``, JSON) instead of a Python closure.
+The ClientApp is ``fedpeft.clients.app:app`` in both engines; the ServerApp below runs the same
+:func:`fedpeft.server.loop.run_federated` as the simulation's, with the composed Hydra config arriving
+in the run config (``fedpeft.protocol.wire.FEDPEFT_CONFIG``, JSON) instead of a Python closure.
 
 ``python -m fedpeft.run +exp=<name> mode=deploy deploy.superlink=<host:port> deploy.root_certificates=<ca.crt>``
 composes and checks the config, writes a one-file Flower App (``flwr-app/pyproject.toml``: the
@@ -42,11 +42,11 @@ from flwr.app import Context
 from flwr.common.config import parse_config_args
 from flwr.serverapp import Grid, ServerApp
 
-from fedpeft import status
-from fedpeft.config import Config, DeployConfig, from_json, to_json
-from fedpeft.console import round_line
-from fedpeft.protocol import FEDPEFT_CONFIG, RUN_DIR
-from fedpeft.results import read_metrics
+from fedpeft.reporting import status
+from fedpeft.config.schema import Config, DeployConfig, from_json, to_json
+from fedpeft.cli.console import round_line
+from fedpeft.protocol.wire import FEDPEFT_CONFIG, RUN_DIR
+from fedpeft.reporting.metrics import read_metrics
 
 log = logging.getLogger("fedpeft")
 
@@ -58,7 +58,7 @@ DONE, FAILED = "deploy-done.json", "deploy-error.txt"
 @server_app.main()
 def main(grid: Grid, context: Context) -> None:
     """The deployed ServerApp: the run's config and results folder come in the run config."""
-    from fedpeft.server import run_federated
+    from fedpeft.server.loop import run_federated
 
     cfg = from_json(str(context.run_config[FEDPEFT_CONFIG]))
     run_dir = Path(str(context.run_config[RUN_DIR]))
@@ -109,7 +109,7 @@ def write_app(app_dir: Path, cfg: Config, run_dir: Path) -> Path:
                 "",
                 "[tool.flwr.app.components]",
                 'serverapp = "fedpeft.deploy:server_app"',
-                'clientapp = "clients.app:app"',
+                'clientapp = "fedpeft.clients.app:app"',
                 "",
                 "[tool.flwr.app.config]",
                 f"{FEDPEFT_CONFIG} = {_toml_str(to_json(cfg))}",
@@ -369,7 +369,7 @@ def export_partitions(cfg: Config, root: Path) -> list[Path]:
     To demo deployment with real node-local data: node k is started with
     ``data-path='<root>/node<k>-data'`` and trains on exactly what partition k would hold.
     """
-    from fedpeft import data as fdata
+    from fedpeft.data import datasets as fdata
 
     data = fdata.prepare(cfg.data, seed=cfg.seed, num_clients=cfg.num_clients, need_labels=True)
     folders = []
@@ -572,7 +572,7 @@ def cli(argv: list[str] | None = None) -> None:
         os.execvp(cmd[0], cmd)  # becomes flower-supernode: same process id, signals and exit code
     args = parser.parse_args(argv)
     if args.command == "partitions":
-        from fedpeft.config import compose_config
+        from fedpeft.cli.configs import compose_config
 
         for path in export_partitions(compose_config(args.overrides), args.out):
             print(path)

@@ -3,7 +3,7 @@
 Loads the run's final model with plain transformers + peft — ``final_adapter/`` on the run's base
 model (``PeftModel.from_pretrained``), or ``final_model/`` (a rule that moved the base saves the
 merged weights) — builds each prompt the way training did (the tokenizer's chat template, else
-the plain template of :mod:`fedpeft.instruct`, with the run's ``data.system_prompt``) and decodes
+the plain template of :mod:`fedpeft.data.instruct`, with the run's ``data.system_prompt``) and decodes
 greedily.
 
 A prompts file has one JSON object per line: ``{"prompt": ...}``, ``{"instruction": ..., "input": ...}``
@@ -25,8 +25,10 @@ from omegaconf import OmegaConf
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from fedpeft import instruct, llm, llm_eval
-from fedpeft.config import Config, ModelConfig, to_config
+from fedpeft.data import instruct
+from fedpeft.models import llm
+from fedpeft.evaluation import llm as llm_eval
+from fedpeft.config.schema import Config, ModelConfig, to_config
 
 
 class GenerateError(ValueError):
@@ -35,7 +37,7 @@ class GenerateError(ValueError):
 
 def base_path(cfg: ModelConfig) -> str:
     """Where the run's base model lives (the tiny Llama is rebuilt bit for bit if its cache is gone)."""
-    from fedpeft.models import resolve_model_path
+    from fedpeft.models.adapters import resolve_model_path
 
     return str(llm.tiny_llama_path()) if cfg.name_or_path == llm.TINY_LLAMA else resolve_model_path(cfg.name_or_path)
 
@@ -85,7 +87,7 @@ def generate_texts(cfg: Config, model, tokenizer, rows: list[dict[str, str]], *,
 def evaluate_run(run_dir: Path, *, device: str = "cpu") -> dict[str, Any]:
     """The run's LLM metrics (``evaluation.*``) recomputed from its saved final model on the same
     held-out split: what the last row of ``metrics.jsonl`` reports, from plain transformers + peft."""
-    from fedpeft import data as fdata
+    from fedpeft.data import datasets as fdata
 
     cfg, model, tokenizer = load_run(run_dir, device=device)
     data = fdata.prepare(cfg.data, seed=cfg.seed, num_clients=cfg.num_clients, need_labels=False)

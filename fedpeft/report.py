@@ -29,8 +29,8 @@ from typing import Any
 
 import yaml
 
-from fedpeft import plots
-from fedpeft.results import read_metrics
+from fedpeft.reporting import plots
+from fedpeft.reporting.metrics import read_metrics
 
 # Settings that are not part of what a group is: the seed is what a group averages over.
 NOT_A_SETTING = ("seed", "resume", "overwrite", "verbose", "hydra.", "deploy.run_dir", "extra.")

@@ -1,8 +1,8 @@
 """Entry point: ``python -m fedpeft.run [+exp=<name>] [key=value ...]``.
 
-Composes the Hydra config (typed by :mod:`fedpeft.config`), checks everything that can be checked
-before Ray starts (:mod:`fedpeft.checks`), claims the run directory, and runs the chosen mode with
-a quiet console (:mod:`fedpeft.console`).
+Composes the Hydra config (typed by :mod:`fedpeft.config.schema`), checks everything that can be checked
+before Ray starts (:mod:`fedpeft.cli.checks`), claims the run directory, and runs the chosen mode with
+a quiet console (:mod:`fedpeft.cli.console`).
 
 What a person gets:
 
@@ -28,9 +28,10 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from fedpeft import console
-from fedpeft.checks import check_config, check_run  # noqa: F401  (check_config: for callers of fedpeft.run)
-from fedpeft.config import Config, register_configs, to_config
+from fedpeft.cli import console
+from fedpeft.cli.checks import check_config, check_run  # noqa: F401  (check_config: for callers of fedpeft.run)
+from fedpeft.config.schema import Config, to_config
+from fedpeft.cli.configs import register_configs
 
 log = logging.getLogger("fedpeft")
 
@@ -96,7 +97,7 @@ def claim_run_dir(cfg: Config, run_dir: Path) -> Path:
             raise RunDirError(f"resume={cfg.resume!r}: no such run directory")
         if cfg.mode in ("centralized", "local"):
             raise RunDirError("resume works for federated runs (mode=simulation or mode=deploy)")
-        from fedpeft.server import load_checkpoint
+        from fedpeft.server.loop import load_checkpoint
 
         state = load_checkpoint(run_dir, run_config(cfg))  # fails now, not after Ray started, if it does not fit
         if finished(state, cfg):
@@ -129,17 +130,17 @@ def launch(cfg: Config, run_dir: Path, *, data: Any = None) -> list[dict[str, An
     # a resumed run's config is the checkpoint's (or, with another num_rounds, the lengthened one)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(dataclasses.replace(cfg, resume=None))))
     if cfg.mode == "simulation":
-        from fedpeft import data as fdata
-        from fedpeft.status import write_partition_report
+        from fedpeft.data import datasets as fdata
+        from fedpeft.reporting.status import write_partition_report
 
         data = data if data is not None else fdata.prepare(cfg.data, seed=cfg.seed, num_clients=cfg.num_clients, need_labels=cfg.model.task == "seq_cls")
         write_partition_report(data, cfg, run_dir)
     if cfg.mode == "centralized":
-        from fedpeft.server import run_centralized
+        from fedpeft.server.loop import run_centralized
 
         return run_centralized(cfg, run_dir)
     if cfg.mode == "local":
-        from fedpeft.server import run_local_only
+        from fedpeft.server.loop import run_local_only
 
         return run_local_only(cfg, run_dir)
     if cfg.mode == "deploy":
@@ -148,7 +149,7 @@ def launch(cfg: Config, run_dir: Path, *, data: Any = None) -> list[dict[str, An
         rows = submit(cfg, run_dir)
         results_dir = Path(cfg.deploy.run_dir or run_dir)
     else:
-        from fedpeft.simulation import run_simulation
+        from fedpeft.engines.ray import run_simulation
 
         rows, results_dir = run_simulation(cfg, run_dir), run_dir
     if cfg.audit.enabled and rows:
@@ -199,7 +200,7 @@ def fail(message: str, *, verbose: bool, code: int = 1) -> None:
     sys.exit(code)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path="pkg://fedpeft.conf", config_name="config")
 def main(dcfg: DictConfig) -> float | None:
     hydra_dir = Path(HydraConfig.get().runtime.output_dir)
     overrides = list(HydraConfig.get().overrides.task)
@@ -233,7 +234,7 @@ def main(dcfg: DictConfig) -> float | None:
     console.setup_logging(run_log, verbose=verbose)
     if not cfg.resume:
         save_hydra_files(run_dir, dcfg)
-    from fedpeft.models import resolve_device
+    from fedpeft.models.adapters import resolve_device
 
     console.show(console.header_lines(cfg, run_dir, data=data, device=str(resolve_device(cfg.device)) if cfg.mode != "deploy" else None))
 

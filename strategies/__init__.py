@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from strategies.base import LoRAStrategy
-from strategies.fedavg import FedIT
-from strategies.fedex_lora import FedExLoRA
-from strategies.fedsa_lora import FedSALoRA
-from strategies.fedsvd import FedSVD
-from strategies.ffa_lora import FFALoRA
-from strategies.flexlora import FlexLoRA
-from strategies.flora import FLoRA
-from strategies.hetlora import HetLoRA
-from strategies.lora_fair import LoRAFAIR
-from strategies.rolora import RoLoRA
+from fedpeft.config.schema import use_rule_schemas
+from fedpeft.strategies.base import LoRAStrategy
+from fedpeft.strategies.fedavg import FedIT
+from fedpeft.strategies.fedex_lora import FedExLoRA
+from fedpeft.strategies.fedsa_lora import FedSALoRA
+from fedpeft.strategies.fedsvd import FedSVD
+from fedpeft.strategies.ffa_lora import FFALoRA
+from fedpeft.strategies.flexlora import FlexLoRA
+from fedpeft.strategies.flora import FLoRA
+from fedpeft.strategies.hetlora import HetLoRA
+from fedpeft.strategies.lora_fair import LoRAFAIR
+from fedpeft.strategies.rolora import RoLoRA
 
 STRATEGIES: dict[str, type[LoRAStrategy]] = {
     "fedavg": FedIT,
@@ -37,3 +38,6 @@ def get_strategy(name: str) -> type[LoRAStrategy]:
 
 
 __all__ = ["STRATEGIES", "LoRAStrategy", "get_strategy"]
+
+
+use_rule_schemas(lambda: {name: rule.config_class for name, rule in STRATEGIES.items()})

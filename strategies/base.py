@@ -3,14 +3,14 @@
 A rule subclasses :class:`LoRAStrategy` and overrides at most a few hooks:
 
 * :meth:`LoRAStrategy.groups` — what each client does with each group of adapter tensors this
-  round (a tuple of :class:`fedpeft.protocol.GroupPlan`; default: one group, sent, trained and
+  round (a tuple of :class:`fedpeft.protocol.wire.GroupPlan`; default: one group, sent, trained and
   uploaded). The tensors a client receives and must send back follow from it.
 * :meth:`LoRAStrategy.aggregate` — the rule's math on the accepted updates (tensors only);
 * :meth:`LoRAStrategy.merge_into_base` (a call, not a hook) — a rule that moves the base records a
   round's stacked factors here; the base class sends every node the updates it has missed,
   checkpoints them and keeps the server's global model on the same base.
 
-Everything that touches Flower messages lives here and in :mod:`fedpeft.protocol`, so a rule file
+Everything that touches Flower messages lives here and in :mod:`fedpeft.protocol.wire`, so a rule file
 is its equations plus a few lines of glue. Incoming messages are never mutated.
 """
 
@@ -28,11 +28,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedpeft import protocol
-from fedpeft.compression import CompressionError, decode_update, payload_nbytes, upload_starts
-from fedpeft.config import StrategyConfig
-from fedpeft.protocol import BasePlan, ClientPlan, Evaluate, GroupPlan, RunInfo, Source
-from fedpeft.records import State, resize_rank, split_state, state_nbytes, to_record
+from fedpeft.protocol import wire as protocol
+from fedpeft.compression.compeft import CompressionError, decode_update, payload_nbytes, upload_starts
+from fedpeft.config.schema import StrategyConfig
+from fedpeft.protocol.wire import BasePlan, ClientPlan, Evaluate, GroupPlan, RunInfo, Source
+from fedpeft.protocol.records import State, resize_rank, split_state, state_nbytes, to_record
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class GlobalModel:
 
     ``adapter`` holds LoRA factors at rank ``rank`` and the head. ``base_updates[t]`` is the
     update merged into W after round t+1, as stacked LoRA factors (keys like an adapter's, A of
-    shape (Σr, d_in), B of shape (d_out, Σr); ΔW = B @ A via ``fedpeft.records.stack_to_delta``).
+    shape (Σr, d_in), B of shape (d_out, Σr); ΔW = B @ A via ``fedpeft.protocol.records.stack_to_delta``).
     Empty for a rule that never calls :meth:`LoRAStrategy.merge_into_base`.
     """
 
@@ -142,7 +142,7 @@ class LoRAStrategy(FedAvg):
         self.rng = random.Random(seed)
         self.nodes: dict[int, NodeInfo] = {}
         self.reports: dict[int, RoundReport] = {}
-        # The run every message belongs to (set by fedpeft.server before round 1).
+        # The run every message belongs to (set by fedpeft.server.loop before round 1).
         self.run = RunInfo(config_json="")
         self.lineage = ""
         # The moving base (merge_into_base): base_updates[t] is merged after round t + 1; synced maps
@@ -301,11 +301,11 @@ class LoRAStrategy(FedAvg):
     # ------------------------------------------------------------------ Flower plumbing
     @classmethod
     def check_config(cls, cfg: Any) -> None:
-        """Refuse, before anything starts, a :class:`fedpeft.config.Config` this rule cannot run (default: any)."""
+        """Refuse, before anything starts, a :class:`fedpeft.config.schema.Config` this rule cannot run (default: any)."""
 
     @classmethod
     def from_config(cls, cfg: Any, initial_adapter: State) -> "LoRAStrategy":
-        """Build from a :class:`fedpeft.config.Config`; rules with options of their own override this."""
+        """Build from a :class:`fedpeft.config.schema.Config`; rules with options of their own override this."""
         return cls(initial_adapter, clients_per_round=cfg.clients_per_round, seed=cfg.seed, min_clients=cfg.min_clients)
 
     def register_nodes(self, nodes: Iterable[NodeInfo]) -> None:
@@ -396,7 +396,7 @@ class LoRAStrategy(FedAvg):
         for msg in replies:
             node_id = msg.metadata.src_node_id
             if msg.has_error():
-                continue  # fedpeft.server.train_round records it among the round's failures
+                continue  # fedpeft.server.loop.train_round records it among the round's failures
             if node_id in self.nodes and node_id in self.sent:  # a node that replied holds the base it was sent
                 self.synced[self.nodes[node_id].partition_id] = self.sent[node_id].base.version
             try:

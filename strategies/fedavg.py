@@ -16,10 +16,10 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from fedpeft.records import State, resize_factor, split_state
-from fedpeft.config import StrategyConfig
-from strategies.base import ClientUpdate, LoRAStrategy
-from strategies.lora_math import ideal_delta, relative_residual, residual_parts, weighted_sum
+from fedpeft.protocol.records import State, resize_factor, split_state
+from fedpeft.config.schema import StrategyConfig
+from fedpeft.strategies.base import ClientUpdate, LoRAStrategy
+from fedpeft.strategies.lora_math import ideal_delta, relative_residual, residual_parts, weighted_sum
 
 
 def fedit_pair(

@@ -31,10 +31,10 @@ from typing import Any
 
 import torch
 
-from fedpeft.config import StrategyConfig
-from fedpeft.records import State, exact_product, split_state
-from strategies.base import ClientUpdate, LoRAStrategy, NodeInfo
-from strategies.lora_math import check_weights, ideal_delta, relative_residual, residual_parts, weighted_sum
+from fedpeft.config.schema import StrategyConfig
+from fedpeft.protocol.records import State, exact_product, split_state
+from fedpeft.strategies.base import ClientUpdate, LoRAStrategy, NodeInfo
+from fedpeft.strategies.lora_math import check_weights, ideal_delta, relative_residual, residual_parts, weighted_sum
 
 
 def fedex_average(lora_as: Sequence[torch.Tensor], lora_bs: Sequence[torch.Tensor], weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,7 +136,7 @@ class FedExLoRA(LoRAStrategy):
 
     @classmethod
     def check_config(cls, cfg: Any) -> None:
-        from fedpeft.models import client_ranks  # local: keeps transformers off the import of the rule's math
+        from fedpeft.models.adapters import client_ranks  # local: keeps transformers off the import of the rule's math
 
         check_equal_ranks(cls.name, client_ranks(cfg), max_rank=None)
 

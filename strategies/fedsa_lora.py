@@ -20,11 +20,11 @@ from typing import Any
 
 import torch
 
-from fedpeft.config import StrategyConfig
-from fedpeft.protocol import LORA_A, LORA_B, OTHER, VAL_ACCURACY, VAL_EXAMPLES, ClientPlan, Evaluate, GroupPlan, Source
-from fedpeft.records import State, resize_factor, split_state
-from strategies.base import ClientUpdate, LoRAStrategy, NodeInfo
-from strategies.lora_math import check_weights, weighted_sum
+from fedpeft.config.schema import StrategyConfig
+from fedpeft.protocol.wire import LORA_A, LORA_B, OTHER, VAL_ACCURACY, VAL_EXAMPLES, ClientPlan, Evaluate, GroupPlan, Source
+from fedpeft.protocol.records import State, resize_factor, split_state
+from fedpeft.strategies.base import ClientUpdate, LoRAStrategy, NodeInfo
+from fedpeft.strategies.lora_math import check_weights, weighted_sum
 
 
 def fedsa_aggregate(lora_as: Sequence[torch.Tensor], weights: torch.Tensor, *, rank: int) -> torch.Tensor:

@@ -23,11 +23,11 @@ from typing import Any
 
 import torch
 
-from fedpeft.config import StrategyConfig
-from fedpeft.protocol import LORA_A, LORA_B, OTHER, GroupPlan, Source
-from fedpeft.records import State, exact_product, resize_factor, seeded_tensors, split_state
-from strategies.base import ClientUpdate, LoRAStrategy, NodeInfo
-from strategies.lora_math import ideal_delta, relative_residual, residual_parts, weighted_sum
+from fedpeft.config.schema import StrategyConfig
+from fedpeft.protocol.wire import LORA_A, LORA_B, OTHER, GroupPlan, Source
+from fedpeft.protocol.records import State, exact_product, resize_factor, seeded_tensors, split_state
+from fedpeft.strategies.base import ClientUpdate, LoRAStrategy, NodeInfo
+from fedpeft.strategies.lora_math import ideal_delta, relative_residual, residual_parts, weighted_sum
 
 
 def svd_refactor(lora_b: torch.Tensor, lora_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

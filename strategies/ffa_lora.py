@@ -3,7 +3,7 @@
 "Improving LoRA in Privacy-preserving Federated Learning", Sun et al., ICLR 2024,
 https://arxiv.org/abs/2403.12313
 
-A is drawn from a seed every client knows (``fedpeft.records.seeded_tensors``), so it is
+A is drawn from a seed every client knows (``fedpeft.protocol.records.seeded_tensors``), so it is
 bit-identical everywhere and never travels; B starts at zero. Server: ``B̄ = Σ_k p_k B_k``, which
 is exact because A is shared: ``B̄ A = Σ_k p_k B_k A``. Uplink and downlink carry B and the head
 only, about half of FedIT's. Heterogeneous ranks: B zero-padded to r_max; a rank-r_k client uses
@@ -18,11 +18,11 @@ from typing import Any
 
 import torch
 
-from fedpeft.protocol import LORA_A, LORA_B, OTHER, GroupPlan, Source
-from fedpeft.records import LORA_A_SUFFIX, State, resize_factor, seeded_tensors, split_state
-from fedpeft.config import StrategyConfig
-from strategies.base import ClientUpdate, LoRAStrategy, NodeInfo
-from strategies.lora_math import ideal_delta, relative_residual, residual_parts, weighted_sum
+from fedpeft.protocol.wire import LORA_A, LORA_B, OTHER, GroupPlan, Source
+from fedpeft.protocol.records import LORA_A_SUFFIX, State, resize_factor, seeded_tensors, split_state
+from fedpeft.config.schema import StrategyConfig
+from fedpeft.strategies.base import ClientUpdate, LoRAStrategy, NodeInfo
+from fedpeft.strategies.lora_math import ideal_delta, relative_residual, residual_parts, weighted_sum
 
 
 def ffa_aggregate(lora_bs: Sequence[torch.Tensor], weights: torch.Tensor, *, rank: int) -> torch.Tensor:

@@ -26,11 +26,11 @@ from typing import Any
 
 import torch
 
-from fedpeft.config import StrategyConfig
-from fedpeft.records import State, exact_product, split_state
-from strategies.base import ClientUpdate, GlobalModel, LoRAStrategy
-from strategies.flora import stack_pair
-from strategies.lora_math import ideal_delta, relative_residual, residual_parts, weighted_sum
+from fedpeft.config.schema import StrategyConfig
+from fedpeft.protocol.records import State, exact_product, split_state
+from fedpeft.strategies.base import ClientUpdate, GlobalModel, LoRAStrategy
+from fedpeft.strategies.flora import stack_pair
+from fedpeft.strategies.lora_math import ideal_delta, relative_residual, residual_parts, weighted_sum
 
 
 def factored_svd(lora_b: torch.Tensor, lora_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -92,7 +92,7 @@ class FlexLoRA(LoRAStrategy):
     """Keep ``G = Σ p_k s B_k A_k`` at full rank; send each client the first r_k SVD components.
 
     The rank-r_max approximation is stored as the adapter, so a rank-r_k client's prefix of it
-    (:func:`fedpeft.records.resize_rank`) is exactly its best rank-r_k fit (the balanced split
+    (:func:`fedpeft.protocol.records.resize_rank`) is exactly its best rank-r_k fit (the balanced split
     keeps each component on its own). ``global_model`` is ``W + G`` itself, as an adapter of rank
     ``Σ r_k`` of the round's clients (zero components where G's rank is lower).
     """

@@ -19,11 +19,11 @@ from typing import Any
 
 import torch
 
-from fedpeft.protocol import LORA_A, LORA_B, OTHER, GroupPlan, Source
-from fedpeft.records import State, exact_product, fresh_lora, round_seed, split_state
-from fedpeft.config import StrategyConfig
-from strategies.base import ClientUpdate, LoRAStrategy, NodeInfo
-from strategies.lora_math import check_weights, ideal_delta, relative_residual, residual_parts, weighted_sum
+from fedpeft.protocol.wire import LORA_A, LORA_B, OTHER, GroupPlan, Source
+from fedpeft.protocol.records import State, exact_product, fresh_lora, round_seed, split_state
+from fedpeft.config.schema import StrategyConfig
+from fedpeft.strategies.base import ClientUpdate, LoRAStrategy, NodeInfo
+from fedpeft.strategies.lora_math import check_weights, ideal_delta, relative_residual, residual_parts, weighted_sum
 
 
 def stack_pair(

@@ -13,7 +13,7 @@ adapter to its own rank (its first r_k rows of A, columns of B). The norms come 
 When every update is zero the weights fall back to ``n_k / Σ n_j``.
 
 Rank self-pruning (the paper's optional client step, off unless ``prune_decay`` is set): each
-plan carries a :class:`fedpeft.protocol.RankPruning`, so a client at rank r trains with
+plan carries a :class:`fedpeft.protocol.wire.RankPruning`, so a client at rank r trains with
 ``λ Σ_layers ‖B[:, t:r]‖_F ‖A[t:r, :]‖_F`` added to its loss (``t = max(min_rank, ⌊γ r⌋)``) and,
 if training shrank that tail norm, replies at rank t. The server sends that client rank t from
 then on (a client never grows back); the ranks are part of the checkpoint.
@@ -28,12 +28,12 @@ from typing import Any, Optional
 
 import torch
 
-from fedpeft.config import StrategyConfig
-from fedpeft.protocol import ClientPlan, ProtocolError, RankPruning
-from fedpeft.records import State, exact_product, split_state
-from strategies.base import ClientUpdate, LoRAStrategy, NodeInfo
-from strategies.fedavg import fedit_pair
-from strategies.lora_math import ideal_delta, relative_residual, residual_parts, weighted_sum
+from fedpeft.config.schema import StrategyConfig
+from fedpeft.protocol.wire import ClientPlan, ProtocolError, RankPruning
+from fedpeft.protocol.records import State, exact_product, split_state
+from fedpeft.strategies.base import ClientUpdate, LoRAStrategy, NodeInfo
+from fedpeft.strategies.fedavg import fedit_pair
+from fedpeft.strategies.lora_math import ideal_delta, relative_residual, residual_parts, weighted_sum
 
 
 def product_norm(lora_a: torch.Tensor, lora_b: torch.Tensor) -> float:
@@ -76,7 +76,7 @@ def hetlora(states: Sequence[Mapping[str, torch.Tensor]], counts: Sequence[int],
 
     ``states[k]`` are peft state dicts of rank r_k with the same keys; every LoRA factor is
     zero-padded to ``rank`` and averaged, and so is every head, with :func:`sparsity_weights`.
-    A client later takes back its first r_k components (``fedpeft.records.resize_rank``).
+    A client later takes back its first r_k components (``fedpeft.protocol.records.resize_rank``).
     """
     weights = sparsity_weights([client_norm(s, scaling=scaling) for s in states], counts)
     pairs, others = split_state(states[0])

@@ -24,11 +24,11 @@ from typing import Any
 
 import torch
 
-from fedpeft.records import State, split_state
-from fedpeft.config import StrategyConfig
-from strategies.base import ClientUpdate, LoRAStrategy
-from strategies.fedavg import fedit_pair
-from strategies.lora_math import ideal_delta, relative_residual, residual_parts, weighted_sum
+from fedpeft.protocol.records import State, split_state
+from fedpeft.config.schema import StrategyConfig
+from fedpeft.strategies.base import ClientUpdate, LoRAStrategy
+from fedpeft.strategies.fedavg import fedit_pair
+from fedpeft.strategies.lora_math import ideal_delta, relative_residual, residual_parts, weighted_sum
 
 METHODS = ("cosine", "frobenius")
 

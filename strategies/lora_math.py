@@ -1,6 +1,6 @@
 """Tensor helpers shared by the rules: weighted sums, the ideal update, the aggregation residual.
 
-Rank padding and cutting is :func:`fedpeft.records.resize_factor`.
+Rank padding and cutting is :func:`fedpeft.protocol.records.resize_factor`.
 
 Pure functions on ``torch.Tensor``; no Flower types. Shapes follow peft: ``lora_a: (r, d_in)``,
 ``lora_b: (d_out, r)``, ``delta_w = scaling * lora_b @ lora_a: (d_out, d_in)``.

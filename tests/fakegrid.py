@@ -1,6 +1,6 @@
 """An in-process Flower ``Grid`` that hands each message straight to a ClientApp.
 
-The server loop (:func:`fedpeft.server.run_federated`) runs unchanged over it, and every client
+The server loop (:func:`fedpeft.server.loop.run_federated`) runs unchanged over it, and every client
 step is the real one; only Ray and the network are left out. Node ids are arbitrary and differ
 from partition ids, as in a real run.
 """
@@ -34,7 +34,7 @@ class InProcessGrid(Grid):
         self.replies: dict[str, Message] = {}
         self.sent: list[Message] = []
 
-    # --- the Grid methods fedpeft.server uses
+    # --- the Grid methods fedpeft.server.loop uses
     @property
     def run(self):  # pragma: no cover - not used by fedpeft
         raise NotImplementedError

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from fedpeft.config import compose_config
+from fedpeft.cli.configs import compose_config
 from tests.conftest import REPO
 from tests.fedpeft.test_run_dirs import fake_checkpoint
 
@@ -57,7 +57,7 @@ def test_a_hydra_composition_error_is_one_line_and_leaves_no_run_directory(tmp_p
 def test_verbose_shows_the_traceback_of_a_start_error(tmp_path):
     run_dir = tmp_path / "outputs" / "run"
     done = fedpeft_run("client.batch_size=0", "verbose=true", f"hydra.run.dir={run_dir}")
-    assert done.returncode == 1 and "Traceback" in done.stderr and "fedpeft/checks.py" in done.stderr
+    assert done.returncode == 1 and "Traceback" in done.stderr and "fedpeft/cli/checks.py" in done.stderr
     assert not (tmp_path / "outputs").exists()
 
 

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from fedpeft.config import to_config
+from fedpeft.config.schema import to_config
 from fedpeft.deploy import LocalFederation, export_partitions, flwr_env, free_port, wait_for_port
-from fedpeft.results import read_metrics
+from fedpeft.reporting.metrics import read_metrics
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow

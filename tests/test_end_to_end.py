@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from fedpeft.config import to_config
+from fedpeft.config.schema import to_config
 from fedpeft.run import execute
 from tests.fedpeft.test_config import compose_cfg
 
@@ -19,9 +19,9 @@ def reload_and_evaluate(cfg, run_dir):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from fedpeft import data as fdata
-    from fedpeft.models import resolve_model_path
-    from fedpeft.training import evaluate
+    from fedpeft.data import datasets as fdata
+    from fedpeft.models.adapters import resolve_model_path
+    from fedpeft.training.local import evaluate
 
     path = resolve_model_path(cfg.model.name_or_path)
     data = fdata.prepare(cfg.data, seed=cfg.seed, num_clients=cfg.num_clients)
@@ -120,9 +120,9 @@ def test_every_rule_runs_with_heterogeneous_ranks(tmp_path, rule):
         assert rows[1]["bytes_down"] > rows[0]["bytes_down"] and rows[1]["bytes_down"] // 3 - head > 0
         from transformers import AutoModelForSequenceClassification
 
-        from fedpeft import data as fdata
-        from fedpeft.models import load_tokenizer
-        from fedpeft.training import evaluate
+        from fedpeft.data import datasets as fdata
+        from fedpeft.models.adapters import load_tokenizer
+        from fedpeft.training.local import evaluate
 
         model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "final_model")
         tok = load_tokenizer(cfg.model)
@@ -152,7 +152,7 @@ def test_ffa_lora_a_is_bit_identical_on_every_client_and_round_and_halves_the_up
 
 @pytest.mark.parametrize("rule", ["fedavg", "ffa_lora", "flora", "lora_fair"])
 def test_dp_clients_work_with_every_rule_and_epsilon_composes(tmp_path, rule):
-    from clients.dp import epsilon
+    from fedpeft.clients.dp import epsilon
 
     cfg = compose_cfg(["+exp=smoke", f"strategy={rule}", "client=dp", "client.dp.target_epsilon=8", "client.local_steps=2", "save_adapter=false"])
     rows = execute(cfg, tmp_path)

@@ -14,14 +14,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fedpeft import models
+from fedpeft.models import adapters as models
 
-from fedpeft.config import compose_config
+from fedpeft.cli.configs import compose_config
 from fedpeft.run import execute
-from fedpeft.server import run_federated
+from fedpeft.server.loop import run_federated
 
 try:
-    from fedpeft.batched_engine import BatchedGrid
+    from fedpeft.engines.batched import BatchedGrid
     from tests.fakegrid import InProcessGrid
 except ImportError as err:  # engine=batched is built on the client's decode/train/encode steps (protocol, issue 10)
     pytest.skip(f"engine=batched needs the protocol's client steps: {err}", allow_module_level=True)
@@ -77,7 +77,7 @@ def test_batched_grid_equals_one_client_at_a_time(tmp_path, tiny_bert_dir, strat
     batched = BatchedGrid(num_nodes=3, clients_per_pass=2, seed=cfg.seed)
     rows_b = run_federated(cfg, batched, tmp_path / "batched")
     models.clear_cache()
-    single = InProcessGrid(__import__("clients.app", fromlist=["app"]).app, [{"partition-id": k} for k in range(3)])
+    single = InProcessGrid(__import__("fedpeft.clients.app", fromlist=["app"]).app, [{"partition-id": k} for k in range(3)])
     rows_s = run_federated(cfg, single, tmp_path / "single")
     # Assert: 3 clients a round in passes of 2 + 1, and the same run
     assert batched.passes == [2, 1] * cfg.num_rounds
@@ -123,14 +123,14 @@ def test_dp_clients_run_alone_through_the_dp_path(tmp_path, tiny_bert_dir):
     batched = BatchedGrid(num_nodes=2, clients_per_pass=2, seed=cfg.seed)
     rows_b = run_federated(cfg, batched, tmp_path / "batched")
     models.clear_cache()
-    rows_s = run_federated(cfg, InProcessGrid(__import__("clients.app", fromlist=["app"]).app, [{"partition-id": k} for k in range(2)]), tmp_path / "single")
+    rows_s = run_federated(cfg, InProcessGrid(__import__("fedpeft.clients.app", fromlist=["app"]).app, [{"partition-id": k} for k in range(2)]), tmp_path / "single")
     assert batched.passes == []
     assert [r["max_epsilon"] for r in rows_b] == [r["max_epsilon"] for r in rows_s] and rows_b[-1]["max_epsilon"] > 0
     assert_same_run(rows_b, rows_s, tmp_path / "batched", tmp_path / "single")
 
 
 def test_a_failed_pass_is_retried_one_client_at_a_time(tmp_path, tiny_bert_dir, monkeypatch):
-    import fedpeft.batched_engine as engine
+    import fedpeft.engines.batched as engine
 
     def broken_pass(jobs):
         raise FloatingPointError("a pass that diverged")

@@ -57,7 +57,7 @@ def test_a_finished_run_with_other_settings_is_refused_not_reused(tmp_path, scri
     # Prepare: a finished run directory written with a constant learning rate
     from omegaconf import OmegaConf
 
-    from fedpeft.config import to_config, to_container
+    from fedpeft.config.schema import to_config, to_container
 
     run = tmp_path / "homogeneous-fedavg-lr0.01-seed0"
     run.mkdir()

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedpeft import models
-from fedpeft.config import compose_config
-from fedpeft.results import read_metrics
+from fedpeft.models import adapters as models
+from fedpeft.cli.configs import compose_config
+from fedpeft.reporting.metrics import read_metrics
 from fedpeft.run import claim_run_dir
-from fedpeft.server import RunError, run_federated
+from fedpeft.server.loop import RunError, run_federated
 from tests.strategies.test_rules_fakegrid import grid, tiny_model  # noqa: F401  (the fixture)
 
 SAME = ["round", "test_accuracy", "test_loss", "train_loss", "clients_sampled", "bytes_up", "bytes_down", "cumulative_bytes_up", "cumulative_bytes_down"]

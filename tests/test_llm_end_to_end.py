@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from fedpeft.config import compose_config
+from fedpeft.cli.configs import compose_config
 from fedpeft.run import execute
 from tests.conftest import REPO
 

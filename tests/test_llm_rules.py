@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from fedpeft.config import compose_config
-from fedpeft.server import run_federated
+from fedpeft.cli.configs import compose_config
+from fedpeft.server.loop import run_federated
 from tests.conftest import REPO
 from tests.fakegrid import InProcessGrid
 
@@ -22,7 +22,7 @@ TINY = ["+exp=llm_tiny", "num_rounds=2", "num_clients=2", "clients_per_round=2",
 
 @pytest.mark.parametrize("rule, artifact", [("fedavg", "final_adapter"), ("flora", "final_model")])
 def test_tiny_llama_rule_saves_what_reproduces_the_reported_metrics(rule, artifact, tmp_path, monkeypatch):
-    from clients.app import app
+    from fedpeft.clients.app import app
 
     monkeypatch.setenv("FEDPEFT_CACHE", str(tmp_path / "cache"))
     cfg = compose_config([*TINY, f"strategy={rule}"])
@@ -44,16 +44,16 @@ def test_tiny_llama_rule_saves_what_reproduces_the_reported_metrics(rule, artifa
 def test_canaries_planted_in_instruction_data_are_trained_on_and_audited(tmp_path, monkeypatch):
     """audit.canaries on the tiny Llama's instruction data: client 0 trains on the planted
     instructions, and the audit ranks each secret's response likelihood among the candidates."""
-    from clients.app import app
+    from fedpeft.clients.app import app
     from fedpeft.audit import run_audit
-    from fedpeft.results import read_metrics
+    from fedpeft.reporting.metrics import read_metrics
 
     monkeypatch.setenv("FEDPEFT_CACHE", str(tmp_path / "cache"))
     cfg = compose_config([*TINY, "audit.canaries=2", "audit.canary_repeats=4", "audit.candidates=30", "audit.max_examples=8"])
     grid = InProcessGrid(app, [{"partition-id": k} for k in range(cfg.num_clients)])
     run_federated(cfg, grid, tmp_path / "run")
     sizes = {c["partition"]: c["num_examples"] for c in read_metrics(tmp_path / "run")[0]["clients"]}
-    from fedpeft import data as fdata
+    from fedpeft.data import datasets as fdata
 
     data = fdata.prepare(cfg.data, seed=cfg.seed, num_clients=cfg.num_clients, need_labels=False)
     assert sizes == {0: len(data.client_split(0)[0]) + 8, 1: len(data.client_split(1)[0])}  # 2 canaries x 4, in client 0 only

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from fedpeft.run import execute
-from fedpeft.simulation import check_ray_address
+from fedpeft.engines.ray import check_ray_address
 from tests.fedpeft.test_config import compose_cfg
 from tests.test_resume import kill_leftovers
 

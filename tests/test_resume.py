@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedpeft.results import read_metrics
+from fedpeft.reporting.metrics import read_metrics
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow

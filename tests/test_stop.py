@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from fedpeft.console import checkpoint_round
+from fedpeft.cli.console import checkpoint_round
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
@@ -103,7 +103,7 @@ def test_first_ctrl_c_stops_the_run_keeps_the_checkpoint_and_leaves_no_ray_proce
 
 # fedpeft refuses client.num_cpus above the machine's cores before Ray starts; with that check
 # switched off, Ray gets a client it cannot place and Flower fails with "ActorPool is empty".
-WITHOUT_RESOURCE_CHECK = "import runpy, fedpeft.checks as c; c.check_resources = lambda cfg: None; runpy.run_module('fedpeft.run', run_name='__main__', alter_sys=True)"
+WITHOUT_RESOURCE_CHECK = "import runpy, fedpeft.cli.checks as c; c.check_resources = lambda cfg: None; runpy.run_module('fedpeft.run', run_name='__main__', alter_sys=True)"
 
 
 def test_a_fatal_error_inside_flower_or_ray_ends_the_run_with_its_reason(tmp_path):

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 import pytest
 
-from clients.job import start_state
-from fedpeft.protocol import LORA_A, LORA_B, OTHER, ClientPlan, GroupPlan, ProtocolError, Source, single_group
-from fedpeft.data import make_loader
-from fedpeft.training import train_local
+from fedpeft.clients.job import start_state
+from fedpeft.protocol.wire import LORA_A, LORA_B, OTHER, ClientPlan, GroupPlan, ProtocolError, Source, single_group
+from fedpeft.data.datasets import make_loader
+from fedpeft.training.local import train_local
 
 
 def random_examples(n: int, *, num_labels: int = 3, vocab: int = 100, length: int = 12, seed: int = 0):

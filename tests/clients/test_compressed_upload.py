@@ -5,15 +5,16 @@ from __future__ import annotations
 import torch
 from flwr.app import Context, Message, MessageType, RecordDict
 
-from clients.job import decode, encode, train_jobs
-from clients.state import NodeStore
-from fedpeft import protocol
-from fedpeft.compression import decode_update, payload_nbytes
-from fedpeft.config import compose_config, to_json
-from fedpeft.models import cached_model, resolve_device
-from fedpeft.protocol import ClientPlan, RunInfo, Source
-from fedpeft.records import state_nbytes
-from fedpeft.server import initial_adapter
+from fedpeft.clients.job import decode, encode, train_jobs
+from fedpeft.clients.state import NodeStore
+from fedpeft.protocol import wire as protocol
+from fedpeft.compression.compeft import decode_update, payload_nbytes
+from fedpeft.config.schema import to_json
+from fedpeft.cli.configs import compose_config
+from fedpeft.models.adapters import cached_model, resolve_device
+from fedpeft.protocol.wire import ClientPlan, RunInfo, Source
+from fedpeft.protocol.records import state_nbytes
+from fedpeft.server.loop import initial_adapter
 
 CFG_OVERRIDES = [
     "+exp=smoke", "num_clients=2", "data.max_samples=60", "model.max_length=16", "client.local_steps=2", "model.lora.r=2",
@@ -33,7 +34,7 @@ def one_round(run: RunInfo, context: Context, sent: dict, server_round: int):
 
 def test_uploads_travel_compressed_and_error_feedback_loses_nothing(tmp_path):
     # Prepare
-    from fedpeft import data as fdata
+    from fedpeft.data import datasets as fdata
 
     data = fdata.prepare(CFG.data, seed=CFG.seed, num_clients=CFG.num_clients)
     cm = cached_model(CFG.model, num_labels=data.num_labels, device=resolve_device(CFG.device), seed=CFG.seed)
@@ -64,7 +65,7 @@ def test_uploads_travel_compressed_and_error_feedback_loses_nothing(tmp_path):
 
 def test_dp_clients_compress_the_noised_update(tmp_path):
     """DP-SGD trains (and accounts) first; compression then encodes the noised result: ε is the plain DP round's."""
-    from fedpeft import data as fdata
+    from fedpeft.data import datasets as fdata
 
     cfg = compose_config([*CFG_OVERRIDES, "client.dp.enabled=true", "client.dp.noise_multiplier=1.0", "client.batch_size=8"])
     data = fdata.prepare(cfg.data, seed=cfg.seed, num_clients=cfg.num_clients)

@@ -8,9 +8,9 @@ import pytest
 import torch
 from peft import LoraConfig, TaskType, get_peft_model, get_peft_model_state_dict
 
-from clients.dp import BudgetExhausted, DPError, LinearGradSampler, calibrate_noise, compact, epsilon, train_local_dp, would_exceed
-from fedpeft.data import Collator
-from fedpeft.training import AUTOCAST, per_sample_loss, train_local
+from fedpeft.clients.dp import BudgetExhausted, DPError, LinearGradSampler, calibrate_noise, compact, epsilon, train_local_dp, would_exceed
+from fedpeft.data.datasets import Collator
+from fedpeft.training.local import AUTOCAST, per_sample_loss, train_local
 
 
 def tiny_llama():
@@ -88,9 +88,9 @@ def test_would_exceed_guards_the_budget():
 
 
 def test_client_declines_a_round_that_would_exceed_its_budget(tmp_path):
-    from clients.job import dp_train
-    from clients.state import NodeStore
-    from fedpeft.config import Config, DPConfig
+    from fedpeft.clients.job import dp_train
+    from fedpeft.clients.state import NodeStore
+    from fedpeft.config.schema import Config, DPConfig
 
     cfg = Config()
     cfg.client.dp = DPConfig(enabled=True, noise_multiplier=0.5, target_epsilon=1.0)

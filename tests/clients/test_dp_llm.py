@@ -8,9 +8,9 @@ import pytest
 import torch
 from peft import LoraConfig, TaskType, get_peft_model
 
-from clients.dp import LinearGradSampler, train_local_dp
-from fedpeft.data import Collator
-from fedpeft.training import per_sample_loss
+from fedpeft.clients.dp import LinearGradSampler, train_local_dp
+from fedpeft.data.datasets import Collator
+from fedpeft.training.local import per_sample_loss
 
 
 def tiny_llama(dtype=torch.float32):

@@ -11,20 +11,21 @@ import pytest
 import torch
 from flwr.app import Context, Message, MessageType, RecordDict
 
-from clients.app import app
-from clients.job import decode, encode, train_jobs
-from fedpeft import protocol
-from fedpeft.config import compose_config, to_json
-from fedpeft.protocol import LORA_A, LORA_B, OTHER, ClientPlan, Evaluate, GroupPlan, RunInfo, Source
-from fedpeft.server import initial_adapter
-from fedpeft.models import cached_model, resolve_device
+from fedpeft.clients.app import app
+from fedpeft.clients.job import decode, encode, train_jobs
+from fedpeft.protocol import wire as protocol
+from fedpeft.config.schema import to_json
+from fedpeft.cli.configs import compose_config
+from fedpeft.protocol.wire import LORA_A, LORA_B, OTHER, ClientPlan, Evaluate, GroupPlan, RunInfo, Source
+from fedpeft.server.loop import initial_adapter
+from fedpeft.models.adapters import cached_model, resolve_device
 
 CFG = compose_config(["+exp=smoke", "num_clients=2", "data.max_samples=60", "model.max_length=16", "client.local_steps=2", "model.lora.r=2"])
 
 
 @pytest.fixture(scope="module")
 def adapter():
-    from fedpeft import data as fdata
+    from fedpeft.data import datasets as fdata
 
     data = fdata.prepare(CFG.data, seed=CFG.seed, num_clients=CFG.num_clients)
     cm = cached_model(CFG.model, num_labels=data.num_labels, device=resolve_device(CFG.device), seed=CFG.seed)

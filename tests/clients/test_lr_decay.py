@@ -11,16 +11,18 @@ import pytest
 import torch
 from flwr.app import Context, RecordDict
 
-from clients.batched import train_jobs_batched
-from clients.job import decode, encode, train_jobs
-from fedpeft import models, protocol
-from fedpeft import server as fserver
-from fedpeft.checks import ConfigError
-from fedpeft.config import compose_config, round_lr, to_json
-from fedpeft.protocol import ClientPlan, RunInfo, Source, single_group
-from fedpeft.results import read_metrics
+from fedpeft.clients.batched import train_jobs_batched
+from fedpeft.clients.job import decode, encode, train_jobs
+from fedpeft.models import adapters as models
+from fedpeft.protocol import wire as protocol
+from fedpeft.server import loop as fserver
+from fedpeft.cli.checks import ConfigError
+from fedpeft.config.schema import round_lr, to_json
+from fedpeft.cli.configs import compose_config
+from fedpeft.protocol.wire import ClientPlan, RunInfo, Source, single_group
+from fedpeft.reporting.metrics import read_metrics
 from fedpeft.run import check_config, execute
-from fedpeft.server import run_federated
+from fedpeft.server.loop import run_federated
 from tests.clients.test_job import CFG, adapter, message  # noqa: F401  (the fixture)
 from tests.strategies.test_rules_fakegrid import grid, tiny_model  # noqa: F401  (the fixture)
 

@@ -6,8 +6,8 @@ import copy
 
 import torch
 
-from clients.state import NodeStore
-from fedpeft.models import CachedModel
+from fedpeft.clients.state import NodeStore
+from fedpeft.models.adapters import CachedModel
 
 
 def test_restored_merged_base_is_bit_identical_to_replaying_every_update(tiny_bert, tmp_path):

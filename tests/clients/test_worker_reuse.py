@@ -1,6 +1,6 @@
 """A worker's cached model carries nothing from one job to the next: runs repeat bit for bit.
 
-The process-wide model (:func:`fedpeft.models.cached_model`) stays loaded across rounds, clients
+The process-wide model (:func:`fedpeft.models.adapters.cached_model`) stays loaded across rounds, clients
 and runs, as on a Ray worker. A run started in a process where other jobs already ran — the
 same run before it, or another run whose clients trained at other ranks — gives the same metrics
 and the same final adapter, bit for bit, as in a fresh process. The server loop runs over the
@@ -16,10 +16,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from clients.app import app
-from fedpeft import models
-from fedpeft.config import compose_config
-from fedpeft.server import run_federated
+from fedpeft.clients.app import app
+from fedpeft.models import adapters as models
+from fedpeft.cli.configs import compose_config
+from fedpeft.server.loop import run_federated
 from tests.fakegrid import InProcessGrid
 
 TINY = ["+exp=smoke", "num_rounds=2", "num_clients=2", "clients_per_round=2", "client.local_steps=2", "data.max_samples=60", "model.max_length=16", "strategy=fedavg"]

@@ -97,10 +97,10 @@ def test_plant_canaries_appends_each_secret_repeats_times():
 
 def test_on_instruction_data_a_canary_is_an_instruction_whose_response_is_the_secret():
     """Planted in the normalised layout, rendered by the run's template, scored on the response alone."""
-    from fedpeft import instruct
+    from fedpeft.data import instruct
     from fedpeft.audit import canary_examples
-    from fedpeft.config import compose_config
-    from fedpeft.models import load_tokenizer
+    from fedpeft.cli.configs import compose_config
+    from fedpeft.models.adapters import load_tokenizer
 
     cfg = compose_config(["+exp=llm_tiny", "model.max_length=64"])
     data = instruct.build(cfg.data, seed=0, num_clients=cfg.num_clients)
@@ -132,8 +132,8 @@ def random_examples(n: int, *, seed: int, vocab: int = 50, labels: int = 3):
 
 def test_loss_attack_sees_a_memorised_training_set(tiny_bert):
     """Random labels can only be learnt by heart: after training, members' losses give them away."""
-    from fedpeft.data import make_loader
-    from fedpeft.training import train_local
+    from fedpeft.data.datasets import make_loader
+    from fedpeft.training.local import train_local
 
     members, held_out = random_examples(16, seed=1), random_examples(16, seed=2)
     before = {0: example_losses(tiny_bert, members, pad_token_id=0)}, example_losses(tiny_bert, held_out, pad_token_id=0)
@@ -153,8 +153,8 @@ def test_a_repeated_canary_is_exposed_after_training():
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from fedpeft.data import make_loader
-    from fedpeft.training import train_local
+    from fedpeft.data.datasets import make_loader
+    from fedpeft.training.local import train_local
 
     torch.manual_seed(0)
     model = get_peft_model(
@@ -218,11 +218,11 @@ def test_run_audit_reads_a_run_directory_and_writes_audit_json(tmp_path):
     """The CLI path on a real run layout: config.yaml + final_adapter/ of the embedded model."""
     from omegaconf import OmegaConf
 
-    from fedpeft import data as fdata
+    from fedpeft.data import datasets as fdata
     from fedpeft.audit import main
-    from fedpeft.config import compose_config
-    from fedpeft.server import ServerEvaluator, initial_adapter, save_final
-    from strategies.base import GlobalModel
+    from fedpeft.cli.configs import compose_config
+    from fedpeft.server.loop import ServerEvaluator, initial_adapter, save_final
+    from fedpeft.strategies.base import GlobalModel
 
     cfg = compose_config(["num_clients=2", "clients_per_round=2", "data.max_samples=40", "model.max_length=16", "audit.max_examples=6", "model.lora.r=2"])
     (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
@@ -255,7 +255,7 @@ def test_run_audit_reads_a_run_directory_and_writes_audit_json(tmp_path):
     ],
 )
 def test_audit_settings_that_cannot_work_fail_before_training(overrides, fragment):
-    from fedpeft.config import compose_config
+    from fedpeft.cli.configs import compose_config
     from fedpeft.run import check_config
 
     with pytest.raises(ValueError, match=fragment):
@@ -263,9 +263,9 @@ def test_audit_settings_that_cannot_work_fail_before_training(overrides, fragmen
 
 
 def test_canary_client_trains_on_its_canaries_and_only_it():
-    from fedpeft import data as fdata
+    from fedpeft.data import datasets as fdata
     from fedpeft.audit import client_train_split
-    from fedpeft.config import compose_config
+    from fedpeft.cli.configs import compose_config
 
     cfg = compose_config(["num_clients=2", "data.max_samples=30", "data.partitioner=iid", "audit.canaries=2", "audit.canary_repeats=3", "audit.canary_client=1", "audit.candidates=10"])
     data = fdata.prepare(cfg.data, seed=cfg.seed, num_clients=2, need_labels=False)

@@ -6,13 +6,13 @@ import pytest
 import torch
 from peft import LoraConfig, TaskType, get_peft_model
 
-from clients.app import app as client_app
-from fedpeft import models
-from fedpeft.batched_engine import BatchedGrid
-from fedpeft.config import compose_config
-from fedpeft.data import make_loader
-from fedpeft.server import run_federated
-from fedpeft.training import AUTOCAST, forward_logits, train_local
+from fedpeft.clients.app import app as client_app
+from fedpeft.models import adapters as models
+from fedpeft.engines.batched import BatchedGrid
+from fedpeft.cli.configs import compose_config
+from fedpeft.data.datasets import make_loader
+from fedpeft.server.loop import run_federated
+from fedpeft.training.local import AUTOCAST, forward_logits, train_local
 from tests.fakegrid import InProcessGrid
 from tests.test_engines import TINY, final_adapter, tiny_bert_dir  # noqa: F401  (tiny_bert_dir: a fixture)
 

@@ -1,6 +1,6 @@
 """METHODS.md invariant 12: K clients trained in one lockstep pass equal each client trained alone.
 
-The oracle is the one-client path every engine already uses (`fedpeft.training.train_local` on the
+The oracle is the one-client path every engine already uses (`fedpeft.training.local.train_local` on the
 peft model with the client's adapter active), run on a fresh loader with the same seed. Ranks,
 scalings, batch sizes, step counts and frozen factors differ per client; sequences have different
 lengths (so a pass pads client batches to a common width); every dropout is off.
@@ -16,9 +16,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from peft import LoraConfig, TaskType, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
-from fedpeft.batched import BatchedError, ClientTask, train_batched
-from fedpeft.data import make_loader
-from fedpeft.training import train_local
+from fedpeft.training.batched import BatchedError, ClientTask, train_batched
+from fedpeft.data.datasets import make_loader
+from fedpeft.training.local import train_local
 
 VOCAB, PAD = 64, 0
 BERT_TARGETS = ["query", "value"]

@@ -9,9 +9,10 @@ import json
 
 import pytest
 
-from fedpeft.checks import check_config, check_model, check_resources, check_run
-from fedpeft.config import ConfigError, compose_config
-from fedpeft.data import DataError
+from fedpeft.cli.checks import check_config, check_model, check_resources, check_run
+from fedpeft.config.schema import ConfigError
+from fedpeft.cli.configs import compose_config
+from fedpeft.data.datasets import DataError
 
 SMOKE = ["+exp=smoke"]
 

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from fedpeft.compression import (
+from fedpeft.compression.compeft import (
     ComPEFT,
     CompressionError,
     compress,
@@ -129,7 +129,7 @@ def test_error_feedback_loses_nothing_over_rounds(rounds, density, seed):
 @SETTINGS
 @given(values=st.lists(st.integers(0, 2**32 - 1), max_size=50))
 def test_leb128_round_trip(values):
-    from fedpeft.compression import leb128
+    from fedpeft.compression.compeft import leb128
 
     arr = np.array(values, dtype=np.int64)
     assert read_leb128(np.frombuffer(leb128(arr), dtype=np.uint8)).tolist() == values
@@ -264,7 +264,7 @@ def test_non_finite_update_is_refused_at_the_client():
 
 
 def test_compression_config_is_checked_at_start():
-    from fedpeft.config import compose_config
+    from fedpeft.cli.configs import compose_config
     from fedpeft.run import check_config
 
     assert compose_config(["compression=compeft"]).compression.name == "compeft"

@@ -6,7 +6,8 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from fedpeft.config import Config, compose_config, evaluates, from_json, register_configs, to_config, to_json
+from fedpeft.config.schema import Config, evaluates, from_json, to_config, to_json
+from fedpeft.cli.configs import compose_config, register_configs
 from fedpeft.run import check_config
 from tests.conftest import CONF_DIR
 
@@ -34,7 +35,7 @@ NEEDS_DOWNLOADS = {"flora_dolly", "fedit_alpaca", "ffa_lora_gsm8k_dp"}
 def test_every_experiment_composes_and_passes_checks(name, tmp_path):
     overrides = []
     if name in NEEDS_DOWNLOADS:
-        from fedpeft.llm import tiny_llama_path
+        from fedpeft.models.llm import tiny_llama_path
 
         local = tmp_path / "data.jsonl"
         local.write_text("{}")
@@ -48,7 +49,7 @@ def test_experiment_list_is_not_empty():
 
 
 def test_every_rule_that_takes_heterogeneous_ranks_has_its_hetero_experiment():
-    from strategies import STRATEGIES
+    from fedpeft.strategies import STRATEGIES
 
     equal_ranks_only = {"fedex_lora"}  # refuses unequal ranks at start (tests/strategies/test_fedex_lora.py)
     for rule in sorted(set(STRATEGIES) - equal_ranks_only):
@@ -104,7 +105,7 @@ def test_json_round_trip_is_exact():
 
 
 def test_ranks_from_resource_tiers():
-    from fedpeft.models import client_ranks
+    from fedpeft.models.adapters import client_ranks
 
     cfg = compose_cfg(["+exp=flora_tiers"])
     assert client_ranks(cfg) == [16, 16, 4, 4, 4, 1, 1, 1, 1, 1]

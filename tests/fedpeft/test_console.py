@@ -9,8 +9,8 @@ import warnings
 
 import pytest
 
-from fedpeft import console
-from fedpeft.config import compose_config
+from fedpeft.cli import console
+from fedpeft.cli.configs import compose_config
 from tests.conftest import REPO
 
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from fedpeft.config import DataConfig
-from fedpeft.data import DataError, build, encode, label_histogram, make_loader, node_data, prepare
+from fedpeft.config.schema import DataConfig
+from fedpeft.data.datasets import DataError, build, encode, label_histogram, make_loader, node_data, prepare
 
 
 def test_embedded_bbc_has_five_sorted_topics_and_a_stratified_test_split():
@@ -99,7 +99,7 @@ def test_bad_data_config_fails_clearly(tmp_path, cfg, fragment):
 def test_encode_and_collate_pad_to_the_longest():
     from transformers import BertTokenizerFast
 
-    from fedpeft.models import resolve_model_path
+    from fedpeft.models.adapters import resolve_model_path
 
     tok = BertTokenizerFast.from_pretrained(resolve_model_path("embedded:minilm"))
     data = build(DataConfig(max_samples=50, partitioner="iid"), seed=0, num_clients=2)

@@ -9,8 +9,9 @@ import torch
 from omegaconf import OmegaConf
 from peft import LoraConfig, TaskType, get_peft_model
 
-from fedpeft import generate, llm
-from fedpeft.config import Config, DataConfig, ModelConfig
+from fedpeft import generate
+from fedpeft.models import llm
+from fedpeft.config.schema import Config, DataConfig, ModelConfig
 
 
 @pytest.fixture

@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from fedpeft import data as fdata
-from fedpeft import instruct
-from fedpeft.config import DataConfig
-from fedpeft.data import DataError
-from fedpeft.llm import MINILM_CHAT_TEMPLATE
+from fedpeft.data import datasets as fdata
+from fedpeft.data import instruct
+from fedpeft.config.schema import DataConfig
+from fedpeft.data.datasets import DataError
+from fedpeft.models.llm import MINILM_CHAT_TEMPLATE
 
 ROW = {"instruction": "Name the capital.", "input": "The country is France.", "response": "Paris is the capital.", "history": "[]"}
 
@@ -20,7 +20,7 @@ def plain_tokenizer():
     """The embedded MiniLM tokenizer as shipped: no chat template, no BOS/EOS."""
     from transformers import AutoTokenizer
 
-    from fedpeft.models import resolve_model_path
+    from fedpeft.models.adapters import resolve_model_path
 
     return AutoTokenizer.from_pretrained(resolve_model_path("embedded:minilm"))
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from peft import LoraConfig, TaskType, get_peft_model, get_peft_model_state_dict
 
-from fedpeft import llm
-from fedpeft.config import ModelConfig
+from fedpeft.models import llm
+from fedpeft.config.schema import ModelConfig
 
 CAUSAL = ModelConfig(name_or_path="embedded:tiny-llama", task="causal_lm")
 
@@ -102,7 +102,7 @@ def test_a_bfloat16_base_keeps_float32_lora_factors():
 
 
 def test_a_float16_base_gets_a_loss_scaler_and_trains():
-    from fedpeft.training import loss_scaler, train_local
+    from fedpeft.training.local import loss_scaler, train_local
 
     assert loss_scaler(lora(tiny_llama()), "cpu") is None and loss_scaler(lora(tiny_llama(torch.bfloat16)), "cpu") is None
     peft_model = lora(tiny_llama(torch.float16))
@@ -137,7 +137,7 @@ def test_loss_scaling_rescues_the_gradients_a_float16_base_would_underflow():
 
 @pytest.mark.parametrize("exp", ["flora_dolly", "fedit_alpaca", "ffa_lora_gsm8k_dp"])
 def test_paper_experiments_without_weights_or_data_fail_at_start_in_one_line(exp, tmp_path, monkeypatch):
-    from fedpeft.config import compose_config
+    from fedpeft.cli.configs import compose_config
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
@@ -167,8 +167,8 @@ def tiny_gpt2():
 
 @pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
 def test_logits_only_where_labelled_equal_the_full_logits(build):
-    from fedpeft.data import Collator
-    from fedpeft.training import shifted_lm_logits
+    from fedpeft.data.datasets import Collator
+    from fedpeft.training.local import shifted_lm_logits
 
     model = build().double().eval()
     examples = [
@@ -187,7 +187,7 @@ def test_logits_only_where_labelled_equal_the_full_logits(build):
 def test_rules_declare_whether_they_move_the_base_and_a_quantized_base_refuses_those_that_do():
     import inspect
 
-    from strategies import STRATEGIES
+    from fedpeft.strategies import STRATEGIES
 
     for name, rule in STRATEGIES.items():
         # The declaration the start check reads agrees with the code: a rule that merges says so.

@@ -10,17 +10,18 @@ import pytest
 import torch
 from torch import nn
 
-from fedpeft import instruct, llm_eval
-from fedpeft.config import GenerationEval, MultipleChoiceEval
-from fedpeft.data import DataError
-from fedpeft.llm import MINILM_CHAT_TEMPLATE
+from fedpeft.data import instruct
+from fedpeft.evaluation import llm as llm_eval
+from fedpeft.config.schema import GenerationEval, MultipleChoiceEval
+from fedpeft.data.datasets import DataError
+from fedpeft.models.llm import MINILM_CHAT_TEMPLATE
 
 
 @pytest.fixture
 def tokenizer():
     from transformers import AutoTokenizer
 
-    from fedpeft.models import resolve_model_path
+    from fedpeft.models.adapters import resolve_model_path
 
     tok = AutoTokenizer.from_pretrained(resolve_model_path("embedded:minilm"))
     tok.chat_template = MINILM_CHAT_TEMPLATE
@@ -192,7 +193,7 @@ def test_batched_left_padded_generation_equals_one_by_one():
 def test_generation_runs_in_the_models_autocast_dtype():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from fedpeft.training import AUTOCAST
+    from fedpeft.training.local import AUTOCAST
 
     # Prepare: a tiny causal LM; a hook records the dtype its feed-forward computes in
     torch.manual_seed(0)

@@ -8,9 +8,9 @@ import pytest
 import torch
 from peft import LoraConfig, TaskType, get_peft_model
 
-from fedpeft.config import ModelConfig
-from fedpeft.models import CachedModel, merge_delta
-from fedpeft.records import split_state, stack_to_delta
+from fedpeft.config.schema import ModelConfig
+from fedpeft.models.adapters import CachedModel, merge_delta
+from fedpeft.protocol.records import split_state, stack_to_delta
 
 RANK = 3
 

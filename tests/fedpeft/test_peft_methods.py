@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import pytest
 
-from clients.app import app
-from fedpeft.config import compose_config
+from fedpeft.clients.app import app
+from fedpeft.cli.configs import compose_config
 from fedpeft.run import check_config
-from fedpeft.server import run_federated
+from fedpeft.server.loop import run_federated
 from tests.fakegrid import InProcessGrid
 
 TINY = ["+exp=smoke", "num_rounds=1", "num_clients=2", "clients_per_round=2", "client.local_steps=2", "data.max_samples=60", "model.max_length=32"]
@@ -28,9 +28,9 @@ def reload_accuracy(cfg, run_dir) -> float:
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from fedpeft import data as fdata
-    from fedpeft.models import resolve_model_path
-    from fedpeft.training import evaluate
+    from fedpeft.data import datasets as fdata
+    from fedpeft.models.adapters import resolve_model_path
+    from fedpeft.training.local import evaluate
 
     path = resolve_model_path(cfg.model.name_or_path)
     data = fdata.prepare(cfg.data, seed=cfg.seed, num_clients=cfg.num_clients)

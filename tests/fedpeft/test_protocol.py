@@ -8,8 +8,8 @@ import pytest
 import torch
 from flwr.app import ConfigRecord
 
-from fedpeft import protocol
-from fedpeft.protocol import (
+from fedpeft.protocol import wire as protocol
+from fedpeft.protocol.wire import (
     ALL_ROLES,
     LORA_A,
     LORA_B,

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedpeft.records import exact_product, fresh_lora, from_record, resize_rank, seeded_tensors, split_state, stack_to_delta, state_nbytes, to_record
+from fedpeft.protocol.records import exact_product, fresh_lora, from_record, resize_rank, seeded_tensors, split_state, stack_to_delta, state_nbytes, to_record
 
 
 def adapter(rank: int, *, seed: int = 0) -> dict[str, torch.Tensor]:

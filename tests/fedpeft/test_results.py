@@ -7,8 +7,8 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedpeft import results
-from fedpeft.results import MetricsWriter, weighted_spread
+from fedpeft.reporting import metrics as results
+from fedpeft.reporting.metrics import MetricsWriter, weighted_spread
 
 
 @settings(max_examples=50, deadline=None)

@@ -7,8 +7,8 @@ from __future__ import annotations
 from flwr.app import Error, Message, MessageType
 from flwr.common.constant import ErrorCode
 
-from clients.app import app
-from fedpeft.server import run_federated
+from fedpeft.clients.app import app
+from fedpeft.server.loop import run_federated
 from tests.fakegrid import InProcessGrid
 from tests.fedpeft.test_config import compose_cfg
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
 
-from fedpeft import protocol
-from fedpeft.records import resize_rank
-from strategies.base import LoRAStrategy, NodeInfo
+from fedpeft.protocol import wire as protocol
+from fedpeft.protocol.records import resize_rank
+from fedpeft.strategies.base import LoRAStrategy, NodeInfo
 
 LAYERS = ("m.layer0.q", "m.layer0.v", "m.layer1.q")
 HEAD = "m.head.weight"

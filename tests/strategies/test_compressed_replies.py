@@ -9,13 +9,13 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
 
-from clients.job import start_state
-from fedpeft import protocol
-from fedpeft.compression import ComPEFT, compress_uploads, decompress, payload_nbytes, unpack
-from fedpeft.protocol import LORA_A, LORA_B, OTHER, GroupPlan, Source
-from fedpeft.records import state_nbytes
-from strategies import STRATEGIES
-from strategies.base import NodeInfo
+from fedpeft.clients.job import start_state
+from fedpeft.protocol import wire as protocol
+from fedpeft.compression.compeft import ComPEFT, compress_uploads, decompress, payload_nbytes, unpack
+from fedpeft.protocol.wire import LORA_A, LORA_B, OTHER, GroupPlan, Source
+from fedpeft.protocol.records import state_nbytes
+from fedpeft.strategies import STRATEGIES
+from fedpeft.strategies.base import NodeInfo
 from tests.strategies.test_rejections import NODE
 
 

@@ -7,11 +7,11 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType
 
-from fedpeft import protocol
-from fedpeft.protocol import LORA_B, Evaluate, Source
-from fedpeft.server import round_row
-from strategies.base import NodeInfo
-from strategies.fedavg import FedIT
+from fedpeft.protocol import wire as protocol
+from fedpeft.protocol.wire import LORA_B, Evaluate, Source
+from fedpeft.server.loop import round_row
+from fedpeft.strategies.base import NodeInfo
+from fedpeft.strategies.fedavg import FedIT
 
 A, B, HEAD = "m.q.lora_A.weight", "m.q.lora_B.weight", "m.head.weight"
 

@@ -13,12 +13,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedpeft.protocol import decode_plan
-from fedpeft.records import from_record, resize_rank, to_record
+from fedpeft.protocol.wire import decode_plan
+from fedpeft.protocol.records import from_record, resize_rank, to_record
 from tests.strategies import draw
-from strategies import STRATEGIES
-from strategies.base import NodeInfo
-from strategies.fedavg import FedIT, fedit, fedit_pair
+from fedpeft.strategies import STRATEGIES
+from fedpeft.strategies.base import NodeInfo
+from fedpeft.strategies.fedavg import FedIT, fedit, fedit_pair
 
 SETTINGS = settings(max_examples=40, deadline=None)
 A, B, HEAD = "m.q.lora_A.weight", "m.q.lora_B.weight", "m.head.weight"

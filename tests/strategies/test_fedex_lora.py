@@ -7,9 +7,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fedpeft import protocol
-from fedpeft.records import stack_to_delta, state_nbytes
-from strategies.fedex_lora import FedExLoRA, fedex_average, fedex_pair, residual_stack
+from fedpeft.protocol import wire as protocol
+from fedpeft.protocol.records import stack_to_delta, state_nbytes
+from fedpeft.strategies.fedex_lora import FedExLoRA, fedex_average, fedex_pair, residual_stack
 from tests.strategies import draw, replies
 
 scalings = st.sampled_from([0.5, 1.0, 2.0, 16.0])
@@ -218,11 +218,11 @@ def test_the_residual_travels_as_factors_and_a_node_that_skipped_rounds_gets_eve
 
 
 def test_workers_that_skipped_rounds_land_on_the_servers_base_and_the_global_model_is_exact(tmp_path):
-    """The real client code (``clients.job.sync_base``) merges the stacks into worker models."""
+    """The real client code (``fedpeft.clients.job.sync_base``) merges the stacks into worker models."""
     import random
 
-    from clients.job import store_base_updates, sync_base
-    from clients.state import NodeStore
+    from fedpeft.clients.job import store_base_updates, sync_base
+    from fedpeft.clients.state import NodeStore
     from tests.strategies.test_flora_exact import tiny_cached_model
 
     # Prepare: 4 nodes of rank 4, 2 per round, two workers that see the nodes in a shuffled order

@@ -11,8 +11,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fedpeft import protocol
-from strategies.fedsa_lora import FedSALoRA, fedsa_aggregate, personal_summary
+from fedpeft.protocol import wire as protocol
+from fedpeft.strategies.fedsa_lora import FedSALoRA, fedsa_aggregate, personal_summary
 from tests.strategies import draw, replies
 
 

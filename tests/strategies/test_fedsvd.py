@@ -7,8 +7,8 @@ import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from fedpeft import protocol
-from strategies.fedsvd import FedSVD, fedsvd_pair, svd_refactor
+from fedpeft.protocol import wire as protocol
+from fedpeft.strategies.fedsvd import FedSVD, fedsvd_pair, svd_refactor
 from tests.strategies import draw, replies
 
 

@@ -8,13 +8,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedpeft import protocol
-from fedpeft.records import LORA_A_SUFFIX, from_record, resize_rank, seeded_tensors, state_nbytes, to_record
+from fedpeft.protocol import wire as protocol
+from fedpeft.protocol.records import LORA_A_SUFFIX, from_record, resize_rank, seeded_tensors, state_nbytes, to_record
 from tests.strategies import draw
-from strategies.base import NodeInfo
-from strategies.fedavg import FedIT
-from strategies.ffa_lora import FFALoRA, ffa, ffa_aggregate
-from strategies.lora_math import ideal_delta
+from fedpeft.strategies.base import NodeInfo
+from fedpeft.strategies.fedavg import FedIT
+from fedpeft.strategies.ffa_lora import FFALoRA, ffa, ffa_aggregate
+from fedpeft.strategies.lora_math import ideal_delta
 
 SETTINGS = settings(max_examples=40, deadline=None)
 LAYERS = ("m.layer0.q", "m.layer0.v", "m.layer1.q")
@@ -100,8 +100,8 @@ def test_an_upload_holding_lora_a_is_rejected():
 
 
 def test_every_client_rebuilds_the_servers_a_bit_for_bit_in_every_round():
-    """The client's own code (clients.job.start_state) regenerates A from the plan."""
-    from clients.job import start_state
+    """The client's own code (fedpeft.clients.job.start_state) regenerates A from the plan."""
+    from fedpeft.clients.job import start_state
 
     # Prepare
     ranks = {0: 1, 1: 2, 2: 3, 3: 4}

@@ -9,10 +9,10 @@ import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from fedpeft import protocol
-from fedpeft.records import state_nbytes
-from strategies.flexlora import FlexLoRA, compact_factors, factored_svd, rank_approximation
-from strategies.flora import stack_pair
+from fedpeft.protocol import wire as protocol
+from fedpeft.protocol.records import state_nbytes
+from fedpeft.strategies.flexlora import FlexLoRA, compact_factors, factored_svd, rank_approximation
+from fedpeft.strategies.flora import stack_pair
 from tests.strategies import draw, replies
 
 scalings = st.sampled_from([0.5, 1.0, 2.0, 16.0])

@@ -11,9 +11,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedpeft.records import exact_product
-from strategies.flora import stack_pair, stacked_delta
-from strategies.lora_math import ideal_delta
+from fedpeft.protocol.records import exact_product
+from fedpeft.strategies.flora import stack_pair, stacked_delta
+from fedpeft.strategies.lora_math import ideal_delta
 
 SETTINGS = settings(max_examples=50, deadline=None)
 

@@ -2,7 +2,7 @@
 
 The real strategy code builds the messages (with the stacks each node missed) and aggregates mock
 replies from clients with random, non-zero factors of different ranks, under partial
-participation; the real client code (``clients.job.sync_base``) merges them into worker models
+participation; the real client code (``fedpeft.clients.job.sync_base``) merges them into worker models
 that see the nodes in a shuffled order, as Ray workers do.
 """
 
@@ -13,13 +13,13 @@ import random
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from clients.job import store_base_updates, sync_base
-from clients.state import NodeStore
-from fedpeft.models import CachedModel
-from fedpeft import protocol
-from fedpeft.records import from_record, resize_rank, stack_to_delta, to_record
-from strategies.base import NodeInfo
-from strategies.flora import FLoRA
+from fedpeft.clients.job import store_base_updates, sync_base
+from fedpeft.clients.state import NodeStore
+from fedpeft.models.adapters import CachedModel
+from fedpeft.protocol import wire as protocol
+from fedpeft.protocol.records import from_record, resize_rank, stack_to_delta, to_record
+from fedpeft.strategies.base import NodeInfo
+from fedpeft.strategies.flora import FLoRA
 
 RANKS = [4, 2, 1, 3]
 
@@ -28,7 +28,7 @@ def tiny_cached_model() -> CachedModel:
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import BertConfig, BertForSequenceClassification
 
-    from fedpeft.config import LoraSettings, ModelConfig
+    from fedpeft.config.schema import LoraSettings, ModelConfig
 
     torch.manual_seed(0)
     config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=20, num_labels=3)

@@ -7,8 +7,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fedpeft import protocol
-from strategies.hetlora import HetLoRA, client_norm, hetlora, product_norm, sparsity_weights
+from fedpeft.protocol import wire as protocol
+from fedpeft.strategies.hetlora import HetLoRA, client_norm, hetlora, product_norm, sparsity_weights
 from tests.strategies import draw, replies
 
 

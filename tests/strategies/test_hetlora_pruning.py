@@ -1,6 +1,6 @@
 """HetLoRA's rank self-pruning: the plan carries it, the client penalises and drops its tail, the server follows.
 
-The client never learns which rule runs: the plan's :class:`~fedpeft.protocol.RankPruning` says
+The client never learns which rule runs: the plan's :class:`~fedpeft.protocol.wire.RankPruning` says
 how to penalise and when to shrink; the server accepts a reply at the plan's rank or its pruned
 rank, and sends a client that pruned itself its new rank from then on (through a resume too).
 """
@@ -11,15 +11,15 @@ import pytest
 import torch
 from flwr.app import Message
 
-from clients.job import lora_factors, tail_norm
-from fedpeft import protocol
-from fedpeft.batched_engine import BatchedGrid
-from fedpeft.checks import check_config
-from fedpeft.config import compose_config
-from fedpeft.protocol import ClientPlan, ProtocolError, RankPruning
-from fedpeft.records import resize_rank
-from fedpeft.server import run_federated
-from strategies.hetlora import HetLoRA
+from fedpeft.clients.job import lora_factors, tail_norm
+from fedpeft.protocol import wire as protocol
+from fedpeft.engines.batched import BatchedGrid
+from fedpeft.cli.checks import check_config
+from fedpeft.cli.configs import compose_config
+from fedpeft.protocol.wire import ClientPlan, ProtocolError, RankPruning
+from fedpeft.protocol.records import resize_rank
+from fedpeft.server.loop import run_federated
+from fedpeft.strategies.hetlora import HetLoRA
 from tests.strategies import replies
 from tests.strategies.test_rules_fakegrid import grid, tiny_model  # noqa: F401  (a fixture)
 

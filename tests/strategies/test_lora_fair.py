@@ -10,13 +10,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedpeft.records import from_record, resize_rank, to_record
+from fedpeft.protocol.records import from_record, resize_rank, to_record
 from tests.strategies import draw
-from strategies import STRATEGIES
-from strategies.base import NodeInfo
-from strategies.fedavg import fedit, fedit_pair
-from strategies.lora_fair import LoRAFAIR, cosine_dissimilarity, fair_correction_cosine, fair_correction_frobenius, lora_fair
-from strategies.lora_math import ideal_delta
+from fedpeft.strategies import STRATEGIES
+from fedpeft.strategies.base import NodeInfo
+from fedpeft.strategies.fedavg import fedit, fedit_pair
+from fedpeft.strategies.lora_fair import LoRAFAIR, cosine_dissimilarity, fair_correction_cosine, fair_correction_frobenius, lora_fair
+from fedpeft.strategies.lora_math import ideal_delta
 
 SETTINGS = settings(max_examples=40, deadline=None)
 A, B, HEAD = "m.q.lora_A.weight", "m.q.lora_B.weight", "m.head.weight"

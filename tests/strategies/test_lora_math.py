@@ -1,4 +1,4 @@
-"""strategies.lora_math: weighted sums, weight checks, rank padding, the ideal update, the residual."""
+"""fedpeft.strategies.lora_math: weighted sums, weight checks, rank padding, the ideal update, the residual."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedpeft.records import resize_factor
-from strategies.lora_math import check_weights, ideal_delta, relative_residual, residual_parts, weighted_sum
+from fedpeft.protocol.records import resize_factor
+from fedpeft.strategies.lora_math import check_weights, ideal_delta, relative_residual, residual_parts, weighted_sum
 
 
 def pad_a(lora_a, rank):

@@ -6,10 +6,10 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from fedpeft.records import resize_rank, to_record
+from fedpeft.protocol.records import resize_rank, to_record
 from tests.strategies import draw
-from strategies import STRATEGIES
-from strategies.base import NodeInfo
+from fedpeft.strategies import STRATEGIES
+from fedpeft.strategies.base import NodeInfo
 
 NODE = NodeInfo(node_id=7, partition_id=0, rank=2, num_examples=12)
 

@@ -7,8 +7,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fedpeft import protocol
-from strategies.rolora import RoLoRA, rolora_aggregate, trained_factor
+from fedpeft.protocol import wire as protocol
+from fedpeft.strategies.rolora import RoLoRA, rolora_aggregate, trained_factor
 from tests.strategies import draw, replies
 
 

@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import clients.app
-from clients.state import NodeStore
-from fedpeft import models, protocol
-from fedpeft.config import compose_config
-from fedpeft.server import run_federated
+import fedpeft.clients.app
+from fedpeft.clients.state import NodeStore
+from fedpeft.models import adapters as models
+from fedpeft.protocol import wire as protocol
+from fedpeft.cli.configs import compose_config
+from fedpeft.server.loop import run_federated
 from tests.fakegrid import InProcessGrid
 
 SMALL = ["+exp=smoke", "num_clients=3", "clients_per_round=2", "data.max_samples=60", "model.max_length=32", "client.local_steps=2", "save_adapter=false", "eval_every=100"]
@@ -30,7 +31,7 @@ class Recorder:
     def __init__(self, monkeypatch) -> None:
         self.jobs: list[tuple[int, int, dict, dict]] = []  # (round, partition, start, after)
         self.uploads: list[tuple[int, int, set[str]]] = []
-        engine, encode = clients.app.ENGINE, clients.app.encode
+        engine, encode = fedpeft.clients.app.ENGINE, fedpeft.clients.app.encode
 
         def recording_engine(jobs):
             results = engine(jobs)
@@ -69,7 +70,7 @@ def tiny_model(tmp_path_factory) -> list[str]:
     """A 2-layer, 32-wide random-init BERT with the embedded model's tokenizer, saved to disk."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from fedpeft.models import resolve_model_path
+    from fedpeft.models.adapters import resolve_model_path
 
     path = tmp_path_factory.mktemp("tiny-bert")
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("embedded:minilm"))
@@ -81,7 +82,7 @@ def tiny_model(tmp_path_factory) -> list[str]:
 
 
 def grid(cls=InProcessGrid, **kwargs):
-    return cls(clients.app.app, [{protocol.NODE_PARTITION_ID: k} for k in range(3)], **kwargs)
+    return cls(fedpeft.clients.app.app, [{protocol.NODE_PARTITION_ID: k} for k in range(3)], **kwargs)
 
 
 def kept(run_dir: Path, partition: int) -> dict[str, torch.Tensor] | None:
@@ -123,7 +124,7 @@ def test_fedsa_lora_keeps_each_b_on_its_node_bit_for_bit_across_rounds_and_a_res
     for partition in range(3):
         a, b = kept(tmp_path / "reference", partition), kept(tmp_path / "killed", partition)
         assert (a is None) == (b is None) and (a is None or (a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)))
-    resumed = [r for r in __import__("fedpeft.results", fromlist=["read_metrics"]).read_metrics(tmp_path / "killed")]
+    resumed = [r for r in __import__("fedpeft.reporting.metrics", fromlist=["read_metrics"]).read_metrics(tmp_path / "killed")]
     same = ["round", "train_loss", "bytes_up", "bytes_down", "personal_accuracy"]
     assert [[r.get(k) for k in same] for r in resumed] == [[r.get(k) for k in same] for r in rows]
     assert all(r["personal_accuracy"] is not None for r in rows)

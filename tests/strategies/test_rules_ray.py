@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from clients.state import NodeStore
-from fedpeft.config import compose_config
+from fedpeft.clients.state import NodeStore
+from fedpeft.cli.configs import compose_config
 from fedpeft.run import execute
 
 pytestmark = pytest.mark.slow

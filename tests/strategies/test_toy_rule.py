@@ -12,12 +12,13 @@ from typing import Any
 import pytest
 import torch
 
-from fedpeft.config import StrategyConfig, compose_config
-from fedpeft.protocol import LORA_A, LORA_B, OTHER, GroupPlan, Source
-from fedpeft.records import State
-from strategies import STRATEGIES
-from strategies.base import ClientUpdate, LoRAStrategy, NodeInfo
-from strategies.lora_math import weighted_sum
+from fedpeft.config.schema import StrategyConfig
+from fedpeft.cli.configs import compose_config
+from fedpeft.protocol.wire import LORA_A, LORA_B, OTHER, GroupPlan, Source
+from fedpeft.protocol.records import State
+from fedpeft.strategies import STRATEGIES
+from fedpeft.strategies.base import ClientUpdate, LoRAStrategy, NodeInfo
+from fedpeft.strategies.lora_math import weighted_sum
 
 
 @dataclass

@@ -49,8 +49,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fedpeft.protocol import ClientPlan, Source, keys_with_roles
-from fedpeft.records import seeded_tensors
+from fedpeft.protocol.wire import ClientPlan, Source, keys_with_roles
+from fedpeft.protocol.records import seeded_tensors
 
 VERSION = 1
 SCALES = ("std", "mean", "exact")
@@ -85,7 +85,7 @@ COMPRESSIONS = ("none", "compeft")
 
 
 def codec_from_config(cfg) -> ComPEFT | None:
-    """The codec a :class:`fedpeft.config.CompressionConfig` asks for (None: dense uploads); checks it."""
+    """The codec a :class:`fedpeft.config.schema.CompressionConfig` asks for (None: dense uploads); checks it."""
     if cfg.name not in COMPRESSIONS:
         raise CompressionError(f"compression must be one of {COMPRESSIONS}, got {cfg.name!r}")
     if cfg.name == "none":
@@ -359,7 +359,7 @@ def compress_uploads(
 
 def upload_starts(plan: ClientPlan, adapter: Mapping[str, torch.Tensor], keys: Iterable[str]) -> dict[str, torch.Tensor]:
     """The start of each compressible uploaded key as the server knows it: ``adapter`` (the tensors it
-    sent, at the client's rank), a seeded draw, or zeros (the client's :func:`clients.job.start_state`)."""
+    sent, at the client's rank), a seeded draw, or zeros (the client's :func:`fedpeft.clients.job.start_state`)."""
     out: dict[str, torch.Tensor] = {}
     for key in compressible_keys(plan, keys):
         group = plan.group_of(key)

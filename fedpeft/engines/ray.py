@@ -1,6 +1,6 @@
 """Run the fedpeft apps on Flower's simulation engine (Ray): many clients on one machine.
 
-The ClientApp is passed by reference (``clients.app.app``, an importable module). Defining it in
+The ClientApp is passed by reference (``fedpeft.clients.app.app``, an importable module). Defining it in
 ``__main__`` would make Ray pickle it by value and lose the per-process model cache.
 """
 
@@ -16,8 +16,8 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedpeft import console
-from fedpeft.config import ENGINES, Config
+from fedpeft.cli import console
+from fedpeft.config.schema import ENGINES, Config
 
 log = logging.getLogger("fedpeft")
 
@@ -33,7 +33,7 @@ def check_engine(cfg: Config) -> None:
     if cfg.engine.clients_per_pass < 1:
         raise ValueError(f"engine.clients_per_pass must be >= 1, got {cfg.engine.clients_per_pass}")
     if cfg.engine.name == "batched":
-        from fedpeft.batched_engine import check_batched  # imports the ClientApp's modules: only when chosen
+        from fedpeft.engines.batched import check_batched  # imports the ClientApp's modules: only when chosen
 
         check_batched(cfg)
 
@@ -75,7 +75,7 @@ def start_ray(address: str | None = None) -> None:
     """Start this run's Ray cluster (Flower uses a running one as it is).
 
     As Flower would, plus: unless ``verbose=true``, every worker runs
-    :func:`fedpeft.console.worker_setup` first, which sends its output to the run's ``run.log``,
+    :func:`fedpeft.cli.console.worker_setup` first, which sends its output to the run's ``run.log``,
     and nothing of the workers is forwarded to this console.
     """
     import ray
@@ -86,7 +86,7 @@ def start_ray(address: str | None = None) -> None:
     os.environ["PYTHONPATH"] = pythonpath
     runtime_env: dict[str, Any] = {"env_vars": {"PYTHONPATH": pythonpath}}
     if quiet:
-        runtime_env["worker_process_setup_hook"] = "fedpeft.console.worker_setup"
+        runtime_env["worker_process_setup_hook"] = "fedpeft.cli.console.worker_setup"
     ray.init(address=address, runtime_env=runtime_env, include_dashboard=False, log_to_driver=not quiet, logging_level=logging.WARNING, configure_logging=not quiet)
 
 
@@ -95,17 +95,17 @@ def run_simulation(cfg: Config, run_dir: Path) -> list[dict[str, Any]]:
 
     A failure of the engine itself (Ray cannot start a client, ...) raises :class:`SimulationError`
     with Ray's own reason. Flower's ServerApp thread is then still waiting for replies that will
-    never come, so the caller must end the process (:func:`fedpeft.console.stop_now`), not return.
+    never come, so the caller must end the process (:func:`fedpeft.cli.console.stop_now`), not return.
     """
     if cfg.engine.name == "batched":
-        from fedpeft.batched_engine import run_batched
+        from fedpeft.engines.batched import run_batched
 
         return run_batched(cfg, run_dir)
     import ray
     from flwr.simulation import run_simulation as flwr_run_simulation
 
-    from clients.app import app as client_app
-    from fedpeft.server import run_federated
+    from fedpeft.clients.app import app as client_app
+    from fedpeft.server.loop import run_federated
 
     outcome: dict[str, Any] = {}
     server_app = ServerApp()

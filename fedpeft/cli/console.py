@@ -152,8 +152,8 @@ def _pct(value: Any) -> str:
 
 def header_lines(cfg: Any, run_dir: Path, *, data: Any = None, device: str | None = None) -> list[str]:
     """What this run is, before it starts: rule, model, data, clients and ranks, engine, device, DP, run dir."""
-    from fedpeft.models import client_ranks  # the header is only built once the config passed its checks
-    from strategies import get_strategy
+    from fedpeft.models.adapters import client_ranks  # the header is only built once the config passed its checks
+    from fedpeft.strategies import get_strategy
 
     lora = cfg.model.lora
     peft = getattr(cfg.model, "peft", "lora")
@@ -225,7 +225,7 @@ def round_line(row: dict[str, Any], *, num_rounds: int, elapsed: float, eta: flo
 
 def load_hint(cfg: Any, artifact: Path, *, num_labels: int | None = None) -> str:
     """The Python that loads the final model or adapter written by the run."""
-    from fedpeft.models import resolve_model_path
+    from fedpeft.models.adapters import resolve_model_path
 
     auto = "AutoModelForSequenceClassification" if cfg.model.task == "seq_cls" else "AutoModelForCausalLM"
     if artifact.name == "final_model":
@@ -408,16 +408,16 @@ def composition_error(argv: list[str]) -> str | None:
     """
     if any(arg.startswith("-") for arg in argv):
         return None
-    from hydra import compose, initialize_config_dir
+    from hydra import compose, initialize_config_module
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from fedpeft.config import CONF_DIR, register_configs
+    from fedpeft.cli.configs import CONF_MODULE, register_configs
 
     register_configs()
     overrides = [arg for arg in argv if not arg.lstrip("+~").startswith(("hydra.", "hydra/"))]
     try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        with initialize_config_module(config_module=CONF_MODULE, version_base="1.3"):
             compose(config_name="config", overrides=overrides)
     except (HydraException, OmegaConfBaseException) as err:
         return hydra_one_line(err)
@@ -444,12 +444,13 @@ def hydra_one_line(err: BaseException) -> str:
 def help_text(overrides: list[str]) -> str:
     """``python -m fedpeft.run --help``: the config groups and every key with its value and help.
 
-    Keys and help come from the typed schema (:mod:`fedpeft.config`), values from the config that
+    Keys and help come from the typed schema (:mod:`fedpeft.config.schema`), values from the config that
     ``overrides`` compose (so ``+exp=flora_hetero --help`` shows that experiment's values).
     """
     import dataclasses
 
-    from fedpeft.config import CONF_DIR, Config, compose_config
+    from fedpeft.config.schema import Config
+    from fedpeft.cli.configs import CONF_DIR, compose_config
 
     try:
         cfg: Any = compose_config(overrides)

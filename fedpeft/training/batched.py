@@ -10,8 +10,8 @@ to take, sends it through the base once, and routes each client's rows through i
 * a trained head (peft ``modules_to_save``, a ``nn.Linear``): ``y = H_k x + b_k`` stacked the same way.
 
 Each client keeps its own parameters at its own rank (what peft's ``get_peft_model_state_dict`` of
-its adapter holds) and its own optimiser, built by :func:`fedpeft.training.make_optimizer` exactly
-as :func:`fedpeft.training.train_local` builds it. The stacks are assembled from those parameters in
+its adapter holds) and its own optimiser, built by :func:`fedpeft.training.local.make_optimizer` exactly
+as :func:`fedpeft.training.local.train_local` builds it. The stacks are assembled from those parameters in
 every forward, zero-padded to the largest rank of the pass: padding is never a parameter, so it gets
 no gradient and cannot drift. The loss is ``Σ_k mean_k`` (client k's mean per-sample loss), and
 client k's parameters touch only client k's rows, so each client's gradient is the gradient it would
@@ -38,7 +38,7 @@ from peft.tuners.lora import LoraLayer
 from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 
-from fedpeft.training import TrainResult, _cycle, forward_logits, loss_from_logits, make_optimizer, to_device
+from fedpeft.training.local import TrainResult, _cycle, forward_logits, loss_from_logits, make_optimizer, to_device
 
 LORA_A = ".lora_A.weight"
 LORA_B = ".lora_B.weight"
@@ -260,7 +260,7 @@ def stacked_model(model: nn.Module, tasks: Sequence[ClientTask], clients: Sequen
 def combine(batches: Sequence[Mapping[str, torch.Tensor]], *, pad_token_id: int) -> dict[str, torch.Tensor]:
     """Concatenate client batches along the batch axis, right-padding token axes to the widest.
 
-    Padding is what :class:`fedpeft.data.Collator` pads with (``pad_token_id`` for input ids, -100
+    Padding is what :class:`fedpeft.data.datasets.Collator` pads with (``pad_token_id`` for input ids, -100
     for LM labels, 0 for masks), so a padded position is masked exactly as in the client's own batch.
     """
     keys = list(batches[0])

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from fedpeft.config import EMBEDDED_DATA, DataConfig
+from fedpeft.config.schema import EMBEDDED_DATA, DataConfig
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -48,7 +48,7 @@ def _hf():
     return datasets
 
 PARTITIONERS = ("iid", "dirichlet", "pathological", "natural")
-DATA_FORMATS = ("text", "alpaca", "dolly", "chat")  # all but 'text' are instruction sets (fedpeft/instruct.py)
+DATA_FORMATS = ("text", "alpaca", "dolly", "chat")  # all but 'text' are instruction sets (fedpeft/data/instruct.py)
 TEXT, LABEL = "text", "label"
 
 
@@ -367,7 +367,7 @@ _LOCK = threading.Lock()
 
 def prepare(cfg: DataConfig, *, seed: int, num_clients: int, need_labels: bool = True) -> FederatedData:
     """:func:`build`, cached per process (a Ray worker reads and partitions the corpus once)."""
-    from fedpeft.config import to_container
+    from fedpeft.config.schema import to_container
 
     key = json.dumps([to_container(cfg), seed, num_clients, need_labels], sort_keys=True)
     with _LOCK:
@@ -423,7 +423,7 @@ def make_loader(
 
 def encode_config(cfg: Any, ds: Dataset, tokenizer: Any) -> list[dict[str, Any]]:
     """Tokenise ``ds`` as the run's config (``cfg.data``, ``cfg.model``) says: an instruction format
-    through :mod:`fedpeft.instruct` (prompt template, response-only labels), text through :func:`encode`."""
+    through :mod:`fedpeft.data.instruct` (prompt template, response-only labels), text through :func:`encode`."""
     if cfg.data.format != "text":
         from fedpeft import instruct  # instruct builds on this module: imported here to break the cycle
 

@@ -1,9 +1,9 @@
 """``engine=batched``: simulate the clients in the server process, several per pass over one base copy.
 
 A Flower :class:`~flwr.serverapp.Grid` whose nodes live in this process. The server loop
-(:func:`fedpeft.server.run_federated`) runs over it unchanged: it pushes a round's messages, and
-the grid answers each one with the ClientApp's own steps — :func:`clients.job.decode` the message
-into a job with the node's context (partition id, state folder), train, :func:`clients.job.encode`
+(:func:`fedpeft.server.loop.run_federated`) runs over it unchanged: it pushes a round's messages, and
+the grid answers each one with the ClientApp's own steps — :func:`fedpeft.clients.job.decode` the message
+into a job with the node's context (partition id, state folder), train, :func:`fedpeft.clients.job.encode`
 the reply — where the training of up to ``engine.clients_per_pass`` jobs shares one pass
 (:mod:`clients.batched`). Replies carry what the Ray engine's replies carry, node state goes
 through the same node store, so strategies, reply checks, metrics, checkpoints and resume do not
@@ -27,10 +27,10 @@ import torch
 from flwr.app import Context, Error, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from clients.app import app as client_app
-from clients.batched import passes, train_pass
-from clients.job import Job, JobResult, decode, encode, run_job
-from fedpeft.config import Config
+from fedpeft.clients.app import app as client_app
+from fedpeft.clients.batched import passes, train_pass
+from fedpeft.clients.job import Job, JobResult, decode, encode, run_job
+from fedpeft.config.schema import Config
 
 log = logging.getLogger("fedpeft")
 
@@ -148,7 +148,7 @@ def run_batched(cfg: Config, run_dir: Path) -> list[dict[str, Any]]:
     """Run the federated loop over a :class:`BatchedGrid`; returns the metrics rows."""
     from flwr.supercore.task_identity import TaskIdentity
 
-    from fedpeft.server import run_federated
+    from fedpeft.server.loop import run_federated
 
     check_batched(cfg)
     saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Callable, Mapping
 from typing import Any, Optional
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 EMBEDDED_MODEL = "embedded:minilm"
@@ -108,7 +107,7 @@ class DataConfig:
     dirichlet_alpha: float = 0.5
     classes_per_client: int = 2
     val_fraction: float = 0.1
-    # Instruction tuning (fedpeft/instruct.py): the columns of each format, the prompt and the loss.
+    # Instruction tuning (fedpeft/data/instruct.py): the columns of each format, the prompt and the loss.
     format: str = field(
         default="text",
         metadata={"help": "'text' (a text column: classification or plain LM), 'alpaca', 'dolly' or 'chat' (instruction tuning of a causal LM)."},
@@ -257,7 +256,7 @@ class DeployConfig:
 
 @dataclass
 class CompressionConfig:
-    """Uplink compression of client updates (``fedpeft/compression.py``)."""
+    """Uplink compression of client updates (``fedpeft/compression/compeft.py``)."""
 
     name: str = field(default="none", metadata={"help": "'none' or 'compeft' (ComPEFT, arXiv 2311.13171: top-k of the update, ternarised)."})
     density: float = field(default=0.1, metadata={"help": "Fraction of each tensor's update entries that travel (largest |Δ|)."})
@@ -372,24 +371,31 @@ def required(key: str) -> Any:
     raise ConfigError(f"{key} is required by the chosen config: add {key}=<value>")
 
 
-def register_configs() -> None:
-    """Register the schemas: ``conf/config.yaml`` extends ``schema``, and each ``conf/strategy/<name>.yaml``
-    its rule's ``<name>_schema`` (the rule's config dataclass, ``strategies.STRATEGIES[name].config_class``)."""
-    from omegaconf import OmegaConf
-
-    if not OmegaConf.has_resolver("required"):
-        OmegaConf.register_new_resolver("required", required)
-    cs = ConfigStore.instance()
-    cs.store(name="schema", node=Config)
-    for name, config_class in strategy_configs().items():
-        cs.store(group="strategy", name=f"{name}_schema", node=config_class)
+RuleSchemas = Callable[[], Mapping[str, type]]
 
 
-def strategy_configs() -> dict[str, type]:
-    """Each registered rule's config dataclass, by rule name."""
-    from strategies import STRATEGIES  # the rules import this module (StrategyConfig): a real cycle
+def _no_rules() -> Mapping[str, type]:
+    return {}
 
-    return {name: rule.config_class for name, rule in STRATEGIES.items()}
+
+_rule_schemas: RuleSchemas = _no_rules
+
+
+def use_rule_schemas(source: RuleSchemas) -> None:
+    """Say where the rules' config dataclasses are: a function giving ``{rule name: its config class}``.
+
+    The rule registry (:mod:`fedpeft.strategies`) calls this when it is imported, so this module never
+    imports a rule: a process that loaded no rule (a client) types ``strategy`` with the common
+    :class:`StrategyConfig`. The source is called at each use, so a rule added to the registry later
+    (a test's toy rule) is seen.
+    """
+    global _rule_schemas
+    _rule_schemas = source
+
+
+def rule_schemas() -> Mapping[str, type]:
+    """Each known rule's config dataclass, by rule name (empty where no rule registry was imported)."""
+    return _rule_schemas()
 
 
 def strategy_schema(name: str, *, strict: bool = True) -> type:
@@ -399,7 +405,7 @@ def strategy_schema(name: str, *, strict: bool = True) -> type:
     config a server already checked, maybe for a rule this process does not have) it is the
     common :class:`StrategyConfig`, and the rule's own options are dropped.
     """
-    configs = strategy_configs()
+    configs = rule_schemas()
     if name in configs:
         return configs[name]
     if strict:
@@ -424,12 +430,12 @@ __all__ = [
     "EMBEDDED_DATA",
     "EMBEDDED_MODEL",
     "MISSING",
-    "register_configs",
+    "use_rule_schemas",
+    "rule_schemas",
     "to_container",
     "to_json",
     "to_config",
     "from_json",
-    "compose_config",
 ]
 
 
@@ -493,27 +499,14 @@ _PARSED: dict[str, Config] = {}
 def from_json(text: str) -> Config:
     """Validate JSON against the schema and return a typed :class:`Config` (cached per text).
 
-    The JSON comes from a server that checked it; a rule this process does not know (one defined
-    outside ``strategies``) keeps only the common strategy fields, which is all a client reads.
+    The JSON comes from a server that checked it; a process that imported no rule (a client) or
+    does not know this one keeps only the common strategy fields, which is all a client reads.
     """
     import json
 
     if text not in _PARSED:
         _PARSED[text] = _to_config(json.loads(text), strict=False)
     return _PARSED[text]
-
-
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-
-
-def compose_config(overrides: list[str]) -> Config:
-    """The typed config ``python -m fedpeft.run <overrides>`` would run, composed without starting a run
-    (for scripts and tests)."""
-    from hydra import compose, initialize_config_dir
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return to_config(compose(config_name="config", overrides=overrides))
 
 
 def round_lr(client: ClientConfig, server_round: int) -> float:

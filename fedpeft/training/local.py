@@ -86,7 +86,7 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return (token_loss * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
 
 
-AUTOCAST = "fedpeft_autocast"  # set on a model built with model.autocast (fedpeft.models.cached_model): the dtype its forward computes in
+AUTOCAST = "fedpeft_autocast"  # set on a model built with model.autocast (fedpeft.models.adapters.cached_model): the dtype its forward computes in
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16}
 
 

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedpeft.config import ModelConfig
+from fedpeft.config.schema import ModelConfig
 
 TINY_LLAMA = "embedded:tiny-llama"
 QUANTIZATIONS = ("none", "4bit", "8bit")
@@ -141,7 +141,7 @@ def minilm_chat_tokenizer():
     """The embedded MiniLM tokenizer with :data:`MINILM_CHAT_TEMPLATE`, [CLS] as BOS and [SEP] as EOS."""
     from transformers import AutoTokenizer
 
-    from fedpeft.models import resolve_model_path
+    from fedpeft.models.adapters import resolve_model_path
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("embedded:minilm"))
     tokenizer.chat_template = MINILM_CHAT_TEMPLATE

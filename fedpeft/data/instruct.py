@@ -37,9 +37,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from fedpeft import data as fdata
-from fedpeft.config import DataConfig
-from fedpeft.data import DataError
+from fedpeft.data import datasets as fdata
+from fedpeft.config.schema import DataConfig
+from fedpeft.data.datasets import DataError
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -174,7 +174,7 @@ def drop_duplicates(ds: Dataset) -> Dataset:
 
 
 def build(cfg: DataConfig, *, seed: int, num_clients: int) -> fdata.FederatedData:
-    """Read, normalise, split and partition an instruction set (see :func:`fedpeft.data.build`)."""
+    """Read, normalise, split and partition an instruction set (see :func:`fedpeft.data.datasets.build`)."""
     fdata.check_data_config(cfg, num_clients=num_clients)
     ds, names = normalise(read_source(cfg), cfg)
     if cfg.partitioner in ("dirichlet", "pathological", "natural") and len(names) < 2:
@@ -380,7 +380,7 @@ class Collator:
         from transformers import DataCollatorForSeq2Seq
 
         if self.tokenizer.pad_token_id is None:
-            raise DataError("the tokenizer has no pad token; set tokenizer.pad_token (fedpeft.models.load_tokenizer uses EOS)")
+            raise DataError("the tokenizer has no pad token; set tokenizer.pad_token (fedpeft.models.adapters.load_tokenizer uses EOS)")
         self._inner = DataCollatorForSeq2Seq(self.tokenizer, padding=True, label_pad_token_id=-100, pad_to_multiple_of=self.pad_to_multiple_of, return_tensors="pt")
 
     def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:

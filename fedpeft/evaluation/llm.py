@@ -25,12 +25,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedpeft import data as fdata
-from fedpeft import instruct
-from fedpeft.config import GenerationEval, MultipleChoiceEval
-from fedpeft.data import DataError
-from fedpeft.llm import eval_mode
-from fedpeft.training import autocast, shifted_lm_logits
+from fedpeft.data import datasets as fdata
+from fedpeft.data import instruct
+from fedpeft.config.schema import GenerationEval, MultipleChoiceEval
+from fedpeft.data.datasets import DataError
+from fedpeft.models.llm import eval_mode
+from fedpeft.training.local import autocast, shifted_lm_logits
 
 Example = dict[str, list[int]]
 Collate = Callable[[Sequence[Example]], dict[str, torch.Tensor]]

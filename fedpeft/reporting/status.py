@@ -17,9 +17,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fedpeft import plots
-from fedpeft.config import Config
-from fedpeft.data import label_counts
+from fedpeft.reporting import plots
+from fedpeft.config.schema import Config
+from fedpeft.data.datasets import label_counts
 
 log = logging.getLogger("fedpeft")
 
@@ -38,7 +38,7 @@ def text_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 # ------------------------------------------------------------------------------ partitions
 def partition_report(data: Any, cfg: Config) -> dict[str, Any]:
-    """Per client of ``data`` (a :class:`fedpeft.data.FederatedData`): its training examples,
+    """Per client of ``data`` (a :class:`fedpeft.data.datasets.FederatedData`): its training examples,
     validation examples and the label histogram of its training split."""
     clients = []
     for k in range(len(data.partitions)):
@@ -109,7 +109,7 @@ def write_partition_report(data: Any, cfg: Config, run_dir: Path) -> dict[str, A
 
 # ------------------------------------------------------------------------------ nodes
 def node_row(node_id: int, hello: Any, *, label_names: Sequence[str]) -> dict[str, Any]:
-    """One node of the handshake, from its :class:`fedpeft.protocol.NodeHello`."""
+    """One node of the handshake, from its :class:`fedpeft.protocol.wire.NodeHello`."""
     counts = [int(c) for c in hello.label_counts]
     return {
         "node": int(node_id),

@@ -21,18 +21,18 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
-from fedpeft import data as fdata
-from fedpeft import models
-from fedpeft.config import Config, evaluates, round_lr, to_json
-from fedpeft import protocol
-from fedpeft.llm_eval import LLMEvaluator
-from fedpeft.records import State, fresh_lora, round_seed, split_state, stack_to_delta
-from fedpeft.models import client_ranks
-from fedpeft.results import MetricsWriter, weighted_spread
-from fedpeft.status import node_row, write_node_status
-from fedpeft.training import EvalResult, evaluate, num_local_steps, train_local
-from strategies import LoRAStrategy, get_strategy
-from strategies.base import GlobalModel, NodeInfo, short_reason
+from fedpeft.data import datasets as fdata
+from fedpeft.models import adapters as models
+from fedpeft.config.schema import Config, evaluates, round_lr, to_json
+from fedpeft.protocol import wire as protocol
+from fedpeft.evaluation.llm import LLMEvaluator
+from fedpeft.protocol.records import State, fresh_lora, round_seed, split_state, stack_to_delta
+from fedpeft.models.adapters import client_ranks
+from fedpeft.reporting.metrics import MetricsWriter, weighted_spread
+from fedpeft.reporting.status import node_row, write_node_status
+from fedpeft.training.local import EvalResult, evaluate, num_local_steps, train_local
+from fedpeft.strategies import LoRAStrategy, get_strategy
+from fedpeft.strategies.base import GlobalModel, NodeInfo, short_reason
 
 log = logging.getLogger("fedpeft")
 
@@ -182,7 +182,7 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> None:
     """Write ``checkpoint.pt`` atomically: a crash mid-write leaves the previous one intact."""
     import io
 
-    from clients.state import atomic_write_bytes
+    from fedpeft.clients.state import atomic_write_bytes
 
     buf = io.BytesIO()
     torch.save(state, buf)

@@ -11,7 +11,7 @@ In order of cost:
 3. :func:`check_model` — the model's architecture, built on the ``meta`` device (no weights read):
    every target module matched, every rank within the adapted layers, ``max_length`` within the
    model's positions.
-4. The data, read and split once by :func:`fedpeft.data.prepare` (its own errors name the file),
+4. The data, read and split once by :func:`fedpeft.data.datasets.prepare` (its own errors name the file),
    and the DP target every client must reach (:func:`check_dp`).
 """
 
@@ -25,17 +25,17 @@ from dataclasses import fields
 import torch
 from torch import nn
 
-from fedpeft import data as fdata
-from fedpeft.config import Config, ConfigError, DeployConfig, DPConfig
-from clients.dp import MODES as DP_MODES
-from fedpeft.models import RANKED, ModelError, check_model_config, client_ranks, resolve_device, resolve_model_path
-from fedpeft.results import LOGGERS
-from fedpeft.training import AUTOCAST_DTYPES, num_local_steps
+from fedpeft.data import datasets as fdata
+from fedpeft.config.schema import Config, ConfigError, DeployConfig, DPConfig
+from fedpeft.clients.dp import MODES as DP_MODES
+from fedpeft.models.adapters import RANKED, ModelError, check_model_config, client_ranks, resolve_device, resolve_model_path
+from fedpeft.reporting.metrics import LOGGERS
+from fedpeft.training.local import AUTOCAST_DTYPES, num_local_steps
 from fedpeft.audit import check_audit_config, client_train_split
-from fedpeft.compression import codec_from_config
-from fedpeft.llm import check_assets, check_llm_options, check_quantized_base
-from fedpeft.simulation import check_engine
-from strategies import STRATEGIES, get_strategy
+from fedpeft.compression.compeft import codec_from_config
+from fedpeft.models.llm import check_assets, check_llm_options, check_quantized_base
+from fedpeft.engines.ray import check_engine
+from fedpeft.strategies import STRATEGIES, get_strategy
 
 MODES = ("simulation", "deploy", "centralized", "local")
 ACCOUNTANTS = ("rdp", "prv", "gdp")
@@ -266,8 +266,8 @@ def _adapted(name: str, module: nn.Module, targets: list[str]) -> bool:
 
 def check_dp(cfg: Config, sizes: list[int]) -> None:
     """A DP target every client can reach, calibrated as the clients will (fails before training)."""
-    from clients.job import dp_noise  # the clients' own calibration, so the check cannot drift from it
-    from clients.dp import DPError, check_dp_args
+    from fedpeft.clients.job import dp_noise  # the clients' own calibration, so the check cannot drift from it
+    from fedpeft.clients.dp import DPError, check_dp_args
 
     dp = cfg.client.dp
     for pid, n in enumerate(sizes):

@@ -22,11 +22,11 @@ from peft import IA3Config, LoraConfig, PeftConfig, PeftModel, PromptTuningConfi
 from transformers import logging as hf_logging
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
-from fedpeft.config import EMBEDDED_MODEL, LoraSettings, ModelConfig
-from fedpeft.llm import TINY_LLAMA, from_pretrained_kwargs, prepare_for_training, tiny_llama_path
-from fedpeft.protocol import LORA_A, LORA_B, OTHER
-from fedpeft.records import exact_product
-from fedpeft.training import AUTOCAST, AUTOCAST_DTYPES
+from fedpeft.config.schema import EMBEDDED_MODEL, LoraSettings, ModelConfig
+from fedpeft.models.llm import TINY_LLAMA, from_pretrained_kwargs, prepare_for_training, tiny_llama_path
+from fedpeft.protocol.wire import LORA_A, LORA_B, OTHER
+from fedpeft.protocol.records import exact_product
+from fedpeft.training.local import AUTOCAST, AUTOCAST_DTYPES
 
 log = logging.getLogger(__name__)
 # transformers prints a load report for every fresh head ("classifier: MISSING"): expected here.
@@ -105,7 +105,7 @@ def load_base_model(cfg: ModelConfig, *, num_labels: int) -> PreTrainedModel:
     try:
         if cfg.task == "seq_cls":
             model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=dtype)
-        else:  # dtype, quantization and attention kernel from the model config (fedpeft/llm.py)
+        else:  # dtype, quantization and attention kernel from the model config (fedpeft/models/llm.py)
             model = prepare_for_training(AutoModelForCausalLM.from_pretrained(path, **from_pretrained_kwargs(cfg)), cfg)
     except OSError as err:
         raise ModelError(f"cannot load model {cfg.name_or_path!r}: {err}") from err
@@ -125,7 +125,7 @@ def tier_rank(cfg, tier: str) -> int:
 
 
 def client_ranks(cfg) -> list[int | None]:
-    """The LoRA rank of every client of a :class:`fedpeft.config.Config` (None for a peft method without ranks).
+    """The LoRA rank of every client of a :class:`fedpeft.config.schema.Config` (None for a peft method without ranks).
 
     ``strategy.ranks`` (one per client), else ``strategy.tiers`` looked up through
     ``strategy.client_tiers``, else ``model.lora.r`` for everyone.
@@ -198,7 +198,7 @@ def lora_config(lora: LoraSettings, *, rank: int, task: str, **options) -> LoraC
 class CachedModel:
     """One base model with one peft adapter per rank (one in all for a method without ranks), living
     for the whole worker process. The adapters are workspaces: a client loads every tensor of its
-    adapter before it trains (``clients.job.run_job``), so nothing of one client reaches another, and
+    adapter before it trains (``fedpeft.clients.job.run_job``), so nothing of one client reaches another, and
     a run's round-0 adapter starts from :meth:`built_state`, never from what earlier jobs left."""
 
     model: PeftModel
@@ -245,7 +245,7 @@ class CachedModel:
         return self.adapter_state(rank)
 
     def set_trainable(self, rank: int | None, roles: set[str]) -> None:
-        """Train exactly the rank-``rank`` adapter's tensors whose role (:func:`fedpeft.protocol.key_role`) is in ``roles``."""
+        """Train exactly the rank-``rank`` adapter's tensors whose role (:func:`fedpeft.protocol.wire.key_role`) is in ``roles``."""
         name = adapter_name(rank)
         self.model.set_adapter(name)  # marks this adapter's tensors (LoRA and head) trainable, others frozen
         for pname, param in self.model.named_parameters():
@@ -275,7 +275,7 @@ class CachedModel:
         """Every LoRA-adapted module, by the module name used in adapter keys.
 
         Adapter keys look like ``base_model.model.<name>.lora_A.weight``; the name returned here is
-        ``base_model.model.<name>``, the module part shared with :class:`fedpeft.records.LoraPair`.
+        ``base_model.model.<name>``, the module part shared with :class:`fedpeft.protocol.records.LoraPair`.
         """
         return {name: module for name, module in self.model.named_modules() if isinstance(module, LoraLayer)}
 
@@ -373,7 +373,7 @@ def cached_model(cfg: ModelConfig, *, num_labels: int, device: torch.device, see
                 peft_model = get_peft_model(base, peft_config(cfg, rank=rank), adapter_name=adapter_name(rank))
             if cfg.quantization == "none":  # bitsandbytes placed a quantized base itself
                 peft_model.to(device)
-            if cfg.autocast is not None:  # read by fedpeft.training.outputs, wherever the model runs
+            if cfg.autocast is not None:  # read by fedpeft.training.local.outputs, wherever the model runs
                 setattr(peft_model, AUTOCAST, AUTOCAST_DTYPES[cfg.autocast])
             _CACHE[key] = CachedModel(model=peft_model, cfg=cfg, device=device)
         return _CACHE[key]

@@ -1,5 +1,5 @@
 """What a run leaves on disk: ``metrics.jsonl``, ``metrics.csv``, ``plots/`` and optional TensorBoard
-scalars (and the console's round line, from :mod:`fedpeft.console`)."""
+scalars (and the console's round line, from :mod:`fedpeft.cli.console`)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedpeft import plots
-from fedpeft.console import round_line
+from fedpeft.reporting import plots
+from fedpeft.cli.console import round_line
 
 log = logging.getLogger("fedpeft")
 

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from fedpeft.records import LORA_A_SUFFIX, LORA_B_SUFFIX, State, from_record, to_record
+from fedpeft.protocol.records import LORA_A_SUFFIX, LORA_B_SUFFIX, State, from_record, to_record
 
 PLAN_VERSION = 1
 
@@ -44,7 +44,7 @@ PLAN_RECORD = "plan"  # ConfigRecord: the client plan of a train or evaluate mes
 ARRAYS_RECORD = "arrays"  # ArrayRecord: adapter tensors (down: message-sourced groups; up: uploads)
 BASE_UPDATES_RECORD = "base-updates"  # ArrayRecord: missed base updates, keys "<round>|<stack key>"
 METRICS_RECORD = "metrics"  # MetricRecord of a reply
-COMPRESSED_RECORD = "compressed"  # ArrayRecord of a reply: packed updates (uint8, fedpeft.compression), keyed like the tensors
+COMPRESSED_RECORD = "compressed"  # ArrayRecord of a reply: packed updates (uint8, fedpeft.compression.compeft), keyed like the tensors
 NODE_INFO_RECORD = "node-info"  # ConfigRecord of a handshake reply: what is not a number (the node's tier)
 
 # --- keys of the run record (and of a deployed run's run config)
@@ -489,7 +489,7 @@ def decode_instruction(content: RecordDict, *, evaluate_only: bool = False) -> I
 def encode_reply(tensors: Mapping[str, torch.Tensor] | None, metrics: Mapping[str, Any], *, packed: Mapping[str, np.ndarray] | None = None) -> RecordDict:
     """A train reply (uploaded tensors and metrics) or, with ``tensors=None``, an evaluate or query reply.
 
-    ``packed``: uploads that travel compressed (:mod:`fedpeft.compression`), in their own record.
+    ``packed``: uploads that travel compressed (:mod:`fedpeft.compression.compeft`), in their own record.
     """
     content = RecordDict({METRICS_RECORD: MetricRecord(dict(metrics))})
     if tensors is not None:

@@ -1,0 +1,1 @@
+"""Uplink compression of client updates (ComPEFT: sparsify, ternarise, pack)."""

@@ -1,0 +1,1 @@
+"""The config schema: typed dataclasses for every Hydra group, and their validation."""

@@ -1,0 +1,1 @@
+"""Datasets: reading, partitioning and encoding client data; instruction-tuning formats."""

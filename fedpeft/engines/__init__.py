@@ -1,0 +1,1 @@
+"""Engines that drive the server loop: Ray simulation, the batched one-process engine, deployment."""

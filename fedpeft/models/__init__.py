@@ -1,0 +1,1 @@
+"""Base models and adapters: loading, peft configs, the per-process model cache, LLM options."""

@@ -1,0 +1,1 @@
+"""What a run writes: metrics rows, plots, partition and node status tables."""

@@ -1,0 +1,1 @@
+"""The server loop: rounds, evaluation, checkpoints and the metrics row, over any Flower grid."""

@@ -1,0 +1,1 @@
+"""Local training: one client's loop, and the batched kernel that trains several clients in one pass."""
