@@ -144,7 +144,7 @@ def launch(cfg: Config, run_dir: Path, *, data: Any = None) -> list[dict[str, An
 
         return run_local_only(cfg, run_dir)
     if cfg.mode == "deploy":
-        from fedpeft.deploy import submit
+        from fedpeft.engines.deploy.submit import submit  # imported when a run starts, not when fedpeft.run loads (--help, config errors)
 
         rows = submit(cfg, run_dir)
         results_dir = Path(cfg.deploy.run_dir or run_dir)
@@ -241,7 +241,7 @@ def main(dcfg: DictConfig) -> float | None:
     def stopped() -> list[tuple[str, Path | None]]:
         lines = [("stopped by Ctrl-C", run_log)]
         if cfg.mode == "deploy":
-            from fedpeft.deploy import stop_submitted
+            from fedpeft.engines.deploy.submit import stop_submitted  # imported when a run starts, not when fedpeft.run loads (--help, config errors)
 
             lines.append((stop_submitted(run_dir), run_log))
         if cfg.mode in ("centralized", "local"):
