@@ -10,25 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+from fedpeft.reporting.files import atomic_torch_save, atomic_write_bytes
 
 
 class NodeStore:
@@ -43,11 +30,7 @@ class NodeStore:
         return self.root / lineage / f"base-update-{round_:05d}.pt"
 
     def save_base_update(self, lineage: str, round_: int, tensors: dict[str, torch.Tensor]) -> None:
-        import io
-
-        buf = io.BytesIO()
-        torch.save({k: v.contiguous() for k, v in tensors.items()}, buf)
-        atomic_write_bytes(self._update_path(lineage, round_), buf.getvalue())
+        atomic_torch_save(self._update_path(lineage, round_), {k: v.contiguous() for k, v in tensors.items()})
 
     def load_base_update(self, lineage: str, round_: int) -> dict[str, torch.Tensor] | None:
         path = self._update_path(lineage, round_)
@@ -116,8 +99,4 @@ class NodeStore:
         return torch.load(path, map_location="cpu", weights_only=True)
 
     def save_cached(self, key: str, value: Any) -> None:
-        import io
-
-        buf = io.BytesIO()
-        torch.save(value, buf)
-        atomic_write_bytes(self.root / "cache" / f"{key}.pt", buf.getvalue())
+        atomic_torch_save(self.root / "cache" / f"{key}.pt", value)

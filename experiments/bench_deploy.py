@@ -53,7 +53,8 @@ def round_walls(rows: list[dict]) -> list[float]:
 def bench_rounds(rounds: int, work: Path) -> dict:
     from fedpeft.models import adapters as models
     from fedpeft.config.schema import to_config
-    from fedpeft.deploy import LocalFederation, export_partitions
+    from fedpeft.engines.deploy.federation import LocalFederation
+    from fedpeft.engines.deploy.nodes import export_partitions
     from fedpeft.run import execute
 
     out = {}

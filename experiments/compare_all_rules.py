@@ -156,7 +156,8 @@ def finished(run_dir: Path, rounds: int) -> bool:
 def lengthens(run_dir: Path, cfg_dict: dict) -> bool:
     """Whether the finished run in ``run_dir`` can go on to ``cfg_dict``'s rounds (same config otherwise, no DP target)."""
     from fedpeft.run import run_config
-    from fedpeft.server.loop import RunError, load_checkpoint
+    from fedpeft.server.checkpoint import load_checkpoint
+    from fedpeft.server.errors import RunError
 
     cfg = to_config({**cfg_dict, "resume": str(run_dir)})
     if cfg.mode != "simulation" or not (run_dir / "checkpoint.pt").exists():
@@ -189,7 +190,7 @@ def validation_score(run_dir: Path) -> tuple[float, float]:
 
     from fedpeft.data import datasets as fdata
     from fedpeft.models import adapters as models
-    from fedpeft.server.loop import ServerEvaluator, initial_adapter
+    from fedpeft.server.evaluation import ServerEvaluator, initial_adapter
     from fedpeft.training.local import evaluate
     from fedpeft.strategies import get_strategy
 

@@ -255,7 +255,7 @@ def load_final_model(cfg, run_dir: Path, *, num_labels: int, device: torch.devic
 
 def round0_model(cfg, *, num_labels: int, device: torch.device) -> torch.nn.Module:
     """The model every client started from (base, B = 0, seeded A and head): the calibration reference."""
-    from fedpeft.server.loop import initial_adapter  # function-local: keeps the server and the strategies off a ClientApp's imports
+    from fedpeft.server.evaluation import initial_adapter  # function-local: keeps the server and the strategies off a ClientApp's imports
 
     cm = models.cached_model(cfg.model, num_labels=num_labels, device=device, seed=cfg.seed)
     rank = max(models.client_ranks(cfg))  # the global adapter's rank, as fedpeft.server.loop builds it

@@ -97,7 +97,7 @@ def claim_run_dir(cfg: Config, run_dir: Path) -> Path:
             raise RunDirError(f"resume={cfg.resume!r}: no such run directory")
         if cfg.mode in ("centralized", "local"):
             raise RunDirError("resume works for federated runs (mode=simulation or mode=deploy)")
-        from fedpeft.server.loop import load_checkpoint
+        from fedpeft.server.checkpoint import load_checkpoint  # imported when a run starts, not when fedpeft.run loads (--help, config errors)
 
         state = load_checkpoint(run_dir, run_config(cfg))  # fails now, not after Ray started, if it does not fit
         if finished(state, cfg):
@@ -136,15 +136,15 @@ def launch(cfg: Config, run_dir: Path, *, data: Any = None) -> list[dict[str, An
         data = data if data is not None else fdata.prepare(cfg.data, seed=cfg.seed, num_clients=cfg.num_clients, need_labels=cfg.model.task == "seq_cls")
         write_partition_report(data, cfg, run_dir)
     if cfg.mode == "centralized":
-        from fedpeft.server.loop import run_centralized
+        from fedpeft.server.baselines import run_centralized  # imported when a run starts, not when fedpeft.run loads (--help, config errors)
 
         return run_centralized(cfg, run_dir)
     if cfg.mode == "local":
-        from fedpeft.server.loop import run_local_only
+        from fedpeft.server.baselines import run_local_only  # imported when a run starts, not when fedpeft.run loads (--help, config errors)
 
         return run_local_only(cfg, run_dir)
     if cfg.mode == "deploy":
-        from fedpeft.deploy import submit
+        from fedpeft.engines.deploy.submit import submit  # imported when a run starts, not when fedpeft.run loads (--help, config errors)
 
         rows = submit(cfg, run_dir)
         results_dir = Path(cfg.deploy.run_dir or run_dir)
@@ -241,7 +241,7 @@ def main(dcfg: DictConfig) -> float | None:
     def stopped() -> list[tuple[str, Path | None]]:
         lines = [("stopped by Ctrl-C", run_log)]
         if cfg.mode == "deploy":
-            from fedpeft.deploy import stop_submitted
+            from fedpeft.engines.deploy.submit import stop_submitted  # imported when a run starts, not when fedpeft.run loads (--help, config errors)
 
             lines.append((stop_submitted(run_dir), run_log))
         if cfg.mode in ("centralized", "local"):

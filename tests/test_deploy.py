@@ -21,7 +21,9 @@ from pathlib import Path
 import pytest
 
 from fedpeft.config.schema import to_config
-from fedpeft.deploy import LocalFederation, export_partitions, flwr_env, free_port, wait_for_port
+from fedpeft.engines.deploy.federation import LocalFederation, free_port, wait_for_port
+from fedpeft.engines.deploy.nodes import export_partitions
+from fedpeft.engines.deploy.submit import flwr_env
 from fedpeft.reporting.metrics import read_metrics
 from tests.conftest import REPO
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from fedpeft.deploy import NodeConfigError, supernode_command
+from fedpeft.engines.deploy.nodes import NodeConfigError, supernode_command
 from tests.conftest import REPO
 
 

@@ -9,7 +9,8 @@ from fedpeft.models import adapters as models
 from fedpeft.cli.configs import compose_config
 from fedpeft.reporting.metrics import read_metrics
 from fedpeft.run import claim_run_dir
-from fedpeft.server.loop import RunError, run_federated
+from fedpeft.server.errors import RunError
+from fedpeft.server.loop import run_federated
 from tests.strategies.test_rules_fakegrid import grid, tiny_model  # noqa: F401  (the fixture)
 
 SAME = ["round", "test_accuracy", "test_loss", "train_loss", "clients_sampled", "bytes_up", "bytes_down", "cumulative_bytes_up", "cumulative_bytes_down"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from fedpeft.run import execute
-from fedpeft.server.loop import RunError
+from fedpeft.server.errors import RunError
 from tests.fedpeft.test_config import compose_cfg
 
 pytestmark = pytest.mark.slow

@@ -35,6 +35,7 @@ from fedpeft.audit import check_audit_config, client_train_split
 from fedpeft.compression.compeft import codec_from_config
 from fedpeft.models.llm import check_assets, check_llm_options, check_quantized_base
 from fedpeft.engines.ray import check_engine
+from fedpeft.engines.deploy.submit import check_deploy_config
 from fedpeft.strategies import STRATEGIES, get_strategy
 
 MODES = ("simulation", "deploy", "centralized", "local")
@@ -78,8 +79,6 @@ def check_config(cfg: Config) -> None:
     if cfg.logger == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
         raise ConfigError("logger=tensorboard needs the tensorboard package: pip install tensorboard (or pip install -e '.[tensorboard]')")
     if cfg.mode == "deploy":
-        from fedpeft.deploy import check_deploy_config  # deploy pulls in the certificate tooling
-
         check_deploy_config(cfg)
     else:
         default = DeployConfig()

@@ -14,7 +14,7 @@ from fedpeft.cli.configs import compose_config
 from fedpeft.models.adapters import cached_model, resolve_device
 from fedpeft.protocol.wire import ClientPlan, RunInfo, Source
 from fedpeft.protocol.records import state_nbytes
-from fedpeft.server.loop import initial_adapter
+from fedpeft.server.evaluation import initial_adapter
 
 CFG_OVERRIDES = [
     "+exp=smoke", "num_clients=2", "data.max_samples=60", "model.max_length=16", "client.local_steps=2", "model.lora.r=2",

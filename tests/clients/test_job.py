@@ -17,7 +17,7 @@ from fedpeft.protocol import wire as protocol
 from fedpeft.config.schema import to_json
 from fedpeft.cli.configs import compose_config
 from fedpeft.protocol.wire import LORA_A, LORA_B, OTHER, ClientPlan, Evaluate, GroupPlan, RunInfo, Source
-from fedpeft.server.loop import initial_adapter
+from fedpeft.server.evaluation import initial_adapter
 from fedpeft.models.adapters import cached_model, resolve_device
 
 CFG = compose_config(["+exp=smoke", "num_clients=2", "data.max_samples=60", "model.max_length=16", "client.local_steps=2", "model.lora.r=2"])

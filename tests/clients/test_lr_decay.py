@@ -15,7 +15,7 @@ from fedpeft.clients.batched import train_jobs_batched
 from fedpeft.clients.job import decode, encode, train_jobs
 from fedpeft.models import adapters as models
 from fedpeft.protocol import wire as protocol
-from fedpeft.server import loop as fserver
+from fedpeft.server import baselines
 from fedpeft.cli.checks import ConfigError
 from fedpeft.config.schema import round_lr, to_json
 from fedpeft.cli.configs import compose_config
@@ -87,13 +87,13 @@ def test_round_three_trains_at_the_decayed_rate(tmp_path, adapter, path):  # noq
 def test_the_bounds_train_each_round_at_its_decayed_rate(tmp_path, monkeypatch, mode):
     # Prepare: record the rate of every training call
     rates: list[float] = []
-    real = fserver.train_local
+    real = baselines.train_local
 
     def recording(*args, lr, **kwargs):
         rates.append(lr)
         return real(*args, lr=lr, **kwargs)
 
-    monkeypatch.setattr(fserver, "train_local", recording)
+    monkeypatch.setattr(baselines, "train_local", recording)
     cfg = compose_config(["+exp=smoke", f"mode={mode}", "num_rounds=3", "save_adapter=false", *DECAYED])
     # Execute
     execute(cfg, tmp_path)

@@ -221,7 +221,8 @@ def test_run_audit_reads_a_run_directory_and_writes_audit_json(tmp_path):
     from fedpeft.data import datasets as fdata
     from fedpeft.audit import main
     from fedpeft.cli.configs import compose_config
-    from fedpeft.server.loop import ServerEvaluator, initial_adapter, save_final
+    from fedpeft.server.evaluation import ServerEvaluator, initial_adapter
+    from fedpeft.server.export import save_final
     from fedpeft.strategies.base import GlobalModel
 
     cfg = compose_config(["num_clients=2", "clients_per_round=2", "data.max_samples=40", "model.max_length=16", "audit.max_examples=6", "model.lora.r=2"])

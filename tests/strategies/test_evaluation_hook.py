@@ -9,7 +9,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType
 
 from fedpeft.protocol import wire as protocol
 from fedpeft.protocol.wire import LORA_B, Evaluate, Source
-from fedpeft.server.loop import round_row
+from fedpeft.server.rows import round_row
 from fedpeft.strategies.base import NodeInfo
 from fedpeft.strategies.fedavg import FedIT
 
