@@ -69,17 +69,6 @@ def rank_approximation(
     return lora_a, lora_b
 
 
-def compact_factors(u: torch.Tensor, sigma: torch.Tensor, vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``G = u diag(sigma) vh`` as factors of its rank ρ: ``(a: (ρ, d_in), b: (d_out, ρ))``, ``b @ a == G``.
-
-    Keeps the non-zero singular values (at least one, so an all-zero G is a rank-1 zero pair),
-    each factor carrying ``Σ^½``: the global update stored at the smallest rank that holds it.
-    """
-    keep = max(int((sigma > 0).sum()), 1)
-    root = sigma[:keep].to(torch.float64).clamp_min(0).sqrt()
-    return root[:, None] * vh[:keep].to(torch.float64), u[:, :keep].to(torch.float64) * root
-
-
 # ---------------------------------------------------------------------------------- the strategy
 @dataclass
 class FlexLoRAConfig(StrategyConfig):

@@ -124,11 +124,6 @@ def keys_with_roles(keys: Sequence[str], roles: frozenset[str]) -> list[str]:
     return sorted(k for k in keys if key_role(k) in roles)
 
 
-def rank_dim(key: str) -> int | None:
-    """The rank dimension of a tensor: 0 for ``lora_A`` (r, d_in), 1 for ``lora_B`` (d_out, r), else None."""
-    return {LORA_A: 0, LORA_B: 1}.get(key_role(key))
-
-
 class Source(str, Enum):
     """Where a group's starting value comes from."""
 
