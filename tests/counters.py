@@ -48,7 +48,8 @@ def worker_counters(msg: Message, context: Context, call_next: ClientAppCallable
     metrics[BASE_LOADS] = models.BASE_MODEL_LOADS
     metrics[WORKER_PID] = os.getpid()
     if kind == MessageType.TRAIN:
-        metrics[LORA_A_CRC32] = lora_a_crc32(trained_adapter(msg, context, rank=metrics.get(protocol.RANK)))
+        rank = metrics.get(protocol.RANK)
+        metrics[LORA_A_CRC32] = lora_a_crc32(trained_adapter(msg, context, rank=rank if isinstance(rank, int) else None))
     return reply
 
 
