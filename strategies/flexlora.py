@@ -28,7 +28,8 @@ import torch
 
 from fedpeft.config.schema import StrategyConfig
 from fedpeft.protocol.records import State, exact_product, split_state
-from fedpeft.strategies.base import ClientUpdate, GlobalModel, LoRAStrategy
+from fedpeft.strategies.base import LoRAStrategy
+from fedpeft.strategies.types import ClientUpdate, GlobalModel
 from fedpeft.strategies.flora import stack_pair
 from fedpeft.strategies.lora_math import ideal_delta, relative_residual, residual_parts, weighted_sum
 

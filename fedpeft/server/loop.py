@@ -32,7 +32,8 @@ from fedpeft.reporting.metrics import MetricsWriter, weighted_spread
 from fedpeft.reporting.status import node_row, write_node_status
 from fedpeft.training.local import EvalResult, evaluate, num_local_steps, train_local
 from fedpeft.strategies import LoRAStrategy, get_strategy
-from fedpeft.strategies.base import GlobalModel, NodeInfo, short_reason
+from fedpeft.strategies.types import GlobalModel, NodeInfo
+from fedpeft.strategies.validation import short_reason
 
 log = logging.getLogger("fedpeft")
 
