@@ -7,30 +7,24 @@ every client (a GPU round took 36 s instead of 15 s that way).
 * ``query``: the handshake. Replies with the node's partition id, rank, number of examples, label
   counts and tier (for the server's node status table).
 * ``train`` and ``evaluate``: :func:`fedpeft.clients.job.decode` the message's plan into a job,
-  :data:`ENGINE` (default :func:`fedpeft.clients.job.train_jobs`) runs it, :func:`fedpeft.clients.job.encode`
-  writes the reply. What to start from, what to train, upload, keep and evaluate is all in the
-  plan (:mod:`fedpeft.protocol.wire`); nothing here knows which aggregation rule the server runs.
+  :func:`fedpeft.clients.job.train_jobs` runs it, :func:`fedpeft.clients.job.encode` writes the
+  reply. What to start from, what to train, upload, keep and evaluate is all in the plan
+  (:mod:`fedpeft.protocol.wire`); nothing here knows which aggregation rule the server runs.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable, Sequence
 
 import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedpeft.clients.job import Job, JobResult, decode, encode, train_jobs
+from fedpeft.clients.job import decode, encode, train_jobs
 from fedpeft.clients.node import local_data, node_rank, partition_id
 from fedpeft.data import datasets as fdata
 from fedpeft.protocol import wire as protocol
 from fedpeft.config.schema import from_json
 
 app = ClientApp()
-
-# The middle step. One message is one job here; an engine that trains several jobs at once calls
-# decode on each message, this on the list, and encode on each result.
-ENGINE: Callable[[Sequence[Job]], list[JobResult]] = train_jobs
 
 
 @app.query()
@@ -54,7 +48,7 @@ def query(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     """One round of local work as the message's plan says."""
     job = decode(msg, context)
-    (result,) = ENGINE([job])
+    (result,) = train_jobs([job])
     return encode(job, result)
 
 
@@ -62,5 +56,5 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the model the plan builds (global, or the node's personal one) on the validation slice."""
     job = decode(msg, context)
-    (result,) = ENGINE([job])
+    (result,) = train_jobs([job])
     return encode(job, result)

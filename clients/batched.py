@@ -15,7 +15,6 @@ engine's, so ε does not change), evaluate-only jobs and non-LoRA adapters.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -98,7 +97,7 @@ def train_pass(jobs: Sequence[Job]) -> list[JobResult]:
             model = cm.activate(job.plan.rank)
             cm.load_adapter_state(job.plan.rank, state)
             m.update(evaluate_metrics(model, job, pad_id, device=cm.device, which=job.plan.evaluate))
-        m.update({protocol.TRAIN_SECONDS: time.perf_counter() - job.received_at, protocol.BASE_LOADS: models.BASE_MODEL_LOADS, protocol.WORKER_PID: os.getpid()})
+        m[protocol.TRAIN_SECONDS] = time.perf_counter() - job.received_at
         results.append(JobResult(state=state, metrics=m))
     return results
 

@@ -18,7 +18,6 @@ import logging
 import os
 import random
 import time
-import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -216,7 +215,7 @@ def run_job(job: Job) -> JobResult:
             log.warning("partition %s: the float16 loss scaler skipped %d of %d steps (gradients overflowed)", job.partition_id, result.skipped_steps, result.num_steps)
         if plan.evaluate == Evaluate.PERSONAL:
             metrics.update(evaluate_metrics(model, job, pad_id, device=cm.device, which=plan.evaluate))
-    metrics.update({protocol.TRAIN_SECONDS: time.perf_counter() - job.received_at, protocol.BASE_LOADS: models.BASE_MODEL_LOADS, protocol.WORKER_PID: os.getpid()})
+    metrics[protocol.TRAIN_SECONDS] = time.perf_counter() - job.received_at
     state = cm.adapter_state(plan.rank)
     if plan.rank is not None and metrics.get(protocol.RANK, plan.rank) != plan.rank:  # pruned: its first components, as trained
         state = resize_rank(state, metrics[protocol.RANK])
@@ -259,9 +258,6 @@ def encode(job: Job, result: JobResult) -> Message:
     metrics = dict(result.metrics)
     if job.request.metadata.message_type == MessageType.EVALUATE:
         return Message(protocol.encode_reply(None, metrics), reply_to=job.request)
-    # A fingerprint of the LoRA A tensors, so a run can show a frozen, seeded A is identical everywhere.
-    a_keys = protocol.keys_with_roles(list(state), frozenset({protocol.LORA_A}))
-    metrics[protocol.LORA_A_CRC32] = zlib.crc32(b"".join(state[k].numpy().tobytes() for k in a_keys))
     uploads = {k: state[k] for k in plan.keys(list(state), upload=True)}
     codec = codec_from_config(job.cfg.compression)
     if codec is None or not uploads:

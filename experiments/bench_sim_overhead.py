@@ -29,7 +29,7 @@ from fedpeft import models  # noqa: E402
 from fedpeft.config.schema import Config, to_config  # noqa: E402
 from fedpeft.server.evaluation import ServerEvaluator, initial_adapter  # noqa: E402
 from fedpeft.training.local import num_local_steps, train_local  # noqa: E402
-from fedpeft.strategies.base import GlobalModel  # noqa: E402
+from fedpeft.strategies.types import GlobalModel  # noqa: E402
 from fedpeft.strategies.fedavg import fedit  # noqa: E402
 
 

@@ -1,4 +1,4 @@
-"""Plumbing shared by every rule: seeded sampling, per-client ranks, plans, reply checks, the moving base.
+"""The base class of the rules, :class:`LoRAStrategy`: seeded sampling, per-client ranks, plans, the moving base.
 
 A rule subclasses :class:`LoRAStrategy` and overrides at most a few hooks:
 
@@ -10,17 +10,17 @@ A rule subclasses :class:`LoRAStrategy` and overrides at most a few hooks:
   round's stacked factors here; the base class sends every node the updates it has missed,
   checkpoints them and keeps the server's global model on the same base.
 
-Everything that touches Flower messages lives here and in :mod:`fedpeft.protocol.wire`, so a rule file
-is its equations plus a few lines of glue. Incoming messages are never mutated.
+Everything that touches Flower messages lives here, in :mod:`fedpeft.strategies.validation` (whether
+a reply may be aggregated) and in :mod:`fedpeft.protocol.wire`, so a rule file is its equations
+plus a few lines of glue. Incoming messages are never mutated. The values passed around (nodes,
+updates, the global model, round reports) are in :mod:`fedpeft.strategies.types`.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import random
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -28,78 +28,15 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedpeft.protocol import wire as protocol
-from fedpeft.compression.compeft import CompressionError, decode_update, payload_nbytes, upload_starts
 from fedpeft.config.schema import StrategyConfig
-from fedpeft.protocol.wire import BasePlan, ClientPlan, Evaluate, GroupPlan, RunInfo, Source
+from fedpeft.protocol import wire as protocol
 from fedpeft.protocol.records import State, resize_rank, split_state, state_nbytes, to_record
+from fedpeft.protocol.wire import BasePlan, ClientPlan, Evaluate, GroupPlan, RunInfo, Source
+from fedpeft.strategies import validation
+from fedpeft.strategies.types import ClientUpdate, GlobalModel, NodeInfo, RoundReport
+from fedpeft.strategies.validation import RejectedUpdate, short_reason
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class NodeInfo:
-    """What the server knows about one SuperNode after the handshake."""
-
-    node_id: int
-    partition_id: int
-    rank: int | None  # None: a peft method without ranks
-    num_examples: int
-
-
-@dataclass
-class ClientUpdate:
-    """One accepted reply, converted to tensors."""
-
-    node_id: int
-    rank: int | None
-    num_examples: int
-    state: State
-    metrics: dict[str, float]
-    nbytes: int | None = None  # bytes the upload took on the wire (compressed or dense)
-
-
-@dataclass
-class GlobalModel:
-    """The global model: the base with ``base_updates`` merged in, then ``adapter`` on top.
-
-    ``adapter`` holds LoRA factors at rank ``rank`` and the head. ``base_updates[t]`` is the
-    update merged into W after round t+1, as stacked LoRA factors (keys like an adapter's, A of
-    shape (Σr, d_in), B of shape (d_out, Σr); ΔW = B @ A via ``fedpeft.protocol.records.stack_to_delta``).
-    Empty for a rule that never calls :meth:`LoRAStrategy.merge_into_base`.
-    """
-
-    adapter: State
-    rank: int | None
-    base_updates: list[State] = field(default_factory=list)
-
-
-@dataclass
-class RoundReport:
-    """What happened in one round, for ``metrics.jsonl``."""
-
-    sampled: list[int] = field(default_factory=list)
-    bytes_down: dict[int, int] = field(default_factory=dict)
-    bytes_up: dict[int, int] = field(default_factory=dict)
-    clients: list[dict[str, Any]] = field(default_factory=list)
-    evaluations: list[dict[str, Any]] = field(default_factory=list)  # federated evaluation replies (metrics)
-    rejected: list[dict[str, Any]] = field(default_factory=list)
-    failures: list[dict[str, Any]] = field(default_factory=list)
-    extra: dict[str, float] = field(default_factory=dict)
-
-
-def short_reason(reason: str, *, limit: int = 300) -> str:
-    """The client's own exception message out of a Ray/Flower traceback, cut to ``limit`` characters."""
-    marker = "Message: "
-    if marker in reason:
-        reason = reason[reason.rindex(marker) + len(marker) :]
-    reason = reason.strip().strip("'>").strip()
-    reason = reason.splitlines()[0] if reason else "unknown error"
-    return reason if len(reason) <= limit else reason[: limit - 3] + "..."
-
-
-class RejectedUpdate(ValueError):
-    """A client reply that must not be aggregated; the message says why."""
 
 
 class LoRAStrategy(FedAvg):
@@ -326,64 +263,13 @@ class LoRAStrategy(FedAvg):
         return self.nodes[node_id].partition_id
 
     def check_reply(self, msg: Message, server_round: int) -> ClientUpdate:
-        """Turn a reply into a :class:`ClientUpdate`, or raise :class:`RejectedUpdate` saying why."""
+        """Turn a reply into a :class:`ClientUpdate`, or raise :class:`RejectedUpdate` saying why (:func:`fedpeft.strategies.validation.check_reply`)."""
         node_id = msg.metadata.src_node_id
         node = self.nodes.get(node_id)
         plan = self.sent.get(node_id)
         if node is None or plan is None:
             raise RejectedUpdate("reply from a node that was not registered or sent no plan")
-        try:
-            state, metrics = protocol.decode_reply(msg.content)
-            packed = protocol.decode_packed(msg.content)
-        except ValueError as err:  # a ProtocolError, or a compressed record Flower cannot read as numpy
-            raise RejectedUpdate(str(err)) from None
-        for key, value in metrics.items():
-            values = value if isinstance(value, list) else [value]
-            if not all(math.isfinite(float(v)) for v in values):
-                raise RejectedUpdate(f"metric {key!r} is not finite ({value})")
-        num_examples = metrics.get(protocol.NUM_EXAMPLES)
-        if not isinstance(num_examples, int) or num_examples <= 0:
-            raise RejectedUpdate(f"num-examples must be a positive integer, got {num_examples!r}")
-        if num_examples != node.num_examples:
-            raise RejectedUpdate(f"num-examples {num_examples} differs from the {node.num_examples} the node declared")
-        rank = metrics.get(protocol.RANK)
-        if rank not in plan.reply_ranks():
-            pruned = f" or its pruned rank {plan.prune.pruned_rank(plan.rank)}" if plan.prune is not None and plan.rank is not None else ""
-            raise RejectedUpdate(f"rank {rank} differs from the assigned rank {plan.rank}{pruned}")
-        expected = self.upload_keys(node, plan)
-        nbytes = state_nbytes(state) + payload_nbytes(packed)  # what travelled, compressed or not
-        if packed:
-            state = self.unpack_uploads(node, plan, state, packed, expected=expected)
-        if set(state) != expected:
-            missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
-            raise RejectedUpdate(f"adapter keys differ: missing {missing[:2]}{'...' if len(missing) > 2 else ''}, unexpected {extra[:2]}")
-        reference = self.node_adapter(node) if rank == plan.rank else resize_rank(self.node_adapter(node), rank)
-        for key, tensor in state.items():
-            ref = reference[key]
-            if tensor.shape != ref.shape:
-                raise RejectedUpdate(f"{key}: shape {tuple(tensor.shape)}, expected {tuple(ref.shape)} (rank {rank})")
-            if tensor.dtype != ref.dtype:
-                raise RejectedUpdate(f"{key}: dtype {tensor.dtype}, expected {ref.dtype}")
-            if not torch.isfinite(tensor).all():
-                raise RejectedUpdate(f"{key}: contains NaN or Inf")
-        return ClientUpdate(node_id=node_id, rank=rank, num_examples=num_examples, state=state, metrics=metrics, nbytes=nbytes)
-
-    def unpack_uploads(self, node: NodeInfo, plan: ClientPlan, dense: State, packed: Mapping[str, Any], *, expected: set[str]) -> State:
-        """Dense uploads plus the compressed ones decoded onto the start the server knows (ComPEFT)."""
-        both = sorted(set(dense) & set(packed))
-        if both:
-            raise RejectedUpdate(f"{both[0]} is uploaded both dense and compressed")
-        unexpected = sorted(set(packed) - expected)
-        if unexpected:
-            raise RejectedUpdate(f"adapter keys differ: unexpected compressed {unexpected[:2]}")
-        starts = upload_starts(plan, self.node_adapter(node), sorted(expected))
-        unknown = sorted(set(packed) - set(starts))
-        if unknown:
-            raise RejectedUpdate(f"{unknown[0]} starts from the node's own state, which the server does not know: it must travel dense")
-        try:
-            return {**dense, **decode_update(packed, {k: starts[k] for k in packed})}
-        except CompressionError as err:
-            raise RejectedUpdate(f"compressed upload: {err}") from None
+        return validation.check_reply(msg, node, plan, adapter=self.node_adapter(node), expected=self.upload_keys(node, plan))
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Check every reply, aggregate the accepted ones; error replies are counted by the caller.

@@ -18,7 +18,8 @@ import torch
 
 from fedpeft.protocol.records import State, resize_factor, split_state
 from fedpeft.config.schema import StrategyConfig
-from fedpeft.strategies.base import ClientUpdate, LoRAStrategy
+from fedpeft.strategies.base import LoRAStrategy
+from fedpeft.strategies.types import ClientUpdate
 from fedpeft.strategies.lora_math import ideal_delta, relative_residual, residual_parts, weighted_sum
 
 

@@ -33,7 +33,8 @@ import torch
 
 from fedpeft.config.schema import StrategyConfig
 from fedpeft.protocol.records import State, exact_product, split_state
-from fedpeft.strategies.base import ClientUpdate, LoRAStrategy, NodeInfo
+from fedpeft.strategies.base import LoRAStrategy
+from fedpeft.strategies.types import ClientUpdate, NodeInfo
 from fedpeft.strategies.lora_math import check_weights, ideal_delta, relative_residual, residual_parts, weighted_sum
 
 

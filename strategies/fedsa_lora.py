@@ -23,7 +23,8 @@ import torch
 from fedpeft.config.schema import StrategyConfig
 from fedpeft.protocol.wire import LORA_A, LORA_B, OTHER, VAL_ACCURACY, VAL_EXAMPLES, ClientPlan, Evaluate, GroupPlan, Source
 from fedpeft.protocol.records import State, resize_factor, split_state
-from fedpeft.strategies.base import ClientUpdate, LoRAStrategy, NodeInfo
+from fedpeft.strategies.base import LoRAStrategy
+from fedpeft.strategies.types import ClientUpdate, NodeInfo
 from fedpeft.strategies.lora_math import check_weights, weighted_sum
 
 

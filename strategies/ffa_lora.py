@@ -21,7 +21,8 @@ import torch
 from fedpeft.protocol.wire import LORA_A, LORA_B, OTHER, GroupPlan, Source
 from fedpeft.protocol.records import LORA_A_SUFFIX, State, resize_factor, seeded_tensors, split_state
 from fedpeft.config.schema import StrategyConfig
-from fedpeft.strategies.base import ClientUpdate, LoRAStrategy, NodeInfo
+from fedpeft.strategies.base import LoRAStrategy
+from fedpeft.strategies.types import ClientUpdate, NodeInfo
 from fedpeft.strategies.lora_math import ideal_delta, relative_residual, residual_parts, weighted_sum
 
 

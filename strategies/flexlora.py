@@ -28,7 +28,8 @@ import torch
 
 from fedpeft.config.schema import StrategyConfig
 from fedpeft.protocol.records import State, exact_product, split_state
-from fedpeft.strategies.base import ClientUpdate, GlobalModel, LoRAStrategy
+from fedpeft.strategies.base import LoRAStrategy
+from fedpeft.strategies.types import ClientUpdate, GlobalModel
 from fedpeft.strategies.flora import stack_pair
 from fedpeft.strategies.lora_math import ideal_delta, relative_residual, residual_parts, weighted_sum
 
@@ -67,17 +68,6 @@ def rank_approximation(
     lora_b[:, :k] = u[:, :k].to(torch.float64) * root
     lora_a[:k] = root[:, None] * vh[:k].to(torch.float64)
     return lora_a, lora_b
-
-
-def compact_factors(u: torch.Tensor, sigma: torch.Tensor, vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``G = u diag(sigma) vh`` as factors of its rank ρ: ``(a: (ρ, d_in), b: (d_out, ρ))``, ``b @ a == G``.
-
-    Keeps the non-zero singular values (at least one, so an all-zero G is a rank-1 zero pair),
-    each factor carrying ``Σ^½``: the global update stored at the smallest rank that holds it.
-    """
-    keep = max(int((sigma > 0).sum()), 1)
-    root = sigma[:keep].to(torch.float64).clamp_min(0).sqrt()
-    return root[:, None] * vh[:keep].to(torch.float64), u[:, :keep].to(torch.float64) * root
 
 
 # ---------------------------------------------------------------------------------- the strategy

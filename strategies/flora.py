@@ -22,7 +22,8 @@ import torch
 from fedpeft.protocol.wire import LORA_A, LORA_B, OTHER, GroupPlan, Source
 from fedpeft.protocol.records import State, exact_product, fresh_lora, round_seed, split_state
 from fedpeft.config.schema import StrategyConfig
-from fedpeft.strategies.base import ClientUpdate, LoRAStrategy, NodeInfo
+from fedpeft.strategies.base import LoRAStrategy
+from fedpeft.strategies.types import ClientUpdate, NodeInfo
 from fedpeft.strategies.lora_math import check_weights, ideal_delta, relative_residual, residual_parts, weighted_sum
 
 

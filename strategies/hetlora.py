@@ -31,7 +31,8 @@ import torch
 from fedpeft.config.schema import StrategyConfig
 from fedpeft.protocol.wire import ClientPlan, ProtocolError, RankPruning
 from fedpeft.protocol.records import State, exact_product, split_state
-from fedpeft.strategies.base import ClientUpdate, LoRAStrategy, NodeInfo
+from fedpeft.strategies.base import LoRAStrategy
+from fedpeft.strategies.types import ClientUpdate, NodeInfo
 from fedpeft.strategies.fedavg import fedit_pair
 from fedpeft.strategies.lora_math import ideal_delta, relative_residual, residual_parts, weighted_sum
 

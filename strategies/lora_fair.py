@@ -26,7 +26,8 @@ import torch
 
 from fedpeft.protocol.records import State, split_state
 from fedpeft.config.schema import StrategyConfig
-from fedpeft.strategies.base import ClientUpdate, LoRAStrategy
+from fedpeft.strategies.base import LoRAStrategy
+from fedpeft.strategies.types import ClientUpdate
 from fedpeft.strategies.fedavg import fedit_pair
 from fedpeft.strategies.lora_math import ideal_delta, relative_residual, residual_parts, weighted_sum
 

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random-init models (no download) and the repo's conf/ folder."""
+"""Shared fixtures: tiny random-init models (no download), the repo's conf/ folder, worker counters on replies."""
 
 from __future__ import annotations
 
@@ -39,3 +39,12 @@ def flower_task_identity():
             setattr(TaskIdentity, name, value)
     yield
     TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+@pytest.fixture
+def worker_counters(monkeypatch):
+    """The simulation engine runs :data:`tests.counters.app`: replies carry the worker's counters
+    (``base_loads``, ``worker_pid``, ``lora_a_crc32`` in metrics.jsonl's client rows)."""
+    from tests import counters  # imports the ClientApp's whole stack: only for the tests that ask
+
+    monkeypatch.setattr("fedpeft.clients.app.app", counters.app)

@@ -32,6 +32,7 @@ def reload_and_evaluate(cfg, run_dir):
     return evaluate(model, fdata.make_loader(examples, pad_token_id=tok.pad_token_id, batch_size=64, shuffle=False))
 
 
+@pytest.mark.usefixtures("worker_counters")
 def test_simulation_runs_loads_base_once_per_worker_and_saves_a_loadable_adapter(tmp_path):
     # Prepare
     cfg = compose_cfg(["+exp=smoke"])
@@ -137,6 +138,7 @@ def test_every_rule_runs_with_heterogeneous_ranks(tmp_path, rule):
         assert all(r["residual"] <= r["fedavg_residual"] + 1e-12 for r in rows)
 
 
+@pytest.mark.usefixtures("worker_counters")
 def test_ffa_lora_a_is_bit_identical_on_every_client_and_round_and_halves_the_uplink(tmp_path):
     ffa_rows = execute(compose_cfg(["+exp=smoke", "strategy=ffa_lora"]), tmp_path / "ffa")
     crcs = {c["lora_a_crc32"] for r in ffa_rows for c in r["clients"]}

@@ -27,6 +27,7 @@ def free_port() -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("worker_counters")
 def test_simulation_runs_on_a_running_cluster(tmp_path):
     # Prepare: a single-node cluster of our own (its own temp dir, so its processes can be told apart)
     port = free_port()

@@ -294,9 +294,6 @@ class Truncation:
         self.prompt_tokens_cut += prompt_cut
         self.response_tokens_cut += response_cut
 
-    def as_metrics(self) -> dict[str, int]:
-        return {"examples": self.examples, "truncated": self.truncated, "prompt-tokens-cut": self.prompt_tokens_cut, "response-tokens-cut": self.response_tokens_cut}
-
 
 def prompt_ids(rendered: Rendered, tokenizer: Any, *, budget: int) -> tuple[list[int], int]:
     """The prompt's token ids cut to at most ``budget`` tokens; returns (ids, tokens cut).

@@ -38,8 +38,8 @@ RANKED = ("lora", "dora")
 PROMPT_KEY = "prompt_embeddings"  # the state-dict key of a prompt-learning adapter (peft's own name)  # the methods whose adapters have a rank (LoRA factors)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
-# How many times this process loaded base weights from disk; the end-to-end test reads it through
-# the clients' metrics to prove the base is loaded once per worker, not once per client or round.
+# How many times this process loaded base weights from disk: once per process when the model cache
+# works (the end-to-end tests check it in the worker; it never travels in a reply).
 BASE_MODEL_LOADS = 0
 _CACHE: dict[tuple, "CachedModel"] = {}
 _LOCK = threading.Lock()

@@ -124,11 +124,6 @@ def prepare_for_training(model: nn.Module, cfg: ModelConfig) -> nn.Module:
     return model
 
 
-def full_precision_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Adapter tensors as float32 (float64 kept): what travels, is aggregated and is saved."""
-    return {k: v if v.dtype in (torch.float32, torch.float64) else v.float() for k, v in state.items()}
-
-
 # ------------------------------------------------------------------------------ the tiny Llama
 def cache_root() -> Path:
     """``$FEDPEFT_CACHE``, else ``$XDG_CACHE_HOME/fedpeft``, else ``~/.cache/fedpeft``."""

@@ -81,9 +81,6 @@ STEPS = "steps"
 TRAIN_SECONDS = "train-seconds"
 TAIL_NORM_BEFORE = "tail-norm-before"  # rank self-pruning: the penalised tail's norm before and after training
 TAIL_NORM_AFTER = "tail-norm-after"
-BASE_LOADS = "base-loads"
-WORKER_PID = "worker-pid"
-LORA_A_CRC32 = "lora-a-crc32"  # fingerprint of the LORA_A tensors after the round
 EPSILON = "epsilon"
 NOISE_MULTIPLIER = "noise-multiplier"
 SAMPLE_RATE = "sample-rate"
@@ -122,11 +119,6 @@ def key_role(key: str) -> str:
 def keys_with_roles(keys: Sequence[str], roles: frozenset[str]) -> list[str]:
     """The keys among ``keys`` whose role is in ``roles``, in sorted order."""
     return sorted(k for k in keys if key_role(k) in roles)
-
-
-def rank_dim(key: str) -> int | None:
-    """The rank dimension of a tensor: 0 for ``lora_A`` (r, d_in), 1 for ``lora_B`` (d_out, r), else None."""
-    return {LORA_A: 0, LORA_B: 1}.get(key_role(key))
 
 
 class Source(str, Enum):

@@ -21,7 +21,7 @@ from fedpeft.protocol.records import round_seed
 from fedpeft.reporting.metrics import MetricsWriter, weighted_spread
 from fedpeft.server.evaluation import ServerEvaluator, initial_adapter
 from fedpeft.server.export import save_final
-from fedpeft.strategies.base import GlobalModel
+from fedpeft.strategies.types import GlobalModel
 from fedpeft.training.local import evaluate, num_local_steps, train_local
 
 

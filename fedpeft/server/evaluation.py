@@ -15,7 +15,7 @@ from fedpeft.data import datasets as fdata
 from fedpeft.evaluation.llm import LLMEvaluator
 from fedpeft.models import adapters as models
 from fedpeft.protocol.records import State, fresh_lora, stack_to_delta
-from fedpeft.strategies.base import GlobalModel
+from fedpeft.strategies.types import GlobalModel
 from fedpeft.training.local import EvalResult, evaluate
 
 

@@ -11,7 +11,7 @@ import torch
 from fedpeft.models import adapters as models
 from fedpeft.protocol.records import split_state
 from fedpeft.server.evaluation import ServerEvaluator
-from fedpeft.strategies.base import GlobalModel
+from fedpeft.strategies.types import GlobalModel
 
 
 def save_final(evaluator: ServerEvaluator, global_model: GlobalModel, run_dir: Path) -> Path:

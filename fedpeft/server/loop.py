@@ -31,7 +31,7 @@ from fedpeft.server.export import save_final
 from fedpeft.server.rows import eval_fields, round_row
 from fedpeft.server.transport import exchange, handshake
 from fedpeft.strategies import LoRAStrategy, get_strategy
-from fedpeft.strategies.base import short_reason
+from fedpeft.strategies.validation import short_reason
 
 log = logging.getLogger("fedpeft")
 

@@ -12,7 +12,7 @@ from fedpeft.config.schema import Config
 from fedpeft.protocol import wire as protocol
 from fedpeft.reporting.status import node_row, write_node_status
 from fedpeft.server.errors import RunError
-from fedpeft.strategies.base import NodeInfo
+from fedpeft.strategies.types import NodeInfo
 
 
 def exchange(grid: Grid, messages: list[Message], *, timeout: float, poll: float = 0.2) -> list[tuple[int, Message]]:

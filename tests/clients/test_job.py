@@ -7,6 +7,8 @@ personal model.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from flwr.app import Context, Message, MessageType, RecordDict
@@ -19,6 +21,7 @@ from fedpeft.cli.configs import compose_config
 from fedpeft.protocol.wire import LORA_A, LORA_B, OTHER, ClientPlan, Evaluate, GroupPlan, RunInfo, Source
 from fedpeft.server.evaluation import initial_adapter
 from fedpeft.models.adapters import cached_model, resolve_device
+from tests import counters
 
 CFG = compose_config(["+exp=smoke", "num_clients=2", "data.max_samples=60", "model.max_length=16", "client.local_steps=2", "model.lora.r=2"])
 
@@ -92,6 +95,17 @@ def test_evaluate_handler_evaluates_the_global_or_the_personal_model(tmp_path, a
     assert pm[protocol.VAL_LOSS] == pytest.approx(train_metrics[protocol.VAL_LOSS], rel=1e-6)
     assert gm[protocol.VAL_LOSS] != pytest.approx(pm[protocol.VAL_LOSS], rel=1e-6)
     assert pm[protocol.VAL_EXAMPLES] == gm[protocol.VAL_EXAMPLES] > 0
+
+
+def test_replies_carry_no_worker_counters_unless_the_tests_mod_adds_them(tmp_path, adapter):
+    run = RunInfo(config_json=to_json(CFG), sim_state_dir=str(tmp_path))
+    ctx = Context(run_id=1, node_id=0, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    plan = ClientPlan(groups=protocol.single_group(source=Source.MESSAGE), server_round=1, rank=2)
+    _, plain = protocol.decode_reply(app(message(run, plan, adapter), ctx).content)
+    trained, counted = protocol.decode_reply(counters.app(message(run, plan, adapter), ctx).content)
+    assert not {counters.BASE_LOADS, counters.WORKER_PID, counters.LORA_A_CRC32} & set(plain)
+    assert counted[counters.WORKER_PID] == os.getpid() and counted[counters.BASE_LOADS] >= 1
+    assert counted[counters.LORA_A_CRC32] == counters.lora_a_crc32(trained)  # every tensor travels: the A it trained
 
 
 def test_a_plan_the_client_cannot_follow_fails_with_the_reason(tmp_path, adapter):

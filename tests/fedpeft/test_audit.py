@@ -223,7 +223,7 @@ def test_run_audit_reads_a_run_directory_and_writes_audit_json(tmp_path):
     from fedpeft.cli.configs import compose_config
     from fedpeft.server.evaluation import ServerEvaluator, initial_adapter
     from fedpeft.server.export import save_final
-    from fedpeft.strategies.base import GlobalModel
+    from fedpeft.strategies.types import GlobalModel
 
     cfg = compose_config(["num_clients=2", "clients_per_round=2", "data.max_samples=40", "model.max_length=16", "audit.max_examples=6", "model.lora.r=2"])
     (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))

@@ -25,7 +25,7 @@ def sizes(*, spare: bool = False):
 
 def upload_keys_at(strategy, rank: int) -> set[str]:
     """The keys a rank-``rank`` client must upload under the strategy's round-1 plan."""
-    from fedpeft.strategies.base import NodeInfo
+    from fedpeft.strategies.types import NodeInfo
 
     node = NodeInfo(node_id=-1, partition_id=-1, rank=rank, num_examples=1)
     return strategy.upload_keys(node, strategy.plan(node, 1))

@@ -11,7 +11,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 
 from fedpeft.protocol import wire as protocol
 from fedpeft.protocol.records import resize_rank
-from fedpeft.strategies.base import LoRAStrategy, NodeInfo
+from fedpeft.strategies.base import LoRAStrategy
+from fedpeft.strategies.types import NodeInfo
 
 LAYERS = ("m.layer0.q", "m.layer0.v", "m.layer1.q")
 HEAD = "m.head.weight"

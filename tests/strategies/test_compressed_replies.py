@@ -15,7 +15,7 @@ from fedpeft.compression.compeft import ComPEFT, compress_uploads, decompress, p
 from fedpeft.protocol.wire import LORA_A, LORA_B, OTHER, GroupPlan, Source
 from fedpeft.protocol.records import state_nbytes
 from fedpeft.strategies import STRATEGIES
-from fedpeft.strategies.base import NodeInfo
+from fedpeft.strategies.types import NodeInfo
 from tests.strategies.test_rejections import NODE
 
 

@@ -10,7 +10,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType
 from fedpeft.protocol import wire as protocol
 from fedpeft.protocol.wire import LORA_B, Evaluate, Source
 from fedpeft.server.rows import round_row
-from fedpeft.strategies.base import NodeInfo
+from fedpeft.strategies.types import NodeInfo
 from fedpeft.strategies.fedavg import FedIT
 
 A, B, HEAD = "m.q.lora_A.weight", "m.q.lora_B.weight", "m.head.weight"

@@ -17,7 +17,7 @@ from fedpeft.protocol.wire import decode_plan
 from fedpeft.protocol.records import from_record, resize_rank, to_record
 from tests.strategies import draw
 from fedpeft.strategies import STRATEGIES
-from fedpeft.strategies.base import NodeInfo
+from fedpeft.strategies.types import NodeInfo
 from fedpeft.strategies.fedavg import FedIT, fedit, fedit_pair
 
 SETTINGS = settings(max_examples=40, deadline=None)

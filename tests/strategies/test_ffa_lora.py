@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from fedpeft.protocol import wire as protocol
 from fedpeft.protocol.records import LORA_A_SUFFIX, from_record, resize_rank, seeded_tensors, state_nbytes, to_record
 from tests.strategies import draw
-from fedpeft.strategies.base import NodeInfo
+from fedpeft.strategies.types import NodeInfo
 from fedpeft.strategies.fedavg import FedIT
 from fedpeft.strategies.ffa_lora import FFALoRA, ffa, ffa_aggregate
 from fedpeft.strategies.lora_math import ideal_delta

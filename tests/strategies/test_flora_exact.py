@@ -18,7 +18,7 @@ from fedpeft.clients.state import NodeStore
 from fedpeft.models.adapters import CachedModel
 from fedpeft.protocol import wire as protocol
 from fedpeft.protocol.records import from_record, resize_rank, stack_to_delta, to_record
-from fedpeft.strategies.base import NodeInfo
+from fedpeft.strategies.types import NodeInfo
 from fedpeft.strategies.flora import FLoRA
 
 RANKS = [4, 2, 1, 3]

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from fedpeft.protocol.records import from_record, resize_rank, to_record
 from tests.strategies import draw
 from fedpeft.strategies import STRATEGIES
-from fedpeft.strategies.base import NodeInfo
+from fedpeft.strategies.types import NodeInfo
 from fedpeft.strategies.fedavg import fedit, fedit_pair
 from fedpeft.strategies.lora_fair import LoRAFAIR, cosine_dissimilarity, fair_correction_cosine, fair_correction_frobenius, lora_fair
 from fedpeft.strategies.lora_math import ideal_delta

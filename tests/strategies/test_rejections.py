@@ -9,7 +9,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from fedpeft.protocol.records import resize_rank, to_record
 from tests.strategies import draw
 from fedpeft.strategies import STRATEGIES
-from fedpeft.strategies.base import NodeInfo
+from fedpeft.strategies.types import NodeInfo
 
 NODE = NodeInfo(node_id=7, partition_id=0, rank=2, num_examples=12)
 

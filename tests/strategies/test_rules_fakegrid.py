@@ -31,10 +31,10 @@ class Recorder:
     def __init__(self, monkeypatch) -> None:
         self.jobs: list[tuple[int, int, dict, dict]] = []  # (round, partition, start, after)
         self.uploads: list[tuple[int, int, set[str]]] = []
-        engine, encode = fedpeft.clients.app.ENGINE, fedpeft.clients.app.encode
+        train_jobs, encode = fedpeft.clients.app.train_jobs, fedpeft.clients.app.encode
 
-        def recording_engine(jobs):
-            results = engine(jobs)
+        def recording_train_jobs(jobs):
+            results = train_jobs(jobs)
             for job, result in zip(jobs, results):
                 if job.plan.trains:  # evaluation jobs (a rule's evaluation round) only build and score a model
                     self.jobs.append((job.plan.server_round, job.partition_id, dict(job.start), dict(result.state)))
@@ -46,8 +46,8 @@ class Recorder:
                 self.uploads.append((job.plan.server_round, job.partition_id, set(reply.content.array_records[protocol.ARRAYS_RECORD])))
             return reply
 
-        monkeypatch.setattr(clients.app, "ENGINE", recording_engine)
-        monkeypatch.setattr(clients.app, "encode", recording_encode)
+        monkeypatch.setattr(fedpeft.clients.app, "train_jobs", recording_train_jobs)
+        monkeypatch.setattr(fedpeft.clients.app, "encode", recording_encode)
 
 
 class StopAtRound(InProcessGrid):

@@ -17,7 +17,8 @@ from fedpeft.cli.configs import compose_config
 from fedpeft.protocol.wire import LORA_A, LORA_B, OTHER, GroupPlan, Source
 from fedpeft.protocol.records import State
 from fedpeft.strategies import STRATEGIES
-from fedpeft.strategies.base import ClientUpdate, LoRAStrategy, NodeInfo
+from fedpeft.strategies.base import LoRAStrategy
+from fedpeft.strategies.types import ClientUpdate, NodeInfo
 from fedpeft.strategies.lora_math import weighted_sum
 
 
