@@ -15,7 +15,7 @@ While the run goes on, the submitting console prints what a simulated run prints
 round — by following the run's ``nodes.json`` and ``metrics.jsonl`` (when the results directory
 is on this machine); ``Ctrl-C`` there stops the run on the SuperLink too (``flwr stop``).
 
-The helpers for the security set-up and the nodes (README, "Deploying on edge devices")::
+The helpers for the security set-up and the nodes (docs/deployment.md)::
 
     python -m fedpeft.deploy certs certs/ --host 127.0.0.1 --host superlink.example.org
     python -m fedpeft.deploy node-key keys/node0
@@ -465,7 +465,7 @@ class LocalFederation:
 
     For tests, benchmarks and trying deployment on one machine; each node gets ``node_configs[k]``
     (``partition-id``, ``state-dir``, optionally ``data-path``, ``rank`` or ``tier``) and is started
-    as the README starts one, with ``python -m fedpeft.deploy supernode`` (a missing ``state-dir``
+    as docs/deployment.md starts one, with ``python -m fedpeft.deploy supernode`` (a missing ``state-dir``
     is created first). Every process is started in its own session and killed with it on
     :meth:`close`, also when a run fails.
     """
