@@ -5,7 +5,7 @@ drop-in for an engine that holds several clients' jobs (``engine=batched``): the
 encode steps are the ClientApp's own, only the training of plain-LoRA jobs is shared
 (:func:`fedpeft.training.batched.train_batched`, one base copy, one adapter slice per client). Each job's
 data order is its own loader with the job's seed, as in :func:`fedpeft.clients.job.run_job`, so a job
-gives the adapter it would give alone (METHODS.md invariant 12, dropout aside).
+gives the adapter it would give alone (docs/methods.md, invariant 12, dropout aside).
 
 Jobs a pass cannot hold run alone through :func:`fedpeft.clients.job.run_job`, the very path of the Ray
 engine: DP-SGD jobs (their per-sample clipping, noise and privacy ledger are exactly the Ray

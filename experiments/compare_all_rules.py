@@ -11,8 +11,8 @@ reference. Steps:
 2. every (setting, rule) at that rate for ``--seeds``;
 3. ``<out>/results.md`` — final and best test accuracy (mean ± std over seeds), MB up and down
    per client over the run, rounds to reach 90 % of the centralised reference; ``<out>/
-   accuracy_vs_round.png`` and ``<out>/accuracy_vs_bytes.png``; the table is also written into the
-   README between the ``compare_all_rules`` markers.
+   accuracy_vs_round.png`` and ``<out>/accuracy_vs_bytes.png``; the table is also written into
+   docs/results.md between the ``compare_all_rules`` markers, and the plots into docs/assets/.
 
 The table and curves are :mod:`fedpeft.report`'s (``python -m fedpeft.report <out>/runs
 --reference <out>/runs/reference-*`` prints the same figures, grouped by config). The bounds: the
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -47,7 +48,8 @@ RULES = ["fedavg", "ffa_lora", "flora", "lora_fair", "fedex_lora", "flexlora", "
 EQUAL_RANKS_ONLY = {"fedex_lora"}  # refuses heterogeneous ranks at start
 DP_RULES = ["fedavg", "ffa_lora", "fedsvd", "rolora"]
 HETERO = [16, 8, 4, 4, 2, 2, 1, 1, 1, 1]
-README_START, README_END = "<!-- compare_all_rules:start -->", "<!-- compare_all_rules:end -->"
+DOCS_START, DOCS_END = "<!-- compare_all_rules:start -->", "<!-- compare_all_rules:end -->"
+DOCS_PAGE, DOCS_ASSETS = REPO / "docs" / "results.md", REPO / "docs" / "assets" / "compare_all_rules"
 
 
 def lr_name(setting: str, rule: str) -> str:
@@ -344,16 +346,19 @@ def plot(out: Path, results: dict[tuple[str, str], list[Path]]) -> None:
         plt.close(fig)
 
 
-def write_readme(text: str, out: Path) -> None:
-    readme = REPO / "README.md"
-    body = readme.read_text()
-    rel = out.relative_to(REPO) if out.is_relative_to(REPO) else out
-    block = f"{README_START}\n{text}\n![accuracy vs round]({rel}/accuracy_vs_round.png)\n![accuracy vs MB]({rel}/accuracy_vs_bytes.png)\n{README_END}"
-    if README_START in body and README_END in body:
-        body = body[: body.index(README_START)] + block + body[body.index(README_END) + len(README_END) :]
+def write_docs(text: str, out: Path) -> None:
+    """The table into docs/results.md between the markers; the plots into docs/assets/, where mkdocs finds them."""
+    DOCS_ASSETS.mkdir(parents=True, exist_ok=True)
+    for name in ("accuracy_vs_round.png", "accuracy_vs_bytes.png"):
+        shutil.copyfile(out / name, DOCS_ASSETS / name)
+    rel = DOCS_ASSETS.relative_to(DOCS_PAGE.parent).as_posix()
+    body = DOCS_PAGE.read_text()
+    block = f"{DOCS_START}\n{text}\n![accuracy vs round]({rel}/accuracy_vs_round.png)\n![accuracy vs MB]({rel}/accuracy_vs_bytes.png)\n{DOCS_END}"
+    if DOCS_START in body and DOCS_END in body:
+        body = body[: body.index(DOCS_START)] + block + body[body.index(DOCS_END) + len(DOCS_END) :]
     else:
         body = body.rstrip() + "\n\n## All ten rules\n\n" + block + "\n"
-    readme.write_text(body)
+    DOCS_PAGE.write_text(body)
 
 
 def main() -> None:
@@ -373,7 +378,7 @@ def main() -> None:
     parser.add_argument("--epsilon", type=float, default=3.0)
     parser.add_argument("--rules", nargs="+", default=RULES)
     parser.add_argument("--quick", action="store_true", help="1 seed, 2 rounds, 2 local steps, 300 examples, one lr: checks the pipeline")
-    parser.add_argument("--no-readme", action="store_true")
+    parser.add_argument("--no-docs", action="store_true", help="leave docs/results.md and its plots as they are")
     parser.add_argument("--runs-only", action="store_true", help="only the given rules' runs (no reference, no table): for parallel invocations over disjoint --rules")
     parser.add_argument("--finished-only", action="store_true", help="the table and plots from the runs that finished; run nothing")
     parser.add_argument("--bounds-only", action="store_true", help="only the centralised and local-only runs (for a parallel invocation)")
@@ -469,8 +474,8 @@ def main() -> None:
     text = table(results, lrs, args, every_run)
     (out / "results.md").write_text(text)
     plot(out, results)
-    if not args.no_readme:
-        write_readme(text, out)
+    if not args.no_docs:
+        write_docs(text, out)
     print(text)
     print(f"written to {out} ({(time.perf_counter() - started) / 60:.1f} min)")
 

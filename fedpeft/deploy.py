@@ -1,6 +1,6 @@
 """The deployment's command line: ``python -m fedpeft.deploy certs|node-key|supernode|partitions ...``.
 
-The helpers for the security set-up and the nodes (README, "Deploying on edge devices")::
+The helpers for the security set-up and the nodes (docs/deployment.md)::
 
     python -m fedpeft.deploy certs certs/ --host 127.0.0.1 --host superlink.example.org
     python -m fedpeft.deploy node-key keys/node0

@@ -11,7 +11,7 @@ clients' own models on their validation slices (``client_val_accuracy_mean``), m
 were audited (``audit.json``, see :mod:`fedpeft.audit`) add the membership AUC, its calibrated
 variant and the mean canary exposure, mean ± std over the audited seeds. Printed as
 Markdown and written as ``report.md``, ``report.csv`` and overlaid ``accuracy_vs_round.png`` /
-``accuracy_vs_mb.png``. The README's results tables are made with this module.
+``accuracy_vs_mb.png``. The results tables of docs/results.md are made with this module.
 """
 
 from __future__ import annotations

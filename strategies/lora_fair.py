@@ -13,7 +13,7 @@ Frobenius distance (closed form ``ΔB = (ΔW − B̄Ā) Āᵀ (ĀĀᵀ + λI)⁻
 Up 1×, down 1×. No official code was found; this follows the paper's equations, with one
 addition: the cosine ignores the length of (B̄+ΔB)Ā, so the best iterate is rescaled by a line
 search on the Frobenius residual (:func:`safeguard`), which makes the corrected residual
-never exceed FedAvg's (METHODS.md invariant 5) without making the cosine worse.
+never exceed FedAvg's (docs/methods.md, invariant 5) without making the cosine worse.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def fair_correction_cosine(delta_w: torch.Tensor, lora_a: torch.Tensor, lora_b: 
 
     ``delta_w: (d_out, d_in)``, ``lora_a: (r, d_in)``, ``lora_b: (d_out, r)`` -> ``ΔB: (d_out, r)``.
     Keeps the best iterate, then :func:`safeguard` sets its length. The result is never worse than
-    ΔB = 0 in cosine dissimilarity nor in the Frobenius residual (METHODS.md invariant 5); ΔB = 0
+    ΔB = 0 in cosine dissimilarity nor in the Frobenius residual (docs/methods.md, invariant 5); ΔB = 0
     exactly when there is nothing to correct (ΔW = 0, B̄Ā = 0, or B̄Ā = ΔW already, as when all
     clients are identical).
     """
@@ -110,7 +110,7 @@ def safeguard(delta_w: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
 
     The cosine objective is blind to scale, so its ΔB can point the right way yet overshoot; this
     line search keeps the direction and guarantees the corrected residual never exceeds FedAvg's
-    (METHODS.md invariant 5). ``t = <R, ΔBĀ> / ‖ΔBĀ‖²`` with ``R = ΔW − B̄Ā``, clipped to [0, 1].
+    (docs/methods.md, invariant 5). ``t = <R, ΔBĀ> / ‖ΔBĀ‖²`` with ``R = ΔW − B̄Ā``, clipped to [0, 1].
     """
     step = delta_b @ lora_a
     denom = float((step * step).sum())

@@ -37,7 +37,7 @@ def weighted_sum(tensors: Sequence[torch.Tensor], weights: torch.Tensor) -> torc
 
 
 def ideal_delta(lora_as: Sequence[torch.Tensor], lora_bs: Sequence[torch.Tensor], weights: torch.Tensor, *, scalings: Sequence[float]) -> torch.Tensor:
-    """The ideal global update ``ΔW* = Σ_k p_k s_k B_k A_k`` in float64 (METHODS.md, notation)."""
+    """The ideal global update ``ΔW* = Σ_k p_k s_k B_k A_k`` in float64 (docs/methods.md, notation)."""
     check_weights(weights, count=len(lora_as))
     delta = None
     for p, s, a, b in zip(weights.tolist(), scalings, lora_as, lora_bs):

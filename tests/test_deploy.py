@@ -1,6 +1,6 @@
 """Flower's deployment engine on 127.0.0.1: a SuperLink and two SuperNodes as real processes,
 TLS and SuperNode authentication on, each node started with ``python -m fedpeft.deploy supernode``
-and the run submitted with the README's command.
+and the run submitted with the command docs/deployment.md gives.
 
 Each node serves its own folder of text files (``data-path``): the data never leaves it. One
 federation serves the FLoRA run (with its console followed line by line) and then the run that is
@@ -181,11 +181,11 @@ def test_run_finishes_when_a_supernode_dies(tmp_path):
     assert "(1 failed)" in out and rows[-1]["test_accuracy"] is not None
 
 
-# ------------------------------------------------------------------------------ the README's steps
-def readme_deploy_steps() -> dict[str, str]:
-    """The commands of the README's "Deploying on edge devices" section, by step, as printed there."""
-    readme = (REPO / "README.md").read_text()
-    section = readme.split("## Deploying on edge devices", 1)[1].split("\n## ", 1)[0]
+# ------------------------------------------------------------------------------ the documented steps
+def documented_deploy_steps() -> dict[str, str]:
+    """The commands of docs/deployment.md's "Step by step" section, by step, as printed there."""
+    page = (REPO / "docs" / "deployment.md").read_text()
+    section = page.split("## Step by step", 1)[1].split("\n## ", 1)[0]
     blocks = [b.replace("\\\n", " ").strip() for b in re.findall(r"```bash\n(.*?)```", section, flags=re.S)]
     inline = re.findall(r"`(python -m fedpeft\.deploy (?:node-key|partitions) [^`]*)`", section)
     steps = {}
@@ -198,10 +198,10 @@ def readme_deploy_steps() -> dict[str, str]:
     return steps
 
 
-def test_readme_deploy_steps_run_as_written(tmp_path):
-    """Every deploy step of the README, on 127.0.0.1: only addresses, ports and paths are replaced
-    (and the submitted run is cut to the tiny test size)."""
-    steps = readme_deploy_steps()
+def test_documented_deploy_steps_run_as_written(tmp_path):
+    """Every deploy step of docs/deployment.md, on 127.0.0.1: only addresses, ports and paths are
+    replaced (and the submitted run is cut to the tiny test size)."""
+    steps = documented_deploy_steps()
     port = free_port()
 
     def here(text: str, node: int = 0) -> str:

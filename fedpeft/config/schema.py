@@ -240,7 +240,7 @@ class FaultConfig:
 
 @dataclass
 class DeployConfig:
-    """Where ``mode=deploy`` submits the run: a SuperLink's Control API (see README, "Deploying on edge devices")."""
+    """Where ``mode=deploy`` submits the run: a SuperLink's Control API (see docs/deployment.md)."""
 
     superlink: str = field(default="127.0.0.1:8000", metadata={"help": "host:port of the SuperLink (its --host/--port; one port serves nodes and runs)."})
     root_certificates: Optional[str] = field(
@@ -283,7 +283,7 @@ class AuditConfig:
 
 @dataclass
 class EngineConfig:
-    """How a simulation trains its clients (see docs: "Simulation engines")."""
+    """How a simulation trains its clients (see docs/engines.md)."""
 
     name: str = field(
         default="ray",

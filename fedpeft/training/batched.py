@@ -18,7 +18,7 @@ client k's parameters touch only client k's rows, so each client's gradient is t
 get alone. A client that has taken all its steps leaves the pass: no rows, no optimiser step, no
 weight decay. Data order is each client's own loader, cycled as ``train_local`` cycles it.
 
-What stays equal to training each client alone (METHODS.md invariant 12) is everything but dropout:
+What stays equal to training each client alone (docs/methods.md, invariant 12) is everything but dropout:
 dropout masks (the base model's and LoRA's) are drawn for the combined batch, so with dropout on
 each client still gets independent masks of the same rate, but not the masks the same client
 draws alone. Equality to the one-client path is exact up to floating-point summation order when

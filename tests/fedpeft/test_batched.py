@@ -1,4 +1,4 @@
-"""METHODS.md invariant 12: K clients trained in one lockstep pass equal each client trained alone.
+"""docs/methods.md, invariant 12: K clients trained in one lockstep pass equal each client trained alone.
 
 The oracle is the one-client path every engine already uses (`fedpeft.training.local.train_local` on the
 peft model with the client's adapter active), run on a fresh loader with the same seed. Ranks,

@@ -1,4 +1,4 @@
-"""FedIT (FedAvg on LoRA): METHODS.md invariant 3, HetLoRA padding, and the real Flower plumbing.
+"""FedIT (FedAvg on LoRA): docs/methods.md, invariant 3, HetLoRA padding, and the real Flower plumbing.
 
 Malformed replies (missing/extra key, shape, dtype, NaN/Inf, rank, num-examples, metrics) are
 rejected for every rule in ``test_rejections.py``; here a bad reply among good ones is checked to

@@ -1,4 +1,4 @@
-"""FedEx-LoRA: METHODS.md invariant 7 — the global model is exactly W_prev + Σ p_k s B_k A_k."""
+"""FedEx-LoRA: docs/methods.md, invariant 7 — the global model is exactly W_prev + Σ p_k s B_k A_k."""
 
 from __future__ import annotations
 

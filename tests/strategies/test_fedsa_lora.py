@@ -1,6 +1,6 @@
 """FedSA-LoRA: Ā is the example-weighted average of the A uploads; personalised evaluation summary.
 
-METHODS.md invariant 9 (B never uploaded, a node's B bit-identical across rounds and resume) is
+docs/methods.md, invariant 9 (B never uploaded, a node's B bit-identical across rounds and resume) is
 checked over the strategy and the node state below the math tests.
 """
 

@@ -1,4 +1,4 @@
-"""FedSVD: METHODS.md invariant 11 — B_new A_new = B̄ A exactly and A_new has orthonormal rows."""
+"""FedSVD: docs/methods.md, invariant 11 — B_new A_new = B̄ A exactly and A_new has orthonormal rows."""
 
 from __future__ import annotations
 

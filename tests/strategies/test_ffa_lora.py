@@ -1,4 +1,4 @@
-"""FFA-LoRA: METHODS.md invariant 4 (A never travels, bit-identical everywhere) and exactness of B̄A."""
+"""FFA-LoRA: docs/methods.md, invariant 4 (A never travels, bit-identical everywhere) and exactness of B̄A."""
 
 from __future__ import annotations
 

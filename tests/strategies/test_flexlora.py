@@ -1,4 +1,4 @@
-"""FlexLoRA: METHODS.md invariant 8 — the factored SVD is the dense SVD; each client gets G's best fit."""
+"""FlexLoRA: docs/methods.md, invariant 8 — the factored SVD is the dense SVD; each client gets G's best fit."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""FLoRA stacking (the pure math): METHODS.md invariant 1 with heterogeneous ranks and scalings.
+"""FLoRA stacking (the pure math): docs/methods.md, invariant 1 with heterogeneous ranks and scalings.
 
 The strategy class (merge into the base, re-init, catch-up of missed stacks) is covered by
 ``test_flora_exact.py``.

@@ -1,4 +1,4 @@
-"""LoRA-FAIR: METHODS.md invariant 5 for both corrections, the closed form, and the strategy class."""
+"""LoRA-FAIR: docs/methods.md, invariant 5 for both corrections, the closed form, and the strategy class."""
 
 from __future__ import annotations
 

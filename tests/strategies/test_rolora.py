@@ -1,4 +1,4 @@
-"""RoLoRA: METHODS.md invariant 10 — one factor trains per round, alternating; the aggregate is exact."""
+"""RoLoRA: docs/methods.md, invariant 10 — one factor trains per round, alternating; the aggregate is exact."""
 
 from __future__ import annotations
 

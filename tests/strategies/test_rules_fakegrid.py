@@ -1,6 +1,6 @@
 """FedSA-LoRA and RoLoRA over the in-process Grid: the real server loop and the real client steps.
 
-METHODS.md invariant 9 (B never uploaded; a node's B is the B it trained, bit for bit across
+docs/methods.md, invariant 9 (B never uploaded; a node's B is the B it trained, bit for bit across
 rounds and across a resume) and 10 (one factor trains and travels per round, the other is
 bit-identical on every client). The embedded model on a tiny cut of the embedded data.
 """
