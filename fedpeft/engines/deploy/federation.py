@@ -47,7 +47,7 @@ class LocalFederation:
 
     For tests, benchmarks and trying deployment on one machine; each node gets ``node_configs[k]``
     (``partition-id``, ``state-dir``, optionally ``data-path``, ``rank`` or ``tier``) and is started
-    as the README starts one, with ``python -m fedpeft.deploy supernode`` (a missing ``state-dir``
+    as docs/deployment.md starts one, with ``python -m fedpeft.deploy supernode`` (a missing ``state-dir``
     is created first). Every process is started in its own session and killed with it on
     :meth:`close`, also when a run fails.
     """

@@ -1,6 +1,6 @@
 """The deployment's credentials: a certificate authority with a SuperLink TLS certificate, and SuperNode key pairs.
 
-The README's "Deploying on edge devices" makes them with ``python -m fedpeft.deploy certs`` and
+docs/deployment.md makes them with ``python -m fedpeft.deploy certs`` and
 ``python -m fedpeft.deploy node-key``.
 """
 
