@@ -16,17 +16,20 @@ def round_row(strategy: LoRAStrategy, server_round: int, *, wall: float, result:
     up, down = sum(report.bytes_up.values()), sum(report.bytes_down.values())
     totals["up"] += up
     totals["down"] += down
-    weights = [c[protocol.NUM_EXAMPLES] for c in report.clients]
-    train_loss = sum(w * c[protocol.TRAIN_LOSS] for w, c in zip(weights, report.clients)) / sum(weights) if weights else None
+    # Sums run over the clients in partition order, not in the order their replies arrived, so a
+    # seeded run's row is the same to the last bit every time.
+    replied = sorted(report.clients, key=lambda c: c["partition"])
+    weights = [c[protocol.NUM_EXAMPLES] for c in replied]
+    train_loss = sum(w * c[protocol.TRAIN_LOSS] for w, c in zip(weights, replied)) / sum(weights) if weights else None
     clients = []
-    for c in sorted(report.clients, key=lambda c: c["partition"]):
+    for c in replied:
         node = c["node"]
         clients.append({k.replace("-", "_"): v for k, v in c.items()} | {"bytes_up": report.bytes_up.get(node, 0), "bytes_down": report.bytes_down.get(node, 0)})
     epsilons = [c["epsilon"] for c in clients if c.get("epsilon") is not None]
     # The clients' validation accuracy: from the federated evaluation when the rule ran one, else
     # from the train replies (each client's model right after local training).
     source = "evaluate" if report.evaluations else "train"
-    measured = [c for c in (report.evaluations or report.clients) if c.get(protocol.VAL_ACCURACY) is not None]
+    measured = sorted((c for c in (report.evaluations or report.clients) if c.get(protocol.VAL_ACCURACY) is not None), key=lambda c: c["partition"])
     spread = weighted_spread([c[protocol.VAL_ACCURACY] for c in measured], [c.get(protocol.VAL_EXAMPLES, c.get(protocol.NUM_EXAMPLES, 1)) for c in measured])
     return {
         "round": server_round,
