@@ -204,7 +204,9 @@ def test_lora_path_gives_the_same_clipped_and_noised_update_as_opacus(kind, tiny
 
 @pytest.mark.parametrize("mode", ["lora", "opacus", "loop"])
 def test_noise_zero_and_no_clipping_equals_the_plain_path(mode, tiny_bert):
-    base = nonzero_b(tiny_bert)
+    # float64: per-example backward (loop) and one batched backward round differently in float32, and
+    # AdamW's normalisation lifts that to ~4e-6 after 3 steps; in float64 the paths agree to ~1e-14
+    base = nonzero_b(tiny_bert).double()
     base.eval()
     data = examples(16, task="seq_cls")
     plan = [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
@@ -213,4 +215,4 @@ def test_noise_zero_and_no_clipping_equals_the_plain_path(mode, tiny_bert):
     train_local_dp(dp_model, data, Collator(0), num_steps=3, batch_size=4, lr=1e-2, noise_multiplier=0.0, max_grad_norm=1e9, seed=0, batches=plan, mode=mode)
     train_local(plain, [Collator(0)([data[i] for i in idx]) for idx in plan], num_steps=3, lr=1e-2)
     for (name, p), q in zip(dp_model.named_parameters(), plain.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12, msg=name)
