@@ -44,7 +44,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedpeft.reporting import status
 from fedpeft.config.schema import Config, DeployConfig, from_json, to_json
-from fedpeft.cli.console import round_line
+from fedpeft.reporting.lines import round_line
 from fedpeft.protocol.wire import FEDPEFT_CONFIG, RUN_DIR
 from fedpeft.reporting.metrics import read_metrics
 
@@ -369,9 +369,9 @@ def export_partitions(cfg: Config, root: Path) -> list[Path]:
     To demo deployment with real node-local data: node k is started with
     ``data-path='<root>/node<k>-data'`` and trains on exactly what partition k would hold.
     """
-    from fedpeft.data import datasets as fdata
+    from fedpeft.data.partition import prepare
 
-    data = fdata.prepare(cfg.data, seed=cfg.seed, num_clients=cfg.num_clients, need_labels=True)
+    data = prepare(cfg.data, seed=cfg.seed, num_clients=cfg.num_clients, need_labels=True)
     folders = []
     for k, part in enumerate(data.partitions):
         folder = Path(root) / f"node{k}-data"
