@@ -20,7 +20,7 @@ from flwr.clientapp import ClientApp
 
 from fedpeft.clients.job import decode, encode, train_jobs
 from fedpeft.clients.node import local_data, node_rank, partition_id
-from fedpeft.data import datasets as fdata
+from fedpeft.data.encoding import label_counts
 from fedpeft.protocol import wire as protocol
 from fedpeft.config.schema import from_json
 
@@ -35,7 +35,7 @@ def query(msg: Message, context: Context) -> Message:
     torch.set_num_threads(max(1, int(cfg.client.num_cpus)))
     pid = partition_id(context)
     num_labels, train_examples, _ = local_data(cfg, pid, context, run)
-    labels = fdata.label_counts([e["labels"] for e in train_examples], num_labels) if cfg.model.task == "seq_cls" else []
+    labels = label_counts([e["labels"] for e in train_examples], num_labels) if cfg.model.task == "seq_cls" else []
     tier = context.node_config.get(protocol.NODE_TIER) or (cfg.strategy.client_tiers[pid] if cfg.strategy.client_tiers and not cfg.strategy.ranks else None)
     hello = protocol.NodeHello(
         partition_id=pid, rank=node_rank(cfg, pid, context.node_config), num_examples=len(train_examples),

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from fedpeft.clients.job import Job, JobResult, evaluate_metrics, run_job, sync_base, worker_model
-from fedpeft.data import datasets as fdata
+from fedpeft.data.encoding import make_loader
 from fedpeft.models import adapters as models
 from fedpeft.protocol import wire as protocol
 from fedpeft.training.batched import ClientTask, train_batched
@@ -74,7 +74,7 @@ def train_pass(jobs: Sequence[Job]) -> list[JobResult]:
     for job in jobs:
         cm.activate(job.plan.rank)  # the pass reads each client's adapter config (rank, scaling) from peft
         trains = {role for g in job.plan.groups if g.train for role in g.roles}
-        loader = fdata.make_loader(job.train_examples, pad_token_id=pad_id, batch_size=job.cfg.client.batch_size, shuffle=True, seed=job.seed)
+        loader = make_loader(job.train_examples, pad_token_id=pad_id, batch_size=job.cfg.client.batch_size, shuffle=True, seed=job.seed)
         tasks.append(
             ClientTask(
                 adapter_name=models.adapter_name(job.plan.rank),

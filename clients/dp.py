@@ -1,4 +1,4 @@
-"""Client-side DP-SGD for LoRA: per-sample clipping, Gaussian noise, and accounting across rounds.
+"""Client-side DP-SGD for LoRA: Poisson-sampled batches, per-sample clipping and Gaussian noise.
 
 Two per-sample gradient paths give the same clipped and noised update:
 
@@ -16,119 +16,22 @@ Both follow Opacus' DPOptimizer exactly: per-sample norm over all parameters, cl
 generator, division by the expected batch size ``q·N`` (Poisson sampling). Empty Poisson batches
 are skipped before the forward (they still count as steps for the accountant).
 
-The privacy ledger is a list of ``(noise_multiplier, sample_rate, steps)`` — what Opacus'
-accountants call ``history`` — kept in the node's state across rounds, so ε composes over every
-round the client took part in.
+What the steps spend (the noise a target ε calls for, the ε spent, the budget across rounds) is
+:mod:`fedpeft.privacy.accounting`'s.
 """
 
 from __future__ import annotations
 
-import functools
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from fedpeft.privacy.accounting import DPError, check_dp_args
 from fedpeft.training.local import TrainResult, make_optimizer, per_sample_loss, to_device, trainable_parameters
 
-Ledger = list[tuple[float, float, int]]
-MODES = ("lora", "opacus", "loop")
-
-
-class DPError(ValueError):
-    """A DP setting that cannot work (unreachable ε, bad δ, ...); the message says what can."""
-
-
-class BudgetExhausted(RuntimeError):
-    """Another round would push this client past its privacy budget."""
-
-
-# ------------------------------------------------------------------------------ accounting
-def compact(ledger: Sequence[Sequence[float]]) -> Ledger:
-    """The ledger with consecutive entries of equal noise and sample rate merged, steps summed:
-    the history Opacus' accountants keep when stepped one step at a time (``RDPAccountant.step``)."""
-    out: Ledger = []
-    for s, q, n in ledger:
-        if out and out[-1][:2] == (float(s), float(q)):
-            out[-1] = (out[-1][0], out[-1][1], out[-1][2] + int(n))
-        else:
-            out.append((float(s), float(q), int(n)))
-    return out
-
-
-@functools.lru_cache(maxsize=1024)
-def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> Any:
-    """One step's RDP at every order of Opacus' RDP accountant (the costly part of its ε, ~0.1 s)."""
-    from opacus.accountants import RDPAccountant
-    from opacus.accountants.analysis import rdp as privacy_analysis
-
-    rdp = privacy_analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=RDPAccountant.DEFAULT_ALPHAS)
-    rdp.flags.writeable = False  # shared by every caller
-    return rdp
-
-
-def epsilon(ledger: Sequence[Sequence[float]], *, delta: float, accountant: str = "rdp") -> float:
-    """ε at ``delta`` after every step in ``ledger``, from Opacus' own accountant.
-
-    With the RDP accountant this is ``RDPAccountant.get_epsilon`` over the compacted ledger, each
-    entry's per-step RDP computed once per process: ``compute_rdp(steps=n)`` is that vector times
-    ``n``, so the result is Opacus' to the last bit, while a client's accounting no longer costs
-    ~0.1 s per round it has taken part in, every round.
-    """
-    from opacus.accountants import RDPAccountant, create_accountant
-    from opacus.accountants.analysis import rdp as privacy_analysis
-
-    if not ledger:
-        return 0.0
-    history = compact(ledger)
-    if accountant != "rdp":
-        acc = create_accountant(mechanism=accountant)
-        acc.history = history
-        return float(acc.get_epsilon(delta=delta))
-    rdp = sum([_rdp_per_step(s, q) * n for s, q, n in history])
-    eps, _ = privacy_analysis.get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta)
-    return float(eps)
-
-
-def check_dp_args(*, target_epsilon: float | None, delta: float, sample_rate: float) -> None:
-    if target_epsilon is not None and target_epsilon <= 0:
-        raise DPError(f"client.dp.target_epsilon must be > 0, got {target_epsilon}")
-    if not 0.0 < delta < 1.0:
-        raise DPError(f"client.dp.delta must be in (0, 1), got {delta}")
-    if not 0.0 < sample_rate <= 1.0:
-        raise DPError(f"sample rate batch_size / examples must be in (0, 1], got {sample_rate}")
-
-
-MAX_NOISE = 1e3
-
-
-@functools.lru_cache(maxsize=256)
-def calibrate_noise(*, target_epsilon: float, delta: float, sample_rate: float, total_steps: int, accountant: str = "rdp") -> float:
-    """The noise multiplier that spends exactly ``target_epsilon`` over ``total_steps`` steps.
-
-    Raises :class:`DPError` with the smallest reachable ε (at noise ``MAX_NOISE``) when the target
-    is below it. A pure function of its arguments, so each process computes it once per client
-    (Opacus' search takes 1-2 s), not once per client and round.
-    """
-    from opacus.accountants.utils import get_noise_multiplier
-
-    check_dp_args(target_epsilon=target_epsilon, delta=delta, sample_rate=sample_rate)
-    floor = epsilon([(MAX_NOISE, sample_rate, total_steps)], delta=delta, accountant=accountant)
-    if target_epsilon <= floor:
-        raise DPError(
-            f"target ε={target_epsilon} at δ={delta} is unreachable for {total_steps} steps at sample rate {sample_rate:.4g}: "
-            f"the smallest reachable ε is {floor:.4g} (noise multiplier {MAX_NOISE:g}); raise the target or δ, or train fewer steps"
-        )
-    return float(
-        get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate, steps=total_steps, accountant=accountant, epsilon_tolerance=0.001)
-    )
-
-
-def would_exceed(ledger: Ledger, step: tuple[float, float, int], *, delta: float, target_epsilon: float, accountant: str = "rdp") -> bool:
-    """Whether one more round ``step`` = (noise, q, steps) would push ε past ``target_epsilon``."""
-    return epsilon([*ledger, step], delta=delta, accountant=accountant) > target_epsilon * (1 + 1e-9)
+MODES = ("lora", "opacus", "loop")  # client.dp.grad_sample_mode: how the per-sample gradients are computed
 
 
 # ------------------------------------------------------------------------------ sampling
@@ -310,7 +213,7 @@ def train_local_dp(
 
 def _train_opacus(model, dataset, collate_fn, plan, *, lr, weight_decay, noise_multiplier, max_grad_norm, expected, generator, device) -> TrainResult:
     """The reference path: Opacus GradSampleModule (hooks) + DPOptimizer, adapter keys untouched."""
-    from opacus import GradSampleModule
+    from opacus import GradSampleModule  # start-up: opacus only when this path runs (see fedpeft.privacy.accounting)
     from opacus.optimizers import DPOptimizer
 
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum", strict=False)
@@ -339,8 +242,3 @@ def _train_opacus(model, dataset, collate_fn, plan, *, lr, weight_decay, noise_m
     finally:
         gsm._close()  # removes hooks and grad_sample attributes; the wrapped model's keys are unchanged
     return TrainResult(loss=total / max(used, 1), num_steps=len(plan), num_examples=seen)
-
-
-def planned_steps(*, rounds: int, clients_per_round: int, num_clients: int, steps_per_round: int) -> int:
-    """Steps a client expects over the whole run: expected participations × steps per round."""
-    return math.ceil(rounds * clients_per_round / num_clients) * steps_per_round

@@ -25,15 +25,16 @@ from typing import Any
 import torch
 from flwr.app import Context, Message, MessageType
 
-from fedpeft.clients.dp import BudgetExhausted, calibrate_noise, epsilon, planned_steps, train_local_dp, would_exceed
+from fedpeft.clients.dp import train_local_dp
 from fedpeft.clients.node import local_data, node_store, partition_id
 from fedpeft.clients.state import NodeStore
-from fedpeft.data import datasets as fdata
+from fedpeft.data.encoding import collator_for, make_loader
 from fedpeft.models import adapters as models
 from fedpeft.protocol import wire as protocol
 from fedpeft.compression.compeft import ComPEFT, codec_from_config, compress_uploads
 from fedpeft.config.schema import Config, from_json, round_lr
 from fedpeft.protocol.wire import ClientPlan, Evaluate, ProtocolError, RunInfo, Source
+from fedpeft.privacy.accounting import BudgetExhausted, calibrate_noise, epsilon, planned_steps, would_exceed
 from fedpeft.protocol.records import State, resize_rank, round_seed, seeded_tensors, stack_to_delta
 from fedpeft.training.local import evaluate, num_local_steps, train_local
 
@@ -185,8 +186,8 @@ def run_job(job: Job) -> JobResult:
     if plan.evaluate == Evaluate.GLOBAL or (plan.evaluate == Evaluate.PERSONAL and not plan.trains):
         metrics.update(evaluate_metrics(model, job, pad_id, device=cm.device, which=plan.evaluate))
     if plan.trains:
-        collate = fdata.collator_for(cfg, models.load_tokenizer(cfg.model))
-        loader = fdata.make_loader(job.train_examples, pad_token_id=pad_id, batch_size=cfg.client.batch_size, shuffle=True, seed=job.seed, collate_fn=collate)
+        collate = collator_for(cfg, models.load_tokenizer(cfg.model))
+        loader = make_loader(job.train_examples, pad_token_id=pad_id, batch_size=cfg.client.batch_size, shuffle=True, seed=job.seed, collate_fn=collate)
         torch.manual_seed(job.seed)  # LoRA dropout
         prune, lr = plan.prune, round_lr(cfg.client, plan.server_round)
         if cfg.client.dp.enabled:
@@ -242,8 +243,8 @@ def evaluate_metrics(model, job: Job, pad_id: int, *, device, which: Evaluate) -
     """Loss and accuracy on the node's validation slice (nothing when it has none)."""
     if not job.val_examples:
         return {}
-    collate = fdata.collator_for(job.cfg, models.load_tokenizer(job.cfg.model))
-    loader = fdata.make_loader(job.val_examples, pad_token_id=pad_id, batch_size=job.cfg.client.eval_batch_size, shuffle=False, collate_fn=collate)
+    collate = collator_for(job.cfg, models.load_tokenizer(job.cfg.model))
+    loader = make_loader(job.val_examples, pad_token_id=pad_id, batch_size=job.cfg.client.eval_batch_size, shuffle=False, collate_fn=collate)
     val = evaluate(model, loader, device=device)
     return {protocol.VAL_LOSS: val.loss, protocol.VAL_ACCURACY: val.accuracy, protocol.VAL_EXAMPLES: val.num_examples, protocol.EVALUATED: 1 if which == Evaluate.GLOBAL else 2}
 
@@ -363,7 +364,7 @@ def dp_train(cfg: Config, model, examples: list, pad_id: int, store: NodeStore, 
     result = train_local_dp(
         model,
         examples,
-        fdata.collator_for(cfg, models.load_tokenizer(cfg.model)),
+        collator_for(cfg, models.load_tokenizer(cfg.model)),
         num_steps=steps,
         batch_size=cfg.client.batch_size,
         lr=lr,

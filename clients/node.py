@@ -14,10 +14,11 @@ from typing import Any
 from flwr.app import Context
 
 from fedpeft.clients.state import NodeStore
-from fedpeft.data import datasets as fdata
+from fedpeft.data.encoding import encode_config
+from fedpeft.data.partition import node_data, prepare
 from fedpeft.models import adapters as models
 from fedpeft.protocol import wire as protocol
-from fedpeft.audit import client_train_split
+from fedpeft.privacy.audit import client_train_split
 from fedpeft.config.schema import Config, to_container
 from fedpeft.protocol.wire import RunInfo
 
@@ -85,10 +86,10 @@ def local_data(cfg: Config, pid: int, context: Context, run: RunInfo) -> tuple[i
         _ENCODED[key] = (int(cached["num-labels"]), cached["train"], cached["val"])
         return _ENCODED[key]
     if path:
-        train_ds, val_ds = fdata.node_data(cfg.data, str(path), label_names=names, seed=cfg.seed, node=pid, need_labels=need_labels)
+        train_ds, val_ds = node_data(cfg.data, str(path), label_names=names, seed=cfg.seed, node=pid, need_labels=need_labels)
         num_labels = len(names)
     else:
-        data = fdata.prepare(cfg.data, seed=cfg.seed, num_clients=cfg.num_clients, need_labels=need_labels)
+        data = prepare(cfg.data, seed=cfg.seed, num_clients=cfg.num_clients, need_labels=need_labels)
         train_ds, val_ds = client_train_split(cfg, data, pid), data.client_split(pid)[1]  # with the audit's canaries, if any
         num_labels = data.num_labels
     _ENCODED[key] = (num_labels, *encode_split(cfg, train_ds, val_ds))
@@ -99,4 +100,4 @@ def local_data(cfg: Config, pid: int, context: Context, run: RunInfo) -> tuple[i
 
 def encode_split(cfg: Config, train_ds, val_ds) -> tuple[list, list]:
     tokenizer = models.load_tokenizer(cfg.model)  # instruction formats: prompt template, response-only labels
-    return fdata.encode_config(cfg, train_ds, tokenizer), fdata.encode_config(cfg, val_ds, tokenizer)
+    return encode_config(cfg, train_ds, tokenizer), encode_config(cfg, val_ds, tokenizer)

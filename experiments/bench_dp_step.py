@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from fedpeft.clients.dp import train_local_dp  # noqa: E402
-from fedpeft.data.datasets import Collator  # noqa: E402
+from fedpeft.data.encoding import Collator  # noqa: E402
 from fedpeft.training.local import train_local  # noqa: E402
 
 BATCH, SEQ = 8, 128
@@ -33,7 +33,7 @@ def minilm():
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import AutoModelForSequenceClassification
 
-    from fedpeft.models.adapters import resolve_model_path
+    from fedpeft.models.paths import resolve_model_path
 
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(resolve_model_path("embedded:minilm"), num_labels=5)

@@ -47,8 +47,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fedpeft import data as fdata  # noqa: E402
-from fedpeft import models  # noqa: E402
+from fedpeft.data.encoding import encode, make_loader  # noqa: E402
+from fedpeft.data.partition import prepare  # noqa: E402
+from fedpeft.models import adapters as models  # noqa: E402
 from fedpeft.training.batched import ClientTask, train_batched  # noqa: E402
 from fedpeft.config.schema import Config  # noqa: E402
 from fedpeft.cli.configs import compose_config
@@ -75,15 +76,15 @@ def cpu_config(rounds: int, extra: list[str]) -> Config:
 
 def client_tokens(cfg: Config, encoded: dict[int, list], pid: int, server_round: int, pad_id: int) -> int:
     """Non-padding tokens client ``pid`` trains on in ``server_round`` (its own loader, replayed)."""
-    loader = fdata.make_loader(encoded[pid], pad_token_id=pad_id, batch_size=cfg.client.batch_size, shuffle=True, seed=shuffle_seed(cfg.seed, server_round, pid))
+    loader = make_loader(encoded[pid], pad_token_id=pad_id, batch_size=cfg.client.batch_size, shuffle=True, seed=shuffle_seed(cfg.seed, server_round, pid))
     steps = num_local_steps(num_examples=len(encoded[pid]), batch_size=cfg.client.batch_size, local_epochs=cfg.client.local_epochs, local_steps=cfg.client.local_steps)
     return sum(int(b["attention_mask"].sum()) for b in _cycle(loader, steps))
 
 
 def encoded_clients(cfg: Config) -> tuple[dict[int, list], int, int]:
-    data = fdata.prepare(cfg.data, seed=cfg.seed, num_clients=cfg.num_clients, need_labels=cfg.model.task == "seq_cls")
+    data = prepare(cfg.data, seed=cfg.seed, num_clients=cfg.num_clients, need_labels=cfg.model.task == "seq_cls")
     tok = models.load_tokenizer(cfg.model)
-    enc = {k: fdata.encode(data.client_split(k)[0], tok, max_length=cfg.model.max_length, task=cfg.model.task) for k in range(cfg.num_clients)}
+    enc = {k: encode(data.client_split(k)[0], tok, max_length=cfg.model.max_length, task=cfg.model.task) for k in range(cfg.num_clients)}
     return enc, data.num_labels, tok.pad_token_id
 
 
@@ -122,7 +123,7 @@ def training_pass(cfg: Config, encoded: dict[int, list], num_labels: int, pad_id
     tokens = sum(client_tokens(cfg, encoded, p, server_round, pad_id) for p in pids)
 
     def loader(p: int):
-        return fdata.make_loader(encoded[p], pad_token_id=pad_id, batch_size=cfg.client.batch_size, shuffle=True, seed=shuffle_seed(cfg.seed, server_round, p))
+        return make_loader(encoded[p], pad_token_id=pad_id, batch_size=cfg.client.batch_size, shuffle=True, seed=shuffle_seed(cfg.seed, server_round, p))
 
     def sequential() -> None:
         for p in pids:

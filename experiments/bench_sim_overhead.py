@@ -24,8 +24,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fedpeft import data as fdata  # noqa: E402
-from fedpeft import models  # noqa: E402
+from fedpeft.data.encoding import encode, make_loader  # noqa: E402
+from fedpeft.data.partition import prepare  # noqa: E402
+from fedpeft.models import adapters as models  # noqa: E402
 from fedpeft.config.schema import Config, to_config  # noqa: E402
 from fedpeft.server.evaluation import ServerEvaluator, initial_adapter  # noqa: E402
 from fedpeft.training.local import num_local_steps, train_local  # noqa: E402
@@ -51,14 +52,14 @@ def plain_loop(cfg: Config) -> tuple[float, float]:
     """The same work without Flower or Ray; returns (wall seconds, final accuracy)."""
     started = time.perf_counter()
     torch.set_num_threads(os.cpu_count() or 1)
-    data = fdata.prepare(cfg.data, seed=cfg.seed, num_clients=cfg.num_clients)
+    data = prepare(cfg.data, seed=cfg.seed, num_clients=cfg.num_clients)
     evaluator = ServerEvaluator(cfg, data, lineage="plain")
     cm = evaluator.cm
     rank = cfg.model.lora.r
     adapter = initial_adapter(cm, rank=rank, seed=cfg.seed)
     tokenizer = models.load_tokenizer(cfg.model)
     encoded = {
-        k: fdata.encode(data.client_split(k)[0], tokenizer, max_length=cfg.model.max_length, task=cfg.model.task) for k in range(cfg.num_clients)
+        k: encode(data.client_split(k)[0], tokenizer, max_length=cfg.model.max_length, task=cfg.model.task) for k in range(cfg.num_clients)
     }
     rng = random.Random(cfg.seed)
     for server_round in range(1, cfg.num_rounds + 1):
@@ -67,7 +68,7 @@ def plain_loop(cfg: Config) -> tuple[float, float]:
         for pid in sampled:
             model = cm.activate(rank)
             cm.load_adapter_state(rank, adapter)
-            loader = fdata.make_loader(encoded[pid], pad_token_id=tokenizer.pad_token_id, batch_size=cfg.client.batch_size, shuffle=True, seed=pid)
+            loader = make_loader(encoded[pid], pad_token_id=tokenizer.pad_token_id, batch_size=cfg.client.batch_size, shuffle=True, seed=pid)
             steps = num_local_steps(
                 num_examples=len(encoded[pid]), batch_size=cfg.client.batch_size, local_epochs=cfg.client.local_epochs, local_steps=cfg.client.local_steps
             )

@@ -190,7 +190,8 @@ def validation_score(run_dir: Path) -> tuple[float, float]:
     import torch
     from omegaconf import OmegaConf
 
-    from fedpeft.data import datasets as fdata
+    from fedpeft.data.encoding import collator_for, encode_config, make_loader
+    from fedpeft.data.partition import prepare
     from fedpeft.models import adapters as models
     from fedpeft.server.evaluation import ServerEvaluator, initial_adapter
     from fedpeft.training.local import evaluate
@@ -201,14 +202,14 @@ def validation_score(run_dir: Path) -> tuple[float, float]:
     if not rule.has_global_model:
         return read_metrics(run_dir)[-1]["client_val_accuracy_mean"], 0.0
     state = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
-    data = fdata.prepare(cfg.data, seed=cfg.seed, num_clients=cfg.num_clients, need_labels=True)
+    data = prepare(cfg.data, seed=cfg.seed, num_clients=cfg.num_clients, need_labels=True)
     evaluator = ServerEvaluator(cfg, data, lineage=state["lineage"])
     strategy = rule.from_config(cfg, initial_adapter(evaluator.cm, rank=max(models.client_ranks(cfg)), seed=cfg.seed))
     strategy.load_state_dict(state["strategy"])
     model = evaluator.load(strategy.global_model())
     tokenizer = models.load_tokenizer(cfg.model)
-    val = [e for k in range(cfg.num_clients) for e in fdata.encode_config(cfg, data.client_split(k)[1], tokenizer)]
-    loader = fdata.make_loader(val, pad_token_id=tokenizer.pad_token_id, batch_size=64, shuffle=False, collate_fn=fdata.collator_for(cfg, tokenizer))
+    val = [e for k in range(cfg.num_clients) for e in encode_config(cfg, data.client_split(k)[1], tokenizer)]
+    loader = make_loader(val, pad_token_id=tokenizer.pad_token_id, batch_size=64, shuffle=False, collate_fn=collator_for(cfg, tokenizer))
     result = evaluate(model, loader, device=evaluator.cm.device)
     return result.accuracy, -result.loss
 

@@ -27,6 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fedpeft.data import instruct
 from fedpeft.models import llm
+from fedpeft.models.paths import resolve_model_path
 from fedpeft.evaluation import llm as llm_eval
 from fedpeft.config.schema import Config, ModelConfig, to_config
 
@@ -37,9 +38,7 @@ class GenerateError(ValueError):
 
 def base_path(cfg: ModelConfig) -> str:
     """Where the run's base model lives (the tiny Llama is rebuilt bit for bit if its cache is gone)."""
-    from fedpeft.models.adapters import resolve_model_path
-
-    return str(llm.tiny_llama_path()) if cfg.name_or_path == llm.TINY_LLAMA else resolve_model_path(cfg.name_or_path)
+    return resolve_model_path(cfg.name_or_path)
 
 
 def load_run(run_dir: Path, *, device: str = "cpu") -> tuple[Config, Any, Any]:
@@ -87,10 +86,10 @@ def generate_texts(cfg: Config, model, tokenizer, rows: list[dict[str, str]], *,
 def evaluate_run(run_dir: Path, *, device: str = "cpu") -> dict[str, Any]:
     """The run's LLM metrics (``evaluation.*``) recomputed from its saved final model on the same
     held-out split: what the last row of ``metrics.jsonl`` reports, from plain transformers + peft."""
-    from fedpeft.data import datasets as fdata
+    from fedpeft.data.partition import prepare
 
     cfg, model, tokenizer = load_run(run_dir, device=device)
-    data = fdata.prepare(cfg.data, seed=cfg.seed, num_clients=cfg.num_clients, need_labels=False)
+    data = prepare(cfg.data, seed=cfg.seed, num_clients=cfg.num_clients, need_labels=False)
     return llm_eval.LLMEvaluator(cfg, data, tokenizer)(model, device=device, batch_size=cfg.server_eval_batch_size)
 
 

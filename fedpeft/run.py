@@ -2,7 +2,7 @@
 
 Composes the Hydra config (typed by :mod:`fedpeft.config.schema`), checks everything that can be checked
 before Ray starts (:mod:`fedpeft.cli.checks`), claims the run directory, and runs the chosen mode with
-a quiet console (:mod:`fedpeft.cli.console`).
+a quiet console (:mod:`fedpeft.cli.logs`, :mod:`fedpeft.cli.console`).
 
 What a person gets:
 
@@ -28,10 +28,14 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from fedpeft.cli import console
+from fedpeft.cli import console, logs, signals
 from fedpeft.cli.checks import check_config, check_run  # noqa: F401  (check_config: for callers of fedpeft.run)
+from fedpeft.cli.errors import composition_error, one_line
+from fedpeft.cli.help import help_text
+from fedpeft.cli.resume import resume_advice
 from fedpeft.config.schema import Config, to_config
 from fedpeft.cli.configs import register_configs
+from fedpeft.reporting.lines import pct
 
 log = logging.getLogger("fedpeft")
 
@@ -130,10 +134,10 @@ def launch(cfg: Config, run_dir: Path, *, data: Any = None) -> list[dict[str, An
     # a resumed run's config is the checkpoint's (or, with another num_rounds, the lengthened one)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(dataclasses.replace(cfg, resume=None))))
     if cfg.mode == "simulation":
-        from fedpeft.data import datasets as fdata
+        from fedpeft.data.partition import prepare
         from fedpeft.reporting.status import write_partition_report
 
-        data = data if data is not None else fdata.prepare(cfg.data, seed=cfg.seed, num_clients=cfg.num_clients, need_labels=cfg.model.task == "seq_cls")
+        data = data if data is not None else prepare(cfg.data, seed=cfg.seed, num_clients=cfg.num_clients, need_labels=cfg.model.task == "seq_cls")
         write_partition_report(data, cfg, run_dir)
     if cfg.mode == "centralized":
         from fedpeft.server.baselines import run_centralized  # imported when a run starts, not when fedpeft.run loads (--help, config errors)
@@ -205,13 +209,13 @@ def main(dcfg: DictConfig) -> float | None:
     hydra_dir = Path(HydraConfig.get().runtime.output_dir)
     overrides = list(HydraConfig.get().overrides.task)
     verbose = bool(OmegaConf.select(dcfg, "verbose", default=False, throw_on_missing=False))
-    console.setup_logging(None, verbose=verbose)
+    logs.setup_logging(None, verbose=verbose)
 
     def stopped_at_start() -> list[tuple[str, Path | None]]:
         discard(hydra_dir)
         return [("interrupted before the run started; nothing was written", None)]
 
-    console.on_interrupt(stopped_at_start)
+    signals.on_interrupt(stopped_at_start)
     # ------------------------------------------------------------- before anything starts
     try:
         cfg = to_config(dcfg)
@@ -221,17 +225,17 @@ def main(dcfg: DictConfig) -> float | None:
         run_dir, state = done.args
         final = state["rows"][-1].get("test_accuracy") if state["rows"] else None
         discard(hydra_dir)
-        log.info("resume=%s: that run already finished (%d of %d rounds, final accuracy %s); nothing to resume", run_dir, state["round"], cfg.num_rounds, console._pct(final))
+        log.info("resume=%s: that run already finished (%d of %d rounds, final accuracy %s); nothing to resume", run_dir, state["round"], cfg.num_rounds, pct(final))
         return final
     except Exception as err:  # every start error: one line, no run directory
         discard(hydra_dir)
-        fail(console.one_line(err) + ("" if isinstance(err, ValueError) or verbose else " (verbose=true shows the traceback)"), verbose=verbose)
+        fail(one_line(err) + ("" if isinstance(err, ValueError) or verbose else " (verbose=true shows the traceback)"), verbose=verbose)
     if run_dir != hydra_dir:
         discard(hydra_dir)  # resume: the resumed run's directory is used, the fresh one is not needed
     # ------------------------------------------------------------- the run
     run_dir.mkdir(parents=True, exist_ok=True)
-    run_log = run_dir / console.RUN_LOG
-    console.setup_logging(run_log, verbose=verbose)
+    run_log = run_dir / logs.RUN_LOG
+    logs.setup_logging(run_log, verbose=verbose)
     if not cfg.resume:
         save_hydra_files(run_dir, dcfg)
     from fedpeft.models.adapters import resolve_device
@@ -246,10 +250,10 @@ def main(dcfg: DictConfig) -> float | None:
             lines.append((stop_submitted(run_dir), run_log))
         if cfg.mode in ("centralized", "local"):
             return [*lines, (f"a {'centralised' if cfg.mode == 'centralized' else 'local-only'} run cannot be resumed; its metrics so far are in {run_dir}", run_log)]
-        return [*lines, (console.resume_advice(results_dir, overrides), run_log)]
+        return [*lines, (resume_advice(results_dir, overrides), run_log)]
 
     results_dir = Path(cfg.deploy.run_dir).expanduser() if cfg.mode == "deploy" and cfg.deploy.run_dir else run_dir  # where checkpoints go
-    console.on_interrupt(stopped)
+    signals.on_interrupt(stopped)
     started = time.perf_counter()
     try:
         rows = launch(run_config(cfg), run_dir, data=data)
@@ -257,18 +261,18 @@ def main(dcfg: DictConfig) -> float | None:
         log.debug("the run failed", exc_info=err)
         if verbose:
             log.exception("the run failed")
-        log.error("%s", console.one_line(err))
-        log.info("%s", console.resume_advice(results_dir, overrides))
-        console.stop_now(1)  # Flower's threads may still wait for replies: do not wait for them
+        log.error("%s", one_line(err))
+        log.info("%s", resume_advice(results_dir, overrides))
+        signals.stop_now(1)  # Flower's threads may still wait for replies: do not wait for them
     console.show(console.summary_lines(rows, cfg=cfg, run_dir=run_dir, seconds=time.perf_counter() - started, num_labels=data.num_labels))
     return rows[-1].get("test_accuracy") if rows else None  # for Hydra sweepers
 
 
 if __name__ == "__main__":
     if any(arg in ("--help", "-h") for arg in sys.argv[1:]):
-        print(console.help_text([a for a in sys.argv[1:] if a not in ("--help", "-h")]))
+        print(help_text([a for a in sys.argv[1:] if a not in ("--help", "-h")]))
         sys.exit(0)
-    if (problem := console.composition_error(sys.argv[1:])) is not None:
+    if (problem := composition_error(sys.argv[1:])) is not None:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(1)
     main()

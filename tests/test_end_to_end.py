@@ -19,17 +19,18 @@ def reload_and_evaluate(cfg, run_dir):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from fedpeft.data import datasets as fdata
-    from fedpeft.models.adapters import resolve_model_path
+    from fedpeft.data.encoding import encode, make_loader
+    from fedpeft.data.partition import prepare
+    from fedpeft.models.paths import resolve_model_path
     from fedpeft.training.local import evaluate
 
     path = resolve_model_path(cfg.model.name_or_path)
-    data = fdata.prepare(cfg.data, seed=cfg.seed, num_clients=cfg.num_clients)
+    data = prepare(cfg.data, seed=cfg.seed, num_clients=cfg.num_clients)
     base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=data.num_labels)
     model = PeftModel.from_pretrained(base, str(run_dir / "final_adapter"))
     tok = AutoTokenizer.from_pretrained(path)
-    examples = fdata.encode(data.test, tok, max_length=cfg.model.max_length, task=cfg.model.task)
-    return evaluate(model, fdata.make_loader(examples, pad_token_id=tok.pad_token_id, batch_size=64, shuffle=False))
+    examples = encode(data.test, tok, max_length=cfg.model.max_length, task=cfg.model.task)
+    return evaluate(model, make_loader(examples, pad_token_id=tok.pad_token_id, batch_size=64, shuffle=False))
 
 
 @pytest.mark.usefixtures("worker_counters")
@@ -121,15 +122,16 @@ def test_every_rule_runs_with_heterogeneous_ranks(tmp_path, rule):
         assert rows[1]["bytes_down"] > rows[0]["bytes_down"] and rows[1]["bytes_down"] // 3 - head > 0
         from transformers import AutoModelForSequenceClassification
 
-        from fedpeft.data import datasets as fdata
+        from fedpeft.data.encoding import encode, make_loader
+        from fedpeft.data.partition import prepare
         from fedpeft.models.adapters import load_tokenizer
         from fedpeft.training.local import evaluate
 
         model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "final_model")
         tok = load_tokenizer(cfg.model)
-        data = fdata.prepare(cfg.data, seed=cfg.seed, num_clients=cfg.num_clients)
-        examples = fdata.encode(data.test, tok, max_length=cfg.model.max_length, task=cfg.model.task)
-        result = evaluate(model, fdata.make_loader(examples, pad_token_id=tok.pad_token_id, batch_size=64, shuffle=False))
+        data = prepare(cfg.data, seed=cfg.seed, num_clients=cfg.num_clients)
+        examples = encode(data.test, tok, max_length=cfg.model.max_length, task=cfg.model.task)
+        result = evaluate(model, make_loader(examples, pad_token_id=tok.pad_token_id, batch_size=64, shuffle=False))
         assert result.accuracy == pytest.approx(rows[-1]["test_accuracy"], abs=1e-9)
     else:
         reloaded = reload_and_evaluate(cfg, tmp_path)
@@ -154,7 +156,7 @@ def test_ffa_lora_a_is_bit_identical_on_every_client_and_round_and_halves_the_up
 
 @pytest.mark.parametrize("rule", ["fedavg", "ffa_lora", "flora", "lora_fair"])
 def test_dp_clients_work_with_every_rule_and_epsilon_composes(tmp_path, rule):
-    from fedpeft.clients.dp import epsilon
+    from fedpeft.privacy.accounting import epsilon
 
     cfg = compose_cfg(["+exp=smoke", f"strategy={rule}", "client=dp", "client.dp.target_epsilon=8", "client.local_steps=2", "save_adapter=false"])
     rows = execute(cfg, tmp_path)

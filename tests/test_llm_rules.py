@@ -53,9 +53,9 @@ def test_canaries_planted_in_instruction_data_are_trained_on_and_audited(tmp_pat
     grid = InProcessGrid(app, [{"partition-id": k} for k in range(cfg.num_clients)])
     run_federated(cfg, grid, tmp_path / "run")
     sizes = {c["partition"]: c["num_examples"] for c in read_metrics(tmp_path / "run")[0]["clients"]}
-    from fedpeft.data import datasets as fdata
+    from fedpeft.data.partition import prepare
 
-    data = fdata.prepare(cfg.data, seed=cfg.seed, num_clients=cfg.num_clients, need_labels=False)
+    data = prepare(cfg.data, seed=cfg.seed, num_clients=cfg.num_clients, need_labels=False)
     assert sizes == {0: len(data.client_split(0)[0]) + 8, 1: len(data.client_split(1)[0])}  # 2 canaries x 4, in client 0 only
     report = run_audit(tmp_path / "run", cfg=cfg)
     canaries = report["canaries"]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from fedpeft.cli.console import checkpoint_round
+from fedpeft.cli.resume import checkpoint_round
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow

@@ -1,1 +1,2 @@
-"""Shared pieces of the command-line tools: console output, start-time checks, config composition."""
+"""Shared pieces of the command-line tools: where output goes and what it says, stopping, one-line
+errors, ``--help``, start-time checks, config composition."""

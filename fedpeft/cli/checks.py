@@ -11,7 +11,7 @@ In order of cost:
 3. :func:`check_model` — the model's architecture, built on the ``meta`` device (no weights read):
    every target module matched, every rank within the adapted layers, ``max_length`` within the
    model's positions.
-4. The data, read and split once by :func:`fedpeft.data.datasets.prepare` (its own errors name the file),
+4. The data, read and split once by :func:`fedpeft.data.partition.prepare` (its own errors name the file),
    and the DP target every client must reach (:func:`check_dp`).
 """
 
@@ -25,21 +25,23 @@ from dataclasses import fields
 import torch
 from torch import nn
 
-from fedpeft.data import datasets as fdata
+from fedpeft.data.partition import FederatedData, check_data_config, prepare
 from fedpeft.config.schema import Config, ConfigError, DeployConfig, DPConfig
 from fedpeft.clients.dp import MODES as DP_MODES
-from fedpeft.models.adapters import RANKED, ModelError, check_model_config, client_ranks, resolve_device, resolve_model_path
+from fedpeft.clients.job import dp_noise  # the clients' own calibration, so the check cannot drift from it
+from fedpeft.models.adapters import RANKED, check_model_config, client_ranks, resolve_device
+from fedpeft.models.paths import ModelError, resolve_model_path
 from fedpeft.reporting.metrics import LOGGERS
 from fedpeft.training.local import AUTOCAST_DTYPES, num_local_steps
-from fedpeft.audit import check_audit_config, client_train_split
+from fedpeft.privacy.audit import check_audit_config, client_train_split
 from fedpeft.compression.compeft import codec_from_config
 from fedpeft.models.llm import check_assets, check_llm_options, check_quantized_base
 from fedpeft.engines.ray import check_engine
 from fedpeft.engines.deploy.submit import check_deploy_config
+from fedpeft.privacy.accounting import ACCOUNTANTS, DPError, check_dp_args
 from fedpeft.strategies import STRATEGIES, get_strategy
 
 MODES = ("simulation", "deploy", "centralized", "local")
-ACCOUNTANTS = ("rdp", "prv", "gdp")
 
 
 def check_config(cfg: Config) -> None:
@@ -97,7 +99,7 @@ def check_config(cfg: Config) -> None:
     check_engine(cfg)
     codec_from_config(cfg.compression)
     check_audit_config(cfg)
-    fdata.check_data_config(cfg.data, num_clients=cfg.num_clients)
+    check_data_config(cfg.data, num_clients=cfg.num_clients)
     check_llm_options(cfg.model, device=resolve_device(cfg.device))
     if cfg.model.autocast is not None:
         if cfg.model.autocast not in AUTOCAST_DTYPES:
@@ -265,9 +267,6 @@ def _adapted(name: str, module: nn.Module, targets: list[str]) -> bool:
 
 def check_dp(cfg: Config, sizes: list[int]) -> None:
     """A DP target every client can reach, calibrated as the clients will (fails before training)."""
-    from fedpeft.clients.job import dp_noise  # the clients' own calibration, so the check cannot drift from it
-    from fedpeft.clients.dp import DPError, check_dp_args
-
     dp = cfg.client.dp
     for pid, n in enumerate(sizes):
         steps = num_local_steps(num_examples=n, batch_size=cfg.client.batch_size, local_epochs=cfg.client.local_epochs, local_steps=cfg.client.local_steps)
@@ -278,12 +277,12 @@ def check_dp(cfg: Config, sizes: list[int]) -> None:
             raise DPError(f"client {pid} ({n} examples): {err}") from None
 
 
-def check_run(cfg: Config) -> fdata.FederatedData:
+def check_run(cfg: Config) -> FederatedData:
     """Every check above, cheapest first; returns the prepared data (read once, cached per process)."""
     check_config(cfg)
     check_resources(cfg)
     check_model(cfg)
-    data = fdata.prepare(cfg.data, seed=cfg.seed, num_clients=cfg.num_clients, need_labels=cfg.model.task == "seq_cls")
+    data = prepare(cfg.data, seed=cfg.seed, num_clients=cfg.num_clients, need_labels=cfg.model.task == "seq_cls")
     if cfg.client.dp.enabled:
         check_dp(cfg, [len(client_train_split(cfg, data, k)) for k in range(cfg.num_clients)])  # planted canaries count
     return data

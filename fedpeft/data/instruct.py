@@ -37,9 +37,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from fedpeft.data import datasets as fdata
 from fedpeft.config.schema import DataConfig
-from fedpeft.data.datasets import DataError
+from fedpeft.data import sources
+from fedpeft.data.sources import DataError
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -85,7 +85,7 @@ def read_source(cfg: DataConfig) -> Dataset:
     """The configured instruction source: the embedded BBC set, a local file or a HF dataset."""
     if cfg.name == EMBEDDED_INSTRUCT:
         return bbc_instructions()
-    return fdata.read_raw(cfg)
+    return sources.read_raw(cfg)
 
 
 def bbc_instructions() -> Dataset:
@@ -93,11 +93,11 @@ def bbc_instructions() -> Dataset:
 
     Alpaca layout (``instruction``, ``input``, ``output``) plus the ``topic`` column to split by.
     """
-    ds = fdata.read_text_folder(fdata.embedded_bbc_dir(), strict=False)  # one article is Latin-1 (see read_text_folder)
-    names = ds.features[fdata.LABEL].names
-    topics = [names[i] for i in ds[fdata.LABEL]]
-    return fdata._hf().Dataset.from_dict(
-        {"instruction": [BBC_QUESTION] * len(ds), "input": list(ds[fdata.TEXT]), "output": topics, "topic": topics}
+    ds = sources.read_text_folder(sources.embedded_bbc_dir(), strict=False)  # one article is Latin-1 (see read_text_folder)
+    names = ds.features[sources.LABEL].names
+    topics = [names[i] for i in ds[sources.LABEL]]
+    return sources.hf_datasets().Dataset.from_dict(
+        {"instruction": [BBC_QUESTION] * len(ds), "input": list(ds[sources.TEXT]), "output": topics, "topic": topics}
     )
 
 
@@ -157,7 +157,7 @@ def normalise(ds: Dataset, cfg: DataConfig) -> tuple[Dataset, list[str]]:
         rows[LABEL] = [index[v] for v in values]
     else:
         names, rows[LABEL] = ["all"], [0] * len(ds)
-    hf = fdata._hf()
+    hf = sources.hf_datasets()
     return hf.Dataset.from_dict(rows).cast_column(LABEL, hf.ClassLabel(names=names)), names
 
 
@@ -171,17 +171,6 @@ def drop_duplicates(ds: Dataset) -> Dataset:
             seen.add(key)
             keep.append(i)
     return ds.select(keep) if len(keep) < len(ds) else ds
-
-
-def build(cfg: DataConfig, *, seed: int, num_clients: int) -> fdata.FederatedData:
-    """Read, normalise, split and partition an instruction set (see :func:`fedpeft.data.datasets.build`)."""
-    fdata.check_data_config(cfg, num_clients=num_clients)
-    ds, names = normalise(read_source(cfg), cfg)
-    if cfg.partitioner in ("dirichlet", "pathological", "natural") and len(names) < 2:
-        raise DataError(
-            f"data.partitioner={cfg.partitioner!r} splits by a column: set data.partition_column (Dolly: category), or use data.partitioner=iid"
-        )
-    return fdata.split_and_partition(drop_duplicates(ds), names, cfg, seed=seed, num_clients=num_clients)
 
 
 # ------------------------------------------------------------------------------ prompts
@@ -374,7 +363,7 @@ class Collator:
     _inner: Any = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        from transformers import DataCollatorForSeq2Seq
+        from transformers import DataCollatorForSeq2Seq  # start-up: transformers only once a collator is built
 
         if self.tokenizer.pad_token_id is None:
             raise DataError("the tokenizer has no pad token; set tokenizer.pad_token (fedpeft.models.adapters.load_tokenizer uses EOS)")

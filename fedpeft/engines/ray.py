@@ -16,7 +16,8 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedpeft.cli import console
+from fedpeft.cli import logs
+from fedpeft.cli.errors import root_cause
 from fedpeft.config.schema import ENGINES, Config
 
 log = logging.getLogger("fedpeft")
@@ -75,18 +76,18 @@ def start_ray(address: str | None = None) -> None:
     """Start this run's Ray cluster (Flower uses a running one as it is).
 
     As Flower would, plus: unless ``verbose=true``, every worker runs
-    :func:`fedpeft.cli.console.worker_setup` first, which sends its output to the run's ``run.log``,
+    :func:`fedpeft.cli.logs.worker_setup` first, which sends its output to the run's ``run.log``,
     and nothing of the workers is forwarded to this console.
     """
     import ray
 
-    quiet = os.environ.get(console.ENV_VERBOSE) == "0"
+    quiet = os.environ.get(logs.ENV_VERBOSE) == "0"
     # Ray subprocesses inherit environment variables, not this process's sys.path (Flower does the same).
     pythonpath = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
     os.environ["PYTHONPATH"] = pythonpath
     runtime_env: dict[str, Any] = {"env_vars": {"PYTHONPATH": pythonpath}}
     if quiet:
-        runtime_env["worker_process_setup_hook"] = "fedpeft.cli.console.worker_setup"
+        runtime_env["worker_process_setup_hook"] = "fedpeft.cli.logs.worker_setup"
     ray.init(address=address, runtime_env=runtime_env, include_dashboard=False, log_to_driver=not quiet, logging_level=logging.WARNING, configure_logging=not quiet)
 
 
@@ -95,7 +96,7 @@ def run_simulation(cfg: Config, run_dir: Path) -> list[dict[str, Any]]:
 
     A failure of the engine itself (Ray cannot start a client, ...) raises :class:`SimulationError`
     with Ray's own reason. Flower's ServerApp thread is then still waiting for replies that will
-    never come, so the caller must end the process (:func:`fedpeft.cli.console.stop_now`), not return.
+    never come, so the caller must end the process (:func:`fedpeft.cli.signals.stop_now`), not return.
     """
     if cfg.engine.name == "batched":
         from fedpeft.engines.batched import run_batched
@@ -130,7 +131,7 @@ def run_simulation(cfg: Config, run_dir: Path) -> list[dict[str, Any]]:
     except Exception as err:
         if "error" in outcome:
             raise outcome["error"] from err
-        cause = console.root_cause(err)
+        cause = root_cause(err)
         raise SimulationError(f"Flower's simulation engine failed: {type(cause).__name__}: {' '.join(str(cause).split())}") from err
     if "error" in outcome:
         raise outcome["error"]

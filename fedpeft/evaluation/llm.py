@@ -25,10 +25,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedpeft.data import datasets as fdata
+from fedpeft.data.partition import FederatedData
 from fedpeft.data import instruct
 from fedpeft.config.schema import GenerationEval, MultipleChoiceEval
-from fedpeft.data.datasets import DataError
+from fedpeft.data.sources import DataError, hf_datasets
 from fedpeft.models.llm import eval_mode
 from fedpeft.training.local import autocast, shifted_lm_logits
 
@@ -103,7 +103,7 @@ def _load(name: str, *, split: str, subset: str | None, what: str, override: str
     """A local JSON/JSONL/CSV file or a HF dataset; a missing one fails with what to download and which override."""
     from pathlib import Path
 
-    hf = fdata._hf()
+    hf = hf_datasets()
     path = Path(name).expanduser()
     if path.is_file():
         kind = {".json": "json", ".jsonl": "json", ".csv": "csv"}.get(path.suffix.lower())
@@ -309,7 +309,7 @@ class LLMEvaluator:
     instruction set), ``mc_accuracy`` and ``mc_accuracy_by_subject``, ``exact_match``.
     """
 
-    def __init__(self, cfg: Any, data: fdata.FederatedData, tokenizer: Any) -> None:
+    def __init__(self, cfg: Any, data: FederatedData, tokenizer: Any) -> None:
         ev, self.cfg, self.tokenizer = cfg.evaluation, cfg, tokenizer
         self.collate = instruct.Collator(tokenizer)
         instruction_data = cfg.data.format != "text"

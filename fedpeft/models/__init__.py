@@ -1,1 +1,1 @@
-"""Base models and adapters: loading, peft configs, the per-process model cache, LLM options."""
+"""Base models and adapters: where a model's files are, loading, peft configs, the per-process model cache, LLM options."""

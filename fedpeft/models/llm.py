@@ -1,5 +1,7 @@
-"""Big causal LMs on one device: dtype, a quantized base, gradient checkpointing, attention kernel;
-and the tiny random-init Llama that runs the whole LLM path offline.
+"""Big causal LMs on one device: dtype, a quantized base, gradient checkpointing, attention kernel.
+
+(The tiny random-init Llama that runs the whole LLM path offline is an embedded model:
+:mod:`fedpeft.models.paths`.)
 
 ``model.quantization=4bit|8bit`` is QLoRA: the frozen base is loaded by bitsandbytes (NF4 with
 double quantization and compute in ``model.dtype``, or LLM.int8) and prepared with peft's
@@ -13,46 +15,23 @@ refused at start (:func:`check_quantized_base`).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
-import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import HfApi, snapshot_download
+from huggingface_hub.errors import LocalEntryNotFoundError
+from peft import prepare_model_for_kbit_training
 from torch import nn
+from transformers import BitsAndBytesConfig
 
 from fedpeft.config.schema import ModelConfig
 
-TINY_LLAMA = "embedded:tiny-llama"
 QUANTIZATIONS = ("none", "4bit", "8bit")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
-
-# A chat template for the MiniLM (BERT word-piece, lower-casing) tokenizer: [CLS] opens the
-# conversation, [SEP] closes every turn (and is the EOS the generation stops at).
-MINILM_CHAT_TEMPLATE = (
-    "[CLS]{% for message in messages %}{{ message['role'] }}: {{ message['content'] }} [SEP] {% endfor %}"
-    "{% if add_generation_prompt %}assistant:{% endif %}"
-)
-# The tiny Llama: 2 layers, width 128, MiniLM's 30,522-token vocabulary, tied embeddings (4.3 M parameters).
-TINY_LLAMA_CONFIG = dict(
-    hidden_size=128,
-    intermediate_size=256,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=512,
-    tie_word_embeddings=True,
-    initializer_range=0.02,
-)
-# The (tied) embeddings are drawn wider than the other weights: the head's logits are the final
-# RMS-normalised state (norm ~ sqrt(width)) times an embedding row, and at std 0.02 no hidden state
-# could give a token more than a few percent of the probability, so loss could hardly fall.
-TINY_LLAMA_EMBEDDING_STD = 0.2
 
 
 class LLMConfigError(ValueError):
@@ -97,8 +76,6 @@ def from_pretrained_kwargs(cfg: ModelConfig) -> dict[str, Any]:
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     if cfg.quantization != "none":
-        from transformers import BitsAndBytesConfig
-
         compute = DTYPES[cfg.dtype] if cfg.dtype != "float64" else torch.float32
         if cfg.quantization == "4bit":
             kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -113,8 +90,6 @@ def from_pretrained_kwargs(cfg: ModelConfig) -> dict[str, Any]:
 def prepare_for_training(model: nn.Module, cfg: ModelConfig) -> nn.Module:
     """peft's k-bit preparation for a quantized base, and gradient checkpointing when asked."""
     if cfg.quantization != "none":
-        from peft import prepare_model_for_kbit_training
-
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False})
     elif cfg.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -124,67 +99,6 @@ def prepare_for_training(model: nn.Module, cfg: ModelConfig) -> nn.Module:
     return model
 
 
-# ------------------------------------------------------------------------------ the tiny Llama
-def cache_root() -> Path:
-    """``$FEDPEFT_CACHE``, else ``$XDG_CACHE_HOME/fedpeft``, else ``~/.cache/fedpeft``."""
-    if os.environ.get("FEDPEFT_CACHE"):
-        return Path(os.environ["FEDPEFT_CACHE"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")).expanduser() / "fedpeft"
-
-
-def minilm_chat_tokenizer():
-    """The embedded MiniLM tokenizer with :data:`MINILM_CHAT_TEMPLATE`, [CLS] as BOS and [SEP] as EOS."""
-    from transformers import AutoTokenizer
-
-    from fedpeft.models.adapters import resolve_model_path
-
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("embedded:minilm"))
-    tokenizer.chat_template = MINILM_CHAT_TEMPLATE
-    tokenizer.bos_token, tokenizer.eos_token = tokenizer.cls_token, tokenizer.sep_token
-    return tokenizer
-
-
-def tiny_llama_path(root: Path | None = None, *, seed: int = 0) -> Path:
-    """The tiny random-init Llama and its tokenizer as a plain transformers folder, built on first use.
-
-    The folder name carries a hash of the architecture and seed, so a changed recipe never reuses
-    an old folder; it is written to a temporary folder and renamed, so two processes building it
-    at once both end with a complete copy.
-    """
-    recipe = json.dumps(
-        {"config": TINY_LLAMA_CONFIG, "embedding_std": TINY_LLAMA_EMBEDDING_STD, "seed": seed, "template": MINILM_CHAT_TEMPLATE, "v": 1}, sort_keys=True
-    )
-    target = (root or cache_root()) / f"tiny-llama-{hashlib.sha256(recipe.encode()).hexdigest()[:12]}"
-    if (target / "config.json").exists():
-        return target
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = minilm_chat_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        **TINY_LLAMA_CONFIG,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-        with torch.no_grad():
-            model.get_input_embeddings().weight.normal_(0.0, TINY_LLAMA_EMBEDDING_STD)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tiny-llama-"))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        try:
-            tmp.rename(target)
-        except OSError:  # another process finished first: its copy is identical
-            if not (target / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 @contextlib.contextmanager
@@ -211,9 +125,6 @@ def _is_hub_id(name: str | None) -> bool:
 
 def hub_available(repo_id: str, *, repo_type: str, timeout: float = 5.0) -> bool:
     """Whether ``repo_id`` is in the local Hugging Face cache, or the hub answers for it."""
-    from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
     try:
         snapshot_download(repo_id, repo_type=repo_type, local_files_only=True)
         return True

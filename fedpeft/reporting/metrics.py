@@ -1,5 +1,5 @@
 """What a run leaves on disk: ``metrics.jsonl``, ``metrics.csv``, ``plots/`` and optional TensorBoard
-scalars (and the console's round line, from :mod:`fedpeft.cli.console`)."""
+scalars (and the console's round line, from :mod:`fedpeft.reporting.lines`)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fedpeft.reporting import plots
-from fedpeft.cli.console import round_line
+from fedpeft.reporting.lines import round_line
 
 log = logging.getLogger("fedpeft")
 

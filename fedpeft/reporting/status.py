@@ -19,7 +19,7 @@ from typing import Any
 
 from fedpeft.reporting import plots
 from fedpeft.config.schema import Config
-from fedpeft.data.datasets import label_counts
+from fedpeft.data.encoding import label_counts
 
 log = logging.getLogger("fedpeft")
 
@@ -38,7 +38,7 @@ def text_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 # ------------------------------------------------------------------------------ partitions
 def partition_report(data: Any, cfg: Config) -> dict[str, Any]:
-    """Per client of ``data`` (a :class:`fedpeft.data.datasets.FederatedData`): its training examples,
+    """Per client of ``data`` (a :class:`fedpeft.data.partition.FederatedData`): its training examples,
     validation examples and the label histogram of its training split."""
     clients = []
     for k in range(len(data.partitions)):

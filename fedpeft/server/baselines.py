@@ -15,7 +15,8 @@ from typing import Any
 import torch
 
 from fedpeft.config.schema import Config, evaluates, round_lr
-from fedpeft.data import datasets as fdata
+from fedpeft.data.encoding import collator_for, encode_config, make_loader
+from fedpeft.data.partition import FederatedData, prepare
 from fedpeft.models import adapters as models
 from fedpeft.protocol.records import round_seed
 from fedpeft.reporting.metrics import MetricsWriter, weighted_spread
@@ -25,12 +26,12 @@ from fedpeft.strategies.types import GlobalModel
 from fedpeft.training.local import evaluate, num_local_steps, train_local
 
 
-def one_process_run(cfg: Config, run_dir: Path, *, lineage: str) -> tuple[fdata.FederatedData, ServerEvaluator, torch.nn.Module, Any]:
+def one_process_run(cfg: Config, run_dir: Path, *, lineage: str) -> tuple[FederatedData, ServerEvaluator, torch.nn.Module, Any]:
     """What a run without clients (the centralised and local-only bounds) starts from: its data,
     the evaluator, the model holding the run's initial adapter, and the tokenizer."""
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(len(os.sched_getaffinity(0)))  # no clients share the machine: every core it may run on
-    data = fdata.prepare(cfg.data, seed=cfg.seed, num_clients=cfg.num_clients, need_labels=cfg.model.task == "seq_cls")
+    data = prepare(cfg.data, seed=cfg.seed, num_clients=cfg.num_clients, need_labels=cfg.model.task == "seq_cls")
     evaluator = ServerEvaluator(cfg, data, lineage=lineage)
     rank = cfg.model.lora.r
     model = evaluator.load(GlobalModel(adapter=initial_adapter(evaluator.cm, rank=rank, seed=cfg.seed), rank=rank))
@@ -47,7 +48,7 @@ def run_centralized(cfg: Config, run_dir: Path) -> list[dict[str, Any]]:
     data, evaluator, model, tokenizer = one_process_run(cfg, run_dir, lineage="centralized")
     rank = cfg.model.lora.r
     pooled = [data.client_split(k)[0] for k in range(cfg.num_clients)]
-    examples = [e for ds in pooled for e in fdata.encode_config(cfg, ds, tokenizer)]
+    examples = [e for ds in pooled for e in encode_config(cfg, ds, tokenizer)]
     per_client = sum(len(ds) for ds in pooled) / cfg.num_clients
     steps = cfg.clients_per_round * num_local_steps(
         num_examples=round(per_client), batch_size=cfg.client.batch_size, local_epochs=cfg.client.local_epochs, local_steps=cfg.client.local_steps
@@ -55,8 +56,8 @@ def run_centralized(cfg: Config, run_dir: Path) -> list[dict[str, Any]]:
     writer = MetricsWriter(run_dir, num_rounds=cfg.num_rounds, logger=cfg.logger)
     for server_round in range(1, cfg.num_rounds + 1):
         started = time.perf_counter()
-        loader = fdata.make_loader(
-            examples, pad_token_id=tokenizer.pad_token_id, batch_size=cfg.client.batch_size, shuffle=True, seed=round_seed(cfg.seed, server_round), collate_fn=fdata.collator_for(cfg, tokenizer)
+        loader = make_loader(
+            examples, pad_token_id=tokenizer.pad_token_id, batch_size=cfg.client.batch_size, shuffle=True, seed=round_seed(cfg.seed, server_round), collate_fn=collator_for(cfg, tokenizer)
         )
         torch.manual_seed(round_seed(cfg.seed, server_round))  # dropout: a rerun repeats the run
         train = train_local(model, loader, num_steps=steps, lr=round_lr(cfg.client, server_round), weight_decay=cfg.client.weight_decay, device=evaluator.cm.device)
@@ -97,11 +98,11 @@ def run_local_only(cfg: Config, run_dir: Path) -> list[dict[str, Any]]:
     data, evaluator, model, tokenizer = one_process_run(cfg, run_dir, lineage="local-only")
     rank = cfg.model.lora.r
     start = evaluator.cm.adapter_state(rank)  # the initial adapter every client starts from
-    collate = fdata.collator_for(cfg, tokenizer)
+    collate = collator_for(cfg, tokenizer)
     splits = [data.client_split(k) for k in range(cfg.num_clients)]
-    train_sets = [fdata.encode_config(cfg, train, tokenizer) for train, _ in splits]
+    train_sets = [encode_config(cfg, train, tokenizer) for train, _ in splits]
     val_loaders = [
-        fdata.make_loader(fdata.encode_config(cfg, val, tokenizer), pad_token_id=tokenizer.pad_token_id, batch_size=cfg.client.eval_batch_size, shuffle=False, collate_fn=collate)
+        make_loader(encode_config(cfg, val, tokenizer), pad_token_id=tokenizer.pad_token_id, batch_size=cfg.client.eval_batch_size, shuffle=False, collate_fn=collate)
         if len(val) else None
         for _, val in splits
     ]
@@ -114,7 +115,7 @@ def run_local_only(cfg: Config, run_dir: Path) -> list[dict[str, Any]]:
         for k, examples in enumerate(train_sets):
             evaluator.cm.load_adapter_state(rank, adapters[k])
             steps = num_local_steps(num_examples=len(examples), batch_size=cfg.client.batch_size, local_epochs=cfg.client.local_epochs, local_steps=cfg.client.local_steps)
-            loader = fdata.make_loader(
+            loader = make_loader(
                 examples, pad_token_id=tokenizer.pad_token_id, batch_size=cfg.client.batch_size, shuffle=True, seed=round_seed(cfg.seed, server_round) + k, collate_fn=collate
             )
             torch.manual_seed(round_seed(cfg.seed, server_round) + k)  # dropout, as a federated client seeds it

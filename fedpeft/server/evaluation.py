@@ -11,7 +11,8 @@ from typing import Any
 import torch
 
 from fedpeft.config.schema import Config
-from fedpeft.data import datasets as fdata
+from fedpeft.data.encoding import collator_for, encode_config, make_loader
+from fedpeft.data.partition import FederatedData
 from fedpeft.evaluation.llm import LLMEvaluator
 from fedpeft.models import adapters as models
 from fedpeft.protocol.records import State, fresh_lora, stack_to_delta
@@ -28,13 +29,13 @@ def initial_adapter(cm: models.CachedModel, *, rank: int | None, seed: int) -> S
 class ServerEvaluator:
     """Evaluates a :class:`GlobalModel` on the held-out test split with the server's own model copy."""
 
-    def __init__(self, cfg: Config, data: fdata.FederatedData, *, lineage: str) -> None:
+    def __init__(self, cfg: Config, data: FederatedData, *, lineage: str) -> None:
         self.cfg = cfg
         self.lineage = lineage
         self.cm = models.cached_model(cfg.model, num_labels=data.num_labels, device=models.resolve_device(cfg.device), seed=cfg.seed)
         tokenizer = models.load_tokenizer(cfg.model)
-        examples = fdata.encode_config(cfg, data.test, tokenizer)
-        self.loader = fdata.make_loader(examples, pad_token_id=tokenizer.pad_token_id, batch_size=cfg.server_eval_batch_size, shuffle=False, collate_fn=fdata.collator_for(cfg, tokenizer))
+        examples = encode_config(cfg, data.test, tokenizer)
+        self.loader = make_loader(examples, pad_token_id=tokenizer.pad_token_id, batch_size=cfg.server_eval_batch_size, shuffle=False, collate_fn=collator_for(cfg, tokenizer))
         # Response loss, perplexity, MC accuracy, exact match (evaluation.*): its metrics join the row.
         self.llm = LLMEvaluator(cfg, data, tokenizer) if cfg.model.task == "causal_lm" else None
         self.extra: dict[str, Any] = {}

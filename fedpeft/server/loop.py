@@ -19,7 +19,7 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from fedpeft.config.schema import Config, evaluates
-from fedpeft.data import datasets as fdata
+
 from fedpeft.models import adapters as models
 from fedpeft.models.adapters import client_ranks
 from fedpeft.protocol import wire as protocol
@@ -45,7 +45,7 @@ def run_federated(cfg: Config, grid: Grid, run_dir: Path) -> list[dict[str, Any]
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ranks = client_ranks(cfg)
-    data = fdata.prepare(cfg.data, seed=cfg.seed, num_clients=cfg.num_clients, need_labels=cfg.model.task == "seq_cls")
+    data = prepare(cfg.data, seed=cfg.seed, num_clients=cfg.num_clients, need_labels=cfg.model.task == "seq_cls")
     checkpoint = load_checkpoint(run_dir, cfg) if cfg.resume else None
     lineage = checkpoint["lineage"] if checkpoint else f"{run_dir.name}-{time.time_ns():x}"
     evaluator = ServerEvaluator(cfg, data, lineage=lineage)

@@ -260,7 +260,7 @@ def stacked_model(model: nn.Module, tasks: Sequence[ClientTask], clients: Sequen
 def combine(batches: Sequence[Mapping[str, torch.Tensor]], *, pad_token_id: int) -> dict[str, torch.Tensor]:
     """Concatenate client batches along the batch axis, right-padding token axes to the widest.
 
-    Padding is what :class:`fedpeft.data.datasets.Collator` pads with (``pad_token_id`` for input ids, -100
+    Padding is what :class:`fedpeft.data.encoding.Collator` pads with (``pad_token_id`` for input ids, -100
     for LM labels, 0 for masks), so a padded position is masked exactly as in the client's own batch.
     """
     keys = list(batches[0])

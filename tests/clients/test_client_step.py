@@ -7,7 +7,7 @@ import pytest
 
 from fedpeft.clients.job import start_state
 from fedpeft.protocol.wire import LORA_A, LORA_B, OTHER, ClientPlan, GroupPlan, ProtocolError, Source, single_group
-from fedpeft.data.datasets import make_loader
+from fedpeft.data.encoding import make_loader
 from fedpeft.training.local import train_local
 
 

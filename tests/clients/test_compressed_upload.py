@@ -34,9 +34,9 @@ def one_round(run: RunInfo, context: Context, sent: dict, server_round: int):
 
 def test_uploads_travel_compressed_and_error_feedback_loses_nothing(tmp_path):
     # Prepare
-    from fedpeft.data import datasets as fdata
+    from fedpeft.data.partition import prepare
 
-    data = fdata.prepare(CFG.data, seed=CFG.seed, num_clients=CFG.num_clients)
+    data = prepare(CFG.data, seed=CFG.seed, num_clients=CFG.num_clients)
     cm = cached_model(CFG.model, num_labels=data.num_labels, device=resolve_device(CFG.device), seed=CFG.seed)
     sent = initial_adapter(cm, rank=2, seed=CFG.seed)
     run = RunInfo(config_json=to_json(CFG), sim_state_dir=str(tmp_path))
@@ -65,10 +65,10 @@ def test_uploads_travel_compressed_and_error_feedback_loses_nothing(tmp_path):
 
 def test_dp_clients_compress_the_noised_update(tmp_path):
     """DP-SGD trains (and accounts) first; compression then encodes the noised result: ε is the plain DP round's."""
-    from fedpeft.data import datasets as fdata
+    from fedpeft.data.partition import prepare
 
     cfg = compose_config([*CFG_OVERRIDES, "client.dp.enabled=true", "client.dp.noise_multiplier=1.0", "client.batch_size=8"])
-    data = fdata.prepare(cfg.data, seed=cfg.seed, num_clients=cfg.num_clients)
+    data = prepare(cfg.data, seed=cfg.seed, num_clients=cfg.num_clients)
     cm = cached_model(cfg.model, num_labels=data.num_labels, device=resolve_device(cfg.device), seed=cfg.seed)
     sent = initial_adapter(cm, rank=2, seed=cfg.seed)
     context = Context(run_id=1, node_id=0, node_config={"partition-id": 1}, state=RecordDict(), run_config={})

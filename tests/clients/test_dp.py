@@ -8,8 +8,9 @@ import pytest
 import torch
 from peft import LoraConfig, TaskType, get_peft_model, get_peft_model_state_dict
 
-from fedpeft.clients.dp import BudgetExhausted, DPError, LinearGradSampler, calibrate_noise, compact, epsilon, train_local_dp, would_exceed
-from fedpeft.data.datasets import Collator
+from fedpeft.clients.dp import LinearGradSampler, train_local_dp
+from fedpeft.data.encoding import Collator
+from fedpeft.privacy.accounting import BudgetExhausted, DPError, calibrate_noise, compact, epsilon, would_exceed
 from fedpeft.training.local import AUTOCAST, per_sample_loss, train_local
 
 

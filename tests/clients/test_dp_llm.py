@@ -9,7 +9,7 @@ import torch
 from peft import LoraConfig, TaskType, get_peft_model
 
 from fedpeft.clients.dp import LinearGradSampler, train_local_dp
-from fedpeft.data.datasets import Collator
+from fedpeft.data.encoding import Collator
 from fedpeft.training.local import per_sample_loss
 
 

@@ -28,9 +28,9 @@ CFG = compose_config(["+exp=smoke", "num_clients=2", "data.max_samples=60", "mod
 
 @pytest.fixture(scope="module")
 def adapter():
-    from fedpeft.data import datasets as fdata
+    from fedpeft.data.partition import prepare
 
-    data = fdata.prepare(CFG.data, seed=CFG.seed, num_clients=CFG.num_clients)
+    data = prepare(CFG.data, seed=CFG.seed, num_clients=CFG.num_clients)
     cm = cached_model(CFG.model, num_labels=data.num_labels, device=resolve_device(CFG.device), seed=CFG.seed)
     return initial_adapter(cm, rank=2, seed=CFG.seed)
 

@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedpeft.audit import auc, average_ranks, example_losses, exposure, make_canaries, membership_report, plant_canaries, sequence_nll
+from fedpeft.privacy.audit import auc, average_ranks, example_losses, exposure, make_canaries, membership_report, plant_canaries, sequence_nll
 
 
 @pytest.fixture(autouse=True)
@@ -98,12 +98,13 @@ def test_plant_canaries_appends_each_secret_repeats_times():
 def test_on_instruction_data_a_canary_is_an_instruction_whose_response_is_the_secret():
     """Planted in the normalised layout, rendered by the run's template, scored on the response alone."""
     from fedpeft.data import instruct
-    from fedpeft.audit import canary_examples
+    from fedpeft.data.partition import build
+    from fedpeft.privacy.audit import canary_examples
     from fedpeft.cli.configs import compose_config
     from fedpeft.models.adapters import load_tokenizer
 
     cfg = compose_config(["+exp=llm_tiny", "model.max_length=64"])
-    data = instruct.build(cfg.data, seed=0, num_clients=cfg.num_clients)
+    data = build(cfg.data, seed=0, num_clients=cfg.num_clients)
     train, _ = data.client_split(0)
     canaries = make_canaries(count=2, candidates=5, digits=4, seed=0)
     planted = plant_canaries(train, canaries, repeats=3)
@@ -132,7 +133,7 @@ def random_examples(n: int, *, seed: int, vocab: int = 50, labels: int = 3):
 
 def test_loss_attack_sees_a_memorised_training_set(tiny_bert):
     """Random labels can only be learnt by heart: after training, members' losses give them away."""
-    from fedpeft.data.datasets import make_loader
+    from fedpeft.data.encoding import make_loader
     from fedpeft.training.local import train_local
 
     members, held_out = random_examples(16, seed=1), random_examples(16, seed=2)
@@ -153,7 +154,7 @@ def test_a_repeated_canary_is_exposed_after_training():
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from fedpeft.data.datasets import make_loader
+    from fedpeft.data.encoding import make_loader
     from fedpeft.training.local import train_local
 
     torch.manual_seed(0)
@@ -218,7 +219,7 @@ def test_run_audit_reads_a_run_directory_and_writes_audit_json(tmp_path):
     """The CLI path on a real run layout: config.yaml + final_adapter/ of the embedded model."""
     from omegaconf import OmegaConf
 
-    from fedpeft.data import datasets as fdata
+    from fedpeft.data.partition import prepare
     from fedpeft.audit import main
     from fedpeft.cli.configs import compose_config
     from fedpeft.server.evaluation import ServerEvaluator, initial_adapter
@@ -227,7 +228,7 @@ def test_run_audit_reads_a_run_directory_and_writes_audit_json(tmp_path):
 
     cfg = compose_config(["num_clients=2", "clients_per_round=2", "data.max_samples=40", "model.max_length=16", "audit.max_examples=6", "model.lora.r=2"])
     (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-    data = fdata.prepare(cfg.data, seed=cfg.seed, num_clients=cfg.num_clients)
+    data = prepare(cfg.data, seed=cfg.seed, num_clients=cfg.num_clients)
     evaluator = ServerEvaluator(cfg, data, lineage="audit-test")
     adapter = initial_adapter(evaluator.cm, rank=2, seed=0)
     adapter = {k: v + 0.05 * torch.randn(v.shape, generator=torch.Generator().manual_seed(1)) for k, v in adapter.items()}  # "trained"
@@ -264,12 +265,12 @@ def test_audit_settings_that_cannot_work_fail_before_training(overrides, fragmen
 
 
 def test_canary_client_trains_on_its_canaries_and_only_it():
-    from fedpeft.data import datasets as fdata
-    from fedpeft.audit import client_train_split
+    from fedpeft.data.partition import prepare
+    from fedpeft.privacy.audit import client_train_split
     from fedpeft.cli.configs import compose_config
 
     cfg = compose_config(["num_clients=2", "data.max_samples=30", "data.partitioner=iid", "audit.canaries=2", "audit.canary_repeats=3", "audit.canary_client=1", "audit.candidates=10"])
-    data = fdata.prepare(cfg.data, seed=cfg.seed, num_clients=2, need_labels=False)
+    data = prepare(cfg.data, seed=cfg.seed, num_clients=2, need_labels=False)
     assert len(client_train_split(cfg, data, 0)) == len(data.client_split(0)[0])
     planted = client_train_split(cfg, data, 1)
     assert len(planted) == len(data.client_split(1)[0]) + 6

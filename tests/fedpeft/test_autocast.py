@@ -10,7 +10,7 @@ from fedpeft.clients.app import app as client_app
 from fedpeft.models import adapters as models
 from fedpeft.engines.batched import BatchedGrid
 from fedpeft.cli.configs import compose_config
-from fedpeft.data.datasets import make_loader
+from fedpeft.data.encoding import make_loader
 from fedpeft.server.loop import run_federated
 from fedpeft.training.local import AUTOCAST, forward_logits, train_local
 from tests.fakegrid import InProcessGrid

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from peft import LoraConfig, TaskType, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
 from fedpeft.training.batched import BatchedError, ClientTask, train_batched
-from fedpeft.data.datasets import make_loader
+from fedpeft.data.encoding import make_loader
 from fedpeft.training.local import train_local
 
 VOCAB, PAD = 64, 0

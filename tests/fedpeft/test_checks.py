@@ -12,7 +12,7 @@ import pytest
 from fedpeft.cli.checks import check_config, check_model, check_resources, check_run
 from fedpeft.config.schema import ConfigError
 from fedpeft.cli.configs import compose_config
-from fedpeft.data.datasets import DataError
+from fedpeft.data.sources import DataError
 
 SMOKE = ["+exp=smoke"]
 

@@ -35,7 +35,7 @@ NEEDS_DOWNLOADS = {"flora_dolly", "fedit_alpaca", "ffa_lora_gsm8k_dp"}
 def test_every_experiment_composes_and_passes_checks(name, tmp_path):
     overrides = []
     if name in NEEDS_DOWNLOADS:
-        from fedpeft.models.llm import tiny_llama_path
+        from fedpeft.models.paths import tiny_llama_path
 
         local = tmp_path / "data.jsonl"
         local.write_text("{}")

@@ -9,8 +9,10 @@ import warnings
 
 import pytest
 
-from fedpeft.cli import console
+from fedpeft.cli import console, logs
 from fedpeft.cli.configs import compose_config
+from fedpeft.cli.resume import resume_advice
+from fedpeft.reporting.lines import round_line
 from tests.conftest import REPO
 
 
@@ -39,7 +41,7 @@ def _emit_everything() -> None:
 
 @pytest.mark.parametrize("verbose", [False, True])
 def test_library_noise_goes_to_run_log_and_verbose_brings_it_back(tmp_path, capsys, restore_logging, verbose):
-    console.setup_logging(tmp_path / "run.log", verbose=verbose)
+    logs.setup_logging(tmp_path / "run.log", verbose=verbose)
     _emit_everything()
     out, err = capsys.readouterr()
     logged = (tmp_path / "run.log").read_text()
@@ -55,11 +57,11 @@ def test_library_noise_goes_to_run_log_and_verbose_brings_it_back(tmp_path, caps
 def test_a_ray_worker_writes_only_to_run_log(tmp_path):
     """The worker hook re-points the process's stdout/stderr (progress bars, tracebacks) at run.log."""
     code = (
-        "import os, sys, logging, warnings; from fedpeft import console; console.worker_setup(); "
+        "import os, sys, logging, warnings; from fedpeft.cli import logs; logs.worker_setup(); "
         "print('progress bar'); sys.stderr.write('a traceback\\n'); os.write(2, b'from C\\n'); "
         "warnings.warn('old', FutureWarning); logging.getLogger('flwr').warning('Manually terminating')"
     )
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), console.ENV_RUN_LOG: str(tmp_path / "run.log"), console.ENV_VERBOSE: "0"}
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), logs.ENV_RUN_LOG: str(tmp_path / "run.log"), logs.ENV_VERBOSE: "0"}
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout == "" and done.stderr == ""
@@ -78,9 +80,9 @@ def test_round_line_and_summary():
         {"round": 3, "test_accuracy": 0.25, "test_loss": 2.0, "train_loss": 1.0, "clients_sampled": 4, "clients_replied": 4,
          "bytes_up": 1_500_000, "bytes_down": 2_000_000, "cumulative_bytes_up": 4_500_000, "cumulative_bytes_down": 6_000_000},
     ]  # fmt: skip
-    line = console.round_line(rows[0], num_rounds=10, elapsed=65, eta=3600)
+    line = round_line(rows[0], num_rounds=10, elapsed=65, eta=3600)
     assert line == "round  1/10  acc  50.0%  loss 1.234  train 1.500  clients 3/4 (1 failed)  up 1.50 MB  down 2.00 MB  0:01:05 (ETA 1:00:00)"
-    assert "acc      -  loss     -" in console.round_line(rows[1], num_rounds=10, elapsed=1, eta=1)
+    assert "acc      -  loss     -" in round_line(rows[1], num_rounds=10, elapsed=1, eta=1)
     cfg = compose_config(["+exp=smoke"])
     summary = console.summary_lines(rows, cfg=cfg, run_dir=REPO / "x", seconds=125, num_labels=5)
     assert summary[0] == "done: 3 rounds in 0:02:05; final accuracy 25.0%, best 50.0% (round 1); 4.50 MB up, 6.00 MB down"
@@ -105,9 +107,9 @@ def test_header_names_rule_model_data_clients_engine_dp_and_run_dir(tmp_path):
 
 
 def test_resume_advice_only_when_a_round_finished(tmp_path):
-    assert console.resume_advice(tmp_path, ["+exp=smoke"]).startswith("no round finished, so there is nothing to resume")
+    assert resume_advice(tmp_path, ["+exp=smoke"]).startswith("no round finished, so there is nothing to resume")
     import torch
 
     torch.save({"round": 3}, tmp_path / "checkpoint.pt")
-    advice = console.resume_advice(tmp_path, ["+exp=smoke", "hydra.run.dir=/x", "seed=2", "overwrite=true"])
+    advice = resume_advice(tmp_path, ["+exp=smoke", "hydra.run.dir=/x", "seed=2", "overwrite=true"])
     assert advice == f"round 3 is the last complete one (checkpointed in {tmp_path}); continue with: python -m fedpeft.run +exp=smoke seed=2 resume={tmp_path}"

@@ -7,7 +7,9 @@ import json
 import pytest
 
 from fedpeft.config.schema import DataConfig
-from fedpeft.data.datasets import DataError, build, encode, label_histogram, make_loader, node_data, prepare
+from fedpeft.data.encoding import encode, label_counts, make_loader
+from fedpeft.data.partition import build, node_data, prepare
+from fedpeft.data.sources import DataError
 
 
 def test_embedded_bbc_has_five_sorted_topics_and_a_stratified_test_split():
@@ -17,8 +19,8 @@ def test_embedded_bbc_has_five_sorted_topics_and_a_stratified_test_split():
     assert 2100 < total <= 2225  # exact duplicate articles are dropped
     assert len(set(data.train["text"]) | set(data.test["text"])) == total
     assert abs(len(data.test) / total - 0.2) < 0.01
-    per_label = label_histogram(data.test, 5)
-    totals = [a + b for a, b in zip(per_label, label_histogram(data.train, 5))]
+    per_label = label_counts(data.test["label"], 5)
+    totals = [a + b for a, b in zip(per_label, label_counts(data.train["label"], 5))]
     for n_test, n_all in zip(per_label, totals):
         assert abs(n_test - 0.2 * n_all) <= 1  # stratified
 
@@ -42,12 +44,12 @@ def test_partitions_cover_the_training_pool_disjointly(partitioner):
 def test_pathological_gives_each_client_few_classes():
     data = build(DataConfig(partitioner="pathological", classes_per_client=2), seed=0, num_clients=10)
     for part in data.partitions:
-        assert sum(1 for n in label_histogram(part, 5) if n) <= 2
+        assert sum(1 for n in label_counts(part["label"], 5) if n) <= 2
 
 
 def test_dirichlet_is_non_iid():
     data = build(DataConfig(dirichlet_alpha=0.1), seed=0, num_clients=10)
-    shares = [max(label_histogram(p, 5)) / len(p) for p in data.partitions]
+    shares = [max(label_counts(p["label"], 5)) / len(p) for p in data.partitions]
     assert max(shares) > 0.6
 
 
@@ -99,7 +101,7 @@ def test_bad_data_config_fails_clearly(tmp_path, cfg, fragment):
 def test_encode_and_collate_pad_to_the_longest():
     from transformers import BertTokenizerFast
 
-    from fedpeft.models.adapters import resolve_model_path
+    from fedpeft.models.paths import resolve_model_path
 
     tok = BertTokenizerFast.from_pretrained(resolve_model_path("embedded:minilm"))
     data = build(DataConfig(max_samples=50, partitioner="iid"), seed=0, num_clients=2)

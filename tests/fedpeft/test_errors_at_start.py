@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from fedpeft.clients.dp import DPError
+from fedpeft.privacy.accounting import DPError
 from fedpeft.config.schema import ConfigError
-from fedpeft.data.datasets import DataError
-from fedpeft.models.adapters import ModelError
+from fedpeft.data.sources import DataError
+from fedpeft.models.paths import ModelError
 from fedpeft.run import execute
 from tests.fedpeft.test_config import compose_cfg
 

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from peft import LoraConfig, TaskType, get_peft_model
 
 from fedpeft import generate
-from fedpeft.models import llm
+from fedpeft.models import paths
 from fedpeft.config.schema import Config, DataConfig, ModelConfig
 
 
@@ -20,11 +20,11 @@ def run_dir(tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     monkeypatch.setenv("FEDPEFT_CACHE", str(tmp_path / "cache"))
-    cfg = Config(model=ModelConfig(name_or_path=llm.TINY_LLAMA, task="causal_lm", max_length=48), data=DataConfig(format="alpaca", system_prompt="Answer briefly."))
+    cfg = Config(model=ModelConfig(name_or_path=paths.TINY_LLAMA, task="causal_lm", max_length=48), data=DataConfig(format="alpaca", system_prompt="Answer briefly."))
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-    path = llm.tiny_llama_path()
+    path = paths.tiny_llama_path()
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(path), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], task_type=TaskType.CAUSAL_LM))
     torch.manual_seed(3)
     for name, p in model.named_parameters():

@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from fedpeft.data import datasets as fdata
+from fedpeft.data.partition import build
 from fedpeft.data import instruct
 from fedpeft.config.schema import DataConfig
-from fedpeft.data.datasets import DataError
-from fedpeft.models.llm import MINILM_CHAT_TEMPLATE
+from fedpeft.data.sources import DataError, hf_datasets
+from fedpeft.models.paths import MINILM_CHAT_TEMPLATE
 
 ROW = {"instruction": "Name the capital.", "input": "The country is France.", "response": "Paris is the capital.", "history": "[]"}
 
@@ -20,7 +20,7 @@ def plain_tokenizer():
     """The embedded MiniLM tokenizer as shipped: no chat template, no BOS/EOS."""
     from transformers import AutoTokenizer
 
-    from fedpeft.models.adapters import resolve_model_path
+    from fedpeft.models.paths import resolve_model_path
 
     return AutoTokenizer.from_pretrained(resolve_model_path("embedded:minilm"))
 
@@ -78,7 +78,7 @@ def test_chat_rows_keep_earlier_turns_in_the_prompt_and_learn_the_last_answer(ch
         {"role": "user", "content": "Capital of France?"},
         {"role": "assistant", "content": "Paris"},
     ]
-    ds = fdata._hf().Dataset.from_dict({"messages": [json.dumps(turns)]})
+    ds = hf_datasets().Dataset.from_dict({"messages": [json.dumps(turns)]})
     rows, _ = instruct.normalise(ds, DataConfig(format="chat"))
     example, _ = instruct.tokenize(instruct.render(rows[0], chat_tokenizer, system_prompt="ignored: the row has one"), chat_tokenizer, max_length=256)
     prompt = ids(chat_tokenizer, "[CLS]system: Be brief. [SEP] user: Hi [SEP] assistant: Hello [SEP] user: Capital of France? [SEP] assistant:")
@@ -150,26 +150,26 @@ def write_dolly(path, n_per_category=6):
 
 def test_dolly_by_category_gives_every_client_one_category(tmp_path):
     cfg = DataConfig(name=str(write_dolly(tmp_path / "dolly.jsonl")), format="dolly", partitioner="natural", partition_column="category", test_fraction=0.2)
-    data = fdata.build(cfg, seed=0, num_clients=3)
+    data = build(cfg, seed=0, num_clients=3)
     assert data.label_names == ["classification", "open_qa", "summarization"]
     assert sorted(len(set(p["label"])) for p in data.partitions) == [1, 1, 1]
     assert sorted(p["label"][0] for p in data.partitions) == [0, 1, 2]
     assert set(data.test.column_names) >= {"instruction", "input", "response", "history", "label"}
     assert any(r["input"] for r in data.train) and all(r["response"].startswith("answer") for r in data.train)
     with pytest.raises(DataError, match="set num_clients=3"):
-        fdata.build(cfg, seed=0, num_clients=4)
+        build(cfg, seed=0, num_clients=4)
 
 
 def test_columns_are_mapped_and_a_missing_column_is_named(tmp_path):
     path = tmp_path / "mine.csv"
     path.write_text("q,ctx,a\n" + "\n".join(f"question {i},,answer {i}" for i in range(10)))
     cfg = DataConfig(name=str(path), format="alpaca", instruction_column="q", input_column="ctx", response_column="a", partitioner="iid")
-    data = fdata.build(cfg, seed=0, num_clients=2)
+    data = build(cfg, seed=0, num_clients=2)
     assert sorted(list(data.train["instruction"]) + list(data.test["instruction"])) == sorted(f"question {i}" for i in range(10))
     with pytest.raises(DataError, match=r"no column 'instruction'.*data.<field>_column"):
-        fdata.build(DataConfig(name=str(path), format="alpaca", partitioner="iid"), seed=0, num_clients=2)
+        build(DataConfig(name=str(path), format="alpaca", partitioner="iid"), seed=0, num_clients=2)
     with pytest.raises(DataError, match="set data.partition_column"):
-        fdata.build(DataConfig(name=str(path), format="alpaca", instruction_column="q", response_column="a"), seed=0, num_clients=2)
+        build(DataConfig(name=str(path), format="alpaca", instruction_column="q", response_column="a"), seed=0, num_clients=2)
 
 
 @pytest.mark.parametrize(
@@ -182,7 +182,7 @@ def test_bad_chat_rows_are_named(turns, message):
 
 
 def test_embedded_bbc_instructions_ask_for_the_topic():
-    data = fdata.build(DataConfig(name=instruct.EMBEDDED_INSTRUCT, format="alpaca", partitioner="dirichlet", max_samples=100), seed=0, num_clients=2)
+    data = build(DataConfig(name=instruct.EMBEDDED_INSTRUCT, format="alpaca", partitioner="dirichlet", max_samples=100), seed=0, num_clients=2)
     assert data.label_names == ["business", "entertainment", "politics", "sports", "tech"]
     row = data.test[0]
     assert row["instruction"] == instruct.BBC_QUESTION and row["response"] == data.label_names[row["label"]]

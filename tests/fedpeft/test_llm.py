@@ -8,7 +8,7 @@ import pytest
 import torch
 from peft import LoraConfig, TaskType, get_peft_model, get_peft_model_state_dict
 
-from fedpeft.models import llm
+from fedpeft.models import llm, paths
 from fedpeft.config.schema import ModelConfig
 
 CAUSAL = ModelConfig(name_or_path="embedded:tiny-llama", task="causal_lm")
@@ -49,14 +49,14 @@ def test_4bit_kwargs_ask_for_nf4_with_the_compute_dtype():
 def test_tiny_llama_is_built_once_and_loads_with_plain_transformers(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = llm.tiny_llama_path(tmp_path)
-    assert llm.tiny_llama_path(tmp_path) == path and len(list(tmp_path.iterdir())) == 1
+    path = paths.tiny_llama_path(tmp_path)
+    assert paths.tiny_llama_path(tmp_path) == path and len(list(tmp_path.iterdir())) == 1
     model = AutoModelForCausalLM.from_pretrained(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     assert model.config.model_type == "llama" and model.config.vocab_size == len(tokenizer)
-    assert tokenizer.chat_template == llm.MINILM_CHAT_TEMPLATE and tokenizer.eos_token == "[SEP]"
+    assert tokenizer.chat_template == paths.MINILM_CHAT_TEMPLATE and tokenizer.eos_token == "[SEP]"
     # Same recipe, same weights: a second cache folder holds a bit-identical model.
-    again = AutoModelForCausalLM.from_pretrained(llm.tiny_llama_path(tmp_path / "other"))
+    again = AutoModelForCausalLM.from_pretrained(paths.tiny_llama_path(tmp_path / "other"))
     for (name, a), b in zip(model.state_dict().items(), again.state_dict().values()):
         assert torch.equal(a, b), name
 
@@ -144,7 +144,7 @@ def test_paper_experiments_without_weights_or_data_fail_at_start_in_one_line(exp
     with pytest.raises(llm.MissingAsset, match=r"model.name_or_path='TinyLlama/TinyLlama_v1.1' is not on this machine.*huggingface-cli download TinyLlama/TinyLlama_v1.1 .*set model.name_or_path=<folder>") as err:
         llm.check_assets(cfg)
     assert "\n" not in str(err.value)
-    local_model = str(llm.tiny_llama_path(tmp_path))
+    local_model = str(paths.tiny_llama_path(tmp_path))
     data = tmp_path / "data.jsonl"
     data.write_text("{}")
     cfg = compose_config([f"+exp={exp}", f"model.name_or_path={local_model}"])
@@ -166,7 +166,7 @@ def tiny_gpt2():
 
 @pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
 def test_logits_only_where_labelled_equal_the_full_logits(build):
-    from fedpeft.data.datasets import Collator
+    from fedpeft.data.encoding import Collator
     from fedpeft.training.local import shifted_lm_logits
 
     model = build().double().eval()

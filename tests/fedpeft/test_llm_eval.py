@@ -13,15 +13,15 @@ from torch import nn
 from fedpeft.data import instruct
 from fedpeft.evaluation import llm as llm_eval
 from fedpeft.config.schema import GenerationEval, MultipleChoiceEval
-from fedpeft.data.datasets import DataError
-from fedpeft.models.llm import MINILM_CHAT_TEMPLATE
+from fedpeft.data.sources import DataError
+from fedpeft.models.paths import MINILM_CHAT_TEMPLATE
 
 
 @pytest.fixture
 def tokenizer():
     from transformers import AutoTokenizer
 
-    from fedpeft.models.adapters import resolve_model_path
+    from fedpeft.models.paths import resolve_model_path
 
     tok = AutoTokenizer.from_pretrained(resolve_model_path("embedded:minilm"))
     tok.chat_template = MINILM_CHAT_TEMPLATE

@@ -28,16 +28,17 @@ def reload_accuracy(cfg, run_dir) -> float:
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from fedpeft.data import datasets as fdata
-    from fedpeft.models.adapters import resolve_model_path
+    from fedpeft.data.encoding import encode, make_loader
+    from fedpeft.data.partition import prepare
+    from fedpeft.models.paths import resolve_model_path
     from fedpeft.training.local import evaluate
 
     path = resolve_model_path(cfg.model.name_or_path)
-    data = fdata.prepare(cfg.data, seed=cfg.seed, num_clients=cfg.num_clients)
+    data = prepare(cfg.data, seed=cfg.seed, num_clients=cfg.num_clients)
     model = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(path, num_labels=data.num_labels), str(run_dir / "final_adapter"))
     tok = AutoTokenizer.from_pretrained(path)
-    examples = fdata.encode(data.test, tok, max_length=cfg.model.max_length, task=cfg.model.task)
-    return evaluate(model, fdata.make_loader(examples, pad_token_id=tok.pad_token_id, batch_size=64, shuffle=False)).accuracy
+    examples = encode(data.test, tok, max_length=cfg.model.max_length, task=cfg.model.task)
+    return evaluate(model, make_loader(examples, pad_token_id=tok.pad_token_id, batch_size=64, shuffle=False)).accuracy
 
 
 @pytest.mark.parametrize("peft", ["ia3", "prompt_tuning", "dora"])

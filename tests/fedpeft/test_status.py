@@ -7,7 +7,7 @@ import logging
 from collections import Counter
 
 from fedpeft.config.schema import DataConfig
-from fedpeft.data.datasets import build
+from fedpeft.data.partition import build
 from fedpeft.protocol.wire import NodeHello, decode_query_reply, encode_query_reply
 from fedpeft.reporting.status import node_row, node_table, partition_report, partition_warnings, write_partition_report
 from tests.fedpeft.test_config import compose_cfg

@@ -70,7 +70,7 @@ def tiny_model(tmp_path_factory) -> list[str]:
     """A 2-layer, 32-wide random-init BERT with the embedded model's tokenizer, saved to disk."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from fedpeft.models.adapters import resolve_model_path
+    from fedpeft.models.paths import resolve_model_path
 
     path = tmp_path_factory.mktemp("tiny-bert")
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("embedded:minilm"))

@@ -26,9 +26,9 @@ def export_partitions(cfg: Config, root: Path) -> list[Path]:
     """
     # Imported here for start-up time: `python -m fedpeft.deploy supernode` loads this module to check a
     # node config before it execs flower-supernode, and the data stack would add seconds to that.
-    from fedpeft.data import datasets as fdata
+    from fedpeft.data.partition import prepare
 
-    data = fdata.prepare(cfg.data, seed=cfg.seed, num_clients=cfg.num_clients, need_labels=True)
+    data = prepare(cfg.data, seed=cfg.seed, num_clients=cfg.num_clients, need_labels=True)
     folders = []
     for k, part in enumerate(data.partitions):
         folder = Path(root) / f"node{k}-data"

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedpeft.cli.console import round_line
+from fedpeft.reporting.lines import round_line
 from fedpeft.config.schema import Config, DeployConfig, to_json
 from fedpeft.engines.deploy.serverapp import DONE, FAILED
 from fedpeft.protocol.wire import FEDPEFT_CONFIG, RUN_DIR
