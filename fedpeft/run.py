@@ -2,7 +2,7 @@
 
 Composes the Hydra config (typed by :mod:`fedpeft.config.schema`), checks everything that can be checked
 before Ray starts (:mod:`fedpeft.cli.checks`), claims the run directory, and runs the chosen mode with
-a quiet console (:mod:`fedpeft.cli.logs`, :mod:`fedpeft.cli.console`).
+a quiet console (:mod:`fedpeft.reporting.logs`, :mod:`fedpeft.cli.console`).
 
 What a person gets:
 
@@ -28,7 +28,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from fedpeft.cli import console, logs, signals
+from fedpeft.cli import console, signals
+from fedpeft.reporting import logs
 from fedpeft.cli.checks import check_config, check_run  # noqa: F401  (check_config: for callers of fedpeft.run)
 from fedpeft.cli.errors import composition_error, one_line
 from fedpeft.cli.help import help_text

@@ -2,7 +2,7 @@
 
 The lines are built by plain functions (:func:`header_lines`, :func:`summary_lines`; the round line
 is :func:`fedpeft.reporting.lines.round_line`) so that a simulated, a deployed and a centralised run
-print the same thing; :func:`show` logs them (:mod:`fedpeft.cli.logs` decides where they go).
+print the same thing; :func:`show` logs them (:mod:`fedpeft.reporting.logs` decides where they go).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from fedpeft.cli.logs import RUN_LOG
+from fedpeft.reporting.logs import RUN_LOG
 from fedpeft.models.adapters import client_ranks
 from fedpeft.models.paths import resolve_model_path
 from fedpeft.reporting.lines import hms, pct

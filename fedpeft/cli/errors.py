@@ -10,19 +10,11 @@ from omegaconf.errors import OmegaConfBaseException
 from fedpeft.cli.configs import CONF_MODULE, register_configs
 
 
-def root_cause(err: BaseException) -> BaseException:
-    """The innermost cause of a chain (Flower wraps Ray's error twice: 'An error was encountered')."""
-    seen = set()
-    while (err.__cause__ or err.__context__) is not None and id(err) not in seen:
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    return err
-
 
 def one_line(err: BaseException) -> str:
     """An error as one line: fedpeft's own errors by their message, anything else with its type."""
     text = " ".join(str(err).split()) or type(err).__name__
-    ours = type(err).__module__.split(".")[0] in ("fedpeft", "clients", "strategies", "__main__")  # __main__: fedpeft.run run with -m
+    ours = type(err).__module__.split(".")[0] in ("fedpeft", "__main__")  # __main__: fedpeft.run run with -m
     if ours or type(err) is ValueError:  # fedpeft's checks raise its own errors and plain ValueErrors
         return text
     return f"{type(err).__name__}: {text}"

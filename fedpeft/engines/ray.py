@@ -16,11 +16,19 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedpeft.cli import logs
-from fedpeft.cli.errors import root_cause
+from fedpeft.reporting import logs
 from fedpeft.config.schema import ENGINES, Config
 
 log = logging.getLogger("fedpeft")
+
+
+def root_cause(err: BaseException) -> BaseException:
+    """The innermost cause of a chain (Flower wraps Ray's error twice: 'An error was encountered')."""
+    seen = set()
+    while (err.__cause__ or err.__context__) is not None and id(err) not in seen:
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return err
 
 
 class SimulationError(RuntimeError):
@@ -76,7 +84,7 @@ def start_ray(address: str | None = None) -> None:
     """Start this run's Ray cluster (Flower uses a running one as it is).
 
     As Flower would, plus: unless ``verbose=true``, every worker runs
-    :func:`fedpeft.cli.logs.worker_setup` first, which sends its output to the run's ``run.log``,
+    :func:`fedpeft.reporting.logs.worker_setup` first, which sends its output to the run's ``run.log``,
     and nothing of the workers is forwarded to this console.
     """
     import ray
@@ -87,7 +95,7 @@ def start_ray(address: str | None = None) -> None:
     os.environ["PYTHONPATH"] = pythonpath
     runtime_env: dict[str, Any] = {"env_vars": {"PYTHONPATH": pythonpath}}
     if quiet:
-        runtime_env["worker_process_setup_hook"] = "fedpeft.cli.logs.worker_setup"
+        runtime_env["worker_process_setup_hook"] = "fedpeft.reporting.logs.worker_setup"
     ray.init(address=address, runtime_env=runtime_env, include_dashboard=False, log_to_driver=not quiet, logging_level=logging.WARNING, configure_logging=not quiet)
 
 

@@ -9,7 +9,8 @@ import warnings
 
 import pytest
 
-from fedpeft.cli import console, logs
+from fedpeft.cli import console
+from fedpeft.reporting import logs
 from fedpeft.cli.configs import compose_config
 from fedpeft.cli.resume import resume_advice
 from fedpeft.reporting.lines import round_line
@@ -57,7 +58,7 @@ def test_library_noise_goes_to_run_log_and_verbose_brings_it_back(tmp_path, caps
 def test_a_ray_worker_writes_only_to_run_log(tmp_path):
     """The worker hook re-points the process's stdout/stderr (progress bars, tracebacks) at run.log."""
     code = (
-        "import os, sys, logging, warnings; from fedpeft.cli import logs; logs.worker_setup(); "
+        "import os, sys, logging, warnings; from fedpeft.reporting import logs; logs.worker_setup(); "
         "print('progress bar'); sys.stderr.write('a traceback\\n'); os.write(2, b'from C\\n'); "
         "warnings.warn('old', FutureWarning); logging.getLogger('flwr').warning('Manually terminating')"
     )
