@@ -20,9 +20,9 @@ from flwr.clientapp import ClientApp
 
 from fedpeft.clients.job import decode, encode, train_jobs
 from fedpeft.clients.node import local_data, node_rank, partition_id
+from fedpeft.config.schema import from_json
 from fedpeft.data.encoding import label_counts
 from fedpeft.protocol import wire as protocol
-from fedpeft.config.schema import from_json
 
 app = ClientApp()
 
@@ -36,7 +36,9 @@ def query(msg: Message, context: Context) -> Message:
     pid = partition_id(context)
     num_labels, train_examples, _ = local_data(cfg, pid, context, run)
     labels = label_counts([e["labels"] for e in train_examples], num_labels) if cfg.model.task == "seq_cls" else []
-    tier = context.node_config.get(protocol.NODE_TIER) or (cfg.strategy.client_tiers[pid] if cfg.strategy.client_tiers and not cfg.strategy.ranks else None)
+    tier = context.node_config.get(protocol.NODE_TIER) or (
+        cfg.strategy.client_tiers[pid] if cfg.strategy.client_tiers and not cfg.strategy.ranks else None
+    )
     hello = protocol.NodeHello(
         partition_id=pid, rank=node_rank(cfg, pid, context.node_config), num_examples=len(train_examples),
         label_counts=tuple(labels), tier=None if tier is None else str(tier),

@@ -22,24 +22,33 @@ from typing import Any
 import torch
 
 from fedpeft.clients.job import Job, JobResult, evaluate_metrics, run_job, sync_base, worker_model
+from fedpeft.config.schema import round_lr, to_container
 from fedpeft.data.encoding import make_loader
 from fedpeft.models import adapters as models
 from fedpeft.protocol import wire as protocol
-from fedpeft.training.batched import ClientTask, train_batched
-from fedpeft.config.schema import round_lr, to_container
 from fedpeft.protocol.wire import Evaluate
+from fedpeft.training.batched import ClientTask, train_batched
 
 
 def passable(job: Job) -> bool:
     """Whether a job can share a pass: it trains a plain LoRA adapter without DP or rank self-pruning
     (whose penalty and decision run on the one-client path, :func:`fedpeft.clients.job.run_job`)."""
-    return job.plan.trains and job.steps > 0 and job.plan.rank is not None and not job.cfg.client.dp.enabled and job.plan.prune is None
+    return (
+        job.plan.trains
+        and job.steps > 0
+        and job.plan.rank is not None
+        and not job.cfg.client.dp.enabled
+        and job.plan.prune is None
+    )
 
 
 def pass_key(job: Job) -> str:
     """Jobs with equal keys share one base: same model, labels, seed, device and base version."""
     base = job.plan.base
-    return json.dumps([to_container(job.cfg.model), job.num_labels, job.cfg.seed, job.cfg.device, base.lineage, base.version], sort_keys=True)
+    return json.dumps(
+        [to_container(job.cfg.model), job.num_labels, job.cfg.seed, job.cfg.device, base.lineage, base.version],
+        sort_keys=True,
+    )
 
 
 def passes(jobs: Sequence[Job], *, clients_per_pass: int) -> list[list[int]]:
@@ -74,7 +83,9 @@ def train_pass(jobs: Sequence[Job]) -> list[JobResult]:
     for job in jobs:
         cm.activate(job.plan.rank)  # the pass reads each client's adapter config (rank, scaling) from peft
         trains = {role for g in job.plan.groups if g.train for role in g.roles}
-        loader = make_loader(job.train_examples, pad_token_id=pad_id, batch_size=job.cfg.client.batch_size, shuffle=True, seed=job.seed)
+        loader = make_loader(
+            job.train_examples, pad_token_id=pad_id, batch_size=job.cfg.client.batch_size, shuffle=True, seed=job.seed
+        )
         tasks.append(
             ClientTask(
                 adapter_name=models.adapter_name(job.plan.rank),

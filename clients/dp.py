@@ -37,7 +37,9 @@ MODES = ("lora", "opacus", "loop")  # client.dp.grad_sample_mode: how the per-sa
 # ------------------------------------------------------------------------------ sampling
 def poisson_batches(n: int, *, sample_rate: float, num_steps: int, generator: torch.Generator) -> list[list[int]]:
     """``num_steps`` Poisson-sampled index lists: each example is in each batch with probability q."""
-    return [torch.nonzero(torch.rand(n, generator=generator) < sample_rate).flatten().tolist() for _ in range(num_steps)]
+    return [
+        torch.nonzero(torch.rand(n, generator=generator) < sample_rate).flatten().tolist() for _ in range(num_steps)
+    ]
 
 
 # ------------------------------------------------------------------------------ per-sample gradients
@@ -56,7 +58,9 @@ class LinearGradSampler:
             if not own:
                 continue
             if not isinstance(module, nn.Linear):
-                raise DPError(f"mode='lora' handles trainable nn.Linear layers only, found a trainable {type(module).__name__}; use client.dp.grad_sample_mode=loop (any peft method)")
+                raise DPError(
+                    f"mode='lora' handles trainable nn.Linear layers only, found a trainable {type(module).__name__}; use client.dp.grad_sample_mode=loop (any peft method)"
+                )
             owners[module] = own
         self.layers = list(owners)
         self._samples: dict[int, torch.Tensor] = {}
@@ -89,7 +93,9 @@ class LinearGradSampler:
     def grad_samples(self) -> list[torch.Tensor]:
         missing = [i for i, p in enumerate(self.params) if id(p) not in self._samples]
         if missing:
-            raise DPError(f"no per-sample gradient for {len(missing)} trainable parameter(s); are they used in the forward?")
+            raise DPError(
+                f"no per-sample gradient for {len(missing)} trainable parameter(s); are they used in the forward?"
+            )
         out = [self._samples[id(p)] for p in self.params]
         self._samples.clear()
         return out
@@ -120,7 +126,8 @@ class LoopGradSampler:
             loss = per_sample_loss(self.model, one).sum()
             per_example.append(torch.autograd.grad(loss, self.params, allow_unused=True))
         self._samples = [
-            torch.stack([g if g is not None else torch.zeros_like(p) for g in (ex[j] for ex in per_example)]) for j, p in enumerate(self.params)
+            torch.stack([g if g is not None else torch.zeros_like(p) for g in (ex[j] for ex in per_example)])
+            for j, p in enumerate(self.params)
         ]
 
     def grad_samples(self) -> list[torch.Tensor]:
@@ -132,7 +139,12 @@ class LoopGradSampler:
 
 
 def clip_and_noise(
-    grad_samples: Sequence[torch.Tensor], *, max_grad_norm: float, noise_multiplier: float, expected_batch_size: float, generator: torch.Generator | None
+    grad_samples: Sequence[torch.Tensor],
+    *,
+    max_grad_norm: float,
+    noise_multiplier: float,
+    expected_batch_size: float,
+    generator: torch.Generator | None,
 ) -> list[torch.Tensor]:
     """DP-SGD's update from per-sample gradients, exactly as Opacus' DPOptimizer computes it."""
     norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=-1) for g in grad_samples], dim=1).norm(2, dim=1)
@@ -142,7 +154,9 @@ def clip_and_noise(
     for g in grad_samples:
         summed = torch.einsum("i,i...", factor.to(g.dtype), g)
         if std > 0:  # Opacus draws nothing for std 0, so neither do we: the generators stay in step
-            summed = summed + torch.normal(mean=0.0, std=std, size=summed.shape, device=summed.device, generator=generator, dtype=summed.dtype)
+            summed = summed + torch.normal(
+                mean=0.0, std=std, size=summed.shape, device=summed.device, generator=generator, dtype=summed.dtype
+            )
         out.append(summed / expected_batch_size)
     return out
 
@@ -177,11 +191,27 @@ def train_local_dp(
     check_dp_args(target_epsilon=None, delta=0.5, sample_rate=min(sample_rate, 1.0))
     sampling = torch.Generator().manual_seed(seed)
     noise_gen = torch.Generator(device=torch.device(device)).manual_seed(seed + 1)
-    plan = list(batches) if batches is not None else poisson_batches(n, sample_rate=sample_rate, num_steps=num_steps, generator=sampling)
+    plan = (
+        list(batches)
+        if batches is not None
+        else poisson_batches(n, sample_rate=sample_rate, num_steps=num_steps, generator=sampling)
+    )
     expected = sample_rate * n
     model.train()
     if mode == "opacus":
-        return _train_opacus(model, dataset, collate_fn, plan, lr=lr, weight_decay=weight_decay, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, expected=expected, generator=noise_gen, device=device)
+        return _train_opacus(
+            model,
+            dataset,
+            collate_fn,
+            plan,
+            lr=lr,
+            weight_decay=weight_decay,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            expected=expected,
+            generator=noise_gen,
+            device=device,
+        )
     params = trainable_parameters(model)
     optimizer = make_optimizer(params, lr=lr, weight_decay=weight_decay)
     sampler = LoopGradSampler(model, params) if mode == "loop" else LinearGradSampler(model)
@@ -199,7 +229,13 @@ def train_local_dp(
                 sampler.collect(batch)
             else:
                 losses.sum().backward()
-            grads = clip_and_noise(sampler.grad_samples(), max_grad_norm=max_grad_norm, noise_multiplier=noise_multiplier, expected_batch_size=expected, generator=noise_gen)
+            grads = clip_and_noise(
+                sampler.grad_samples(),
+                max_grad_norm=max_grad_norm,
+                noise_multiplier=noise_multiplier,
+                expected_batch_size=expected,
+                generator=noise_gen,
+            )
             for p, g in zip(params, grads):
                 p.grad = g.view_as(p).to(p.dtype)
             optimizer.step()
@@ -211,7 +247,9 @@ def train_local_dp(
     return TrainResult(loss=total / max(used, 1), num_steps=len(plan), num_examples=seen)
 
 
-def _train_opacus(model, dataset, collate_fn, plan, *, lr, weight_decay, noise_multiplier, max_grad_norm, expected, generator, device) -> TrainResult:
+def _train_opacus(
+    model, dataset, collate_fn, plan, *, lr, weight_decay, noise_multiplier, max_grad_norm, expected, generator, device
+) -> TrainResult:
     """The reference path: Opacus GradSampleModule (hooks) + DPOptimizer, adapter keys untouched."""
     from opacus import GradSampleModule  # start-up: opacus only when this path runs (see fedpeft.privacy.accounting)
     from opacus.optimizers import DPOptimizer

@@ -28,14 +28,14 @@ from flwr.app import Context, Message, MessageType
 from fedpeft.clients.dp import train_local_dp
 from fedpeft.clients.node import local_data, node_store, partition_id
 from fedpeft.clients.state import NodeStore
-from fedpeft.data.encoding import collator_for, make_loader
-from fedpeft.models import adapters as models
-from fedpeft.protocol import wire as protocol
 from fedpeft.compression.compeft import ComPEFT, codec_from_config, compress_uploads
 from fedpeft.config.schema import Config, from_json, round_lr
-from fedpeft.protocol.wire import ClientPlan, Evaluate, ProtocolError, RunInfo, Source
+from fedpeft.data.encoding import collator_for, make_loader
+from fedpeft.models import adapters as models
 from fedpeft.privacy.accounting import BudgetExhausted, calibrate_noise, epsilon, planned_steps, would_exceed
+from fedpeft.protocol import wire as protocol
 from fedpeft.protocol.records import State, resize_rank, round_seed, seeded_tensors, stack_to_delta
+from fedpeft.protocol.wire import ClientPlan, Evaluate, ProtocolError, RunInfo, Source
 from fedpeft.training.local import evaluate, num_local_steps, train_local
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,13 @@ class JobResult:
 
 
 # ------------------------------------------------------------------------------ step 1: decode
-def start_state(template: Mapping[str, torch.Tensor], received: Mapping[str, torch.Tensor], *, plan: ClientPlan, kept: Mapping[str, torch.Tensor] | None) -> State:
+def start_state(
+    template: Mapping[str, torch.Tensor],
+    received: Mapping[str, torch.Tensor],
+    *,
+    plan: ClientPlan,
+    kept: Mapping[str, torch.Tensor] | None,
+) -> State:
     """The adapter a job starts from, group by group as ``plan`` says.
 
     ``template`` holds the adapter's keys at the client's rank (shapes and dtypes), ``received``
@@ -90,12 +96,16 @@ def start_state(template: Mapping[str, torch.Tensor], received: Mapping[str, tor
                 out.update({k: kept[k].clone() for k in keys})
                 continue
             if have:
-                raise ProtocolError(f"the node keeps {len(have)} of the {len(keys)} tensors of group {sorted(group.roles)}: its state is incomplete")
+                raise ProtocolError(
+                    f"the node keeps {len(have)} of the {len(keys)} tensors of group {sorted(group.roles)}: its state is incomplete"
+                )
             source = group.fallback
         if source == Source.MESSAGE:
             missing = [k for k in keys if k not in received]
             if missing:
-                raise ProtocolError(f"the plan takes {missing[0]!r} from the message, which does not hold it ({len(missing)} missing)")
+                raise ProtocolError(
+                    f"the plan takes {missing[0]!r} from the message, which does not hold it ({len(missing)} missing)"
+                )
             out.update({k: received[k].clone() for k in keys})
         elif source == Source.SEED:
             out.update(seeded_tensors(template, keys, seed=group.seed, seed_rank=group.seed_rank))
@@ -107,7 +117,9 @@ def start_state(template: Mapping[str, torch.Tensor], received: Mapping[str, tor
     for key, tensor in out.items():
         like = template[key]
         if tuple(tensor.shape) != tuple(like.shape):
-            raise ProtocolError(f"{key}: shape {tuple(tensor.shape)}, this rank-{plan.rank} adapter has {tuple(like.shape)}")
+            raise ProtocolError(
+                f"{key}: shape {tuple(tensor.shape)}, this rank-{plan.rank} adapter has {tuple(like.shape)}"
+            )
         out[key] = tensor.to(like.dtype)
     return dict(sorted(out.items()))
 
@@ -142,7 +154,12 @@ def decode(msg: Message, context: Context) -> Job:
     kept = store.load_kept(plan.base.lineage) if uses_node and store is not None else None
     steps = 0
     if plan.trains:
-        steps = num_local_steps(num_examples=len(train_examples), batch_size=cfg.client.batch_size, local_epochs=cfg.client.local_epochs, local_steps=cfg.client.local_steps)
+        steps = num_local_steps(
+            num_examples=len(train_examples),
+            batch_size=cfg.client.batch_size,
+            local_epochs=cfg.client.local_epochs,
+            local_steps=cfg.client.local_steps,
+        )
     return Job(
         request=msg,
         cfg=cfg,
@@ -187,25 +204,58 @@ def run_job(job: Job) -> JobResult:
         metrics.update(evaluate_metrics(model, job, pad_id, device=cm.device, which=plan.evaluate))
     if plan.trains:
         collate = collator_for(cfg, models.load_tokenizer(cfg.model))
-        loader = make_loader(job.train_examples, pad_token_id=pad_id, batch_size=cfg.client.batch_size, shuffle=True, seed=job.seed, collate_fn=collate)
+        loader = make_loader(
+            job.train_examples,
+            pad_token_id=pad_id,
+            batch_size=cfg.client.batch_size,
+            shuffle=True,
+            seed=job.seed,
+            collate_fn=collate,
+        )
         torch.manual_seed(job.seed)  # LoRA dropout
         prune, lr = plan.prune, round_lr(cfg.client, plan.server_round)
         if cfg.client.dp.enabled:
             if prune is not None:
-                raise ValueError("rank self-pruning's penalty is not a per-sample loss: it cannot be trained under DP-SGD")
-            result, dp_metrics = dp_train(cfg, model, job.train_examples, pad_id, job.store, pid=job.partition_id, steps=job.steps, seed=job.seed, device=cm.device, lr=lr)
+                raise ValueError(
+                    "rank self-pruning's penalty is not a per-sample loss: it cannot be trained under DP-SGD"
+                )
+            result, dp_metrics = dp_train(
+                cfg,
+                model,
+                job.train_examples,
+                pad_id,
+                job.store,
+                pid=job.partition_id,
+                steps=job.steps,
+                seed=job.seed,
+                device=cm.device,
+                lr=lr,
+            )
             metrics.update(dp_metrics)
         elif prune is None:
-            result = train_local(model, loader, num_steps=job.steps, lr=lr, weight_decay=cfg.client.weight_decay, device=cm.device)
+            result = train_local(
+                model, loader, num_steps=job.steps, lr=lr, weight_decay=cfg.client.weight_decay, device=cm.device
+            )
         else:
             factors, tail = lora_factors(model, plan.rank), prune.pruned_rank(plan.rank)
             before = float(tail_norm(factors, tail).detach())
             result = train_local(
-                model, loader, num_steps=job.steps, lr=lr, weight_decay=cfg.client.weight_decay, device=cm.device,
+                model,
+                loader,
+                num_steps=job.steps,
+                lr=lr,
+                weight_decay=cfg.client.weight_decay,
+                device=cm.device,
                 penalty=lambda: prune.weight * tail_norm(factors, tail),
             )
             after = float(tail_norm(factors, tail).detach())
-            metrics.update({protocol.TAIL_NORM_BEFORE: before, protocol.TAIL_NORM_AFTER: after, protocol.RANK: tail if after < before else plan.rank})
+            metrics.update(
+                {
+                    protocol.TAIL_NORM_BEFORE: before,
+                    protocol.TAIL_NORM_AFTER: after,
+                    protocol.RANK: tail if after < before else plan.rank,
+                }
+            )
             if after < before:  # the tail faded: drop it, so the personal evaluation below sees the pruned model
                 with torch.no_grad():
                     for a, b in factors:
@@ -213,12 +263,19 @@ def run_job(job: Job) -> JobResult:
                         b[:, tail:].zero_()
         metrics.update({protocol.TRAIN_LOSS: result.loss, protocol.STEPS: result.num_steps})
         if result.skipped_steps:
-            log.warning("partition %s: the float16 loss scaler skipped %d of %d steps (gradients overflowed)", job.partition_id, result.skipped_steps, result.num_steps)
+            log.warning(
+                "partition %s: the float16 loss scaler skipped %d of %d steps (gradients overflowed)",
+                job.partition_id,
+                result.skipped_steps,
+                result.num_steps,
+            )
         if plan.evaluate == Evaluate.PERSONAL:
             metrics.update(evaluate_metrics(model, job, pad_id, device=cm.device, which=plan.evaluate))
     metrics[protocol.TRAIN_SECONDS] = time.perf_counter() - job.received_at
     state = cm.adapter_state(plan.rank)
-    if plan.rank is not None and metrics.get(protocol.RANK, plan.rank) != plan.rank:  # pruned: its first components, as trained
+    if (
+        plan.rank is not None and metrics.get(protocol.RANK, plan.rank) != plan.rank
+    ):  # pruned: its first components, as trained
         state = resize_rank(state, metrics[protocol.RANK])
     return JobResult(state=state, metrics=metrics)
 
@@ -244,9 +301,20 @@ def evaluate_metrics(model, job: Job, pad_id: int, *, device, which: Evaluate) -
     if not job.val_examples:
         return {}
     collate = collator_for(job.cfg, models.load_tokenizer(job.cfg.model))
-    loader = make_loader(job.val_examples, pad_token_id=pad_id, batch_size=job.cfg.client.eval_batch_size, shuffle=False, collate_fn=collate)
+    loader = make_loader(
+        job.val_examples,
+        pad_token_id=pad_id,
+        batch_size=job.cfg.client.eval_batch_size,
+        shuffle=False,
+        collate_fn=collate,
+    )
     val = evaluate(model, loader, device=device)
-    return {protocol.VAL_LOSS: val.loss, protocol.VAL_ACCURACY: val.accuracy, protocol.VAL_EXAMPLES: val.num_examples, protocol.EVALUATED: 1 if which == Evaluate.GLOBAL else 2}
+    return {
+        protocol.VAL_LOSS: val.loss,
+        protocol.VAL_ACCURACY: val.accuracy,
+        protocol.VAL_EXAMPLES: val.num_examples,
+        protocol.EVALUATED: 1 if which == Evaluate.GLOBAL else 2,
+    }
 
 
 # ------------------------------------------------------------------------------ step 3: encode
@@ -284,7 +352,9 @@ def compressed_uploads(job: Job, uploads: State, codec: ComPEFT) -> tuple[State,
 
 # ------------------------------------------------------------------------------ helpers of the steps
 def worker_model(cfg: Config, num_labels: int) -> models.CachedModel:
-    return models.cached_model(cfg.model, num_labels=num_labels, device=models.resolve_device(cfg.device), seed=cfg.seed)
+    return models.cached_model(
+        cfg.model, num_labels=num_labels, device=models.resolve_device(cfg.device), seed=cfg.seed
+    )
 
 
 def store_base_updates(store: NodeStore | None, plan: ClientPlan) -> None:
@@ -334,7 +404,9 @@ def inject_faults(cfg: Config, pid: int, server_round: int, *, attempt: int) -> 
         os._exit(17)
     draw -= faults.crash_prob
     if draw < faults.raise_prob:
-        raise RuntimeError(f"injected fault: client {pid} raises in round {server_round} (faults.raise_prob={faults.raise_prob})")
+        raise RuntimeError(
+            f"injected fault: client {pid} raises in round {server_round} (faults.raise_prob={faults.raise_prob})"
+        )
     if draw < faults.raise_prob + faults.hang_prob:
         log.warning("injected fault: client %d hangs for %.0f s in round %d", pid, faults.hang_seconds, server_round)
         time.sleep(faults.hang_seconds)
@@ -346,16 +418,41 @@ def dp_noise(cfg: Config, *, num_examples: int, steps: int) -> tuple[float, floa
     sample_rate = min(cfg.client.batch_size / num_examples, 1.0)
     if dp.noise_multiplier is not None:
         return float(dp.noise_multiplier), sample_rate
-    total = planned_steps(rounds=cfg.num_rounds, clients_per_round=cfg.clients_per_round, num_clients=cfg.num_clients, steps_per_round=steps)
-    return calibrate_noise(target_epsilon=dp.target_epsilon, delta=dp.delta, sample_rate=sample_rate, total_steps=total, accountant=dp.accountant), sample_rate
+    total = planned_steps(
+        rounds=cfg.num_rounds,
+        clients_per_round=cfg.clients_per_round,
+        num_clients=cfg.num_clients,
+        steps_per_round=steps,
+    )
+    return calibrate_noise(
+        target_epsilon=dp.target_epsilon,
+        delta=dp.delta,
+        sample_rate=sample_rate,
+        total_steps=total,
+        accountant=dp.accountant,
+    ), sample_rate
 
 
-def dp_train(cfg: Config, model, examples: list, pad_id: int, store: NodeStore, *, pid: int, steps: int, seed: int, device, lr: float) -> tuple[Any, dict[str, Any]]:
+def dp_train(
+    cfg: Config,
+    model,
+    examples: list,
+    pad_id: int,
+    store: NodeStore,
+    *,
+    pid: int,
+    steps: int,
+    seed: int,
+    device,
+    lr: float,
+) -> tuple[Any, dict[str, Any]]:
     """A DP-SGD round whose privacy cost is added to the node's persistent ledger."""
     dp = cfg.client.dp
     noise, sample_rate = dp_noise(cfg, num_examples=len(examples), steps=steps)
     ledger = [tuple(x) for x in store.load_json("dp-ledger", [])]
-    if dp.target_epsilon is not None and would_exceed(ledger, (noise, sample_rate, steps), delta=dp.delta, target_epsilon=dp.target_epsilon, accountant=dp.accountant):
+    if dp.target_epsilon is not None and would_exceed(
+        ledger, (noise, sample_rate, steps), delta=dp.delta, target_epsilon=dp.target_epsilon, accountant=dp.accountant
+    ):
         spent = epsilon(ledger, delta=dp.delta, accountant=dp.accountant)
         after = epsilon([*ledger, (noise, sample_rate, steps)], delta=dp.delta, accountant=dp.accountant)
         raise BudgetExhausted(

@@ -14,12 +14,12 @@ from typing import Any
 from flwr.app import Context
 
 from fedpeft.clients.state import NodeStore
+from fedpeft.config.schema import Config, to_container
 from fedpeft.data.encoding import encode_config
 from fedpeft.data.partition import node_data, prepare
 from fedpeft.models import adapters as models
-from fedpeft.protocol import wire as protocol
 from fedpeft.privacy.audit import client_train_split
-from fedpeft.config.schema import Config, to_container
+from fedpeft.protocol import wire as protocol
 from fedpeft.protocol.wire import RunInfo
 
 _ENCODED: dict[str, tuple[int, list, list]] = {}
@@ -39,7 +39,9 @@ def node_rank(cfg: Config, partition_id: int, node_config: dict[str, Any]) -> in
 
 def partition_id(context: Context) -> int:
     if protocol.NODE_PARTITION_ID not in context.node_config:
-        raise ValueError(f"node_config has no {protocol.NODE_PARTITION_ID!r}: start the SuperNode with --node-config \"{protocol.NODE_PARTITION_ID}=<k> ...\"")
+        raise ValueError(
+            f'node_config has no {protocol.NODE_PARTITION_ID!r}: start the SuperNode with --node-config "{protocol.NODE_PARTITION_ID}=<k> ..."'
+        )
     return int(context.node_config[protocol.NODE_PARTITION_ID])
 
 
@@ -68,14 +70,30 @@ def local_data(cfg: Config, pid: int, context: Context, run: RunInfo) -> tuple[i
     names = list(run.label_names)
     if path:
         if need_labels and not names:
-            raise ValueError(f"the server sent no {protocol.LABEL_NAMES!r}; a node with its own data-path needs them to number its labels")
+            raise ValueError(
+                f"the server sent no {protocol.LABEL_NAMES!r}; a node with its own data-path needs them to number its labels"
+            )
         source = Path(str(path)).expanduser()
-        files = sorted(f for f in source.rglob("*") if f.is_file()) if source.is_dir() else [source] if source.exists() else []
-        stamp = [[str(f), f.stat().st_mtime_ns, f.stat().st_size] for f in files]  # an edited file invalidates the cache
-        key = json.dumps(["path", str(source), stamp, names, cfg.seed, pid, to_container(cfg.data), to_container(cfg.model)], sort_keys=True)
+        files = (
+            sorted(f for f in source.rglob("*") if f.is_file())
+            if source.is_dir()
+            else [source]
+            if source.exists()
+            else []
+        )
+        stamp = [
+            [str(f), f.stat().st_mtime_ns, f.stat().st_size] for f in files
+        ]  # an edited file invalidates the cache
+        key = json.dumps(
+            ["path", str(source), stamp, names, cfg.seed, pid, to_container(cfg.data), to_container(cfg.model)],
+            sort_keys=True,
+        )
     else:
         canaries = to_container(cfg.audit) if cfg.audit.canaries and pid == cfg.audit.canary_client else None
-        key = json.dumps(["partition", cfg.seed, cfg.num_clients, pid, to_container(cfg.data), to_container(cfg.model), canaries], sort_keys=True)
+        key = json.dumps(
+            ["partition", cfg.seed, cfg.num_clients, pid, to_container(cfg.data), to_container(cfg.model), canaries],
+            sort_keys=True,
+        )
     if key in _ENCODED:
         return _ENCODED[key]
     state_dir = context.node_config.get(protocol.NODE_STATE_DIR)
@@ -86,11 +104,16 @@ def local_data(cfg: Config, pid: int, context: Context, run: RunInfo) -> tuple[i
         _ENCODED[key] = (int(cached["num-labels"]), cached["train"], cached["val"])
         return _ENCODED[key]
     if path:
-        train_ds, val_ds = node_data(cfg.data, str(path), label_names=names, seed=cfg.seed, node=pid, need_labels=need_labels)
+        train_ds, val_ds = node_data(
+            cfg.data, str(path), label_names=names, seed=cfg.seed, node=pid, need_labels=need_labels
+        )
         num_labels = len(names)
     else:
         data = prepare(cfg.data, seed=cfg.seed, num_clients=cfg.num_clients, need_labels=need_labels)
-        train_ds, val_ds = client_train_split(cfg, data, pid), data.client_split(pid)[1]  # with the audit's canaries, if any
+        train_ds, val_ds = (
+            client_train_split(cfg, data, pid),
+            data.client_split(pid)[1],
+        )  # with the audit's canaries, if any
         num_labels = data.num_labels
     _ENCODED[key] = (num_labels, *encode_split(cfg, train_ds, val_ds))
     if disk is not None:

@@ -52,7 +52,9 @@ class NodeStore:
         """The adapted layers' merged weights at ``version`` (safetensors: memory-mapped on load)."""
         from safetensors.torch import save
 
-        data = save({k: v.detach().to("cpu").contiguous() for k, v in weights.items()}, metadata={"version": str(version)})
+        data = save(
+            {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}, metadata={"version": str(version)}
+        )
         atomic_write_bytes(self.root / lineage / "merged-base.safetensors", data)
 
     def load_merged_base(self, lineage: str) -> tuple[int, dict[str, torch.Tensor]] | None:
@@ -83,7 +85,10 @@ class NodeStore:
     def save_residual(self, lineage: str, tensors: dict[str, torch.Tensor]) -> None:
         from safetensors.torch import save
 
-        atomic_write_bytes(self.root / lineage / "compression-residual.safetensors", save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}))
+        atomic_write_bytes(
+            self.root / lineage / "compression-residual.safetensors",
+            save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}),
+        )
 
     def load_residual(self, lineage: str) -> dict[str, torch.Tensor] | None:
         from safetensors.torch import load_file

@@ -51,25 +51,40 @@ def round_walls(rows: list[dict]) -> list[float]:
 
 
 def bench_rounds(rounds: int, work: Path) -> dict:
-    from fedpeft.models import adapters as models
     from fedpeft.config.schema import to_config
     from fedpeft.engines.deploy.federation import LocalFederation
     from fedpeft.engines.deploy.nodes import export_partitions
+    from fedpeft.models import adapters as models
     from fedpeft.run import execute
 
     out = {}
     cfg_dict = run_config(rounds)
     started = time.perf_counter()
     sim_rows = execute(to_config({**cfg_dict, "mode": "simulation"}), work / "simulated")
-    out["simulated"] = {"round_seconds": round_walls(sim_rows), "run_seconds": time.perf_counter() - started, "final_accuracy": sim_rows[-1]["test_accuracy"]}
+    out["simulated"] = {
+        "round_seconds": round_walls(sim_rows),
+        "run_seconds": time.perf_counter() - started,
+        "final_accuracy": sim_rows[-1]["test_accuracy"],
+    }
     models.clear_cache()
     folders = export_partitions(to_config(cfg_dict), work)  # the same two clients' data, as the nodes' folders
-    nodes = [{NODE_PARTITION_ID: k, NODE_DATA_PATH: str(folders[k]), NODE_STATE_DIR: str(work / f"state{k}")} for k in range(2)]
+    nodes = [
+        {NODE_PARTITION_ID: k, NODE_DATA_PATH: str(folders[k]), NODE_STATE_DIR: str(work / f"state{k}")}
+        for k in range(2)
+    ]
     with LocalFederation(work / "fed", nodes) as fed:
         started = time.perf_counter()
-        dep_rows = execute(to_config({**cfg_dict, "mode": "deploy", "deploy": fed.config_overrides()}), work / "deployed")
-        out["deployed"] = {"round_seconds": round_walls(dep_rows), "run_seconds": time.perf_counter() - started, "final_accuracy": dep_rows[-1]["test_accuracy"]}
-    out["deployed_over_simulated"] = statistics.mean(out["deployed"]["round_seconds"]) / statistics.mean(out["simulated"]["round_seconds"])
+        dep_rows = execute(
+            to_config({**cfg_dict, "mode": "deploy", "deploy": fed.config_overrides()}), work / "deployed"
+        )
+        out["deployed"] = {
+            "round_seconds": round_walls(dep_rows),
+            "run_seconds": time.perf_counter() - started,
+            "final_accuracy": dep_rows[-1]["test_accuracy"],
+        }
+    out["deployed_over_simulated"] = statistics.mean(out["deployed"]["round_seconds"]) / statistics.mean(
+        out["simulated"]["round_seconds"]
+    )
     return out
 
 
@@ -80,10 +95,10 @@ def prepare_node(store_dir: Path, base_rounds: int) -> None:
 
     from fedpeft.clients.job import worker_model
     from fedpeft.clients.node import local_data
-    from fedpeft.protocol.wire import RunInfo
     from fedpeft.clients.state import NodeStore
     from fedpeft.config.schema import to_config
     from fedpeft.protocol.records import stack_to_delta
+    from fedpeft.protocol.wire import RunInfo
 
     cfg = to_config(NODE_CFG)
     ctx = _context({NODE_PARTITION_ID: 0, NODE_STATE_DIR: str(store_dir)})
@@ -115,10 +130,10 @@ def child(mode: str, store_dir: Path, base_rounds: int) -> dict:
     t0 = time.perf_counter()
     from fedpeft.clients.job import worker_model  # the imports a ClientApp pays
     from fedpeft.clients.node import local_data
-    from fedpeft.protocol.wire import RunInfo
     from fedpeft.clients.state import NodeStore
     from fedpeft.config.schema import to_config
     from fedpeft.protocol.records import stack_to_delta
+    from fedpeft.protocol.wire import RunInfo
 
     t1 = time.perf_counter()
     cfg = to_config(NODE_CFG)
@@ -132,20 +147,31 @@ def child(mode: str, store_dir: Path, base_rounds: int) -> dict:
         version, weights = store.load_merged_base("bench")
         cm.restore_base("bench", weights, version=version)
     else:
-        cm.use_base("bench", [stack_to_delta(store.load_base_update("bench", r)) for r in range(1, base_rounds + 1)], version=base_rounds)
+        cm.use_base(
+            "bench",
+            [stack_to_delta(store.load_base_update("bench", r)) for r in range(1, base_rounds + 1)],
+            version=base_rounds,
+        )
     t4 = time.perf_counter()
     return {"imports": t1 - t0, "data": t2 - t1, "model": t3 - t2, "base": t4 - t3, "examples": len(train)}
 
 
 def bench_messages(work: Path, base_rounds: int, repeats: int) -> dict:
     store_dir = work / "node-state"
-    subprocess.run([sys.executable, __file__, "--prepare-node", str(store_dir), "--base-rounds", str(base_rounds)], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, __file__, "--prepare-node", str(store_dir), "--base-rounds", str(base_rounds)],
+        check=True,
+        capture_output=True,
+    )
     out: dict = {}
     for mode in ("before", "after"):
         samples = []
         for _ in range(repeats):
             done = subprocess.run(
-                [sys.executable, __file__, "--child", mode, str(store_dir), "--base-rounds", str(base_rounds)], check=True, capture_output=True, text=True
+                [sys.executable, __file__, "--child", mode, str(store_dir), "--base-rounds", str(base_rounds)],
+                check=True,
+                capture_output=True,
+                text=True,
             )
             samples.append(json.loads(done.stdout.strip().splitlines()[-1]))
         out[mode] = {k: statistics.median(s[k] for s in samples) for k in samples[0]}
@@ -170,16 +196,23 @@ def main() -> None:
         print(json.dumps(child(args.child[0], Path(args.child[1]), args.base_rounds)))
         return
     with tempfile.TemporaryDirectory(prefix="bench-deploy-") as tmp:
-        result = {"messages": bench_messages(Path(tmp), args.base_rounds, args.repeats), "rounds": bench_rounds(args.rounds, Path(tmp))}
+        result = {
+            "messages": bench_messages(Path(tmp), args.base_rounds, args.repeats),
+            "rounds": bench_rounds(args.rounds, Path(tmp)),
+        }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     m, r = result["messages"], result["rounds"]
     print(f"per message on a node (median of {args.repeats} fresh processes, FLoRA round {args.base_rounds + 1}):")
     for mode in ("before", "after"):
         x = m[mode]
-        print(f"  {mode:6s}: imports {x['imports']:.2f} s | data {x['data']:.3f} s + model {x['model']:.3f} s + base {x['base']:.3f} s = {x['load_seconds']:.3f} s")
+        print(
+            f"  {mode:6s}: imports {x['imports']:.2f} s | data {x['data']:.3f} s + model {x['model']:.3f} s + base {x['base']:.3f} s = {x['load_seconds']:.3f} s"
+        )
     print(f"  load cost before/after: {m['load_before_over_after']:.1f}x")
-    print(f"round wall (rounds 2..{args.rounds}): simulated {statistics.mean(r['simulated']['round_seconds']):.1f} s, deployed {statistics.mean(r['deployed']['round_seconds']):.1f} s, ratio {r['deployed_over_simulated']:.2f}")
+    print(
+        f"round wall (rounds 2..{args.rounds}): simulated {statistics.mean(r['simulated']['round_seconds']):.1f} s, deployed {statistics.mean(r['deployed']['round_seconds']):.1f} s, ratio {r['deployed_over_simulated']:.2f}"
+    )
     print(f"written to {args.out}")
 
 

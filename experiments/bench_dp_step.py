@@ -37,7 +37,13 @@ def minilm():
 
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(resolve_model_path("embedded:minilm"), num_labels=5)
-    lora = LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"], modules_to_save=["classifier"], task_type=TaskType.SEQ_CLS)
+    lora = LoraConfig(
+        r=8,
+        lora_alpha=16,
+        target_modules=["query", "value"],
+        modules_to_save=["classifier"],
+        task_type=TaskType.SEQ_CLS,
+    )
     return get_peft_model(model, lora), "seq_cls", 30000
 
 
@@ -46,7 +52,15 @@ def tiny_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=256)
+    cfg = LlamaConfig(
+        vocab_size=1000,
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        max_position_embeddings=256,
+    )
     lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type=TaskType.CAUSAL_LM)
     return get_peft_model(LlamaForCausalLM(cfg), lora), "causal_lm", 1000
 
@@ -56,7 +70,13 @@ def examples(n: int, *, task: str, vocab: int) -> list[dict]:
     out = []
     for _ in range(n):
         ids = torch.randint(1, vocab, (SEQ,), generator=g).tolist()
-        out.append({"input_ids": ids, "attention_mask": [1] * SEQ, "labels": int(torch.randint(0, 5, (1,), generator=g)) if task == "seq_cls" else list(ids)})
+        out.append(
+            {
+                "input_ids": ids,
+                "attention_mask": [1] * SEQ,
+                "labels": int(torch.randint(0, 5, (1,), generator=g)) if task == "seq_cls" else list(ids),
+            }
+        )
     return out
 
 
@@ -80,7 +100,19 @@ def bench(name: str, build, steps: int) -> dict:
     plain = time_steps(lambda: train_local(model, [batch], num_steps=1, lr=1e-4), steps)
     out = {"model": name, "batch": BATCH, "seq": SEQ, "plain_s": plain}
     for mode in ("opacus", "lora"):
-        step = lambda: train_local_dp(model, data, Collator(0), num_steps=1, batch_size=BATCH, lr=1e-4, noise_multiplier=1.0, max_grad_norm=1.0, seed=0, mode=mode, batches=plan)  # noqa: E731
+        step = lambda: train_local_dp(
+            model,
+            data,
+            Collator(0),
+            num_steps=1,
+            batch_size=BATCH,
+            lr=1e-4,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            seed=0,
+            mode=mode,
+            batches=plan,
+        )  # noqa: E731
         out[f"{mode}_s"] = time_steps(step, steps)
         out[f"{mode}_ratio"] = out[f"{mode}_s"] / plain
     return out
@@ -93,7 +125,10 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "experiments" / "results" / "bench_dp_step"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    rows = [bench("MiniLM-L6 (22.7 M) seq-cls", minilm, args.steps), bench("tiny Llama (4 x 256) causal LM", tiny_llama, args.steps)]
+    rows = [
+        bench("MiniLM-L6 (22.7 M) seq-cls", minilm, args.steps),
+        bench("tiny Llama (4 x 256) causal LM", tiny_llama, args.steps),
+    ]
     lines = [
         f"DP step / plain step, batch {BATCH}, sequence {SEQ}, CPU, {args.threads} threads, median of {args.steps} steps.",
         "",
@@ -101,7 +136,9 @@ def main() -> None:
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['plain_s']:.3f} | {r['opacus_s']:.3f} | {r['opacus_ratio']:.2f}× | {r['lora_s']:.3f} | {r['lora_ratio']:.2f}× |")
+        lines.append(
+            f"| {r['model']} | {r['plain_s']:.3f} | {r['opacus_s']:.3f} | {r['opacus_ratio']:.2f}× | {r['lora_s']:.3f} | {r['lora_ratio']:.2f}× |"
+        )
     text = "\n".join(lines) + "\n"
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

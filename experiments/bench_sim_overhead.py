@@ -24,14 +24,14 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from fedpeft.config.schema import Config, to_config  # noqa: E402
 from fedpeft.data.encoding import encode, make_loader  # noqa: E402
 from fedpeft.data.partition import prepare  # noqa: E402
 from fedpeft.models import adapters as models  # noqa: E402
-from fedpeft.config.schema import Config, to_config  # noqa: E402
 from fedpeft.server.evaluation import ServerEvaluator, initial_adapter  # noqa: E402
-from fedpeft.training.local import num_local_steps, train_local  # noqa: E402
-from fedpeft.strategies.types import GlobalModel  # noqa: E402
 from fedpeft.strategies.fedavg import fedit  # noqa: E402
+from fedpeft.strategies.types import GlobalModel  # noqa: E402
+from fedpeft.training.local import num_local_steps, train_local  # noqa: E402
 
 
 def bench_config(rounds: int) -> Config:
@@ -59,7 +59,8 @@ def plain_loop(cfg: Config) -> tuple[float, float]:
     adapter = initial_adapter(cm, rank=rank, seed=cfg.seed)
     tokenizer = models.load_tokenizer(cfg.model)
     encoded = {
-        k: encode(data.client_split(k)[0], tokenizer, max_length=cfg.model.max_length, task=cfg.model.task) for k in range(cfg.num_clients)
+        k: encode(data.client_split(k)[0], tokenizer, max_length=cfg.model.max_length, task=cfg.model.task)
+        for k in range(cfg.num_clients)
     }
     rng = random.Random(cfg.seed)
     for server_round in range(1, cfg.num_rounds + 1):
@@ -68,9 +69,18 @@ def plain_loop(cfg: Config) -> tuple[float, float]:
         for pid in sampled:
             model = cm.activate(rank)
             cm.load_adapter_state(rank, adapter)
-            loader = make_loader(encoded[pid], pad_token_id=tokenizer.pad_token_id, batch_size=cfg.client.batch_size, shuffle=True, seed=pid)
+            loader = make_loader(
+                encoded[pid],
+                pad_token_id=tokenizer.pad_token_id,
+                batch_size=cfg.client.batch_size,
+                shuffle=True,
+                seed=pid,
+            )
             steps = num_local_steps(
-                num_examples=len(encoded[pid]), batch_size=cfg.client.batch_size, local_epochs=cfg.client.local_epochs, local_steps=cfg.client.local_steps
+                num_examples=len(encoded[pid]),
+                batch_size=cfg.client.batch_size,
+                local_epochs=cfg.client.local_epochs,
+                local_steps=cfg.client.local_steps,
             )
             train_local(model, loader, num_steps=steps, lr=cfg.client.lr, device=cm.device)
             states.append(cm.adapter_state(rank))

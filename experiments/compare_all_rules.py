@@ -44,7 +44,18 @@ from fedpeft import report  # noqa: E402  (the table and curves: fedpeft.report 
 from fedpeft.config.schema import to_config  # noqa: E402
 from fedpeft.reporting.metrics import read_metrics  # noqa: E402
 
-RULES = ["fedavg", "ffa_lora", "flora", "lora_fair", "fedex_lora", "flexlora", "fedsa_lora", "rolora", "fedsvd", "hetlora"]
+RULES = [
+    "fedavg",
+    "ffa_lora",
+    "flora",
+    "lora_fair",
+    "fedex_lora",
+    "flexlora",
+    "fedsa_lora",
+    "rolora",
+    "fedsvd",
+    "hetlora",
+]
 EQUAL_RANKS_ONLY = {"fedex_lora"}  # refuses heterogeneous ranks at start
 DP_RULES = ["fedavg", "ffa_lora", "fedsvd", "rolora"]
 HETERO = [16, 8, 4, 4, 2, 2, 1, 1, 1, 1]
@@ -57,7 +68,9 @@ def lr_name(setting: str, rule: str) -> str:
     return f"dp/{rule}" if setting == "dp" else rule
 
 
-def pick_rate(score: Callable[[float], tuple[float, float]], grid: Sequence[float], *, widen: int) -> tuple[float, dict[float, tuple[float, float]]]:
+def pick_rate(
+    score: Callable[[float], tuple[float, float]], grid: Sequence[float], *, widen: int
+) -> tuple[float, dict[float, tuple[float, float]]]:
     """The rate of ``grid`` with the best ``score`` (higher is better), and every rate's score.
 
     While the best is the largest rate tried the grid goes on by doubling, and while it is the
@@ -79,7 +92,9 @@ def rounds_of(setting: str, args: argparse.Namespace) -> int:
     return args.dp_rounds if setting == "dp" and args.dp_rounds else args.rounds
 
 
-def run_config(*, rule: str | None, setting: str, seed: int, lr: float, args: argparse.Namespace, rounds: int | None = None) -> dict:
+def run_config(
+    *, rule: str | None, setting: str, seed: int, lr: float, args: argparse.Namespace, rounds: int | None = None
+) -> dict:
     """One run's overrides; ``rounds`` (the learning-rate sweep's) replaces the setting's."""
     cfg = {
         "seed": seed,
@@ -90,12 +105,18 @@ def run_config(*, rule: str | None, setting: str, seed: int, lr: float, args: ar
         "save_adapter": False,
         "model": {"max_length": args.max_length, "autocast": None if args.autocast == "none" else args.autocast},
         "client": {"local_steps": args.local_steps, "lr": lr, "lr_decay": args.lr_decay},
-        "data": {"partitioner": "dirichlet", "dirichlet_alpha": 0.5, **({"max_samples": args.max_samples} if args.max_samples else {})},
+        "data": {
+            "partitioner": "dirichlet",
+            "dirichlet_alpha": 0.5,
+            **({"max_samples": args.max_samples} if args.max_samples else {}),
+        },
     }
     if rule is None:  # a bound: "reference" (pooled data) or "local" (each client alone)
         cfg["mode"] = "local" if setting == "local" else "centralized"
         if setting == "local":
-            cfg["eval_every"] = max(args.eval_every, args.rounds // 4)  # ten models on the test split each round would cost more than the run
+            cfg["eval_every"] = max(
+                args.eval_every, args.rounds // 4
+            )  # ten models on the test split each round would cost more than the run
         return cfg
     cfg["engine"] = {"name": args.engine}  # the bounds run in the server process whatever the engine
     cfg["strategy"] = {"name": rule, "ranks": HETERO if setting == "heterogeneous" else None}
@@ -121,14 +142,19 @@ def run_one(run_dir: Path, cfg_dict: dict, *, redo: bool = False) -> tuple[list[
     sittings: list[list[float]] = []
     if wall_file.exists() and (run_dir / "metrics.jsonl").exists():
         if changed := differs(run_dir, cfg):
-            raise SystemExit(f"[compare_all_rules] {run_dir} was run with other settings than asked ({', '.join(changed)}): move it away, or pass --out elsewhere")
+            raise SystemExit(
+                f"[compare_all_rules] {run_dir} was run with other settings than asked ({', '.join(changed)}): move it away, or pass --out elsewhere"
+            )
         rows = read_metrics(run_dir)
         if len(rows) == cfg.num_rounds:
             return rows, json.loads(wall_file.read_text())["seconds"]
         if lengthens(run_dir, cfg_dict):
             cfg, sittings = to_config({**cfg_dict, "resume": str(run_dir)}), wall_sittings(wall_file)
         elif not redo:
-            print(f"[compare_all_rules] {run_dir.name}: kept as it is ({len(rows)} rounds, not {cfg.num_rounds}); --redo replaces it", flush=True)
+            print(
+                f"[compare_all_rules] {run_dir.name}: kept as it is ({len(rows)} rounds, not {cfg.num_rounds}); --redo replaces it",
+                flush=True,
+            )
             return None
     started, begun = time.perf_counter(), time.time()
     rows = execute(cfg, run_dir)
@@ -148,7 +174,11 @@ def differs(run_dir: Path, cfg) -> list[str]:
 
     saved = report.flatten(to_container(to_config(OmegaConf.load(run_dir / "config.yaml"))), encode=False)
     asked = report.flatten(to_container(cfg), encode=False)
-    return [f"{k}: {saved.get(k)!r} there, {asked.get(k)!r} asked" for k in sorted(saved.keys() | asked.keys()) if k not in ("num_rounds", "resume", "overwrite") and saved.get(k) != asked.get(k)]
+    return [
+        f"{k}: {saved.get(k)!r} there, {asked.get(k)!r} asked"
+        for k in sorted(saved.keys() | asked.keys())
+        if k not in ("num_rounds", "resume", "overwrite") and saved.get(k) != asked.get(k)
+    ]
 
 
 def finished(run_dir: Path, rounds: int) -> bool:
@@ -194,8 +224,8 @@ def validation_score(run_dir: Path) -> tuple[float, float]:
     from fedpeft.data.partition import prepare
     from fedpeft.models import adapters as models
     from fedpeft.server.evaluation import ServerEvaluator, initial_adapter
-    from fedpeft.training.local import evaluate
     from fedpeft.strategies import get_strategy
+    from fedpeft.training.local import evaluate
 
     cfg = to_config(OmegaConf.load(run_dir / "config.yaml"))
     rule = get_strategy(cfg.strategy.name)
@@ -209,7 +239,9 @@ def validation_score(run_dir: Path) -> tuple[float, float]:
     model = evaluator.load(strategy.global_model())
     tokenizer = models.load_tokenizer(cfg.model)
     val = [e for k in range(cfg.num_clients) for e in encode_config(cfg, data.client_split(k)[1], tokenizer)]
-    loader = make_loader(val, pad_token_id=tokenizer.pad_token_id, batch_size=64, shuffle=False, collate_fn=collator_for(cfg, tokenizer))
+    loader = make_loader(
+        val, pad_token_id=tokenizer.pad_token_id, batch_size=64, shuffle=False, collate_fn=collator_for(cfg, tokenizer)
+    )
     result = evaluate(model, loader, device=evaluator.cm.device)
     return result.accuracy, -result.loss
 
@@ -226,7 +258,9 @@ def sweep_score(run_dir: Path, rounds: int) -> tuple[float, float]:
     if scored(run_dir, rounds):
         return tuple(json.loads(kept.read_text())["score"])
     if len(read_metrics(run_dir)) != rounds:
-        raise SystemExit(f"{run_dir.name} ran {len(read_metrics(run_dir))} rounds and has no sweep_score.json for {rounds}: rerun it with --redo or into a new --out")
+        raise SystemExit(
+            f"{run_dir.name} ran {len(read_metrics(run_dir))} rounds and has no sweep_score.json for {rounds}: rerun it with --redo or into a new --out"
+        )
     score = validation_score(run_dir)
     kept.write_text(json.dumps({"rounds": rounds, "score": list(score)}))
     return score
@@ -269,18 +303,25 @@ def flatness(results: dict[tuple[str, str], list[Path]]) -> str:
     text = "; ".join(f"{setting}: {', '.join(parts)}" for setting, parts in by_setting.items())
     if by_seed:
         text += ". By seed, over the homogeneous and heterogeneous groups: " + ", ".join(
-            f"seed {seed} {sum(v) / len(v):+.1f} (from {min(v):+.1f} to {max(v):+.1f})" for seed, v in sorted(by_seed.items(), key=lambda kv: str(kv[0]))
+            f"seed {seed} {sum(v) / len(v):+.1f} (from {min(v):+.1f} to {max(v):+.1f})"
+            for seed, v in sorted(by_seed.items(), key=lambda kv: str(kv[0]))
         )
     return text
 
 
-def table(results: dict[tuple[str, str], list[Path]], lrs: dict[str, float], args: argparse.Namespace, every_run: list[Path]) -> str:
+def table(
+    results: dict[tuple[str, str], list[Path]], lrs: dict[str, float], args: argparse.Namespace, every_run: list[Path]
+) -> str:
     """The results table, made by :mod:`fedpeft.report` from the run directories (one group per setting and rule)."""
     groups = []
     for (setting, rule), dirs in results.items():
         bound = setting in ("reference", "local")
         lr = f"{lrs[lr_name(setting, rule)]:g}"
-        key = ("bound", {"reference": "centralised", "local": "local-only ‡"}[setting], lr) if bound else (setting, rule, lr)
+        key = (
+            ("bound", {"reference": "centralised", "local": "local-only ‡"}[setting], lr)
+            if bound
+            else (setting, rule, lr)
+        )
         groups.append(report.Group(columns=("setting", "rule", "lr"), key=key, runs=report.load_runs(dirs)))
     groups.sort(key=lambda g: g.key[0] == "bound")  # the bounds last
     target, target_label = report.reference_target(results[("reference", "centralized")], 0.9)
@@ -324,7 +365,10 @@ def plot(out: Path, results: dict[tuple[str, str], list[Path]]) -> None:
     settings = sorted({s for s, _ in results if s not in bounds})
     names = list(dict.fromkeys(rule for _, rule in results))  # one colour per rule in every panel
     colors = {rule: plt.get_cmap("tab20")(i % 20) for i, rule in enumerate(names)}
-    for x_key, name, label in (("round", "accuracy_vs_round.png", "round"), ("bytes", "accuracy_vs_bytes.png", "cumulative MB per client (up + down)")):
+    for x_key, name, label in (
+        ("round", "accuracy_vs_round.png", "round"),
+        ("bytes", "accuracy_vs_bytes.png", "cumulative MB per client (up + down)"),
+    ):
         fig, axes = plt.subplots(1, len(settings), figsize=(6 * len(settings), 4.5), sharey=True, squeeze=False)
         for ax, setting in zip(axes[0], settings):
             for (s, rule), dirs in results.items():
@@ -333,9 +377,19 @@ def plot(out: Path, results: dict[tuple[str, str], list[Path]]) -> None:
                 runs = report.load_runs(dirs)
                 rows = runs[0].rows
                 accs = report.mean_curve(runs)
-                xs = [r["round"] for r in rows] if x_key == "round" else [(r["cumulative_bytes_up"] + r["cumulative_bytes_down"]) / 1e6 / 10 for r in rows]
+                xs = (
+                    [r["round"] for r in rows]
+                    if x_key == "round"
+                    else [(r["cumulative_bytes_up"] + r["cumulative_bytes_down"]) / 1e6 / 10 for r in rows]
+                )
                 shown = [(x, 100 * a) for x, a in zip(xs, accs) if a is not None]
-                ax.plot(*zip(*shown), marker=".", label=rule + (" †" if runs[0].accuracy_key != "test_accuracy" else ""), linestyle="--" if s in bounds else "-", color=colors[rule])
+                ax.plot(
+                    *zip(*shown),
+                    marker=".",
+                    label=rule + (" †" if runs[0].accuracy_key != "test_accuracy" else ""),
+                    linestyle="--" if s in bounds else "-",
+                    color=colors[rule],
+                )
             ax.set_title(setting)
             ax.set_xlabel(label)
             ax.grid(alpha=0.3)
@@ -366,33 +420,110 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--lrs", type=float, nargs="+", default=[5e-3, 1e-2, 2e-2, 4e-2])
-    parser.add_argument("--widen", type=int, default=2, help="a pick at the grid's top (bottom) is tried at twice (half) the rate, up to this many times")
+    parser.add_argument(
+        "--widen",
+        type=int,
+        default=2,
+        help="a pick at the grid's top (bottom) is tried at twice (half) the rate, up to this many times",
+    )
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--local-steps", type=int, default=2)
-    parser.add_argument("--clients-per-round", type=int, default=10, help="of the 10 clients (the centralised reference trains this × --local-steps steps a round)")
-    parser.add_argument("--lr-decay", type=float, default=0.9, help="client.lr_decay of every run, the bounds' too: round t trains at lr · decay^(t-1) (1: constant)")
+    parser.add_argument(
+        "--clients-per-round",
+        type=int,
+        default=10,
+        help="of the 10 clients (the centralised reference trains this × --local-steps steps a round)",
+    )
+    parser.add_argument(
+        "--lr-decay",
+        type=float,
+        default=0.9,
+        help="client.lr_decay of every run, the bounds' too: round t trains at lr · decay^(t-1) (1: constant)",
+    )
     parser.add_argument("--max-length", type=int, default=32)
-    parser.add_argument("--autocast", default="bfloat16", choices=["bfloat16", "none"], help="model.autocast of every run: the forward in bf16; weights, gradients (DP's per-sample ones too) and adapter float32")
-    parser.add_argument("--eval-every", type=int, default=2, help="test-split evaluation every k rounds and after the last (the bounds' local-only runs: every rounds/4)")
+    parser.add_argument(
+        "--autocast",
+        default="bfloat16",
+        choices=["bfloat16", "none"],
+        help="model.autocast of every run: the forward in bf16; weights, gradients (DP's per-sample ones too) and adapter float32",
+    )
+    parser.add_argument(
+        "--eval-every",
+        type=int,
+        default=2,
+        help="test-split evaluation every k rounds and after the last (the bounds' local-only runs: every rounds/4)",
+    )
     parser.add_argument("--max-samples", type=int, default=None)
-    parser.add_argument("--local-lrs", type=float, nargs="+", default=None, help="the local-only bound's learning-rate grid (default: --lrs)")
+    parser.add_argument(
+        "--local-lrs",
+        type=float,
+        nargs="+",
+        default=None,
+        help="the local-only bound's learning-rate grid (default: --lrs)",
+    )
     parser.add_argument("--epsilon", type=float, default=3.0)
     parser.add_argument("--rules", nargs="+", default=RULES)
-    parser.add_argument("--quick", action="store_true", help="1 seed, 2 rounds, 2 local steps, 300 examples, one lr: checks the pipeline")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="1 seed, 2 rounds, 2 local steps, 300 examples, one lr: checks the pipeline",
+    )
     parser.add_argument("--no-docs", action="store_true", help="leave docs/results.md and its plots as they are")
-    parser.add_argument("--runs-only", action="store_true", help="only the given rules' runs (no reference, no table): for parallel invocations over disjoint --rules")
-    parser.add_argument("--finished-only", action="store_true", help="the table and plots from the runs that finished; run nothing")
-    parser.add_argument("--bounds-only", action="store_true", help="only the centralised and local-only runs (for a parallel invocation)")
-    parser.add_argument("--settings", nargs="+", default=["homogeneous", "heterogeneous", "dp"], help="which of the federated settings to run (the order of a sweep run in parts)")
-    parser.add_argument("--lrs-from", default=None, help="take every rate from this learning_rates.json (a finished sweep's picks) instead of sweeping: to lengthen a sweep's runs without its sweep")
-    parser.add_argument("--dp-rounds", type=int, default=0, help="rounds of the DP runs (0: --rounds); ε is reached over them")
-    parser.add_argument("--redo", action="store_true", help="replace a finished run of other rounds that cannot be lengthened (DP, the bounds)")
-    parser.add_argument("--sweep-rounds", type=int, default=8, help="rounds of the learning-rate sweep's runs; the picked rate's run is then lengthened to --rounds (with --lrs-from: the rounds that sweep ran, for the table's text)")
-    parser.add_argument("--engine", default="batched", choices=["ray", "batched"], help="the simulation engine (engine.name); batched trains the clients of a round in one pass over one base")
+    parser.add_argument(
+        "--runs-only",
+        action="store_true",
+        help="only the given rules' runs (no reference, no table): for parallel invocations over disjoint --rules",
+    )
+    parser.add_argument(
+        "--finished-only", action="store_true", help="the table and plots from the runs that finished; run nothing"
+    )
+    parser.add_argument(
+        "--bounds-only",
+        action="store_true",
+        help="only the centralised and local-only runs (for a parallel invocation)",
+    )
+    parser.add_argument(
+        "--settings",
+        nargs="+",
+        default=["homogeneous", "heterogeneous", "dp"],
+        help="which of the federated settings to run (the order of a sweep run in parts)",
+    )
+    parser.add_argument(
+        "--lrs-from",
+        default=None,
+        help="take every rate from this learning_rates.json (a finished sweep's picks) instead of sweeping: to lengthen a sweep's runs without its sweep",
+    )
+    parser.add_argument(
+        "--dp-rounds", type=int, default=0, help="rounds of the DP runs (0: --rounds); ε is reached over them"
+    )
+    parser.add_argument(
+        "--redo",
+        action="store_true",
+        help="replace a finished run of other rounds that cannot be lengthened (DP, the bounds)",
+    )
+    parser.add_argument(
+        "--sweep-rounds",
+        type=int,
+        default=8,
+        help="rounds of the learning-rate sweep's runs; the picked rate's run is then lengthened to --rounds (with --lrs-from: the rounds that sweep ran, for the table's text)",
+    )
+    parser.add_argument(
+        "--engine",
+        default="batched",
+        choices=["ray", "batched"],
+        help="the simulation engine (engine.name); batched trains the clients of a round in one pass over one base",
+    )
     parser.add_argument("--out", default=str(REPO / "experiments" / "results" / "compare_all_rules"))
     args = parser.parse_args()
     if args.quick:
-        args.seeds, args.lrs, args.rounds, args.local_steps, args.max_samples, args.max_length = [0], [5e-3], 2, 2, 300, 32
+        args.seeds, args.lrs, args.rounds, args.local_steps, args.max_samples, args.max_length = (
+            [0],
+            [5e-3],
+            2,
+            2,
+            300,
+            32,
+        )
         args.sweep_rounds, args.dp_rounds, args.eval_every, args.widen = 1, 2, 1, 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -407,12 +538,18 @@ def main() -> None:
         if args.finished_only and not finished(out / "runs" / name, rounds or rounds_of(setting, args)):
             print(f"[compare_all_rules] {name}: not run yet (left out)", flush=True)
             return None
-        done = run_one(out / "runs" / name, run_config(rule=rule, setting=setting, seed=seed, lr=lr, args=args, rounds=rounds), redo=args.redo)
+        done = run_one(
+            out / "runs" / name,
+            run_config(rule=rule, setting=setting, seed=seed, lr=lr, args=args, rounds=rounds),
+            redo=args.redo,
+        )
         if done is None:
             return None
         _, wall = done
         (done,) = report.load_runs([out / "runs" / name])
-        print(f"[compare_all_rules] {name}: accuracy {100 * (done.final_accuracy or 0):.1f}% in {wall:.0f} s", flush=True)
+        print(
+            f"[compare_all_rules] {name}: accuracy {100 * (done.final_accuracy or 0):.1f}% in {wall:.0f} s", flush=True
+        )
         return out / "runs" / name
 
     def bounds() -> dict[tuple[str, str], list[Path]]:
@@ -427,12 +564,18 @@ def main() -> None:
         for name, (setting, score) in picks.items():
             if picked is not None:
                 lrs[name] = picked[name]
-                found[(setting, name)] = [d for d in (run(setting, None, seed, lrs[name]) for seed in args.seeds) if d is not None]
+                found[(setting, name)] = [
+                    d for d in (run(setting, None, seed, lrs[name]) for seed in args.seeds) if d is not None
+                ]
                 continue
             grid = args.local_lrs if setting == "local" and args.local_lrs else args.lrs
-            lrs[name], scores = pick_rate(lambda lr: score(read_metrics(run(setting, None, args.seeds[0], lr))), grid, widen=args.widen)
+            lrs[name], scores = pick_rate(
+                lambda lr: score(read_metrics(run(setting, None, args.seeds[0], lr))), grid, widen=args.widen
+            )
             print(f"[compare_all_rules] {name}: score by lr {scores}; picked {lrs[name]:g}", flush=True)
-            found[(setting, name)] = [d for d in (run(setting, None, seed, lrs[name]) for seed in args.seeds) if d is not None]
+            found[(setting, name)] = [
+                d for d in (run(setting, None, seed, lrs[name]) for seed in args.seeds) if d is not None
+            ]
         return found
 
     lrs: dict[str, float] = {}
@@ -443,7 +586,9 @@ def main() -> None:
     # 1. the learning-rate sweeps: client validation accuracy of the last round, seed 0, homogeneous
     #    ranks; DP-SGD's own (noise changes which rate is best), in runs of its own calibrated to
     #    ε over --sweep-rounds
-    sweeps = [("homogeneous", r) for r in args.rules] + [("dp", r) for r in DP_RULES if r in args.rules and "dp" in args.settings]
+    sweeps = [("homogeneous", r) for r in args.rules] + [
+        ("dp", r) for r in DP_RULES if r in args.rules and "dp" in args.settings
+    ]
     for setting, rule in sweeps:
         name = lr_name(setting, rule)
         if picked is not None:
@@ -457,10 +602,14 @@ def main() -> None:
             args.lrs,
             widen=args.widen,
         )
-        print(f"[compare_all_rules] {name}: validation (accuracy, -loss) by lr {scores}; picked {lrs[name]:g}", flush=True)
+        print(
+            f"[compare_all_rules] {name}: validation (accuracy, -loss) by lr {scores}; picked {lrs[name]:g}", flush=True
+        )
     # 2. every setting at the chosen rate, every seed
     results: dict[tuple[str, str], list[Path]] = {}
-    plan = [("homogeneous", r) for r in args.rules] + [("heterogeneous", r) for r in args.rules if r not in EQUAL_RANKS_ONLY]
+    plan = [("homogeneous", r) for r in args.rules] + [
+        ("heterogeneous", r) for r in args.rules if r not in EQUAL_RANKS_ONLY
+    ]
     plan += [("dp", r) for r in DP_RULES if r in args.rules]
     plan = [(setting, rule) for setting, rule in plan if setting in args.settings]
     for seed in args.seeds:
@@ -471,7 +620,9 @@ def main() -> None:
         return
     results.update(bounds())
     (out / "learning_rates.json").write_text(json.dumps(lrs, indent=1))
-    every_run = sorted(d for d in (out / "runs").iterdir() if (d / "wall.json").exists())  # the sweep's runs too, read or not
+    every_run = sorted(
+        d for d in (out / "runs").iterdir() if (d / "wall.json").exists()
+    )  # the sweep's runs too, read or not
     text = table(results, lrs, args, every_run)
     (out / "results.md").write_text(text)
     plot(out, results)

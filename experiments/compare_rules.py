@@ -100,7 +100,10 @@ def plot(out: Path, results: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    for x_key, name, label in (("round", "accuracy_vs_round.png", "round"), ("bytes", "accuracy_vs_bytes.png", "cumulative MB (up + down)")):
+    for x_key, name, label in (
+        ("round", "accuracy_vs_round.png", "round"),
+        ("bytes", "accuracy_vs_bytes.png", "cumulative MB (up + down)"),
+    ):
         fig, axes = plt.subplots(1, len(SETTINGS), figsize=(6 * len(SETTINGS), 4), sharey=True)
         for ax, setting in zip(axes, SETTINGS):
             for (s, rule), runs in results.items():
@@ -109,8 +112,14 @@ def plot(out: Path, results: dict) -> None:
                 rows = runs[0]["rows"]
                 rounds = [r["round"] for r in rows]
                 accs = [statistics.mean(run["rows"][i]["test_accuracy"] for run in runs) for i in range(len(rows))]
-                xs = rounds if x_key == "round" else [(r["cumulative_bytes_up"] + r["cumulative_bytes_down"]) / 1e6 for r in rows]
-                ax.plot(xs, [100 * a for a in accs], marker="o", label=rule, linestyle="--" if s == "reference" else "-")
+                xs = (
+                    rounds
+                    if x_key == "round"
+                    else [(r["cumulative_bytes_up"] + r["cumulative_bytes_down"]) / 1e6 for r in rows]
+                )
+                ax.plot(
+                    xs, [100 * a for a in accs], marker="o", label=rule, linestyle="--" if s == "reference" else "-"
+                )
             ax.set_title(setting)
             ax.set_xlabel(label)
             ax.grid(alpha=0.3)
@@ -136,12 +145,22 @@ def main() -> None:
     for seed in args.seeds:
         for setting, rule in plan:
             ranks = SETTINGS.get(setting)
-            cfg = run_config(rule=None if rule == "centralized" else rule, ranks=ranks, seed=seed, rounds=args.rounds, max_length=args.max_length, steps=args.local_steps)
+            cfg = run_config(
+                rule=None if rule == "centralized" else rule,
+                ranks=ranks,
+                seed=seed,
+                rounds=args.rounds,
+                max_length=args.max_length,
+                steps=args.local_steps,
+            )
             run_dir = out / "runs" / f"{setting}-{rule}-seed{seed}"
             rows = run_one(run_dir, cfg)
             wall = json.loads((run_dir / "wall.json").read_text())["seconds"]
             results.setdefault((setting, rule), []).append({"rows": rows, "wall": wall})
-            print(f"[compare_rules] {setting:13s} {rule:11s} seed {seed}: accuracy {100 * rows[-1]['test_accuracy']:.1f}% in {wall:.0f} s", flush=True)
+            print(
+                f"[compare_rules] {setting:13s} {rule:11s} seed {seed}: accuracy {100 * rows[-1]['test_accuracy']:.1f}% in {wall:.0f} s",
+                flush=True,
+            )
             summarise(out, results, args.seeds)
     print(summarise(out, results, args.seeds))
     plot(out, results)

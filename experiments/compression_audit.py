@@ -36,8 +36,8 @@ RULES = ["fedavg", "ffa_lora"]
 
 def run(overrides: list[str], run_dir: Path) -> list[dict]:
     """``python -m fedpeft.run <overrides>`` into ``run_dir`` (skipped when it finished before)."""
-    from fedpeft.models import adapters as models
     from fedpeft.cli.configs import compose_config
+    from fedpeft.models import adapters as models
     from fedpeft.run import execute
 
     done = run_dir / "wall.json"
@@ -59,9 +59,9 @@ def codec_ratios(args, out: Path) -> list[str]:
     import torch
     from flwr.app import Array
 
-    from fedpeft.models import adapters as models
-    from fedpeft.compression.compeft import ComPEFT, encode_update, payload_nbytes
     from fedpeft.cli.configs import compose_config
+    from fedpeft.compression.compeft import ComPEFT, encode_update, payload_nbytes
+    from fedpeft.models import adapters as models
     from fedpeft.protocol.records import LORA_A_SUFFIX, state_nbytes
 
     cfg = compose_config([])
@@ -77,22 +77,35 @@ def codec_ratios(args, out: Path) -> list[str]:
         "| uploads | density | dense bytes | ComPEFT bytes | ratio | ratio with .npy headers |",
         "|---|---|---|---|---|---|",
     ]
-    for rule, keys in (("fedavg (A, B, head)", list(trained)), ("ffa_lora (B, head)", [k for k in trained if not k.endswith(LORA_A_SUFFIX)])):
+    for rule, keys in (
+        ("fedavg (A, B, head)", list(trained)),
+        ("ffa_lora (B, head)", [k for k in trained if not k.endswith(LORA_A_SUFFIX)]),
+    ):
         up = {k: trained[k] for k in keys}
         dense = state_nbytes(up)
         dense_npy = sum(len(Array(v.numpy()).data) for v in up.values())
         for density in args.densities:
             packed, _ = encode_update(up, {k: start[k] for k in keys}, ComPEFT(density=density))
             npy = sum(len(Array(a).data) for a in packed.values())
-            lines.append(f"| {rule} | {density:g} | {dense} | {payload_nbytes(packed)} | {dense / payload_nbytes(packed):.1f}× | {dense_npy / npy:.1f}× |")
+            lines.append(
+                f"| {rule} | {density:g} | {dense} | {payload_nbytes(packed)} | {dense / payload_nbytes(packed):.1f}× | {dense_npy / npy:.1f}× |"
+            )
     return lines
 
 
 def compression_sweep(args, out: Path) -> list[str]:
-    base = [f"num_rounds={args.rounds}", f"model.max_length={args.max_length}", f"num_clients={args.clients}", f"clients_per_round={args.per_round}"]
+    base = [
+        f"num_rounds={args.rounds}",
+        f"model.max_length={args.max_length}",
+        f"num_clients={args.clients}",
+        f"clients_per_round={args.per_round}",
+    ]
     base += [f"client.local_steps={args.local_steps}"] if args.local_steps else []
     settings = [("dense", [])] + [
-        (f"compeft d={d:g}{' +EF' if ef else ''}", ["compression=compeft", f"compression.density={d}", f"compression.error_feedback={str(ef).lower()}"])
+        (
+            f"compeft d={d:g}{' +EF' if ef else ''}",
+            ["compression=compeft", f"compression.density={d}", f"compression.error_feedback={str(ef).lower()}"],
+        )
         for d in args.densities
         for ef in (False, True)
     ]
@@ -102,10 +115,15 @@ def compression_sweep(args, out: Path) -> list[str]:
         for rule in RULES:
             for name, extra in settings:
                 tag = name.replace(" ", "").replace("=", "").replace("+", "-")
-                rows = run([f"strategy={rule}", f"seed={seed}", *base, *extra], out / "runs" / f"{rule}-{tag}-seed{seed}")
+                rows = run(
+                    [f"strategy={rule}", f"seed={seed}", *base, *extra], out / "runs" / f"{rule}-{tag}-seed{seed}"
+                )
                 results.setdefault((rule, name), []).append(rows)
                 dirs.setdefault((rule, name), []).append(out / "runs" / f"{rule}-{tag}-seed{seed}")
-                print(f"[compression] {rule:9s} {name:18s} seed {seed}: acc {100 * rows[-1]['test_accuracy']:.1f}%  up {rows[-1]['cumulative_bytes_up'] / 1e6:.3f} MB", flush=True)
+                print(
+                    f"[compression] {rule:9s} {name:18s} seed {seed}: acc {100 * rows[-1]['test_accuracy']:.1f}%  up {rows[-1]['cumulative_bytes_up'] / 1e6:.3f} MB",
+                    flush=True,
+                )
     lines = [
         f"ComPEFT on the uplink (scale α·std(Δ), α = 1): {args.clients} clients, {args.per_round} per round (Dirichlet α = 0.5), {args.rounds} rounds"
         f"{f' of {args.local_steps} local steps' if args.local_steps else ''}, "
@@ -115,11 +133,16 @@ def compression_sweep(args, out: Path) -> list[str]:
         "|---|---|---|---|---|",
     ]
     for rule in RULES:  # the figures are fedpeft.report's summary of each setting's run directories
-        summary = {name: report.summarise(report.Group(columns=(), key=(), runs=report.load_runs(dirs[(rule, name)]))) for name, _ in settings}
+        summary = {
+            name: report.summarise(report.Group(columns=(), key=(), runs=report.load_runs(dirs[(rule, name)])))
+            for name, _ in settings
+        }
         for name, _ in settings:
             s = summary[name]
             acc = report.pm(s["final_accuracy_mean"], s["final_accuracy_std"], scale=100)
-            lines.append(f"| {rule} | {name} | {acc} | {s['mb_up']:.3f} | {summary['dense']['mb_up'] / s['mb_up']:.1f}× |")
+            lines.append(
+                f"| {rule} | {name} | {acc} | {s['mb_up']:.3f} | {summary['dense']['mb_up'] / s['mb_up']:.1f}× |"
+            )
     plot_uplink(results, settings, out)
     return lines
 
@@ -167,12 +190,19 @@ def audit_sweep(args, out: Path) -> list[str]:
         "|---|---|---|---|---|---|",
     ]
     base = [
-        "+exp=fedavg_dp", f"num_rounds={args.audit_rounds or args.rounds}", f"model.max_length={args.max_length}", f"client.local_steps={args.audit_steps}",
-        "audit.enabled=true", f"audit.max_examples={args.audit_examples}", f"client.batch_size={args.audit_batch}",
+        "+exp=fedavg_dp",
+        f"num_rounds={args.audit_rounds or args.rounds}",
+        f"model.max_length={args.max_length}",
+        f"client.local_steps={args.audit_steps}",
+        "audit.enabled=true",
+        f"audit.max_examples={args.audit_examples}",
+        f"client.batch_size={args.audit_batch}",
         *([f"data.max_samples={args.audit_max_samples}"] if args.audit_max_samples else []),
     ]
     privacy = lambda eps: ["client.dp.enabled=false" if math.isinf(eps) else f"client.dp.target_epsilon={eps}"]  # noqa: E731
-    for eps, seed, run_dir, rows in privacy_runs(args, out, f"audit-n{args.audit_max_samples or 0}-b{args.audit_batch}", base, privacy):
+    for eps, seed, run_dir, rows in privacy_runs(
+        args, out, f"audit-n{args.audit_max_samples or 0}-b{args.audit_batch}", base, privacy
+    ):
         report = json.loads((run_dir / "audit.json").read_text())["membership"]
         per = max(v["auc"] for v in report["per_client"].values())
         label = "∞ (no DP)" if math.isinf(eps) else f"{eps:g}"
@@ -181,7 +211,10 @@ def audit_sweep(args, out: Path) -> list[str]:
             f"| {label} | {100 * rows[-1]['test_accuracy']:.1f} | {report['overall']['auc']:.3f} | {report['overall']['calibrated_auc']:.3f} | {per:.3f} | "
             f"{'—' if math.isinf(eps) else f'{spent:.2f}'} |"
         )
-        print(f"[audit] ε={eps:g} seed {seed}: AUC {report['overall']['auc']:.3f} calibrated {report['overall']['calibrated_auc']:.3f}", flush=True)
+        print(
+            f"[audit] ε={eps:g} seed {seed}: AUC {report['overall']['auc']:.3f} calibrated {report['overall']['calibrated_auc']:.3f}",
+            flush=True,
+        )
     return lines
 
 
@@ -199,11 +232,19 @@ def exposure_sweep(args, out: Path) -> list[str]:
         "|---|---|---|---|---|---|---|---|",
     ]
     base = [
-        "+exp=llm_tiny", f"num_rounds={args.llm_rounds}", f"client.local_steps={args.llm_steps}", f"client.lr={args.llm_lr}", "audit.enabled=true",
+        "+exp=llm_tiny",
+        f"num_rounds={args.llm_rounds}",
+        f"client.local_steps={args.llm_steps}",
+        f"client.lr={args.llm_lr}",
+        "audit.enabled=true",
         *([f"data.max_samples={args.llm_max_samples}"] if args.llm_max_samples else []),
-        f"audit.canaries={args.canaries}", f"audit.canary_repeats={args.canary_repeats}", f"audit.max_examples={args.audit_examples}",
+        f"audit.canaries={args.canaries}",
+        f"audit.canary_repeats={args.canary_repeats}",
+        f"audit.max_examples={args.audit_examples}",
     ]
-    privacy = lambda eps: [] if math.isinf(eps) else ["client=dp", f"client.dp.target_epsilon={eps}", "client.dp.noise_multiplier=null"]  # noqa: E731
+    privacy = lambda eps: (
+        [] if math.isinf(eps) else ["client=dp", f"client.dp.target_epsilon={eps}", "client.dp.noise_multiplier=null"]
+    )  # noqa: E731
     name = f"canary-n{args.llm_max_samples or 0}-r{args.llm_rounds}-s{args.llm_steps}-lr{args.llm_lr:g}"
     for eps, seed, run_dir, rows in privacy_runs(args, out, name, base, privacy):
         audit = json.loads((run_dir / "audit.json").read_text())
@@ -223,24 +264,51 @@ def exposure_sweep(args, out: Path) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", nargs="+", default=["ratios", "a", "b"], choices=["ratios", "a", "b"], help="ratios: the codec alone, no training")
+    parser.add_argument(
+        "--part",
+        nargs="+",
+        default=["ratios", "a", "b"],
+        choices=["ratios", "a", "b"],
+        help="ratios: the codec alone, no training",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--per-round", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=48)
-    parser.add_argument("--local-steps", type=int, default=None, help="local steps per round in (a) (default: the client config's)")
+    parser.add_argument(
+        "--local-steps", type=int, default=None, help="local steps per round in (a) (default: the client config's)"
+    )
     parser.add_argument("--densities", type=float, nargs="+", default=[1.0, 0.2, 0.1, 0.05])
     parser.add_argument("--epsilons", type=float, nargs="+", default=[math.inf, 8.0, 3.0, 1.0], help="inf: without DP")
-    parser.add_argument("--audit-steps", type=int, default=30, help="local steps per round in (b): more steps, more memorisation to detect")
+    parser.add_argument(
+        "--audit-steps",
+        type=int,
+        default=30,
+        help="local steps per round in (b): more steps, more memorisation to detect",
+    )
     parser.add_argument("--audit-examples", type=int, default=200)
-    parser.add_argument("--audit-rounds", type=int, default=None, help="rounds of the membership runs in (b) (default: --rounds)")
-    parser.add_argument("--audit-max-samples", type=int, default=400, help="(b): the corpus cut to this many articles, so each client's few dozen are seen many times")
-    parser.add_argument("--audit-batch", type=int, default=16, help="(b): local batch size (DP's expected Poisson batch)")
+    parser.add_argument(
+        "--audit-rounds", type=int, default=None, help="rounds of the membership runs in (b) (default: --rounds)"
+    )
+    parser.add_argument(
+        "--audit-max-samples",
+        type=int,
+        default=400,
+        help="(b): the corpus cut to this many articles, so each client's few dozen are seen many times",
+    )
+    parser.add_argument(
+        "--audit-batch", type=int, default=16, help="(b): local batch size (DP's expected Poisson batch)"
+    )
     parser.add_argument("--llm-rounds", type=int, default=6, help="rounds of the canary runs in (b)")
     parser.add_argument("--llm-steps", type=int, default=60, help="local steps per round of the canary runs in (b)")
     parser.add_argument("--llm-lr", type=float, default=2e-3, help="learning rate of the canary runs in (b)")
-    parser.add_argument("--llm-max-samples", type=int, default=400, help="(b): the canary runs' corpus cut to this many articles (small clients memorise)")
+    parser.add_argument(
+        "--llm-max-samples",
+        type=int,
+        default=400,
+        help="(b): the canary runs' corpus cut to this many articles (small clients memorise)",
+    )
     parser.add_argument("--canaries", type=int, default=10)
     parser.add_argument("--skip-exposure", action="store_true", help="(b) without the canary runs on the tiny LLM")
     parser.add_argument("--canary-repeats", type=int, default=20)

@@ -32,7 +32,15 @@ from fedpeft.config.schema import to_config
 from fedpeft.data.encoding import encode_config
 from fedpeft.data.partition import prepare
 from fedpeft.models import adapters as models
-from fedpeft.privacy.audit import canary_examples, example_losses, exposure, make_canaries, membership_report, sequence_nll, subsample
+from fedpeft.privacy.audit import (
+    canary_examples,
+    example_losses,
+    exposure,
+    make_canaries,
+    membership_report,
+    sequence_nll,
+    subsample,
+)
 from fedpeft.server.evaluation import initial_adapter
 
 log = logging.getLogger("fedpeft")
@@ -46,7 +54,9 @@ def load_final_model(cfg, run_dir: Path, *, num_labels: int, device: torch.devic
         cls = AutoModelForSequenceClassification if cfg.model.task == "seq_cls" else AutoModelForCausalLM
         return cls.from_pretrained(run_dir / "final_model").to(device)
     if not (run_dir / "final_adapter").is_dir():
-        raise FileNotFoundError(f"{run_dir} has neither final_adapter/ nor final_model/: was the run finished with save_adapter=true?")
+        raise FileNotFoundError(
+            f"{run_dir} has neither final_adapter/ nor final_model/: was the run finished with save_adapter=true?"
+        )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)  # the head as every process of the run built it (overwritten by the adapter's copy)
         base = models.load_base_model(cfg.model, num_labels=num_labels)
@@ -82,23 +92,37 @@ def run_audit(run_dir: str | Path, *, cfg=None) -> dict[str, Any]:
     pad = tokenizer.pad_token_id
 
     def encode(ds) -> list:
-        return encode_config(cfg, ds, tokenizer)  # as the run trained on it (instruction data: its template, response-only labels)
+        return encode_config(
+            cfg, ds, tokenizer
+        )  # as the run trained on it (instruction data: its template, response-only labels)
 
     splits = [data.client_split(k) for k in range(cfg.num_clients)]
-    members = {k: subsample(encode(train), settings.max_examples, seed=cfg.seed + k) for k, (train, _) in enumerate(splits)}
+    members = {
+        k: subsample(encode(train), settings.max_examples, seed=cfg.seed + k) for k, (train, _) in enumerate(splits)
+    }
     held_out = encode(data.test) + [e for _, val in splits for e in encode(val)]
     nonmembers = subsample(held_out, settings.max_examples, seed=cfg.seed - 1)
 
     final = load_final_model(cfg, run_dir, num_labels=data.num_labels, device=device)
-    scores = {k: example_losses(final, ex, pad_token_id=pad, batch_size=settings.batch_size, device=device) for k, ex in members.items()}
+    scores = {
+        k: example_losses(final, ex, pad_token_id=pad, batch_size=settings.batch_size, device=device)
+        for k, ex in members.items()
+    }
     held = example_losses(final, nonmembers, pad_token_id=pad, batch_size=settings.batch_size, device=device)
     reference = round0_model(cfg, num_labels=data.num_labels, device=device)
-    scores_base = {k: example_losses(reference, ex, pad_token_id=pad, batch_size=settings.batch_size, device=device) for k, ex in members.items()}
+    scores_base = {
+        k: example_losses(reference, ex, pad_token_id=pad, batch_size=settings.batch_size, device=device)
+        for k, ex in members.items()
+    }
     held_base = example_losses(reference, nonmembers, pad_token_id=pad, batch_size=settings.batch_size, device=device)
     report: dict[str, Any] = {
         "run": run_dir.name,  # audit.json lies in the run directory: its name, no machine path
         "model": "final_model" if (run_dir / "final_model").is_dir() else "final_adapter",
-        "dp": {"enabled": cfg.client.dp.enabled, "target_epsilon": cfg.client.dp.target_epsilon, "noise_multiplier": cfg.client.dp.noise_multiplier},
+        "dp": {
+            "enabled": cfg.client.dp.enabled,
+            "target_epsilon": cfg.client.dp.target_epsilon,
+            "noise_multiplier": cfg.client.dp.noise_multiplier,
+        },
         "membership": membership_report(scores, held, members_base=scores_base, nonmembers_base=held_base),
         "participation": participation(run_dir),
     }
@@ -110,11 +134,25 @@ def run_audit(run_dir: str | Path, *, cfg=None) -> dict[str, Any]:
 
 def canary_report(model: torch.nn.Module, cfg, tokenizer, *, device: torch.device) -> dict[str, Any]:
     settings = cfg.audit
-    canaries = make_canaries(count=settings.canaries, candidates=settings.candidates, digits=settings.canary_digits, seed=cfg.seed)
+    canaries = make_canaries(
+        count=settings.canaries, candidates=settings.candidates, digits=settings.canary_digits, seed=cfg.seed
+    )
 
     pad = tokenizer.pad_token_id
-    canary_nll = sequence_nll(model, canary_examples(cfg, tokenizer, canaries, canaries.secrets), pad_token_id=pad, batch_size=settings.batch_size, device=device)
-    candidate_nll = sequence_nll(model, canary_examples(cfg, tokenizer, canaries, canaries.candidates), pad_token_id=pad, batch_size=settings.batch_size, device=device)
+    canary_nll = sequence_nll(
+        model,
+        canary_examples(cfg, tokenizer, canaries, canaries.secrets),
+        pad_token_id=pad,
+        batch_size=settings.batch_size,
+        device=device,
+    )
+    candidate_nll = sequence_nll(
+        model,
+        canary_examples(cfg, tokenizer, canaries, canaries.candidates),
+        pad_token_id=pad,
+        batch_size=settings.batch_size,
+        device=device,
+    )
     ranked = [exposure(float(c), candidate_nll) for c in canary_nll]
     bits = [e for e, _ in ranked]
     return {
@@ -144,19 +182,26 @@ def participation(run_dir: Path) -> dict[str, int]:
 def summary(report: dict[str, Any]) -> str:
     """A few lines for the console and the run's report."""
     overall = report["membership"]["overall"]
-    lines = [f"membership AUC {overall['auc']:.3f} (calibrated {overall['calibrated_auc']:.3f}), {overall['members']} members vs {overall['nonmembers']} held out"]
+    lines = [
+        f"membership AUC {overall['auc']:.3f} (calibrated {overall['calibrated_auc']:.3f}), {overall['members']} members vs {overall['nonmembers']} held out"
+    ]
     per = report["membership"]["per_client"]
     if per:
         aucs = [v["auc"] for v in per.values()]
         lines.append(f"per client AUC: min {min(aucs):.3f}, max {max(aucs):.3f}")
     if "canaries" in report:
         c = report["canaries"]
-        lines.append(f"canary exposure: mean {c['mean_exposure']:.2f} bits of at most {c['max_exposure']:.2f} ({c['count']} canaries x {c['repeats']} in client {c['client']})")
+        lines.append(
+            f"canary exposure: mean {c['mean_exposure']:.2f} bits of at most {c['max_exposure']:.2f} ({c['count']} canaries x {c['repeats']} in client {c['client']})"
+        )
     return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m fedpeft.audit", description="Membership inference and canary exposure of a finished fedpeft run.")
+    parser = argparse.ArgumentParser(
+        prog="python -m fedpeft.audit",
+        description="Membership inference and canary exposure of a finished fedpeft run.",
+    )
     parser.add_argument("run_dir", help="a run directory (holds config.yaml and final_adapter/ or final_model/)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -22,11 +22,15 @@ from fedpeft.engines.deploy.security import make_certificates, make_node_key
 
 
 def cli(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m fedpeft.deploy", description="TLS certificates and SuperNode keys for a deployment.")
+    parser = argparse.ArgumentParser(
+        prog="python -m fedpeft.deploy", description="TLS certificates and SuperNode keys for a deployment."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     certs = sub.add_parser("certs", help="a CA and a SuperLink certificate for the given hosts")
     certs.add_argument("out", type=Path)
-    certs.add_argument("--host", action="append", required=True, help="a name or IP the SuperLink is reached at (repeat)")
+    certs.add_argument(
+        "--host", action="append", required=True, help="a name or IP the SuperLink is reached at (repeat)"
+    )
     certs.add_argument("--days", type=int, default=365)
     node = sub.add_parser("node-key", help="a SuperNode authentication key pair (PATH and PATH.pub)")
     node.add_argument("path", type=Path)
@@ -37,7 +41,9 @@ def cli(argv: list[str] | None = None) -> None:
     )
     parts = sub.add_parser("partitions", help="write each client's partition of a run config as a node data folder")
     parts.add_argument("out", type=Path)
-    parts.add_argument("overrides", nargs="*", help="config keys as for fedpeft.run, e.g. num_clients=2 data.max_samples=600")
+    parts.add_argument(
+        "overrides", nargs="*", help="config keys as for fedpeft.run, e.g. num_clients=2 data.max_samples=600"
+    )
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["supernode"]:  # every other argument is flower-supernode's own
         try:

@@ -25,11 +25,11 @@ from omegaconf import OmegaConf
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from fedpeft.config.schema import Config, ModelConfig, to_config
 from fedpeft.data import instruct
+from fedpeft.evaluation import llm as llm_eval
 from fedpeft.models import llm
 from fedpeft.models.paths import resolve_model_path
-from fedpeft.evaluation import llm as llm_eval
-from fedpeft.config.schema import Config, ModelConfig, to_config
 
 
 class GenerateError(ValueError):
@@ -48,17 +48,23 @@ def load_run(run_dir: Path, *, device: str = "cpu") -> tuple[Config, Any, Any]:
         raise GenerateError(f"{str(run_dir)!r} is not a run directory (no config.yaml)")
     cfg = to_config(OmegaConf.load(run_dir / "config.yaml"))
     if cfg.model.task != "causal_lm":
-        raise GenerateError(f"run {str(run_dir)!r} trained a {cfg.model.task!r} model; generation needs model.task=causal_lm")
+        raise GenerateError(
+            f"run {str(run_dir)!r} trained a {cfg.model.task!r} model; generation needs model.task=causal_lm"
+        )
     kwargs = {"dtype": llm.DTYPES[cfg.model.dtype]}
     if (run_dir / "final_model").is_dir():
         model = AutoModelForCausalLM.from_pretrained(run_dir / "final_model", **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(run_dir / "final_model")
     elif (run_dir / "final_adapter").is_dir():
         path = base_path(cfg.model)
-        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path, **kwargs), run_dir / "final_adapter")
+        model = PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(path, **kwargs), run_dir / "final_adapter"
+        )
         tokenizer = AutoTokenizer.from_pretrained(path)
     else:
-        raise GenerateError(f"run {str(run_dir)!r} has neither final_adapter/ nor final_model/ (did it finish, with save_adapter=true?)")
+        raise GenerateError(
+            f"run {str(run_dir)!r} has neither final_adapter/ nor final_model/ (did it finish, with save_adapter=true?)"
+        )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return cfg, model.to(device).eval(), tokenizer
@@ -68,19 +74,40 @@ def prompt_row(item: dict[str, Any], *, line: int) -> dict[str, str]:
     """A prompts-file object as a normalised instruction row (its response left empty)."""
     if "messages" in item:
         turns = instruct.parse_messages([*item["messages"], {"role": "assistant", "content": ""}], row=line)
-        return {instruct.INSTRUCTION: turns[-2]["content"], instruct.INPUT: "", instruct.HISTORY: json.dumps(turns[:-2])}
+        return {
+            instruct.INSTRUCTION: turns[-2]["content"],
+            instruct.INPUT: "",
+            instruct.HISTORY: json.dumps(turns[:-2]),
+        }
     text = item.get("prompt", item.get("instruction"))
     if text is None:
-        raise GenerateError(f"prompts line {line}: expected 'prompt', 'instruction' or 'messages', got keys {sorted(item)}")
+        raise GenerateError(
+            f"prompts line {line}: expected 'prompt', 'instruction' or 'messages', got keys {sorted(item)}"
+        )
     return {instruct.INSTRUCTION: str(text), instruct.INPUT: str(item.get("input") or ""), instruct.HISTORY: "[]"}
 
 
-def generate_texts(cfg: Config, model, tokenizer, rows: list[dict[str, str]], *, max_new_tokens: int, batch_size: int = 8, device: str = "cpu") -> list[str]:
+def generate_texts(
+    cfg: Config,
+    model,
+    tokenizer,
+    rows: list[dict[str, str]],
+    *,
+    max_new_tokens: int,
+    batch_size: int = 8,
+    device: str = "cpu",
+) -> list[str]:
     prompts = [
-        instruct.prompt_ids(instruct.render(row, tokenizer, system_prompt=cfg.data.system_prompt, response=""), tokenizer, budget=cfg.model.max_length)[0]
+        instruct.prompt_ids(
+            instruct.render(row, tokenizer, system_prompt=cfg.data.system_prompt, response=""),
+            tokenizer,
+            budget=cfg.model.max_length,
+        )[0]
         for row in rows
     ]
-    return llm_eval.generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, device=device)
+    return llm_eval.generate(
+        model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, device=device
+    )
 
 
 def evaluate_run(run_dir: Path, *, device: str = "cpu") -> dict[str, Any]:
@@ -101,7 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--evaluate", action="store_true", help="print the run's evaluation metrics, recomputed from the saved model, as JSON")
+    parser.add_argument(
+        "--evaluate",
+        action="store_true",
+        help="print the run's evaluation metrics, recomputed from the saved model, as JSON",
+    )
     args = parser.parse_args(argv)
     if args.evaluate:
         print(json.dumps(evaluate_run(args.run_dir, device=args.device), sort_keys=True))
@@ -115,7 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         items, rows = [{"prompt": args.prompt}], [prompt_row({"prompt": args.prompt}, line=1)]
     cfg, model, tokenizer = load_run(args.run_dir, device=args.device)
-    outputs = generate_texts(cfg, model, tokenizer, rows, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, device=args.device)
+    outputs = generate_texts(
+        cfg, model, tokenizer, rows, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, device=args.device
+    )
     for item, output in zip(items, outputs):
         print(json.dumps({**item, "output": output}) if args.file is not None else output)
     return 0

@@ -56,7 +56,9 @@ class Run:
     @property
     def accuracy_key(self) -> str:
         """``test_accuracy``, or the clients' own models (``client_val_accuracy_mean``) for a run that never had a global one."""
-        if any(r.get("test_accuracy") is not None for r in self.rows) or not any(r.get(PERSONAL_ACCURACY) is not None for r in self.rows):
+        if any(r.get("test_accuracy") is not None for r in self.rows) or not any(
+            r.get(PERSONAL_ACCURACY) is not None for r in self.rows
+        ):
             return "test_accuracy"
         return PERSONAL_ACCURACY
 
@@ -137,7 +139,9 @@ def read_overrides(run_dir: Path) -> dict[str, str] | None:
 def read_config(run_dir: Path) -> dict[str, str]:
     path = run_dir / "config.yaml"
     if not path.is_file():
-        raise ReportError(f"run {str(run_dir)!r} has neither .hydra/overrides.yaml nor config.yaml: its settings are unknown")
+        raise ReportError(
+            f"run {str(run_dir)!r} has neither .hydra/overrides.yaml nor config.yaml: its settings are unknown"
+        )
     return flatten(yaml.safe_load(path.read_text()) or {})
 
 
@@ -162,7 +166,16 @@ def load_runs(run_dirs: Sequence[Path]) -> list[Run]:
                 audit = json.loads((d / "audit.json").read_text())
             except ValueError as err:
                 raise ReportError(f"{d / 'audit.json'}: not JSON ({err})") from None
-        runs.append(Run(path=d, rows=rows, seed=seed, settings=settings, num_clients=int(clients) if clients is not None else None, audit=audit))
+        runs.append(
+            Run(
+                path=d,
+                rows=rows,
+                seed=seed,
+                settings=settings,
+                num_clients=int(clients) if clients is not None else None,
+                audit=audit,
+            )
+        )
     return runs
 
 
@@ -231,7 +244,11 @@ def summarise(group: Group, *, target: float | None = None) -> dict[str, Any]:
     ``target``: an accuracy; the row then has ``rounds_to_target``, the first round whose mean
     accuracy over the group's runs reaches it (None: never)."""
     runs = group.runs
-    out: dict[str, Any] = {"runs": len(runs), "seeds": " ".join(str(r.seed) for r in runs), "accuracy": runs[0].accuracy_key}
+    out: dict[str, Any] = {
+        "runs": len(runs),
+        "seeds": " ".join(str(r.seed) for r in runs),
+        "accuracy": runs[0].accuracy_key,
+    }
     for name, values in (
         ("final_accuracy", [r.final_accuracy for r in runs]),
         ("best_accuracy", [r.best_accuracy for r in runs]),
@@ -243,8 +260,12 @@ def summarise(group: Group, *, target: float | None = None) -> dict[str, Any]:
     out["mb_down"] = statistics.mean(_last(r.rows, "cumulative_bytes_down") / 1e6 for r in runs)
     clients = [r.num_clients for r in runs]
     if all(clients):
-        out["mb_up_per_client"] = statistics.mean(_last(r.rows, "cumulative_bytes_up") / 1e6 / r.num_clients for r in runs)
-        out["mb_down_per_client"] = statistics.mean(_last(r.rows, "cumulative_bytes_down") / 1e6 / r.num_clients for r in runs)
+        out["mb_up_per_client"] = statistics.mean(
+            _last(r.rows, "cumulative_bytes_up") / 1e6 / r.num_clients for r in runs
+        )
+        out["mb_down_per_client"] = statistics.mean(
+            _last(r.rows, "cumulative_bytes_down") / 1e6 / r.num_clients for r in runs
+        )
     out["seconds"] = statistics.mean(sum(row.get("wall_seconds") or 0 for row in r.rows) for r in runs)
     if target is not None:
         out["rounds_to_target"] = rounds_to(runs, target)
@@ -262,7 +283,13 @@ def pm(mean: float | None, std: float | None, *, scale: float = 1.0, digits: int
     return text if std is None else f"{text} ± {scale * std:.{digits}f}"
 
 
-def markdown(columns: Sequence[str], groups: Sequence[Group], summaries: Sequence[Mapping[str, Any]], *, target_label: str | None = None) -> str:
+def markdown(
+    columns: Sequence[str],
+    groups: Sequence[Group],
+    summaries: Sequence[Mapping[str, Any]],
+    *,
+    target_label: str | None = None,
+) -> str:
     """The table: one row per group; MB per client where every run's client count is known, else
     over all clients; ``target_label`` names the rounds-to-target column (when the summaries have it)."""
     per_client = all("mb_up_per_client" in s for s in summaries)
@@ -287,10 +314,16 @@ def markdown(columns: Sequence[str], groups: Sequence[Group], summaries: Sequenc
         ]
         if target_label:
             cells.append("—" if s.get("rounds_to_target") is None else str(s["rounds_to_target"]))
-        cells += [pm(s.get(f"{name}_mean"), s.get(f"{name}_std"), digits=2 if name == "exposure" else 3) for name, _ in audited]
+        cells += [
+            pm(s.get(f"{name}_mean"), s.get(f"{name}_std"), digits=2 if name == "exposure" else 3)
+            for name, _ in audited
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     if any(s["accuracy"] == PERSONAL_ACCURACY for s in summaries):
-        lines += ["", "† no global model: the clients' own models on their validation slices (`client_val_accuracy_mean`), weighted by examples."]
+        lines += [
+            "",
+            "† no global model: the clients' own models on their validation slices (`client_val_accuracy_mean`), weighted by examples.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -300,10 +333,14 @@ def reference_target(paths: Sequence[str | Path], fraction: float) -> tuple[floa
     finals = [r.final_accuracy for r in runs if r.final_accuracy is not None]
     if not finals:
         raise ReportError(f"the reference runs {[str(p) for p in paths]} have no evaluated round")
-    return fraction * statistics.mean(finals), f"rounds to {100 * fraction:g} % of reference ({100 * statistics.mean(finals):.1f} %)"
+    return fraction * statistics.mean(
+        finals
+    ), f"rounds to {100 * fraction:g} % of reference ({100 * statistics.mean(finals):.1f} %)"
 
 
-def report(paths: Sequence[str | Path], out_dir: Path, *, reference: Sequence[str | Path] = (), fraction: float = 0.9) -> str:
+def report(
+    paths: Sequence[str | Path], out_dir: Path, *, reference: Sequence[str | Path] = (), fraction: float = 0.9
+) -> str:
     """Write ``report.md``, ``report.csv`` and the overlaid plots to ``out_dir``; returns the Markdown."""
     runs = load_runs(find_runs(paths))
     columns, groups = group_runs(runs)
@@ -317,7 +354,9 @@ def report(paths: Sequence[str | Path], out_dir: Path, *, reference: Sequence[st
         f"{len(runs)} runs, grouped by {', '.join(columns) or 'nothing (all runs alike)'}; mean ± std over seeds.\n\n{text}\nRuns:\n{sources}\n"
     )
     with (out_dir / "report.csv").open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=[*columns, *dict.fromkeys(k for s in summaries for k in s)])  # audited groups add columns
+        writer = csv.DictWriter(
+            fh, fieldnames=[*columns, *dict.fromkeys(k for s in summaries for k in s)]
+        )  # audited groups add columns
         writer.writeheader()
         for group, s in zip(groups, summaries):
             writer.writerow({**dict(zip(columns, group.key)), **{k: "" if v is None else v for k, v in s.items()}})
@@ -341,10 +380,26 @@ def default_out(paths: Sequence[str]) -> Path:
 
 def cli(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fedpeft.report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("paths", nargs="+", help="run directories, or directories holding runs (a Hydra multirun folder)")
-    parser.add_argument("--out", type=Path, help="where report.md, report.csv and the plots go (default: <multirun dir>/report or ./report)")
-    parser.add_argument("--reference", nargs="+", default=(), help="runs whose mean final accuracy is the target of a 'rounds to target' column (e.g. a mode=centralized run)")
-    parser.add_argument("--fraction", type=float, default=0.9, help="the target is this fraction of the reference's accuracy (default 0.9)")
+    parser.add_argument(
+        "paths", nargs="+", help="run directories, or directories holding runs (a Hydra multirun folder)"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="where report.md, report.csv and the plots go (default: <multirun dir>/report or ./report)",
+    )
+    parser.add_argument(
+        "--reference",
+        nargs="+",
+        default=(),
+        help="runs whose mean final accuracy is the target of a 'rounds to target' column (e.g. a mode=centralized run)",
+    )
+    parser.add_argument(
+        "--fraction",
+        type=float,
+        default=0.9,
+        help="the target is this fraction of the reference's accuracy (default 0.9)",
+    )
     args = parser.parse_args(argv)
     if not 0 < args.fraction <= 1:
         parser.error(f"--fraction must be in (0, 1], got {args.fraction}")

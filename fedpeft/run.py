@@ -29,13 +29,13 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from fedpeft.cli import console, signals
-from fedpeft.reporting import logs
 from fedpeft.cli.checks import check_config, check_run  # noqa: F401  (check_config: for callers of fedpeft.run)
+from fedpeft.cli.configs import register_configs
 from fedpeft.cli.errors import composition_error, one_line
 from fedpeft.cli.help import help_text
 from fedpeft.cli.resume import resume_advice
 from fedpeft.config.schema import Config, to_config
-from fedpeft.cli.configs import register_configs
+from fedpeft.reporting import logs
 from fedpeft.reporting.lines import pct
 
 log = logging.getLogger("fedpeft")
@@ -102,7 +102,9 @@ def claim_run_dir(cfg: Config, run_dir: Path) -> Path:
             raise RunDirError(f"resume={cfg.resume!r}: no such run directory")
         if cfg.mode in ("centralized", "local"):
             raise RunDirError("resume works for federated runs (mode=simulation or mode=deploy)")
-        from fedpeft.server.checkpoint import load_checkpoint  # imported when a run starts, not when fedpeft.run loads (--help, config errors)
+        from fedpeft.server.checkpoint import (
+            load_checkpoint,  # imported when a run starts, not when fedpeft.run loads (--help, config errors)
+        )
 
         state = load_checkpoint(run_dir, run_config(cfg))  # fails now, not after Ray started, if it does not fit
         if finished(state, cfg):
@@ -138,18 +140,28 @@ def launch(cfg: Config, run_dir: Path, *, data: Any = None) -> list[dict[str, An
         from fedpeft.data.partition import prepare
         from fedpeft.reporting.status import write_partition_report
 
-        data = data if data is not None else prepare(cfg.data, seed=cfg.seed, num_clients=cfg.num_clients, need_labels=cfg.model.task == "seq_cls")
+        data = (
+            data
+            if data is not None
+            else prepare(cfg.data, seed=cfg.seed, num_clients=cfg.num_clients, need_labels=cfg.model.task == "seq_cls")
+        )
         write_partition_report(data, cfg, run_dir)
     if cfg.mode == "centralized":
-        from fedpeft.server.baselines import run_centralized  # imported when a run starts, not when fedpeft.run loads (--help, config errors)
+        from fedpeft.server.baselines import (
+            run_centralized,  # imported when a run starts, not when fedpeft.run loads (--help, config errors)
+        )
 
         return run_centralized(cfg, run_dir)
     if cfg.mode == "local":
-        from fedpeft.server.baselines import run_local_only  # imported when a run starts, not when fedpeft.run loads (--help, config errors)
+        from fedpeft.server.baselines import (
+            run_local_only,  # imported when a run starts, not when fedpeft.run loads (--help, config errors)
+        )
 
         return run_local_only(cfg, run_dir)
     if cfg.mode == "deploy":
-        from fedpeft.engines.deploy.submit import submit  # imported when a run starts, not when fedpeft.run loads (--help, config errors)
+        from fedpeft.engines.deploy.submit import (
+            submit,  # imported when a run starts, not when fedpeft.run loads (--help, config errors)
+        )
 
         rows = submit(cfg, run_dir)
         results_dir = Path(cfg.deploy.run_dir or run_dir)
@@ -226,11 +238,20 @@ def main(dcfg: DictConfig) -> float | None:
         run_dir, state = done.args
         final = state["rows"][-1].get("test_accuracy") if state["rows"] else None
         discard(hydra_dir)
-        log.info("resume=%s: that run already finished (%d of %d rounds, final accuracy %s); nothing to resume", run_dir, state["round"], cfg.num_rounds, pct(final))
+        log.info(
+            "resume=%s: that run already finished (%d of %d rounds, final accuracy %s); nothing to resume",
+            run_dir,
+            state["round"],
+            cfg.num_rounds,
+            pct(final),
+        )
         return final
     except Exception as err:  # every start error: one line, no run directory
         discard(hydra_dir)
-        fail(one_line(err) + ("" if isinstance(err, ValueError) or verbose else " (verbose=true shows the traceback)"), verbose=verbose)
+        fail(
+            one_line(err) + ("" if isinstance(err, ValueError) or verbose else " (verbose=true shows the traceback)"),
+            verbose=verbose,
+        )
     if run_dir != hydra_dir:
         discard(hydra_dir)  # resume: the resumed run's directory is used, the fresh one is not needed
     # ------------------------------------------------------------- the run
@@ -241,19 +262,33 @@ def main(dcfg: DictConfig) -> float | None:
         save_hydra_files(run_dir, dcfg)
     from fedpeft.models.adapters import resolve_device
 
-    console.show(console.header_lines(cfg, run_dir, data=data, device=str(resolve_device(cfg.device)) if cfg.mode != "deploy" else None))
+    console.show(
+        console.header_lines(
+            cfg, run_dir, data=data, device=str(resolve_device(cfg.device)) if cfg.mode != "deploy" else None
+        )
+    )
 
     def stopped() -> list[tuple[str, Path | None]]:
         lines = [("stopped by Ctrl-C", run_log)]
         if cfg.mode == "deploy":
-            from fedpeft.engines.deploy.submit import stop_submitted  # imported when a run starts, not when fedpeft.run loads (--help, config errors)
+            from fedpeft.engines.deploy.submit import (
+                stop_submitted,  # imported when a run starts, not when fedpeft.run loads (--help, config errors)
+            )
 
             lines.append((stop_submitted(run_dir), run_log))
         if cfg.mode in ("centralized", "local"):
-            return [*lines, (f"a {'centralised' if cfg.mode == 'centralized' else 'local-only'} run cannot be resumed; its metrics so far are in {run_dir}", run_log)]
+            return [
+                *lines,
+                (
+                    f"a {'centralised' if cfg.mode == 'centralized' else 'local-only'} run cannot be resumed; its metrics so far are in {run_dir}",
+                    run_log,
+                ),
+            ]
         return [*lines, (resume_advice(results_dir, overrides), run_log)]
 
-    results_dir = Path(cfg.deploy.run_dir).expanduser() if cfg.mode == "deploy" and cfg.deploy.run_dir else run_dir  # where checkpoints go
+    results_dir = (
+        Path(cfg.deploy.run_dir).expanduser() if cfg.mode == "deploy" and cfg.deploy.run_dir else run_dir
+    )  # where checkpoints go
     signals.on_interrupt(stopped)
     started = time.perf_counter()
     try:
@@ -265,7 +300,11 @@ def main(dcfg: DictConfig) -> float | None:
         log.error("%s", one_line(err))
         log.info("%s", resume_advice(results_dir, overrides))
         signals.stop_now(1)  # Flower's threads may still wait for replies: do not wait for them
-    console.show(console.summary_lines(rows, cfg=cfg, run_dir=run_dir, seconds=time.perf_counter() - started, num_labels=data.num_labels))
+    console.show(
+        console.summary_lines(
+            rows, cfg=cfg, run_dir=run_dir, seconds=time.perf_counter() - started, num_labels=data.num_labels
+        )
+    )
     return rows[-1].get("test_accuracy") if rows else None  # for Hydra sweepers
 
 

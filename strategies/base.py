@@ -64,12 +64,16 @@ class LoRAStrategy(FedAvg):
     moves_base: bool = False
 
     def __init__(self, initial_adapter: State, *, clients_per_round: int, seed: int, min_clients: int = 1) -> None:
-        super().__init__(fraction_evaluate=0.0, min_train_nodes=clients_per_round, min_available_nodes=clients_per_round)
+        super().__init__(
+            fraction_evaluate=0.0, min_train_nodes=clients_per_round, min_available_nodes=clients_per_round
+        )
         pairs, _ = split_state(initial_adapter)
         if not initial_adapter:
             raise ValueError("the initial adapter holds no trainable tensors")
         if not pairs and self.peft_methods is not None and "lora" in self.peft_methods:
-            raise ValueError(f"strategy {self.name!r} works on LoRA factors and the initial adapter has none (no '.lora_A.weight' keys)")
+            raise ValueError(
+                f"strategy {self.name!r} works on LoRA factors and the initial adapter has none (no '.lora_A.weight' keys)"
+            )
         self.adapter: State = {k: v.detach().clone() for k, v in initial_adapter.items()}
         # Ranks exist only where there are LoRA factors; other peft methods have none.
         self.max_rank: int | None = initial_adapter[pairs[0].a_key].shape[0] if pairs else None
@@ -117,22 +121,47 @@ class LoRAStrategy(FedAvg):
     def global_evaluation(self, node: NodeInfo, server_round: int) -> ClientPlan:
         """Evaluate the global adapter (sent in the message) on the node's validation slice."""
         groups = protocol.single_group(source=Source.MESSAGE, train=False, upload=False)
-        return ClientPlan(groups=groups, server_round=server_round, rank=self.node_rank(node), base=self.base_plan(node), evaluate=Evaluate.GLOBAL)
+        return ClientPlan(
+            groups=groups,
+            server_round=server_round,
+            rank=self.node_rank(node),
+            base=self.base_plan(node),
+            evaluate=Evaluate.GLOBAL,
+        )
 
-    def personal_evaluation(self, node: NodeInfo, server_round: int, *, personal: frozenset[str], fallback: Source = Source.ZERO) -> ClientPlan:
+    def personal_evaluation(
+        self, node: NodeInfo, server_round: int, *, personal: frozenset[str], fallback: Source = Source.ZERO
+    ) -> ClientPlan:
         """Evaluate the node's own model: roles in ``personal`` from its kept state (``fallback`` for a
         node that has none), the rest from the message."""
         groups = [GroupPlan(roles=personal, source=Source.NODE, fallback=fallback, train=False, upload=False)]
         if protocol.ALL_ROLES - personal:
-            groups.append(GroupPlan(roles=protocol.ALL_ROLES - personal, source=Source.MESSAGE, train=False, upload=False))
-        return ClientPlan(groups=tuple(groups), server_round=server_round, rank=self.node_rank(node), base=self.base_plan(node), evaluate=Evaluate.PERSONAL)
+            groups.append(
+                GroupPlan(roles=protocol.ALL_ROLES - personal, source=Source.MESSAGE, train=False, upload=False)
+            )
+        return ClientPlan(
+            groups=tuple(groups),
+            server_round=server_round,
+            rank=self.node_rank(node),
+            base=self.base_plan(node),
+            evaluate=Evaluate.PERSONAL,
+        )
 
     def global_model(self) -> GlobalModel:
-        return GlobalModel(adapter={k: v.clone() for k, v in self.adapter.items()}, rank=self.max_rank, base_updates=list(self.base_updates))
+        return GlobalModel(
+            adapter={k: v.clone() for k, v in self.adapter.items()},
+            rank=self.max_rank,
+            base_updates=list(self.base_updates),
+        )
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue this strategy exactly (for checkpoints)."""
-        return {"adapter": self.adapter, "rng": self.rng.getstate(), "base_updates": self.base_updates, "synced": dict(self.synced)}
+        return {
+            "adapter": self.adapter,
+            "rng": self.rng.getstate(),
+            "base_updates": self.base_updates,
+            "synced": dict(self.synced),
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.adapter = {k: v.clone() for k, v in state["adapter"].items()}
@@ -157,7 +186,9 @@ class LoRAStrategy(FedAvg):
     def base_plan(self, node: NodeInfo) -> BasePlan:
         """The base ``node`` must train on: every update so far, with those it has not received."""
         missed = range(self.synced.get(node.partition_id, 0), len(self.base_updates))
-        return BasePlan(lineage=self.lineage, version=len(self.base_updates), updates={t + 1: self.base_updates[t] for t in missed})
+        return BasePlan(
+            lineage=self.lineage, version=len(self.base_updates), updates={t + 1: self.base_updates[t] for t in missed}
+        )
 
     # ------------------------------------------------------------------ plans and messages
     def node_rank(self, node: NodeInfo) -> int | None:
@@ -191,7 +222,9 @@ class LoRAStrategy(FedAvg):
         """Keys ``node`` must send back under ``plan``."""
         return set(plan.keys(list(self.adapter), upload=True))
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         """One train message per sampled node; ``config`` may carry the round's ``attempt``."""
         report = self.reports.setdefault(server_round, RoundReport())
         report.sampled = self.sample(server_round)
@@ -202,12 +235,16 @@ class LoRAStrategy(FedAvg):
             plan = self.plan(node, server_round, attempt=attempt)
             tensors = self.message_tensors(node, plan)
             self.sent[node_id] = plan
-            report.bytes_down[node_id] = state_nbytes(tensors) + sum(state_nbytes(t) for t in plan.base.updates.values())
+            report.bytes_down[node_id] = state_nbytes(tensors) + sum(
+                state_nbytes(t) for t in plan.base.updates.values()
+            )
             content = protocol.encode_instruction(self.run, plan, tensors)
             messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node_id))
         return messages
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         """One evaluate message per registered node that :meth:`evaluation_plan` gives a plan."""
         messages = []
         for node_id in sorted(self.nodes, key=self.order_key):
@@ -225,7 +262,12 @@ class LoRAStrategy(FedAvg):
         for msg in replies:
             node = self.nodes.get(msg.metadata.src_node_id)
             if msg.has_error() or node is None:
-                log.warning("round %d: evaluation on node %s failed: %s", server_round, msg.metadata.src_node_id, short_reason(msg.error.reason) if msg.has_error() else "unknown node")
+                log.warning(
+                    "round %d: evaluation on node %s failed: %s",
+                    server_round,
+                    msg.metadata.src_node_id,
+                    short_reason(msg.error.reason) if msg.has_error() else "unknown node",
+                )
                 continue
             try:
                 _, metrics = protocol.decode_reply(msg.content, with_tensors=False)
@@ -241,7 +283,7 @@ class LoRAStrategy(FedAvg):
         """Refuse, before anything starts, a :class:`fedpeft.config.schema.Config` this rule cannot run (default: any)."""
 
     @classmethod
-    def from_config(cls, cfg: Any, initial_adapter: State) -> "LoRAStrategy":
+    def from_config(cls, cfg: Any, initial_adapter: State) -> LoRAStrategy:
         """Build from a :class:`fedpeft.config.schema.Config`; rules with options of their own override this."""
         return cls(initial_adapter, clients_per_round=cfg.clients_per_round, seed=cfg.seed, min_clients=cfg.min_clients)
 
@@ -269,9 +311,13 @@ class LoRAStrategy(FedAvg):
         plan = self.sent.get(node_id)
         if node is None or plan is None:
             raise RejectedUpdate("reply from a node that was not registered or sent no plan")
-        return validation.check_reply(msg, node, plan, adapter=self.node_adapter(node), expected=self.upload_keys(node, plan))
+        return validation.check_reply(
+            msg, node, plan, adapter=self.node_adapter(node), expected=self.upload_keys(node, plan)
+        )
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Check every reply, aggregate the accepted ones; error replies are counted by the caller.
 
         Returns Flower's pair (the new global adapter, round metrics), or ``(None, None)`` when
@@ -293,15 +339,30 @@ class LoRAStrategy(FedAvg):
                 continue
             report.bytes_up[node_id] = update.nbytes if update.nbytes is not None else state_nbytes(update.state)
             rank = {} if update.rank is None else {"rank": update.rank}
-            report.clients.append({"node": node_id, "partition": self.nodes[node_id].partition_id, **rank, **update.metrics})
+            report.clients.append(
+                {"node": node_id, "partition": self.nodes[node_id].partition_id, **rank, **update.metrics}
+            )
             updates.append(update)
         if len(updates) < max(self.min_clients, 1):
-            log.warning("round %d: %d accepted updates < min_clients=%d; global model unchanged", server_round, len(updates), self.min_clients)
+            log.warning(
+                "round %d: %d accepted updates < min_clients=%d; global model unchanged",
+                server_round,
+                len(updates),
+                self.min_clients,
+            )
             return None, None
         updates.sort(key=lambda u: self.order_key(u.node_id))  # never depends on arrival order
         counts = torch.tensor([u.num_examples for u in updates], dtype=torch.float64)
         weights = counts / counts.sum()
         report.extra = self.aggregate(updates, weights, server_round)
-        train_loss = float(sum(w * u.metrics.get(protocol.TRAIN_LOSS, float("nan")) for w, u in zip(weights.tolist(), updates)))
-        metrics = MetricRecord({protocol.TRAIN_LOSS: train_loss, protocol.NUM_EXAMPLES: int(counts.sum().item()), "clients-replied": len(updates)})
+        train_loss = float(
+            sum(w * u.metrics.get(protocol.TRAIN_LOSS, float("nan")) for w, u in zip(weights.tolist(), updates))
+        )
+        metrics = MetricRecord(
+            {
+                protocol.TRAIN_LOSS: train_loss,
+                protocol.NUM_EXAMPLES: int(counts.sum().item()),
+                "clients-replied": len(updates),
+            }
+        )
         return to_record(self.adapter), metrics

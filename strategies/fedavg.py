@@ -11,16 +11,16 @@ is zero-padded to r_max before averaging and each client takes back its first r_
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 
-from fedpeft.protocol.records import State, resize_factor, split_state
 from fedpeft.config.schema import StrategyConfig
+from fedpeft.protocol.records import State, resize_factor, split_state
 from fedpeft.strategies.base import LoRAStrategy
-from fedpeft.strategies.types import ClientUpdate
 from fedpeft.strategies.lora_math import ideal_delta, relative_residual, residual_parts, weighted_sum
+from fedpeft.strategies.types import ClientUpdate
 
 
 def fedit_pair(

@@ -25,8 +25,8 @@ layout ``(d_out, d_in)``, the same as ``lora_b @ lora_a``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -34,11 +34,13 @@ import torch
 from fedpeft.config.schema import StrategyConfig
 from fedpeft.protocol.records import State, exact_product, split_state
 from fedpeft.strategies.base import LoRAStrategy
-from fedpeft.strategies.types import ClientUpdate, NodeInfo
 from fedpeft.strategies.lora_math import check_weights, ideal_delta, relative_residual, residual_parts, weighted_sum
+from fedpeft.strategies.types import ClientUpdate, NodeInfo
 
 
-def fedex_average(lora_as: Sequence[torch.Tensor], lora_bs: Sequence[torch.Tensor], weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def fedex_average(
+    lora_as: Sequence[torch.Tensor], lora_bs: Sequence[torch.Tensor], weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """FedIT's ``(Ā, B̄) = (Σ p_k A_k, Σ p_k B_k)``; ``lora_as[k]: (r, d_in)``, ``lora_bs[k]: (d_out, r)``."""
     ranks = {a.shape[0] for a in lora_as} | {b.shape[1] for b in lora_bs}
     if len(ranks) != 1:
@@ -108,7 +110,9 @@ class FedExLoRA(LoRAStrategy):
     def __init__(self, initial_adapter: State, *, scaling: float = 1.0, **kwargs: Any) -> None:
         super().__init__(initial_adapter, **kwargs)
         if self.max_rank is None:
-            raise ValueError("fedex_lora aggregates LoRA factors and the adapter has none; use fedavg for other peft methods")
+            raise ValueError(
+                "fedex_lora aggregates LoRA factors and the adapter has none; use fedavg for other peft methods"
+            )
         self.scaling = scaling
 
     def register_nodes(self, nodes: Iterable[NodeInfo]) -> None:
@@ -133,7 +137,11 @@ class FedExLoRA(LoRAStrategy):
         self.merge_into_base(stack)
         for key in heads:
             self.adapter[key] = weighted_sum([u.state[key] for u in updates], weights)
-        return {"residual": relative_residual(parts), "fedavg_residual": relative_residual(fedavg_parts), "stack_rank": float(a_stack.shape[0])}
+        return {
+            "residual": relative_residual(parts),
+            "fedavg_residual": relative_residual(fedavg_parts),
+            "stack_rank": float(a_stack.shape[0]),
+        }
 
     @classmethod
     def check_config(cls, cfg: Any) -> None:
@@ -142,8 +150,14 @@ class FedExLoRA(LoRAStrategy):
         check_equal_ranks(cls.name, client_ranks(cfg), max_rank=None)
 
     @classmethod
-    def from_config(cls, cfg: Any, initial_adapter: State) -> "FedExLoRA":
-        return cls(initial_adapter, clients_per_round=cfg.clients_per_round, seed=cfg.seed, min_clients=cfg.min_clients, scaling=cfg.model.lora.alpha / cfg.model.lora.r)
+    def from_config(cls, cfg: Any, initial_adapter: State) -> FedExLoRA:
+        return cls(
+            initial_adapter,
+            clients_per_round=cfg.clients_per_round,
+            seed=cfg.seed,
+            min_clients=cfg.min_clients,
+            scaling=cfg.model.lora.alpha / cfg.model.lora.r,
+        )
 
 
 def check_equal_ranks(rule: str, ranks: Sequence[int], *, max_rank: int | None) -> None:

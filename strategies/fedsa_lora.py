@@ -14,18 +14,28 @@ mean and its spread. Up 0.5×, down 0.5× (A and the head; the head is averaged 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from fedpeft.config.schema import StrategyConfig
-from fedpeft.protocol.wire import LORA_A, LORA_B, OTHER, VAL_ACCURACY, VAL_EXAMPLES, ClientPlan, Evaluate, GroupPlan, Source
 from fedpeft.protocol.records import State, resize_factor, split_state
+from fedpeft.protocol.wire import (
+    LORA_A,
+    LORA_B,
+    OTHER,
+    VAL_ACCURACY,
+    VAL_EXAMPLES,
+    ClientPlan,
+    Evaluate,
+    GroupPlan,
+    Source,
+)
 from fedpeft.strategies.base import LoRAStrategy
-from fedpeft.strategies.types import ClientUpdate, NodeInfo
 from fedpeft.strategies.lora_math import check_weights, weighted_sum
+from fedpeft.strategies.types import ClientUpdate, NodeInfo
 
 
 def fedsa_aggregate(lora_as: Sequence[torch.Tensor], weights: torch.Tensor, *, rank: int) -> torch.Tensor:
@@ -52,7 +62,9 @@ class FedSALoRAConfig(StrategyConfig):
     """FedSA-LoRA's options (arXiv 2410.01463)."""
 
     name: str = "fedsa_lora"
-    keep_head: bool = field(default=True, metadata={"help": "Keep the head on each node with B (the paper); false: average it like A."})
+    keep_head: bool = field(
+        default=True, metadata={"help": "Keep the head on each node with B (the paper); false: average it like A."}
+    )
 
 
 class FedSALoRA(LoRAStrategy):
@@ -72,30 +84,52 @@ class FedSALoRA(LoRAStrategy):
     def __init__(self, initial_adapter: State, *, keep_head: bool = True, **kwargs: Any) -> None:
         super().__init__(initial_adapter, **kwargs)
         if self.max_rank is None:
-            raise ValueError("fedsa_lora shares LoRA A factors and the adapter has none; use fedavg for other peft methods")
+            raise ValueError(
+                "fedsa_lora shares LoRA A factors and the adapter has none; use fedavg for other peft methods"
+            )
         self.keep_head = keep_head
 
     def groups(self, node: NodeInfo, server_round: int) -> tuple[GroupPlan, ...]:
         # B_k lives on the node: from its state (zero on a node that never trained), never uploaded.
         personal = GroupPlan(roles={LORA_B}, source=Source.NODE, fallback=Source.ZERO, upload=False, keep=True)
         if self.keep_head:  # the head too, starting from the initial head the message carries
-            return (GroupPlan(roles={LORA_A}, source=Source.MESSAGE), personal, GroupPlan(roles={OTHER}, source=Source.NODE, fallback=Source.MESSAGE, upload=False, keep=True))
+            return (
+                GroupPlan(roles={LORA_A}, source=Source.MESSAGE),
+                personal,
+                GroupPlan(roles={OTHER}, source=Source.NODE, fallback=Source.MESSAGE, upload=False, keep=True),
+            )
         return (GroupPlan(roles={LORA_A, OTHER}, source=Source.MESSAGE), personal)
 
     def evaluation_plan(self, node: NodeInfo, server_round: int) -> ClientPlan:
         # Ā from the message; B_k (and the head) from the node's state, as in training.
         groups = [g for g in self.groups(node, server_round)]
-        frozen = tuple(GroupPlan(roles=g.roles, source=g.source, fallback=g.fallback, train=False, upload=False) for g in groups)
-        return ClientPlan(groups=frozen, server_round=server_round, rank=self.node_rank(node), base=self.base_plan(node), evaluate=Evaluate.PERSONAL)
+        frozen = tuple(
+            GroupPlan(roles=g.roles, source=g.source, fallback=g.fallback, train=False, upload=False) for g in groups
+        )
+        return ClientPlan(
+            groups=frozen,
+            server_round=server_round,
+            rank=self.node_rank(node),
+            base=self.base_plan(node),
+            evaluate=Evaluate.PERSONAL,
+        )
 
     @classmethod
-    def from_config(cls, cfg: Any, initial_adapter: State) -> "FedSALoRA":
-        return cls(initial_adapter, clients_per_round=cfg.clients_per_round, seed=cfg.seed, min_clients=cfg.min_clients, keep_head=cfg.strategy.keep_head)
+    def from_config(cls, cfg: Any, initial_adapter: State) -> FedSALoRA:
+        return cls(
+            initial_adapter,
+            clients_per_round=cfg.clients_per_round,
+            seed=cfg.seed,
+            min_clients=cfg.min_clients,
+            keep_head=cfg.strategy.keep_head,
+        )
 
     def aggregate(self, updates: list[ClientUpdate], weights: torch.Tensor, server_round: int) -> dict[str, float]:
         pairs, heads = split_state(self.adapter)
         for pair in pairs:
-            self.adapter[pair.a_key] = fedsa_aggregate([u.state[pair.a_key] for u in updates], weights, rank=self.max_rank)
+            self.adapter[pair.a_key] = fedsa_aggregate(
+                [u.state[pair.a_key] for u in updates], weights, rank=self.max_rank
+            )
         if not self.keep_head:
             for key in heads:
                 self.adapter[key] = weighted_sum([u.state[key] for u in updates], weights)

@@ -17,18 +17,18 @@ first r_k singular directions, ``B[:, :r_k] A[:r_k]`` = the best rank-r_k approx
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from fedpeft.config.schema import StrategyConfig
-from fedpeft.protocol.wire import LORA_A, LORA_B, OTHER, GroupPlan, Source
 from fedpeft.protocol.records import State, exact_product, resize_factor, seeded_tensors, split_state
+from fedpeft.protocol.wire import LORA_A, LORA_B, OTHER, GroupPlan, Source
 from fedpeft.strategies.base import LoRAStrategy
-from fedpeft.strategies.types import ClientUpdate, NodeInfo
 from fedpeft.strategies.lora_math import ideal_delta, relative_residual, residual_parts, weighted_sum
+from fedpeft.strategies.types import ClientUpdate, NodeInfo
 
 
 def svd_refactor(lora_b: torch.Tensor, lora_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,14 +46,18 @@ def svd_refactor(lora_b: torch.Tensor, lora_a: torch.Tensor) -> tuple[torch.Tens
     if r > d_in:
         raise ValueError(f"FedSVD needs rank <= d_in for orthonormal rows of A, got rank {r} > d_in {d_in}")
     q, r_factor = torch.linalg.qr(lora_a.to(torch.float64).T)  # (d_in, r), (r, r)
-    u, sigma, wh = torch.linalg.svd(lora_b.to(torch.float64) @ r_factor.T, full_matrices=True)  # (d_out, d_out), (m,), (r, r)
+    u, sigma, wh = torch.linalg.svd(
+        lora_b.to(torch.float64) @ r_factor.T, full_matrices=True
+    )  # (d_out, d_out), (m,), (r, r)
     m = sigma.shape[0]
     lora_b_new = torch.zeros(lora_b.shape[0], r, dtype=torch.float64)
     lora_b_new[:, :m] = u[:, :m] * sigma
     return wh @ q.T, lora_b_new
 
 
-def fedsvd_pair(lora_bs: Sequence[torch.Tensor], weights: torch.Tensor, *, lora_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def fedsvd_pair(
+    lora_bs: Sequence[torch.Tensor], weights: torch.Tensor, *, lora_a: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One layer: ``B̄ = Σ_k p_k pad(B_k)`` with the shared ``lora_a: (r, d_in)``, then :func:`svd_refactor`.
 
     ``lora_bs[k]: (d_out, r_k)``, ``r_k ≤ r`` -> ``(A_new: (r, d_in), B_new: (d_out, r))`` in float64.
@@ -79,11 +83,15 @@ class FedSVD(LoRAStrategy):
     def __init__(self, initial_adapter: State, **kwargs: Any) -> None:
         super().__init__(initial_adapter, **kwargs)
         if self.max_rank is None:
-            raise ValueError("fedsvd re-factors LoRA products and the adapter has none; use fedavg for other peft methods")
+            raise ValueError(
+                "fedsvd re-factors LoRA products and the adapter has none; use fedavg for other peft methods"
+            )
         pairs, _ = split_state(self.adapter)
         narrow = sorted({pair.module for pair in pairs if self.adapter[pair.a_key].shape[1] < self.max_rank})
         if narrow:
-            raise ValueError(f"fedsvd needs rank <= d_in of every adapted layer (r orthonormal rows of A); rank {self.max_rank} is too large for {narrow[:3]}")
+            raise ValueError(
+                f"fedsvd needs rank <= d_in of every adapted layer (r orthonormal rows of A); rank {self.max_rank} is too large for {narrow[:3]}"
+            )
         self.a_seed = self.seed + 7919  # every client regenerates round 1's A from it
         self.adapter.update(seeded_tensors(self.adapter, [p.a_key for p in pairs], seed=self.a_seed))
         self.refactored = False  # True once A is the SVD basis, which has to travel
@@ -92,7 +100,9 @@ class FedSVD(LoRAStrategy):
         if self.refactored:
             frozen = GroupPlan(roles={LORA_A}, source=Source.MESSAGE, train=False, upload=False)
         else:
-            frozen = GroupPlan(roles={LORA_A}, source=Source.SEED, seed=self.a_seed, seed_rank=self.max_rank, train=False, upload=False)
+            frozen = GroupPlan(
+                roles={LORA_A}, source=Source.SEED, seed=self.a_seed, seed_rank=self.max_rank, train=False, upload=False
+            )
         return (frozen, GroupPlan(roles={LORA_B, OTHER}, source=Source.MESSAGE))
 
     def aggregate(self, updates: list[ClientUpdate], weights: torch.Tensor, server_round: int) -> dict[str, float]:
@@ -102,11 +112,18 @@ class FedSVD(LoRAStrategy):
             lora_a = self.adapter[pair.a_key]
             lora_bs = [u.state[pair.b_key] for u in updates]
             a_new, b_new = fedsvd_pair(lora_bs, weights, lora_a=lora_a)
-            target = ideal_delta([resize_factor(lora_a, b.shape[1], dim=0) for b in lora_bs], lora_bs, weights, scalings=[1.0] * len(updates))
+            target = ideal_delta(
+                [resize_factor(lora_a, b.shape[1], dim=0) for b in lora_bs],
+                lora_bs,
+                weights,
+                scalings=[1.0] * len(updates),
+            )
             self.adapter[pair.a_key], self.adapter[pair.b_key] = a_new.to(lora_a.dtype), b_new.to(lora_a.dtype)
             parts.append(residual_parts(target, exact_product(self.adapter[pair.b_key], self.adapter[pair.a_key])))
             a = self.adapter[pair.a_key].to(torch.float64)
-            orthogonality = max(orthogonality, float((a @ a.T - torch.eye(a.shape[0], dtype=torch.float64)).abs().max()))
+            orthogonality = max(
+                orthogonality, float((a @ a.T - torch.eye(a.shape[0], dtype=torch.float64)).abs().max())
+            )
         for key in heads:
             self.adapter[key] = weighted_sum([u.state[key] for u in updates], weights)
         self.refactored = True

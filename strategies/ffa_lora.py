@@ -12,18 +12,18 @@ the first r_k rows of the shared r_max A.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from fedpeft.protocol.wire import LORA_A, LORA_B, OTHER, GroupPlan, Source
-from fedpeft.protocol.records import LORA_A_SUFFIX, State, resize_factor, seeded_tensors, split_state
 from fedpeft.config.schema import StrategyConfig
+from fedpeft.protocol.records import LORA_A_SUFFIX, State, resize_factor, seeded_tensors, split_state
+from fedpeft.protocol.wire import LORA_A, LORA_B, OTHER, GroupPlan, Source
 from fedpeft.strategies.base import LoRAStrategy
-from fedpeft.strategies.types import ClientUpdate, NodeInfo
 from fedpeft.strategies.lora_math import ideal_delta, relative_residual, residual_parts, weighted_sum
+from fedpeft.strategies.types import ClientUpdate, NodeInfo
 
 
 def ffa_aggregate(lora_bs: Sequence[torch.Tensor], weights: torch.Tensor, *, rank: int) -> torch.Tensor:
@@ -31,7 +31,13 @@ def ffa_aggregate(lora_bs: Sequence[torch.Tensor], weights: torch.Tensor, *, ran
     return weighted_sum([resize_factor(b, rank, dim=1) for b in lora_bs], weights)
 
 
-def ffa(states: Sequence[Mapping[str, torch.Tensor]], weights: torch.Tensor, *, shared: Mapping[str, torch.Tensor], rank: int) -> tuple[State, float]:
+def ffa(
+    states: Sequence[Mapping[str, torch.Tensor]],
+    weights: torch.Tensor,
+    *,
+    shared: Mapping[str, torch.Tensor],
+    rank: int,
+) -> tuple[State, float]:
     """FFA-LoRA over whole uploads (B and heads); A comes from ``shared`` (the r_max adapter).
 
     Returns (the new global adapter, the residual ‖Σ p_k B_k A_k − B̄ Ā‖ / ‖Σ p_k B_k A_k‖), which
@@ -46,7 +52,11 @@ def ffa(states: Sequence[Mapping[str, torch.Tensor]], weights: torch.Tensor, *, 
         out[pair.b_key] = ffa_aggregate(lora_bs, weights, rank=rank)
         lora_as = [lora_a[: b.shape[1]] for b in lora_bs]
         target = ideal_delta(lora_as, lora_bs, weights, scalings=[1.0] * len(states))
-        parts.append(residual_parts(target, out[pair.b_key].to(torch.float64) @ resize_factor(lora_a, rank, dim=0).to(torch.float64)))
+        parts.append(
+            residual_parts(
+                target, out[pair.b_key].to(torch.float64) @ resize_factor(lora_a, rank, dim=0).to(torch.float64)
+            )
+        )
     for key in others:
         out[key] = weighted_sum([s[key] for s in states], weights)
     return dict(sorted(out.items())), relative_residual(parts)
@@ -74,7 +84,9 @@ class FFALoRA(LoRAStrategy):
     def groups(self, node: NodeInfo, server_round: int) -> tuple[GroupPlan, ...]:
         return (
             # A: regenerated from the shared seed at r_max (a rank-r client keeps its first r rows), frozen, never sent.
-            GroupPlan(roles={LORA_A}, source=Source.SEED, seed=self.a_seed, seed_rank=self.max_rank, train=False, upload=False),
+            GroupPlan(
+                roles={LORA_A}, source=Source.SEED, seed=self.a_seed, seed_rank=self.max_rank, train=False, upload=False
+            ),
             GroupPlan(roles={LORA_B, OTHER}, source=Source.MESSAGE),
         )
 

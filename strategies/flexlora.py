@@ -19,9 +19,9 @@ changes; the global model is ``W + G`` at full rank.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,9 +29,9 @@ import torch
 from fedpeft.config.schema import StrategyConfig
 from fedpeft.protocol.records import State, exact_product, split_state
 from fedpeft.strategies.base import LoRAStrategy
-from fedpeft.strategies.types import ClientUpdate, GlobalModel
 from fedpeft.strategies.flora import stack_pair
 from fedpeft.strategies.lora_math import ideal_delta, relative_residual, residual_parts, weighted_sum
+from fedpeft.strategies.types import ClientUpdate, GlobalModel
 
 
 def factored_svd(lora_b: torch.Tensor, lora_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -93,7 +93,9 @@ class FlexLoRA(LoRAStrategy):
     def __init__(self, initial_adapter: State, *, scaling: float = 1.0, **kwargs: Any) -> None:
         super().__init__(initial_adapter, **kwargs)
         if self.max_rank is None:
-            raise ValueError("flexlora aggregates LoRA factors and the adapter has none; use fedavg for other peft methods")
+            raise ValueError(
+                "flexlora aggregates LoRA factors and the adapter has none; use fedavg for other peft methods"
+            )
         self.scaling = scaling
         self.full: State = {}  # G at rank Σ r_k (LoRA factors for scaling s) and the heads; empty before round 1
         self.full_rank: int | None = None
@@ -115,19 +117,29 @@ class FlexLoRA(LoRAStrategy):
             full[pair.a_key], full[pair.b_key] = full_a.to(dtype), full_b.to(dtype)
             target = ideal_delta(lora_as, lora_bs, weights, scalings=[self.scaling] * len(updates))
             parts.append(residual_parts(target, self.scaling * exact_product(full[pair.b_key], full[pair.a_key])))
-            kept.append(residual_parts(target, self.scaling * exact_product(self.adapter[pair.b_key], self.adapter[pair.a_key])))
+            kept.append(
+                residual_parts(target, self.scaling * exact_product(self.adapter[pair.b_key], self.adapter[pair.a_key]))
+            )
         for key in heads:
             self.adapter[key] = weighted_sum([u.state[key] for u in updates], weights)
             full[key] = self.adapter[key].clone()
         self.full, self.full_rank = full, full_rank
         # residual: the global model W + G against Σ p_k s B_k A_k (zero up to rounding);
         # truncation: what the rank-r_max clients lose, ‖G − G_{r_max}‖ / ‖G‖.
-        return {"residual": relative_residual(parts), "truncation": relative_residual(kept), "global_rank": float(full_rank)}
+        return {
+            "residual": relative_residual(parts),
+            "truncation": relative_residual(kept),
+            "global_rank": float(full_rank),
+        }
 
     def global_model(self) -> GlobalModel:
         if not self.full:
             return super().global_model()
-        return GlobalModel(adapter={k: v.clone() for k, v in self.full.items()}, rank=self.full_rank, base_updates=list(self.base_updates))
+        return GlobalModel(
+            adapter={k: v.clone() for k, v in self.full.items()},
+            rank=self.full_rank,
+            base_updates=list(self.base_updates),
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "full": self.full, "full_rank": self.full_rank}
@@ -138,5 +150,11 @@ class FlexLoRA(LoRAStrategy):
         self.full_rank = state["full_rank"]
 
     @classmethod
-    def from_config(cls, cfg: Any, initial_adapter: State) -> "FlexLoRA":
-        return cls(initial_adapter, clients_per_round=cfg.clients_per_round, seed=cfg.seed, min_clients=cfg.min_clients, scaling=cfg.model.lora.alpha / cfg.model.lora.r)
+    def from_config(cls, cfg: Any, initial_adapter: State) -> FlexLoRA:
+        return cls(
+            initial_adapter,
+            clients_per_round=cfg.clients_per_round,
+            seed=cfg.seed,
+            min_clients=cfg.min_clients,
+            scaling=cfg.model.lora.alpha / cfg.model.lora.r,
+        )

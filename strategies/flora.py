@@ -13,22 +13,26 @@ all clients train on ``W_0 + Σ_τ ΔW_τ`` (FederatedLLM issue #4); downlink by
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from fedpeft.protocol.wire import LORA_A, LORA_B, OTHER, GroupPlan, Source
-from fedpeft.protocol.records import State, exact_product, fresh_lora, round_seed, split_state
 from fedpeft.config.schema import StrategyConfig
+from fedpeft.protocol.records import State, exact_product, fresh_lora, round_seed, split_state
+from fedpeft.protocol.wire import LORA_A, LORA_B, OTHER, GroupPlan, Source
 from fedpeft.strategies.base import LoRAStrategy
-from fedpeft.strategies.types import ClientUpdate, NodeInfo
 from fedpeft.strategies.lora_math import check_weights, ideal_delta, relative_residual, residual_parts, weighted_sum
+from fedpeft.strategies.types import ClientUpdate, NodeInfo
 
 
 def stack_pair(
-    lora_as: Sequence[torch.Tensor], lora_bs: Sequence[torch.Tensor], weights: torch.Tensor, *, scalings: Sequence[float]
+    lora_as: Sequence[torch.Tensor],
+    lora_bs: Sequence[torch.Tensor],
+    weights: torch.Tensor,
+    *,
+    scalings: Sequence[float],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack one layer's factors: ``lora_as[k]: (r_k, d_in)``, ``lora_bs[k]: (d_out, r_k)``.
 
@@ -73,7 +77,9 @@ class FLoRA(LoRAStrategy):
         # A fresh LoRA every round on the merged base: A from the round's seed (drawn at r_max, so
         # every rank shares its rows), B = 0; only the head travels down.
         return (
-            GroupPlan(roles={LORA_A}, source=Source.SEED, seed=round_seed(self.seed, server_round), seed_rank=self.max_rank),
+            GroupPlan(
+                roles={LORA_A}, source=Source.SEED, seed=round_seed(self.seed, server_round), seed_rank=self.max_rank
+            ),
             GroupPlan(roles={LORA_B}, source=Source.ZERO),
             GroupPlan(roles={OTHER}, source=Source.MESSAGE),
         )
@@ -96,7 +102,7 @@ class FLoRA(LoRAStrategy):
         return {"residual": relative_residual(parts), "stack_rank": float(sum(u.rank for u in updates))}
 
     @classmethod
-    def from_config(cls, cfg: Any, initial_adapter: State) -> "FLoRA":
+    def from_config(cls, cfg: Any, initial_adapter: State) -> FLoRA:
         return cls(
             initial_adapter,
             clients_per_round=cfg.clients_per_round,

@@ -22,19 +22,19 @@ then on (a client never grows back); the ranks are part of the checkpoint.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
 from collections.abc import Mapping, Sequence
-from typing import Any, Optional
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from fedpeft.config.schema import StrategyConfig
-from fedpeft.protocol.wire import ClientPlan, ProtocolError, RankPruning
 from fedpeft.protocol.records import State, exact_product, split_state
+from fedpeft.protocol.wire import ClientPlan, ProtocolError, RankPruning
 from fedpeft.strategies.base import LoRAStrategy
-from fedpeft.strategies.types import ClientUpdate, NodeInfo
 from fedpeft.strategies.fedavg import fedit_pair
 from fedpeft.strategies.lora_math import ideal_delta, relative_residual, residual_parts, weighted_sum
+from fedpeft.strategies.types import ClientUpdate, NodeInfo
 
 
 def product_norm(lora_a: torch.Tensor, lora_b: torch.Tensor) -> float:
@@ -59,7 +59,9 @@ def sparsity_weights(norms: Sequence[float], counts: Sequence[int]) -> torch.Ten
     n = torch.tensor(list(counts), dtype=torch.float64)
     v = torch.tensor(list(norms), dtype=torch.float64)
     if (n <= 0).any() or not torch.isfinite(v).all() or (v < 0).any():
-        raise ValueError(f"counts must be positive and norms finite and non-negative, got {list(counts)}, {list(norms)}")
+        raise ValueError(
+            f"counts must be positive and norms finite and non-negative, got {list(counts)}, {list(norms)}"
+        )
     raw = n * v
     if raw.sum() == 0:
         raw = n
@@ -72,7 +74,9 @@ def client_norm(state: Mapping[str, torch.Tensor], *, scaling: float) -> float:
     return abs(scaling) * sum(product_norm(state[p.a_key], state[p.b_key]) ** 2 for p in pairs) ** 0.5
 
 
-def hetlora(states: Sequence[Mapping[str, torch.Tensor]], counts: Sequence[int], *, scaling: float, rank: int) -> tuple[State, torch.Tensor]:
+def hetlora(
+    states: Sequence[Mapping[str, torch.Tensor]], counts: Sequence[int], *, scaling: float, rank: int
+) -> tuple[State, torch.Tensor]:
     """HetLoRA over whole adapters: ``(global adapter at rank, the sparsity weights)``.
 
     ``states[k]`` are peft state dicts of rank r_k with the same keys; every LoRA factor is
@@ -83,7 +87,9 @@ def hetlora(states: Sequence[Mapping[str, torch.Tensor]], counts: Sequence[int],
     pairs, others = split_state(states[0])
     out: State = {}
     for pair in pairs:
-        out[pair.a_key], out[pair.b_key] = fedit_pair([s[pair.a_key] for s in states], [s[pair.b_key] for s in states], weights, rank=rank)
+        out[pair.a_key], out[pair.b_key] = fedit_pair(
+            [s[pair.a_key] for s in states], [s[pair.b_key] for s in states], weights, rank=rank
+        )
     for key in others:
         out[key] = weighted_sum([s[key] for s in states], weights)
     return dict(sorted(out.items())), weights
@@ -95,8 +101,14 @@ class HetLoRAConfig(StrategyConfig):
     """HetLoRA's optional rank self-pruning on the clients (off by default)."""
 
     name: str = "hetlora"
-    prune_decay: Optional[float] = field(default=None, metadata={"help": "γ in (0, 1): a client may shrink from rank r to ⌊γ r⌋ each round; null: no pruning."})
-    prune_weight: float = field(default=0.01, metadata={"help": "λ, the weight of the tail-norm penalty ‖B[:, t:]‖ ‖A[t:, :]‖ in the clients' loss."})
+    prune_decay: float | None = field(
+        default=None,
+        metadata={"help": "γ in (0, 1): a client may shrink from rank r to ⌊γ r⌋ each round; null: no pruning."},
+    )
+    prune_weight: float = field(
+        default=0.01,
+        metadata={"help": "λ, the weight of the tail-norm penalty ‖B[:, t:]‖ ‖A[t:, :]‖ in the clients' loss."},
+    )
     prune_min_rank: int = field(default=1, metadata={"help": "No client prunes below this rank."})
 
 
@@ -106,10 +118,14 @@ class HetLoRA(LoRAStrategy):
     name = "hetlora"
     config_class = HetLoRAConfig
 
-    def __init__(self, initial_adapter: State, *, scaling: float = 1.0, prune: RankPruning | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, initial_adapter: State, *, scaling: float = 1.0, prune: RankPruning | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(initial_adapter, **kwargs)
         if self.max_rank is None:
-            raise ValueError("hetlora weights clients by their LoRA update and the adapter has none; use fedavg for other peft methods")
+            raise ValueError(
+                "hetlora weights clients by their LoRA update and the adapter has none; use fedavg for other peft methods"
+            )
         self.scaling = scaling
         self.prune = prune
         self.pruned: dict[int, int] = {}  # partition id -> the rank that client pruned itself to
@@ -126,12 +142,21 @@ class HetLoRA(LoRAStrategy):
             if u.rank is not None and u.rank < self.node_rank(self.nodes[u.node_id]):
                 self.pruned[self.nodes[u.node_id].partition_id] = u.rank
         states = [u.state for u in updates]
-        self.adapter, sparsity = hetlora(states, [u.num_examples for u in updates], scaling=self.scaling, rank=self.max_rank)
+        self.adapter, sparsity = hetlora(
+            states, [u.num_examples for u in updates], scaling=self.scaling, rank=self.max_rank
+        )
         pairs, _ = split_state(self.adapter)
         parts = []
         for pair in pairs:  # against the example-weighted ideal update Σ p_k s B_k A_k
-            target = ideal_delta([s[pair.a_key] for s in states], [s[pair.b_key] for s in states], weights, scalings=[self.scaling] * len(states))
-            parts.append(residual_parts(target, self.scaling * exact_product(self.adapter[pair.b_key], self.adapter[pair.a_key])))
+            target = ideal_delta(
+                [s[pair.a_key] for s in states],
+                [s[pair.b_key] for s in states],
+                weights,
+                scalings=[self.scaling] * len(states),
+            )
+            parts.append(
+                residual_parts(target, self.scaling * exact_product(self.adapter[pair.b_key], self.adapter[pair.a_key]))
+            )
         figures = {"residual": relative_residual(parts), "max_weight": float(sparsity.max())}
         if self.prune is not None:
             figures["mean_rank"] = sum(self.node_rank(node) for node in self.nodes.values()) / len(self.nodes)
@@ -154,16 +179,29 @@ class HetLoRA(LoRAStrategy):
         except ProtocolError as err:
             raise ValueError(f"strategy.prune_*: {err}") from None
         if cfg.client.dp.enabled:
-            raise ValueError("strategy.prune_decay (rank self-pruning) with client.dp: the tail-norm penalty is not a per-sample loss, so DP-SGD cannot clip it; turn one off")
+            raise ValueError(
+                "strategy.prune_decay (rank self-pruning) with client.dp: the tail-norm penalty is not a per-sample loss, so DP-SGD cannot clip it; turn one off"
+            )
         if cfg.compression.name != "none":
-            raise ValueError(f"strategy.prune_decay (rank self-pruning) with compression={cfg.compression.name}: a pruned reply's update has no start of its rank to be compressed against; turn one off")
+            raise ValueError(
+                f"strategy.prune_decay (rank self-pruning) with compression={cfg.compression.name}: a pruned reply's update has no start of its rank to be compressed against; turn one off"
+            )
 
     @classmethod
-    def from_config(cls, cfg: Any, initial_adapter: State) -> "HetLoRA":
+    def from_config(cls, cfg: Any, initial_adapter: State) -> HetLoRA:
         prune = pruning(cfg.strategy) if getattr(cfg.strategy, "prune_decay", None) is not None else None
-        return cls(initial_adapter, clients_per_round=cfg.clients_per_round, seed=cfg.seed, min_clients=cfg.min_clients, scaling=cfg.model.lora.alpha / cfg.model.lora.r, prune=prune)
+        return cls(
+            initial_adapter,
+            clients_per_round=cfg.clients_per_round,
+            seed=cfg.seed,
+            min_clients=cfg.min_clients,
+            scaling=cfg.model.lora.alpha / cfg.model.lora.r,
+            prune=prune,
+        )
 
 
 def pruning(options: Any) -> RankPruning:
     """The :class:`RankPruning` the strategy options ask for (a :class:`ProtocolError` naming a bad value)."""
-    return RankPruning(decay=float(options.prune_decay), weight=float(options.prune_weight), min_rank=int(options.prune_min_rank))
+    return RankPruning(
+        decay=float(options.prune_decay), weight=float(options.prune_weight), min_rank=int(options.prune_min_rank)
+    )

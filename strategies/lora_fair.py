@@ -18,18 +18,18 @@ never exceed FedAvg's (docs/methods.md, invariant 5) without making the cosine w
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from fedpeft.protocol.records import State, split_state
 from fedpeft.config.schema import StrategyConfig
+from fedpeft.protocol.records import State, split_state
 from fedpeft.strategies.base import LoRAStrategy
-from fedpeft.strategies.types import ClientUpdate
 from fedpeft.strategies.fedavg import fedit_pair
 from fedpeft.strategies.lora_math import ideal_delta, relative_residual, residual_parts, weighted_sum
+from fedpeft.strategies.types import ClientUpdate
 
 METHODS = ("cosine", "frobenius")
 
@@ -39,7 +39,9 @@ def nothing_to_correct(delta_w: torch.Tensor, fedavg: torch.Tensor) -> bool:
     return bool((delta_w - fedavg).norm() <= 1e-12 * delta_w.norm())
 
 
-def fair_correction_frobenius(delta_w: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, *, lam: float) -> torch.Tensor:
+def fair_correction_frobenius(
+    delta_w: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, *, lam: float
+) -> torch.Tensor:
     """Closed form of ``argmin ‖ΔW − (B̄+ΔB)Ā‖²_F + λ‖ΔB‖²_F``.
 
     ``delta_w: (d_out, d_in)``, ``lora_a: (r, d_in)``, ``lora_b: (d_out, r)`` -> ``ΔB: (d_out, r)``,
@@ -63,12 +65,16 @@ def cosine_dissimilarity(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return 1 - (x * y).sum() / (nx * ny)
 
 
-def fair_objective(delta_w: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, delta_b: torch.Tensor, *, lam: float) -> torch.Tensor:
+def fair_objective(
+    delta_w: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, delta_b: torch.Tensor, *, lam: float
+) -> torch.Tensor:
     """The paper's objective ``1 − cos(ΔW, (B̄+ΔB)Ā) + λ‖ΔB‖_F``."""
     return cosine_dissimilarity(delta_w, (lora_b + delta_b) @ lora_a) + lam * delta_b.norm()
 
 
-def fair_correction_cosine(delta_w: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, *, lam: float, steps: int, lr: float) -> torch.Tensor:
+def fair_correction_cosine(
+    delta_w: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, *, lam: float, steps: int, lr: float
+) -> torch.Tensor:
     """The paper's correction: ``steps`` Adam steps on :func:`fair_objective` from ΔB = 0 (float64).
 
     ``delta_w: (d_out, d_in)``, ``lora_a: (r, d_in)``, ``lora_b: (d_out, r)`` -> ``ΔB: (d_out, r)``.
@@ -89,7 +95,9 @@ def fair_correction_cosine(delta_w: torch.Tensor, lora_a: torch.Tensor, lora_b: 
     optimizer = torch.optim.Adam([delta_b], lr=lr * float(b.norm()) / b.numel() ** 0.5)
     best, best_value = zero, fair_objective(dw, a, b, zero, lam=lam).item()
     for step in range(steps + 1):
-        value = fair_objective(dw, a, b, delta_b, lam=lam)  # ‖ΔB‖ has gradient 0 at ΔB = 0 (the subgradient torch picks)
+        value = fair_objective(
+            dw, a, b, delta_b, lam=lam
+        )  # ‖ΔB‖ has gradient 0 at ΔB = 0 (the subgradient torch picks)
         if value.item() < best_value:
             best, best_value = delta_b.detach().clone(), value.item()
         if step == steps:  # the last pass only scores the final iterate
@@ -121,7 +129,14 @@ def safeguard(delta_w: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
 
 
 def lora_fair(
-    states: Sequence[Mapping[str, torch.Tensor]], weights: torch.Tensor, *, rank: int, method: str, lam: float, steps: int, lr: float
+    states: Sequence[Mapping[str, torch.Tensor]],
+    weights: torch.Tensor,
+    *,
+    rank: int,
+    method: str,
+    lam: float,
+    steps: int,
+    lr: float,
 ) -> tuple[State, float, float]:
     """LoRA-FAIR over whole adapters; returns (adapter with B̄ + ΔB, residual, FedAvg's residual)."""
     pairs, others = split_state(states[0])
@@ -150,8 +165,13 @@ class LoRAFAIRConfig(StrategyConfig):
     """LoRA-FAIR's server-side correction of B̄ (arXiv 2411.14961, Sec. 4)."""
 
     name: str = "lora_fair"
-    method: str = field(default="cosine", metadata={"help": "'cosine' (the paper: 1 − cos + λ‖ΔB‖, gradient steps) or 'frobenius' (closed form)."})
-    lam: float = field(default=0.01, metadata={"help": "λ, the weight of ‖ΔB‖ (the paper's 0.01; 0 over-fits the residual)."})
+    method: str = field(
+        default="cosine",
+        metadata={"help": "'cosine' (the paper: 1 − cos + λ‖ΔB‖, gradient steps) or 'frobenius' (closed form)."},
+    )
+    lam: float = field(
+        default=0.01, metadata={"help": "λ, the weight of ‖ΔB‖ (the paper's 0.01; 0 over-fits the residual)."}
+    )
     steps: int = field(default=50, metadata={"help": "Adam steps of the cosine correction."})
     lr: float = field(default=0.01, metadata={"help": "Step size of the cosine correction, relative to the size of B̄."})
 
@@ -162,16 +182,27 @@ class LoRAFAIR(LoRAStrategy):
     name = "lora_fair"
     config_class = LoRAFAIRConfig
 
-    def __init__(self, initial_adapter: State, *, method: str = "cosine", lam: float = 0.01, steps: int = 50, lr: float = 0.01, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        initial_adapter: State,
+        *,
+        method: str = "cosine",
+        lam: float = 0.01,
+        steps: int = 50,
+        lr: float = 0.01,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(initial_adapter, **kwargs)
         if method not in METHODS:
             raise ValueError(f"strategy.method must be one of {METHODS}, got {method!r}")
         if lam < 0 or steps < 0 or lr <= 0:
-            raise ValueError(f"LoRA-FAIR needs strategy.lam >= 0, strategy.steps >= 0, strategy.lr > 0 (got {lam}, {steps}, {lr})")
+            raise ValueError(
+                f"LoRA-FAIR needs strategy.lam >= 0, strategy.steps >= 0, strategy.lr > 0 (got {lam}, {steps}, {lr})"
+            )
         self.method, self.lam, self.steps, self.lr = method, lam, steps, lr
 
     @classmethod
-    def from_config(cls, cfg: Any, initial_adapter: State) -> "LoRAFAIR":
+    def from_config(cls, cfg: Any, initial_adapter: State) -> LoRAFAIR:
         s = cfg.strategy
         return cls(
             initial_adapter,
@@ -186,6 +217,12 @@ class LoRAFAIR(LoRAStrategy):
 
     def aggregate(self, updates: list[ClientUpdate], weights: torch.Tensor, server_round: int) -> dict[str, float]:
         self.adapter, residual, fedavg_residual = lora_fair(
-            [u.state for u in updates], weights, rank=self.max_rank, method=self.method, lam=self.lam, steps=self.steps, lr=self.lr
+            [u.state for u in updates],
+            weights,
+            rank=self.max_rank,
+            method=self.method,
+            lam=self.lam,
+            steps=self.steps,
+            lr=self.lr,
         )
         return {"residual": residual, "fedavg_residual": fedavg_residual}

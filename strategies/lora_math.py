@@ -36,7 +36,13 @@ def weighted_sum(tensors: Sequence[torch.Tensor], weights: torch.Tensor) -> torc
     return acc.to(tensors[0].dtype)
 
 
-def ideal_delta(lora_as: Sequence[torch.Tensor], lora_bs: Sequence[torch.Tensor], weights: torch.Tensor, *, scalings: Sequence[float]) -> torch.Tensor:
+def ideal_delta(
+    lora_as: Sequence[torch.Tensor],
+    lora_bs: Sequence[torch.Tensor],
+    weights: torch.Tensor,
+    *,
+    scalings: Sequence[float],
+) -> torch.Tensor:
     """The ideal global update ``ΔW* = Σ_k p_k s_k B_k A_k`` in float64 (docs/methods.md, notation)."""
     check_weights(weights, count=len(lora_as))
     delta = None

@@ -17,18 +17,18 @@ message.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from fedpeft.config.schema import StrategyConfig
-from fedpeft.protocol.wire import LORA_A, LORA_B, OTHER, GroupPlan, Source
 from fedpeft.protocol.records import State, exact_product, resize_factor, split_state
+from fedpeft.protocol.wire import LORA_A, LORA_B, OTHER, GroupPlan, Source
 from fedpeft.strategies.base import LoRAStrategy
-from fedpeft.strategies.types import ClientUpdate, NodeInfo
 from fedpeft.strategies.lora_math import ideal_delta, relative_residual, residual_parts, weighted_sum
+from fedpeft.strategies.types import ClientUpdate, NodeInfo
 
 FACTORS = ("lora_B", "lora_A")
 
@@ -73,12 +73,17 @@ class RoLoRA(LoRAStrategy):
     def __init__(self, initial_adapter: State, **kwargs: Any) -> None:
         super().__init__(initial_adapter, **kwargs)
         if self.max_rank is None:
-            raise ValueError("rolora alternates LoRA A and B and the adapter has none; use fedavg for other peft methods")
+            raise ValueError(
+                "rolora alternates LoRA A and B and the adapter has none; use fedavg for other peft methods"
+            )
 
     def groups(self, node: NodeInfo, server_round: int) -> tuple[GroupPlan, ...]:
         trained = FACTOR_ROLE[trained_factor(server_round)]
         frozen = LORA_A if trained == LORA_B else LORA_B
-        return (GroupPlan(roles={frozen}, source=Source.MESSAGE, train=False, upload=False), GroupPlan(roles={trained, OTHER}, source=Source.MESSAGE))
+        return (
+            GroupPlan(roles={frozen}, source=Source.MESSAGE, train=False, upload=False),
+            GroupPlan(roles={trained, OTHER}, source=Source.MESSAGE),
+        )
 
     def aggregate(self, updates: list[ClientUpdate], weights: torch.Tensor, server_round: int) -> dict[str, float]:
         factor = trained_factor(server_round)

@@ -58,14 +58,20 @@ def check_reply(msg: Message, node: NodeInfo, plan: ClientPlan, *, adapter: Stat
         raise RejectedUpdate(f"num-examples {num_examples} differs from the {node.num_examples} the node declared")
     rank = metrics.get(protocol.RANK)
     if rank not in plan.reply_ranks():
-        pruned = f" or its pruned rank {plan.prune.pruned_rank(plan.rank)}" if plan.prune is not None and plan.rank is not None else ""
+        pruned = (
+            f" or its pruned rank {plan.prune.pruned_rank(plan.rank)}"
+            if plan.prune is not None and plan.rank is not None
+            else ""
+        )
         raise RejectedUpdate(f"rank {rank} differs from the assigned rank {plan.rank}{pruned}")
     nbytes = state_nbytes(state) + payload_nbytes(packed)  # what travelled, compressed or not
     if packed:
         state = unpack_uploads(plan, adapter, state, packed, expected=expected)
     if set(state) != expected:
         missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
-        raise RejectedUpdate(f"adapter keys differ: missing {missing[:2]}{'...' if len(missing) > 2 else ''}, unexpected {extra[:2]}")
+        raise RejectedUpdate(
+            f"adapter keys differ: missing {missing[:2]}{'...' if len(missing) > 2 else ''}, unexpected {extra[:2]}"
+        )
     reference = adapter if rank == plan.rank else resize_rank(adapter, rank)
     for key, tensor in state.items():
         ref = reference[key]
@@ -75,10 +81,19 @@ def check_reply(msg: Message, node: NodeInfo, plan: ClientPlan, *, adapter: Stat
             raise RejectedUpdate(f"{key}: dtype {tensor.dtype}, expected {ref.dtype}")
         if not torch.isfinite(tensor).all():
             raise RejectedUpdate(f"{key}: contains NaN or Inf")
-    return ClientUpdate(node_id=msg.metadata.src_node_id, rank=rank, num_examples=num_examples, state=state, metrics=metrics, nbytes=nbytes)
+    return ClientUpdate(
+        node_id=msg.metadata.src_node_id,
+        rank=rank,
+        num_examples=num_examples,
+        state=state,
+        metrics=metrics,
+        nbytes=nbytes,
+    )
 
 
-def unpack_uploads(plan: ClientPlan, adapter: State, dense: State, packed: Mapping[str, Any], *, expected: set[str]) -> State:
+def unpack_uploads(
+    plan: ClientPlan, adapter: State, dense: State, packed: Mapping[str, Any], *, expected: set[str]
+) -> State:
     """Dense uploads plus the compressed ones decoded onto the start the server knows (ComPEFT)."""
     both = sorted(set(dense) & set(packed))
     if both:
@@ -89,7 +104,9 @@ def unpack_uploads(plan: ClientPlan, adapter: State, dense: State, packed: Mappi
     starts = upload_starts(plan, adapter, sorted(expected))
     unknown = sorted(set(packed) - set(starts))
     if unknown:
-        raise RejectedUpdate(f"{unknown[0]} starts from the node's own state, which the server does not know: it must travel dense")
+        raise RejectedUpdate(
+            f"{unknown[0]} starts from the node's own state, which the server does not know: it must travel dense"
+        )
     try:
         return {**dense, **decode_update(packed, {k: starts[k] for k in packed})}
     except CompressionError as err:

@@ -49,7 +49,9 @@ def worker_counters(msg: Message, context: Context, call_next: ClientAppCallable
     metrics[WORKER_PID] = os.getpid()
     if kind == MessageType.TRAIN:
         rank = metrics.get(protocol.RANK)
-        metrics[LORA_A_CRC32] = lora_a_crc32(trained_adapter(msg, context, rank=rank if isinstance(rank, int) else None))
+        metrics[LORA_A_CRC32] = lora_a_crc32(
+            trained_adapter(msg, context, rank=rank if isinstance(rank, int) else None)
+        )
     return reply
 
 

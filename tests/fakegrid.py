@@ -29,7 +29,10 @@ class InProcessGrid(Grid):
         set_task_identity()
         self.app = client_app
         self.contexts = {
-            1000 + 37 * k: Context(run_id=1, node_id=1000 + 37 * k, node_config=dict(cfg), state=RecordDict(), run_config={}) for k, cfg in enumerate(node_configs)
+            1000 + 37 * k: Context(
+                run_id=1, node_id=1000 + 37 * k, node_config=dict(cfg), state=RecordDict(), run_config={}
+            )
+            for k, cfg in enumerate(node_configs)
         }
         self.replies: dict[str, Message] = {}
         self.sent: list[Message] = []

@@ -16,7 +16,9 @@ from tests.fedpeft.test_run_dirs import fake_checkpoint
 
 
 def fedpeft_run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fedpeft.run", *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "fedpeft.run", *args], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_a_start_error_is_one_line_and_leaves_no_run_directory(tmp_path):
@@ -41,8 +43,14 @@ def test_a_directory_holding_another_run_is_refused_in_one_line(tmp_path):
 @pytest.mark.parametrize(
     "override, line",
     [
-        ("strategy.lamda=0.1", "key 'lamda' not in 'FedAvgConfig'; Could not override 'strategy.lamda'; To append to your config use +strategy.lamda=0.1"),
-        ("strategy=fedavgg", "could not find 'strategy/fedavgg'; options in 'strategy': fedavg, fedex_lora, fedsa_lora, fedsvd, ffa_lora, flexlora, flora, hetlora, lora_fair, rolora"),
+        (
+            "strategy.lamda=0.1",
+            "key 'lamda' not in 'FedAvgConfig'; Could not override 'strategy.lamda'; To append to your config use +strategy.lamda=0.1",
+        ),
+        (
+            "strategy=fedavgg",
+            "could not find 'strategy/fedavgg'; options in 'strategy': fedavg, fedex_lora, fedsa_lora, fedsvd, ffa_lora, flexlora, flora, hetlora, lora_fair, rolora",
+        ),
     ],
 )
 def test_a_hydra_composition_error_is_one_line_and_leaves_no_run_directory(tmp_path, override, line):
@@ -68,7 +76,10 @@ def test_resuming_a_finished_run_says_so_and_starts_nothing(tmp_path):
     fake_checkpoint(finished, compose_config(args), round_=2)
     done = fedpeft_run(*args, f"hydra.run.dir={tmp_path / 'fresh'}")
     assert done.returncode == 0, done.stderr
-    assert done.stdout == f"resume={finished}: that run already finished (2 of 2 rounds, final accuracy 70.0%); nothing to resume\n"
+    assert (
+        done.stdout
+        == f"resume={finished}: that run already finished (2 of 2 rounds, final accuracy 70.0%); nothing to resume\n"
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["finished"]  # no new, empty run directory
 
 
@@ -76,7 +87,13 @@ def test_help_lists_the_groups_and_the_schemas_field_help():
     done = fedpeft_run("--help")
     assert done.returncode == 0
     assert "schema" not in done.stdout
-    assert "  strategy=  fedavg | fedex_lora | fedsa_lora | fedsvd | ffa_lora | flexlora | flora | hetlora | lora_fair | rolora" in done.stdout
+    assert (
+        "  strategy=  fedavg | fedex_lora | fedsa_lora | fedsvd | ffa_lora | flexlora | flora | hetlora | lora_fair | rolora"
+        in done.stdout
+    )
     assert "  +exp=      centralized |" in done.stdout
-    assert "  strategy.ranks=null\n      Per-client LoRA ranks (length num_clients); None: every client uses model.lora.r." in done.stdout
+    assert (
+        "  strategy.ranks=null\n      Per-client LoRA ranks (length num_clients); None: every client uses model.lora.r."
+        in done.stdout
+    )
     assert "  client.dp.grad_sample_mode=lora\n" in done.stdout

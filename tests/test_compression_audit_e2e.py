@@ -15,8 +15,19 @@ pytestmark = pytest.mark.slow
 def test_compressed_run_with_error_feedback_and_audit(tmp_path):
     # Prepare
     cfg = compose_cfg(
-        ["num_rounds=2", "num_clients=2", "clients_per_round=2", "client.local_steps=2", "data.max_samples=60", "model.max_length=32",
-         "compression=compeft", "compression.density=0.1", "compression.error_feedback=true", "audit.enabled=true", "audit.max_examples=10"]
+        [
+            "num_rounds=2",
+            "num_clients=2",
+            "clients_per_round=2",
+            "client.local_steps=2",
+            "data.max_samples=60",
+            "model.max_length=32",
+            "compression=compeft",
+            "compression.density=0.1",
+            "compression.error_feedback=true",
+            "audit.enabled=true",
+            "audit.max_examples=10",
+        ]
     )
     # Execute
     rows = execute(cfg, tmp_path)

@@ -39,7 +39,10 @@ def write_node_folders(root: Path, num_nodes: int) -> list[Path]:
 
 def node_configs(root: Path, num_nodes: int = 2) -> list[dict]:
     folders = write_node_folders(root, num_nodes)
-    return [{"partition-id": k, "data-path": str(folders[k]), "state-dir": str(root / f"state{k}")} for k in range(num_nodes)]
+    return [
+        {"partition-id": k, "data-path": str(folders[k]), "state-dir": str(root / f"state{k}")}
+        for k in range(num_nodes)
+    ]
 
 
 def submit(fed: LocalFederation, run_dir: Path, *extra: str) -> subprocess.Popen:
@@ -51,7 +54,9 @@ def submit(fed: LocalFederation, run_dir: Path, *extra: str) -> subprocess.Popen
     ]  # fmt: skip
     # SIGINT as a terminal's Ctrl-C delivers it (a background job may inherit it ignored)
     restore = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
-    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, preexec_fn=restore)
+    return subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, preexec_fn=restore
+    )
 
 
 def read_until(proc: subprocess.Popen, needle: str, lines: list[str], *, timeout: float = 400) -> str:
@@ -87,7 +92,13 @@ def test_two_supernodes_with_tls_and_auth_run_flora_and_the_console_follows_the_
     """A deployed FLoRA run with ComPEFT uploads (error feedback on the nodes' disks) and the privacy audit at the end."""
     fed, root = federation
     run_dir = root / "run"
-    compressed = ["compression=compeft", "compression.density=0.2", "compression.error_feedback=true", "audit.enabled=true", "audit.max_examples=10"]
+    compressed = [
+        "compression=compeft",
+        "compression.density=0.2",
+        "compression.error_feedback=true",
+        "audit.enabled=true",
+        "audit.max_examples=10",
+    ]
     proc = submit(fed, run_dir, "strategy=flora", "strategy.ranks=[4,2]", *compressed)
     lines: list[str] = []
     # The console reports each round while the run is still going (not only at the end)
@@ -108,7 +119,10 @@ def test_two_supernodes_with_tls_and_auth_run_flora_and_the_console_follows_the_
     assert "2 nodes connected" in (run_dir / "run.log").read_text() and sorted(n["rank"] for n in nodes) == [2, 4]
     # Assert: the deployment itself
     superlink_log = (root / "fed" / "superlink.log").read_text()
-    assert "SuperNode authentication is disabled" not in superlink_log and superlink_log.count("RegisterNode] Created node_id") == 2
+    assert (
+        "SuperNode authentication is disabled" not in superlink_log
+        and superlink_log.count("RegisterNode] Created node_id") == 2
+    )
     assert "insecure" not in (root / "fed" / "flwr-home" / "config.toml").read_text()
     rows = read_metrics(run_dir)
     assert [r["round"] for r in rows] == [1, 2]
@@ -129,7 +143,9 @@ def test_two_supernodes_with_tls_and_auth_run_flora_and_the_console_follows_the_
         store = root / f"state{k}" / f"node-{k}"
         assert list(store.glob("*/merged-base.safetensors")), sorted(p.name for p in store.rglob("*"))
         assert list((store / "cache").glob("data-*.pt"))
-        assert list(store.rglob("compression-residual.safetensors"))  # error feedback: what ComPEFT dropped, kept by the node
+        assert list(
+            store.rglob("compression-residual.safetensors")
+        )  # error feedback: what ComPEFT dropped, kept by the node
 
 
 def test_ctrl_c_on_the_submitting_console_stops_the_run_on_the_superlink(federation):
@@ -175,7 +191,9 @@ def test_run_finishes_when_a_supernode_dies(tmp_path):
     assert all(r["clients_failed"] + r["clients_replied"] == r["clients_sampled"] for r in later)
     assert sum(r["clients_failed"] for r in later) >= 1 and all(f["reason"] for r in later for f in r["failures"])
     dead = {f["node"] for r in later for f in r["failures"]}
-    assert len(dead) == 1 and all(len(r["failures"]) == r["clients_failed"] <= 1 for r in later)  # the dead node, once a round
+    assert len(dead) == 1 and all(
+        len(r["failures"]) == r["clients_failed"] <= 1 for r in later
+    )  # the dead node, once a round
     # The dead node is recorded as unreachable, by node and partition, in every round it failed
     assert all(r["unreachable"] == [{"node": f["node"], "partition": 1} for f in r["failures"]] for r in later)
     assert "(1 failed)" in out and rows[-1]["test_accuracy"] is not None
@@ -214,7 +232,12 @@ def test_documented_deploy_steps_run_as_written(tmp_path):
             text = text.replace(old, new)
         return text
 
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", PYTHONPATH=str(REPO), FLWR_HOME=str(tmp_path / "flwr-home"))
+    env = dict(
+        os.environ,
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        PYTHONPATH=str(REPO),
+        FLWR_HOME=str(tmp_path / "flwr-home"),
+    )
 
     def run(cmd: str) -> str:
         done = subprocess.run(["bash", "-c", cmd], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
@@ -225,7 +248,16 @@ def test_documented_deploy_steps_run_as_written(tmp_path):
 
     def start(name: str, cmd: str) -> subprocess.Popen:
         with open(tmp_path / f"{name}.log", "w") as log:
-            started.append(subprocess.Popen(["bash", "-c", cmd], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+            started.append(
+                subprocess.Popen(
+                    ["bash", "-c", cmd],
+                    cwd=tmp_path,
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
         return started[-1]
 
     try:

@@ -38,7 +38,10 @@ def test_a_usable_node_config_starts_flower_supernode_with_the_same_arguments(no
     [
         ("partition-id=0 data-path='{tmp}/nope' state-dir='{state}'", "data-path '{tmp}/nope' does not exist"),
         ("partition-id=0 data-path='{tmp}/empty' state-dir='{state}'", "is an empty folder"),
-        ("partition-id=0 data-path='{data}' state-dir='{tmp}/missing'", "state-dir '{tmp}/missing' does not exist (create it"),
+        (
+            "partition-id=0 data-path='{data}' state-dir='{tmp}/missing'",
+            "state-dir '{tmp}/missing' does not exist (create it",
+        ),
         ("partition-id=0 data-path='{data}' state-dir='{data}/sports/0.txt'", "is not a folder"),
         ("partition-id=0 data-path='{data}'", "no state-dir"),
         ("data-path='{data}' state-dir='{state}'", "no partition-id"),
@@ -69,7 +72,13 @@ def test_an_unreadable_data_path_is_refused(node_dirs):
 
 def test_the_command_refuses_in_one_line_without_starting_the_node(node_dirs):
     data, state = node_dirs
-    cmd = [sys.executable, "-m", "fedpeft.deploy", "supernode", *args(f"partition-id=0 data-path='{data}/nope' state-dir='{state}'")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fedpeft.deploy",
+        "supernode",
+        *args(f"partition-id=0 data-path='{data}/nope' state-dir='{state}'"),
+    ]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr == f"fedpeft.deploy supernode: refusing to start: data-path '{data}/nope' does not exist\n"

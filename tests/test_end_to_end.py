@@ -58,8 +58,12 @@ def test_simulation_runs_loads_base_once_per_worker_and_saves_a_loadable_adapter
     # Assert: the partition report, the node status of the handshake and the plots
     partitions = json.loads((tmp_path / "partitions.json").read_text())
     nodes = json.loads((tmp_path / "nodes.json").read_text())["nodes"]
-    assert [(c["partition"], c["examples"]) for c in partitions["clients"]] == sorted((n["partition"], n["examples"]) for n in nodes)
-    assert [c["label_counts"] for c in partitions["clients"]] == [n["label_counts"] for n in sorted(nodes, key=lambda n: n["partition"])]
+    assert [(c["partition"], c["examples"]) for c in partitions["clients"]] == sorted(
+        (n["partition"], n["examples"]) for n in nodes
+    )
+    assert [c["label_counts"] for c in partitions["clients"]] == [
+        n["label_counts"] for n in sorted(nodes, key=lambda n: n["partition"])
+    ]
     for name in ("partitions.png", "accuracy_loss.png", "accuracy_vs_mb.png"):
         assert (tmp_path / "plots" / name).stat().st_size > 0
     pids = {c["worker_pid"] for r in rows for c in r["clients"]}
@@ -158,7 +162,16 @@ def test_ffa_lora_a_is_bit_identical_on_every_client_and_round_and_halves_the_up
 def test_dp_clients_work_with_every_rule_and_epsilon_composes(tmp_path, rule):
     from fedpeft.privacy.accounting import epsilon
 
-    cfg = compose_cfg(["+exp=smoke", f"strategy={rule}", "client=dp", "client.dp.target_epsilon=8", "client.local_steps=2", "save_adapter=false"])
+    cfg = compose_cfg(
+        [
+            "+exp=smoke",
+            f"strategy={rule}",
+            "client=dp",
+            "client.dp.target_epsilon=8",
+            "client.local_steps=2",
+            "save_adapter=false",
+        ]
+    )
     rows = execute(cfg, tmp_path)
     history: dict[int, list] = {}
     for row in rows:

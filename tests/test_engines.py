@@ -14,9 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fedpeft.models import adapters as models
-
 from fedpeft.cli.configs import compose_config
+from fedpeft.models import adapters as models
 from fedpeft.run import execute
 from fedpeft.server.loop import run_federated
 
@@ -26,7 +25,14 @@ try:
 except ImportError as err:  # engine=batched is built on the client's decode/train/encode steps (protocol, issue 10)
     pytest.skip(f"engine=batched needs the protocol's client steps: {err}", allow_module_level=True)
 
-TINY = ["num_rounds=2", "client.local_steps=2", "data.max_samples=60", "model.max_length=32", "data.partitioner=iid", "client.batch_size=4"]
+TINY = [
+    "num_rounds=2",
+    "client.local_steps=2",
+    "data.max_samples=60",
+    "model.max_length=32",
+    "data.partitioner=iid",
+    "client.batch_size=4",
+]
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +43,15 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny-bert")
     tokenizer = models.load_tokenizer(compose_config([]).model)
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     BertModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -71,13 +85,25 @@ def assert_same_run(rows_a, rows_b, dir_a: Path, dir_b: Path) -> None:
 )
 def test_batched_grid_equals_one_client_at_a_time(tmp_path, tiny_bert_dir, strategy):
     # Prepare
-    cfg = compose_config([*TINY, "num_clients=3", "clients_per_round=3", f"model.name_or_path={tiny_bert_dir}", "engine=batched", "engine.clients_per_pass=2", *strategy])
+    cfg = compose_config(
+        [
+            *TINY,
+            "num_clients=3",
+            "clients_per_round=3",
+            f"model.name_or_path={tiny_bert_dir}",
+            "engine=batched",
+            "engine.clients_per_pass=2",
+            *strategy,
+        ]
+    )
     # Execute (each run in a fresh model cache: a cached model that trained another run is not a fresh start)
     models.clear_cache()
     batched = BatchedGrid(num_nodes=3, clients_per_pass=2, seed=cfg.seed)
     rows_b = run_federated(cfg, batched, tmp_path / "batched")
     models.clear_cache()
-    single = InProcessGrid(__import__("fedpeft.clients.app", fromlist=["app"]).app, [{"partition-id": k} for k in range(3)])
+    single = InProcessGrid(
+        __import__("fedpeft.clients.app", fromlist=["app"]).app, [{"partition-id": k} for k in range(3)]
+    )
     rows_s = run_federated(cfg, single, tmp_path / "single")
     # Assert: 3 clients a round in passes of 2 + 1, and the same run
     assert batched.passes == [2, 1] * cfg.num_rounds
@@ -85,7 +111,17 @@ def test_batched_grid_equals_one_client_at_a_time(tmp_path, tiny_bert_dir, strat
 
 
 def test_a_failing_client_fails_alone(tmp_path, tiny_bert_dir):
-    cfg = compose_config([*TINY, "num_clients=3", "clients_per_round=3", "num_rounds=1", f"model.name_or_path={tiny_bert_dir}", "faults.raise_prob=0.5", "min_clients=1"])
+    cfg = compose_config(
+        [
+            *TINY,
+            "num_clients=3",
+            "clients_per_round=3",
+            "num_rounds=1",
+            f"model.name_or_path={tiny_bert_dir}",
+            "faults.raise_prob=0.5",
+            "min_clients=1",
+        ]
+    )
     models.clear_cache()
     grid = BatchedGrid(num_nodes=3, clients_per_pass=3, seed=cfg.seed)
     rows = run_federated(cfg, grid, tmp_path)
@@ -118,12 +154,25 @@ def test_whole_run_batched_equals_ray(tmp_path, tiny_bert_dir):
 
 def test_dp_clients_run_alone_through_the_dp_path(tmp_path, tiny_bert_dir):
     """DP jobs never share a pass: same clipping, noise and ledger as the one-client path, so the same ε."""
-    cfg = compose_config([*TINY, "num_clients=2", "clients_per_round=2", f"model.name_or_path={tiny_bert_dir}", "client.dp.enabled=true", "client.dp.noise_multiplier=1.0"])
+    cfg = compose_config(
+        [
+            *TINY,
+            "num_clients=2",
+            "clients_per_round=2",
+            f"model.name_or_path={tiny_bert_dir}",
+            "client.dp.enabled=true",
+            "client.dp.noise_multiplier=1.0",
+        ]
+    )
     models.clear_cache()
     batched = BatchedGrid(num_nodes=2, clients_per_pass=2, seed=cfg.seed)
     rows_b = run_federated(cfg, batched, tmp_path / "batched")
     models.clear_cache()
-    rows_s = run_federated(cfg, InProcessGrid(__import__("fedpeft.clients.app", fromlist=["app"]).app, [{"partition-id": k} for k in range(2)]), tmp_path / "single")
+    rows_s = run_federated(
+        cfg,
+        InProcessGrid(__import__("fedpeft.clients.app", fromlist=["app"]).app, [{"partition-id": k} for k in range(2)]),
+        tmp_path / "single",
+    )
     assert batched.passes == []
     assert [r["max_epsilon"] for r in rows_b] == [r["max_epsilon"] for r in rows_s] and rows_b[-1]["max_epsilon"] > 0
     assert_same_run(rows_b, rows_s, tmp_path / "batched", tmp_path / "single")
@@ -135,7 +184,9 @@ def test_a_failed_pass_is_retried_one_client_at_a_time(tmp_path, tiny_bert_dir, 
     def broken_pass(jobs):
         raise FloatingPointError("a pass that diverged")
 
-    cfg = compose_config([*TINY, "num_clients=2", "clients_per_round=2", "num_rounds=1", f"model.name_or_path={tiny_bert_dir}"])
+    cfg = compose_config(
+        [*TINY, "num_clients=2", "clients_per_round=2", "num_rounds=1", f"model.name_or_path={tiny_bert_dir}"]
+    )
     models.clear_cache()
     rows_good = run_federated(cfg, BatchedGrid(num_nodes=2, clients_per_pass=2, seed=cfg.seed), tmp_path / "good")
     monkeypatch.setattr(engine, "train_pass", broken_pass)

@@ -66,8 +66,12 @@ def test_a_finished_run_with_other_settings_is_refused_not_reused(tmp_path, scri
     (run / "wall.json").write_text(json.dumps({"seconds": 1.0}))
     # Execute / Assert: the same settings (another length aside) differ in nothing; a decaying rate is named
     assert script.differs(run, to_config({"client": {"lr": 0.01}, "num_rounds": 40})) == []
-    assert script.differs(run, to_config({"client": {"lr": 0.01, "lr_decay": 0.9}})) == ["client.lr_decay: 1.0 there, 0.9 asked"]
-    with pytest.raises(SystemExit, match=r"run with other settings than asked \(client.lr_decay: 1.0 there, 0.9 asked\)"):
+    assert script.differs(run, to_config({"client": {"lr": 0.01, "lr_decay": 0.9}})) == [
+        "client.lr_decay: 1.0 there, 0.9 asked"
+    ]
+    with pytest.raises(
+        SystemExit, match=r"run with other settings than asked \(client.lr_decay: 1.0 there, 0.9 asked\)"
+    ):
         script.run_one(run, {"client": {"lr": 0.01, "lr_decay": 0.9}, "num_rounds": 1})
 
 

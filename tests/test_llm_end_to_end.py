@@ -16,7 +16,15 @@ from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
 
-TINY = ["+exp=llm_tiny", "num_rounds=2", "num_clients=2", "clients_per_round=2", "client.local_steps=2", "data.max_samples=60", "model.max_length=32"]
+TINY = [
+    "+exp=llm_tiny",
+    "num_rounds=2",
+    "num_clients=2",
+    "clients_per_round=2",
+    "client.local_steps=2",
+    "data.max_samples=60",
+    "model.max_length=32",
+]
 
 
 def test_llm_tiny_simulation_reports_llm_metrics_that_the_saved_adapter_reproduces(tmp_path, monkeypatch):
@@ -32,12 +40,31 @@ def test_llm_tiny_simulation_reports_llm_metrics_that_the_saved_adapter_reproduc
     # A fresh process, plain transformers + peft: the same numbers from the saved adapter.
     env = {**os.environ, "PYTHONPATH": str(REPO), "FEDPEFT_CACHE": str(tmp_path / "cache")}
     out = subprocess.run(
-        [sys.executable, "-m", "fedpeft.generate", str(tmp_path / "run"), "--evaluate"], capture_output=True, text=True, env=env, cwd=REPO, timeout=600, check=True
+        [sys.executable, "-m", "fedpeft.generate", str(tmp_path / "run"), "--evaluate"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=600,
+        check=True,
     )
     again = json.loads(out.stdout.strip().splitlines()[-1])
     assert again["response_loss"] == pytest.approx(rows[-1]["response_loss"], rel=1e-5)
     assert again["mc_accuracy"] == pytest.approx(rows[-1]["mc_accuracy"], abs=1e-9)
     subprocess.run(  # and it generates (exit status 0)
-        [sys.executable, "-m", "fedpeft.generate", str(tmp_path / "run"), "Which topic is this article about? The match ended 2-2.", "--max-new-tokens", "3"],
-        capture_output=True, text=True, env=env, cwd=REPO, timeout=600, check=True,
+        [
+            sys.executable,
+            "-m",
+            "fedpeft.generate",
+            str(tmp_path / "run"),
+            "Which topic is this article about? The match ended 2-2.",
+            "--max-new-tokens",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=600,
+        check=True,
     )

@@ -12,12 +12,20 @@ from pathlib import Path
 
 import pytest
 
-from fedpeft.run import execute
 from fedpeft.engines.ray import check_ray_address
+from fedpeft.run import execute
 from tests.fedpeft.test_config import compose_cfg
 from tests.test_resume import kill_leftovers
 
-TINY = ["num_rounds=2", "num_clients=2", "clients_per_round=2", "client.local_steps=2", "data.max_samples=60", "model.max_length=32", "data.partitioner=iid"]
+TINY = [
+    "num_rounds=2",
+    "num_clients=2",
+    "clients_per_round=2",
+    "client.local_steps=2",
+    "data.max_samples=60",
+    "model.max_length=32",
+    "data.partitioner=iid",
+]
 
 
 def free_port() -> int:
@@ -35,7 +43,16 @@ def test_simulation_runs_on_a_running_cluster(tmp_path):
     ray_cli = Path(sys.executable).with_name("ray")
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
     env.pop("RAY_ADDRESS", None)
-    start = [str(ray_cli), "start", "--head", f"--port={port}", f"--temp-dir={ray_dir}", "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats"]
+    start = [
+        str(ray_cli),
+        "start",
+        "--head",
+        f"--port={port}",
+        f"--temp-dir={ray_dir}",
+        "--num-cpus=2",
+        "--include-dashboard=false",
+        "--disable-usage-stats",
+    ]
     try:
         subprocess.run(start, check=True, env=env, capture_output=True, timeout=180)
         cfg = compose_cfg([*TINY, f"ray.address=127.0.0.1:{port}"])

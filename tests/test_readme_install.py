@@ -5,8 +5,8 @@ and the install note describes the pinned version, not another."""
 from __future__ import annotations
 
 import re
-import tomllib
 
+import tomllib
 from packaging.requirements import Requirement
 from packaging.version import Version
 

@@ -20,13 +20,27 @@ from tests.conftest import REPO
 pytestmark = pytest.mark.slow
 
 ARGS = ["+exp=smoke", "num_rounds=4", "clients_per_round=2", "seed=5"]
-SAME = ["round", "test_accuracy", "test_loss", "train_loss", "clients_sampled", "clients_replied", "bytes_up", "bytes_down", "cumulative_bytes_up", "cumulative_bytes_down", "residual"]
+SAME = [
+    "round",
+    "test_accuracy",
+    "test_loss",
+    "train_loss",
+    "clients_sampled",
+    "clients_replied",
+    "bytes_up",
+    "bytes_down",
+    "cumulative_bytes_up",
+    "cumulative_bytes_down",
+    "residual",
+]
 
 
 def fedpeft_run(run_dir: Path, *extra: str, ray_dir: Path | None = None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "fedpeft.run", *ARGS, f"hydra.run.dir={run_dir}", *extra]
     env = dict(os.environ, RAY_TMPDIR=str(ray_dir)) if ray_dir else None  # so its Ray processes can be found
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
 
 
 def checkpoint_round(run_dir: Path) -> int:
@@ -100,4 +114,7 @@ def test_resume_refuses_a_different_config(tmp_path):
     run = tmp_path / "run"
     execute(compose_cfg(["+exp=smoke", "num_rounds=1", "save_adapter=false"]), run)
     with pytest.raises(Exception, match=r"differs from the checkpoint's in \['seed'\]"):
-        execute(compose_cfg(["+exp=smoke", "num_rounds=1", "save_adapter=false", "seed=9", f"resume={run}"]), tmp_path / "other")
+        execute(
+            compose_cfg(["+exp=smoke", "num_rounds=1", "save_adapter=false", "seed=9", f"resume={run}"]),
+            tmp_path / "other",
+        )

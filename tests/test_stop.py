@@ -23,7 +23,15 @@ from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
 
-TINY = ["+exp=smoke", "num_clients=2", "clients_per_round=2", "client.local_steps=2", "data.max_samples=60", "model.max_length=32", "save_adapter=false"]
+TINY = [
+    "+exp=smoke",
+    "num_clients=2",
+    "clients_per_round=2",
+    "client.local_steps=2",
+    "data.max_samples=60",
+    "model.max_length=32",
+    "save_adapter=false",
+]
 MARKER = "FEDPEFT_TEST_RUN"
 
 
@@ -32,7 +40,9 @@ def start(run_dir: Path, args: list[str], *, code: str | None = None) -> tuple[s
     env = dict(os.environ, **{MARKER: marker})
     argv = [*args, f"hydra.run.dir={run_dir}"]
     cmd = [sys.executable, "-m", "fedpeft.run", *argv] if code is None else [sys.executable, "-c", code, *argv]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     return proc, marker
 
 
@@ -93,10 +103,18 @@ def test_first_ctrl_c_stops_the_run_keeps_the_checkpoint_and_leaves_no_ray_proce
     assert "stopped by Ctrl-C" in out
     # The console holds fedpeft's lines only (header, rounds, the stop): no Flower, Ray or worker output
     lines = out.splitlines()
-    header, rest = lines[:8], lines[next(i for i, line in enumerate(lines) if line.startswith("round ")) :]  # between: partition and node tables
-    assert header[0].startswith("fedpeft: FedIT (strategy=fedavg)") and all(line.startswith("  ") for line in header[1:]), out
+    header, rest = (
+        lines[:8],
+        lines[next(i for i, line in enumerate(lines) if line.startswith("round ")) :],
+    )  # between: partition and node tables
+    assert header[0].startswith("fedpeft: FedIT (strategy=fedavg)") and all(
+        line.startswith("  ") for line in header[1:]
+    ), out
     assert all(line.startswith(("round ", "stopped by Ctrl-C")) for line in rest), out
-    assert f"round {kept} is the last complete one (checkpointed in {run_dir}); continue with: python -m fedpeft.run +exp=smoke" in out
+    assert (
+        f"round {kept} is the last complete one (checkpointed in {run_dir}); continue with: python -m fedpeft.run +exp=smoke"
+        in out
+    )
     assert out.rstrip().endswith(f"resume={run_dir}")
     assert leftovers(marker) == []
 

@@ -25,21 +25,21 @@ from dataclasses import fields
 import torch
 from torch import nn
 
-from fedpeft.data.partition import FederatedData, check_data_config, prepare
-from fedpeft.config.schema import Config, ConfigError, DeployConfig, DPConfig
 from fedpeft.clients.dp import MODES as DP_MODES
 from fedpeft.clients.job import dp_noise  # the clients' own calibration, so the check cannot drift from it
-from fedpeft.models.adapters import RANKED, check_model_config, client_ranks, resolve_device
-from fedpeft.models.paths import ModelError, resolve_model_path
-from fedpeft.reporting.metrics import LOGGERS
-from fedpeft.training.local import AUTOCAST_DTYPES, num_local_steps
-from fedpeft.privacy.audit import check_audit_config, client_train_split
 from fedpeft.compression.compeft import codec_from_config
-from fedpeft.models.llm import check_assets, check_llm_options, check_quantized_base
-from fedpeft.engines.ray import check_engine
+from fedpeft.config.schema import Config, ConfigError, DeployConfig, DPConfig
+from fedpeft.data.partition import FederatedData, check_data_config, prepare
 from fedpeft.engines.deploy.submit import check_deploy_config
+from fedpeft.engines.ray import check_engine
+from fedpeft.models.adapters import RANKED, check_model_config, client_ranks, resolve_device
+from fedpeft.models.llm import check_assets, check_llm_options, check_quantized_base
+from fedpeft.models.paths import ModelError, resolve_model_path
 from fedpeft.privacy.accounting import ACCOUNTANTS, DPError, check_dp_args
+from fedpeft.privacy.audit import check_audit_config, client_train_split
+from fedpeft.reporting.metrics import LOGGERS
 from fedpeft.strategies import STRATEGIES, get_strategy
+from fedpeft.training.local import AUTOCAST_DTYPES, num_local_steps
 
 MODES = ("simulation", "deploy", "centralized", "local")
 
@@ -67,7 +67,9 @@ def check_config(cfg: Config) -> None:
     check_client(cfg)
     check_dp_settings(cfg.client.dp, peft=cfg.model.peft)
     if cfg.mode in ("centralized", "local") and cfg.client.dp.enabled:
-        raise ConfigError(f"client.dp.enabled: DP-SGD runs in the federated clients; mode={cfg.mode} trains without it (drop client=dp)")
+        raise ConfigError(
+            f"client.dp.enabled: DP-SGD runs in the federated clients; mode={cfg.mode} trains without it (drop client=dp)"
+        )
     if cfg.model.max_length < 1:
         raise ConfigError(f"model.max_length must be >= 1, got {cfg.model.max_length}")
     if not 0.0 <= cfg.model.lora.dropout < 1.0:
@@ -79,18 +81,28 @@ def check_config(cfg: Config) -> None:
     if cfg.logger not in LOGGERS:
         raise ConfigError(f"logger must be one of {LOGGERS}, got {cfg.logger!r}")
     if cfg.logger == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
-        raise ConfigError("logger=tensorboard needs the tensorboard package: pip install tensorboard (or pip install -e '.[tensorboard]')")
+        raise ConfigError(
+            "logger=tensorboard needs the tensorboard package: pip install tensorboard (or pip install -e '.[tensorboard]')"
+        )
     if cfg.mode == "deploy":
         check_deploy_config(cfg)
     else:
         default = DeployConfig()
-        changed = [f"deploy.{f.name}={getattr(cfg.deploy, f.name)}" for f in fields(DeployConfig) if getattr(cfg.deploy, f.name) != getattr(default, f.name)]
+        changed = [
+            f"deploy.{f.name}={getattr(cfg.deploy, f.name)}"
+            for f in fields(DeployConfig)
+            if getattr(cfg.deploy, f.name) != getattr(default, f.name)
+        ]
         if changed:
-            raise ConfigError(f"{' '.join(changed)} has no effect with mode={cfg.mode}: add mode=deploy to submit the run to a SuperLink")
+            raise ConfigError(
+                f"{' '.join(changed)} has no effect with mode={cfg.mode}: add mode=deploy to submit the run to a SuperLink"
+            )
     check_model_config(cfg.model)
     rule = get_strategy(cfg.strategy.name)
     if rule.peft_methods is not None and cfg.model.peft not in rule.peft_methods:
-        accepting = sorted(name for name, r in STRATEGIES.items() if r.peft_methods is None or cfg.model.peft in r.peft_methods)
+        accepting = sorted(
+            name for name, r in STRATEGIES.items() if r.peft_methods is None or cfg.model.peft in r.peft_methods
+        )
         raise ConfigError(
             f"strategy={cfg.strategy.name} federates {'/'.join(rule.peft_methods)} adapters only, not model.peft={cfg.model.peft}; rules that accept it: {accepting}"
         )
@@ -103,19 +115,32 @@ def check_config(cfg: Config) -> None:
     check_llm_options(cfg.model, device=resolve_device(cfg.device))
     if cfg.model.autocast is not None:
         if cfg.model.autocast not in AUTOCAST_DTYPES:
-            raise ConfigError(f"model.autocast={cfg.model.autocast!r}: choose one of {list(AUTOCAST_DTYPES)} or null (off)")
+            raise ConfigError(
+                f"model.autocast={cfg.model.autocast!r}: choose one of {list(AUTOCAST_DTYPES)} or null (off)"
+            )
         if cfg.model.dtype != "float32":
-            raise ConfigError(f"model.autocast={cfg.model.autocast} with model.dtype={cfg.model.dtype}: autocast is mixed precision over a float32 base; a {cfg.model.dtype} base already computes in {cfg.model.dtype}")
+            raise ConfigError(
+                f"model.autocast={cfg.model.autocast} with model.dtype={cfg.model.dtype}: autocast is mixed precision over a float32 base; a {cfg.model.dtype} base already computes in {cfg.model.dtype}"
+            )
         if cfg.client.dp.enabled and cfg.client.dp.grad_sample_mode == "opacus":
             raise ConfigError(
                 f"model.autocast={cfg.model.autocast} with client.dp.grad_sample_mode=opacus: Opacus' hooks would compute the per-sample gradients in bf16; "
                 "use grad_sample_mode=lora or loop (per-sample gradients, clipping and noise in float32) or drop model.autocast"
             )
     if cfg.model.dtype == "float16" and cfg.client.dp.enabled:
-        raise ConfigError("model.dtype=float16 with client.dp: DP-SGD's per-sample gradients get no loss scaling and underflow in float16; use model.dtype=bfloat16")
+        raise ConfigError(
+            "model.dtype=float16 with client.dp: DP-SGD's per-sample gradients get no loss scaling and underflow in float16; use model.dtype=bfloat16"
+        )
     if cfg.model.dtype == "float16" and cfg.mode == "simulation" and cfg.engine.name == "batched":
-        raise ConfigError("model.dtype=float16 with engine=batched: the batched pass has no loss scaler; use model.dtype=bfloat16 or engine=ray")
-    check_quantized_base(cfg.model, rule=cfg.strategy.name, moves_base=rule.moves_base, fixed_base_rules=tuple(n for n, r in STRATEGIES.items() if not r.moves_base))
+        raise ConfigError(
+            "model.dtype=float16 with engine=batched: the batched pass has no loss scaler; use model.dtype=bfloat16 or engine=ray"
+        )
+    check_quantized_base(
+        cfg.model,
+        rule=cfg.strategy.name,
+        moves_base=rule.moves_base,
+        fixed_base_rules=tuple(n for n, r in STRATEGIES.items() if not r.moves_base),
+    )
     check_assets(cfg)  # a hub id that is neither cached nor reachable: one line saying what to download
 
 
@@ -128,13 +153,19 @@ def check_client(cfg: Config) -> None:
     if not (c.lr > 0 and math.isfinite(c.lr)):
         raise ConfigError(f"client.lr must be > 0, got {c.lr}")
     if not 0.0 < c.lr_decay <= 1.0:
-        raise ConfigError(f"client.lr_decay must lie in (0, 1] (the rate of round t is lr · lr_decay^(t-1)), got {c.lr_decay}")
+        raise ConfigError(
+            f"client.lr_decay must lie in (0, 1] (the rate of round t is lr · lr_decay^(t-1)), got {c.lr_decay}"
+        )
     if c.weight_decay < 0:
         raise ConfigError(f"client.weight_decay must be >= 0, got {c.weight_decay}")
     if c.local_steps < 0:
-        raise ConfigError(f"client.local_steps must be > 0 (or 0 to train client.local_epochs epochs), got {c.local_steps}")
+        raise ConfigError(
+            f"client.local_steps must be > 0 (or 0 to train client.local_epochs epochs), got {c.local_steps}"
+        )
     if c.local_steps == 0 and c.local_epochs < 1:
-        raise ConfigError(f"client.local_steps=0 trains client.local_epochs epochs, which must then be >= 1, got {c.local_epochs}")
+        raise ConfigError(
+            f"client.local_steps=0 trains client.local_epochs epochs, which must then be >= 1, got {c.local_epochs}"
+        )
     if c.num_cpus <= 0:
         raise ConfigError(f"client.num_cpus must be > 0, got {c.num_cpus}")
     if c.num_gpus < 0:
@@ -150,12 +181,16 @@ def check_dp_settings(dp: DPConfig, *, peft: str = "lora") -> None:
         changed = [f.name for f in fields(DPConfig) if getattr(dp, f.name) != getattr(default, f.name)]
         if changed:
             settings = " ".join(f"client.dp.{k}={getattr(dp, k)}" for k in changed)
-            raise ConfigError(f"{settings} has no effect: DP is off. Add client=dp to train with DP-SGD (or client.dp.enabled=true)")
+            raise ConfigError(
+                f"{settings} has no effect: DP is off. Add client=dp to train with DP-SGD (or client.dp.enabled=true)"
+            )
         return
     if dp.grad_sample_mode not in DP_MODES:
         raise ConfigError(f"client.dp.grad_sample_mode must be one of {DP_MODES}, got {dp.grad_sample_mode!r}")
     if peft != "lora" and dp.grad_sample_mode == "lora":
-        raise ConfigError(f"client.dp.grad_sample_mode=lora computes per-sample gradients of LoRA layers only; model.peft={peft} needs grad_sample_mode=loop")
+        raise ConfigError(
+            f"client.dp.grad_sample_mode=lora computes per-sample gradients of LoRA layers only; model.peft={peft} needs grad_sample_mode=loop"
+        )
     if dp.accountant not in ACCOUNTANTS:
         raise ConfigError(f"client.dp.accountant must be one of {ACCOUNTANTS}, got {dp.accountant!r}")
     if (dp.noise_multiplier is None) == (dp.target_epsilon is None):
@@ -177,11 +212,15 @@ def check_resources(cfg: Config, *, cpus: int | None = None, gpus: int | None = 
     cpus = machine_cpus() if cpus is None else cpus
     gpus = torch.cuda.device_count() if gpus is None else gpus
     if cfg.mode == "simulation" and cfg.client.num_cpus > cpus:
-        raise ConfigError(f"client.num_cpus={cfg.client.num_cpus:g} but this machine has {cpus} CPU cores: no client could start")
+        raise ConfigError(
+            f"client.num_cpus={cfg.client.num_cpus:g} but this machine has {cpus} CPU cores: no client could start"
+        )
     if cfg.client.num_gpus > 0 and gpus == 0:
         raise ConfigError(f"client.num_gpus={cfg.client.num_gpus:g} but this machine has no CUDA GPU")
     if cfg.client.num_gpus > gpus:
-        raise ConfigError(f"client.num_gpus={cfg.client.num_gpus:g} but this machine has {gpus} GPU(s): no client could start")
+        raise ConfigError(
+            f"client.num_gpus={cfg.client.num_gpus:g} but this machine has {gpus} GPU(s): no client could start"
+        )
     try:
         resolve_device(cfg.device)
     except (ModelError, RuntimeError) as err:
@@ -211,7 +250,11 @@ def skeleton(cfg: Config) -> nn.Module:
 
     path = resolve_model_path(cfg.model.name_or_path)
     try:
-        config = AutoConfig.from_pretrained(path, num_labels=2) if cfg.model.task == "seq_cls" else AutoConfig.from_pretrained(path)
+        config = (
+            AutoConfig.from_pretrained(path, num_labels=2)
+            if cfg.model.task == "seq_cls"
+            else AutoConfig.from_pretrained(path)
+        )
     except (OSError, ValueError) as err:
         raise ModelError(f"cannot load the config of model {cfg.model.name_or_path!r}: {err}") from None
     auto = AutoModelForSequenceClassification if cfg.model.task == "seq_cls" else AutoModelForCausalLM
@@ -233,7 +276,9 @@ def check_model(cfg: Config, model: nn.Module | None = None) -> None:
     lora = cfg.model.lora
     limit = positions(model.config) if hasattr(model, "config") else None
     if limit is not None and cfg.model.max_length > limit:
-        raise ConfigError(f"model.max_length={cfg.model.max_length} exceeds the {limit} positions of model {cfg.model.name_or_path!r}")
+        raise ConfigError(
+            f"model.max_length={cfg.model.max_length} exceeds the {limit} positions of model {cfg.model.name_or_path!r}"
+        )
     named = dict(model.named_modules())
     if cfg.model.peft == "prompt_tuning":
         return  # virtual tokens: no module is adapted, no rank
@@ -246,9 +291,15 @@ def check_model(cfg: Config, model: nn.Module | None = None) -> None:
             )
     for target in lora.modules_to_save:
         if not any(matches(n, target) for n in named):
-            raise ConfigError(f"model.lora.modules_to_save entry {target!r} matches no module of {cfg.model.name_or_path!r}")
+            raise ConfigError(
+                f"model.lora.modules_to_save entry {target!r} matches no module of {cfg.model.name_or_path!r}"
+            )
     adapted = {n: m for n, m in named.items() if _adapted(n, m, lora.target_modules)}
-    widths = {n: min(m.weight.shape) for n, m in adapted.items() if getattr(m, "weight", None) is not None and m.weight.dim() == 2}
+    widths = {
+        n: min(m.weight.shape)
+        for n, m in adapted.items()
+        if getattr(m, "weight", None) is not None and m.weight.dim() == 2
+    }
     if widths and cfg.model.peft in RANKED:
         name = min(widths, key=widths.get)
         rank = max(r for r in client_ranks(cfg) if r is not None)
@@ -269,7 +320,12 @@ def check_dp(cfg: Config, sizes: list[int]) -> None:
     """A DP target every client can reach, calibrated as the clients will (fails before training)."""
     dp = cfg.client.dp
     for pid, n in enumerate(sizes):
-        steps = num_local_steps(num_examples=n, batch_size=cfg.client.batch_size, local_epochs=cfg.client.local_epochs, local_steps=cfg.client.local_steps)
+        steps = num_local_steps(
+            num_examples=n,
+            batch_size=cfg.client.batch_size,
+            local_epochs=cfg.client.local_epochs,
+            local_steps=cfg.client.local_steps,
+        )
         check_dp_args(target_epsilon=dp.target_epsilon, delta=dp.delta, sample_rate=min(cfg.client.batch_size / n, 1.0))
         try:
             dp_noise(cfg, num_examples=n, steps=steps)

@@ -11,10 +11,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from fedpeft.reporting.logs import RUN_LOG
 from fedpeft.models.adapters import client_ranks
 from fedpeft.models.paths import resolve_model_path
 from fedpeft.reporting.lines import hms, pct
+from fedpeft.reporting.logs import RUN_LOG
 from fedpeft.strategies import get_strategy
 
 log = logging.getLogger("fedpeft")
@@ -34,11 +34,21 @@ def header_lines(cfg: Any, run_dir: Path, *, data: Any = None, device: str | Non
     lines = [head]
     lines.append(
         f"  model   {cfg.model.name_or_path} ({cfg.model.task}, max_length {cfg.model.max_length}, {cfg.model.dtype}); "
-        + (f"LoRA on {', '.join(lora.target_modules)}, alpha {lora.alpha:g} at r={lora.r}" if peft == "lora" else f"peft method {peft}")
+        + (
+            f"LoRA on {', '.join(lora.target_modules)}, alpha {lora.alpha:g} at r={lora.r}"
+            if peft == "lora"
+            else f"peft method {peft}"
+        )
         + (f", trains {', '.join(lora.modules_to_save)}" if lora.modules_to_save else "")
     )
-    sizes = f": {len(data.train)} train / {len(data.test)} test examples, {data.num_labels} labels" if data is not None else ""
-    split = cfg.data.partitioner + (f" (alpha {cfg.data.dirichlet_alpha:g})" if cfg.data.partitioner == "dirichlet" else "")
+    sizes = (
+        f": {len(data.train)} train / {len(data.test)} test examples, {data.num_labels} labels"
+        if data is not None
+        else ""
+    )
+    split = cfg.data.partitioner + (
+        f" (alpha {cfg.data.dirichlet_alpha:g})" if cfg.data.partitioner == "dirichlet" else ""
+    )
     lines.append(f"  data    {cfg.data.name}{sizes}; {split} over {cfg.num_clients} clients")
     if cfg.mode != "centralized":
         ranks = client_ranks(cfg)
@@ -47,7 +57,11 @@ def header_lines(cfg: Any, run_dir: Path, *, data: Any = None, device: str | Non
         else:
             shown = f"all {ranks[0]}" if len(set(ranks)) == 1 else " ".join(map(str, ranks))
         lines.append(f"  clients {cfg.num_clients}, {cfg.clients_per_round} per round; ranks {shown}")
-    step = f"{cfg.client.local_steps} local steps" if cfg.client.local_steps > 0 else f"{cfg.client.local_epochs} local epoch(s)"
+    step = (
+        f"{cfg.client.local_steps} local steps"
+        if cfg.client.local_steps > 0
+        else f"{cfg.client.local_epochs} local epoch(s)"
+    )
     decay = f" × {cfg.client.lr_decay:g}^(round-1)" if cfg.client.lr_decay != 1.0 else ""
     lines.append(f"  train   {step}, batch {cfg.client.batch_size}, lr {cfg.client.lr:g}{decay}")
     if cfg.mode == "simulation":
@@ -61,8 +75,14 @@ def header_lines(cfg: Any, run_dir: Path, *, data: Any = None, device: str | Non
     lines.append(f"  engine  {engine}; device {device or cfg.device}")
     dp = cfg.client.dp
     if dp.enabled:
-        budget = f"target epsilon {dp.target_epsilon:g}" if dp.target_epsilon is not None else f"noise multiplier {dp.noise_multiplier:g}"
-        lines.append(f"  DP      DP-SGD, {budget}, delta {dp.delta:g}, clip {dp.max_grad_norm:g} ({dp.grad_sample_mode} per-sample gradients)")
+        budget = (
+            f"target epsilon {dp.target_epsilon:g}"
+            if dp.target_epsilon is not None
+            else f"noise multiplier {dp.noise_multiplier:g}"
+        )
+        lines.append(
+            f"  DP      DP-SGD, {budget}, delta {dp.delta:g}, clip {dp.max_grad_norm:g} ({dp.grad_sample_mode} per-sample gradients)"
+        )
     else:
         lines.append("  DP      off")
     lines.append(f"  run dir {run_dir}")
@@ -83,10 +103,14 @@ def load_hint(cfg: Any, artifact: Path, *, num_labels: int | None = None) -> str
     return f"PeftModel.from_pretrained({auto}.from_pretrained({base!r}{labels}), {str(artifact)!r})"
 
 
-def summary_lines(rows: list[dict[str, Any]], *, cfg: Any, run_dir: Path, seconds: float, num_labels: int | None = None) -> list[str]:
+def summary_lines(
+    rows: list[dict[str, Any]], *, cfg: Any, run_dir: Path, seconds: float, num_labels: int | None = None
+) -> list[str]:
     """The end of a run: final and best accuracy, time, traffic, where everything is and how to load it."""
     if not rows:
-        return [f"done in {hms(seconds)}; no rounds recorded here (a deployed run writes its results on the SuperLink's machine)"]
+        return [
+            f"done in {hms(seconds)}; no rounds recorded here (a deployed run writes its results on the SuperLink's machine)"
+        ]
     last = rows[-1]
     scored = [r for r in rows if r.get("test_accuracy") is not None]
     best = max(scored, key=lambda r: r["test_accuracy"]) if scored else None

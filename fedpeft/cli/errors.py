@@ -10,7 +10,6 @@ from omegaconf.errors import OmegaConfBaseException
 from fedpeft.cli.configs import CONF_MODULE, register_configs
 
 
-
 def one_line(err: BaseException) -> str:
     """An error as one line: fedpeft's own errors by their message, anything else with its type."""
     text = " ".join(str(err).split()) or type(err).__name__
@@ -42,6 +41,7 @@ def composition_error(argv: list[str]) -> str | None:
 def hydra_one_line(err: BaseException) -> str:
     """A Hydra / OmegaConf composition error as one line: what is wrong first, then the advice."""
     skip = ("full_key:", "object_type=", "reference_type=", "provider=", "Config search path", "See https://")
+
     def lines(e: BaseException) -> list[str]:
         return [ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.strip().startswith(skip)]
 

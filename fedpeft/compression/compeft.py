@@ -49,8 +49,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fedpeft.protocol.wire import ClientPlan, Source, keys_with_roles
 from fedpeft.protocol.records import seeded_tensors
+from fedpeft.protocol.wire import ClientPlan, Source, keys_with_roles
 
 VERSION = 1
 SCALES = ("std", "mean", "exact")
@@ -143,7 +143,9 @@ def compress(delta: torch.Tensor, codec: ComPEFT) -> CompressedTensor:
         values, negative = np.array([scale], dtype=np.float64), kept < 0
     # What the receiver will see: values rounded to the value dtype travel.
     values = values.astype(_value_dtype(delta.dtype)).astype(np.float64)
-    return CompressedTensor(shape=tuple(delta.shape), dtype=delta.dtype, positions=positions, negative=negative, values=values)
+    return CompressedTensor(
+        shape=tuple(delta.shape), dtype=delta.dtype, positions=positions, negative=negative, values=values
+    )
 
 
 def decompress(ct: CompressedTensor) -> torch.Tensor:
@@ -206,17 +208,23 @@ def pack(ct: CompressedTensor) -> np.ndarray:
     """The wire form of one compressed tensor: a 1-D ``uint8`` array (layout in the module docstring)."""
     flag, positions = encode_positions(ct.positions, ct.numel)
     exact = ct.negative is None
-    head = struct.pack(f"<4B{len(ct.shape)}I", VERSION, flag | (_EXACT if exact else 0), _DTYPES[ct.dtype], len(ct.shape), *ct.shape)
+    head = struct.pack(
+        f"<4B{len(ct.shape)}I", VERSION, flag | (_EXACT if exact else 0), _DTYPES[ct.dtype], len(ct.shape), *ct.shape
+    )
     head += struct.pack("<I", ct.positions.size)
     values = ct.values.astype(_value_dtype(ct.dtype)).tobytes()
     signs = b"" if exact else np.packbits(ct.negative, bitorder="little").tobytes()
     return np.frombuffer(head + values + signs + positions, dtype=np.uint8).copy()
 
 
-def unpack(buf: np.ndarray, *, expected_shape: tuple[int, ...] | None = None, expected_dtype: torch.dtype | None = None) -> CompressedTensor:
+def unpack(
+    buf: np.ndarray, *, expected_shape: tuple[int, ...] | None = None, expected_dtype: torch.dtype | None = None
+) -> CompressedTensor:
     """Parse and validate one packed tensor; ``CompressionError`` naming the problem if malformed."""
     if not isinstance(buf, np.ndarray) or buf.dtype != np.uint8 or buf.ndim != 1:
-        raise CompressionError(f"a compressed tensor is a 1-D uint8 array, got {getattr(buf, 'dtype', type(buf).__name__)} of shape {getattr(buf, 'shape', '?')}")
+        raise CompressionError(
+            f"a compressed tensor is a 1-D uint8 array, got {getattr(buf, 'dtype', type(buf).__name__)} of shape {getattr(buf, 'shape', '?')}"
+        )
     raw = buf.tobytes()
     if len(raw) < 4:
         raise CompressionError(f"compressed tensor of {len(raw)} bytes is shorter than its header")
@@ -273,14 +281,18 @@ def unpack(buf: np.ndarray, *, expected_shape: tuple[int, ...] | None = None, ex
             raise CompressionError(f"position {int(positions[-1])} is out of range for a tensor of {numel} entries")
     else:
         if rest.size != (numel + 7) // 8:
-            raise CompressionError(f"position bitmask has {rest.size} bytes, a tensor of {numel} entries needs {(numel + 7) // 8}")
+            raise CompressionError(
+                f"position bitmask has {rest.size} bytes, a tensor of {numel} entries needs {(numel + 7) // 8}"
+            )
         mask = np.unpackbits(rest, bitorder="little")
         if mask[numel:].any():
             raise CompressionError("position bitmask has bits set past the end of the tensor")
         positions = np.flatnonzero(mask[:numel])
         if positions.size != count:
             raise CompressionError(f"position bitmask marks {positions.size} entries, the header says {count}")
-    return CompressedTensor(shape=shape, dtype=dtype, positions=positions.astype(np.int64), negative=negative, values=values)
+    return CompressedTensor(
+        shape=shape, dtype=dtype, positions=positions.astype(np.int64), negative=negative, values=values
+    )
 
 
 def payload_nbytes(arrays: Mapping[str, np.ndarray]) -> int:
@@ -310,7 +322,9 @@ def encode_update(
     for key in sorted(trained):
         t, ref = trained[key], reference[key]
         if t.shape != ref.shape:
-            raise CompressionError(f"{key}: trained shape {tuple(t.shape)} differs from its reference {tuple(ref.shape)}")
+            raise CompressionError(
+                f"{key}: trained shape {tuple(t.shape)} differs from its reference {tuple(ref.shape)}"
+            )
         delta = t.detach().to(torch.float64) - ref.detach().to(torch.float64)
         if residual is not None and key in residual:
             delta = delta + residual[key].to(torch.float64)
@@ -345,7 +359,12 @@ def compressible_keys(plan: ClientPlan, keys: Iterable[str]) -> list[str]:
 
 
 def compress_uploads(
-    uploads: Mapping[str, torch.Tensor], start: Mapping[str, torch.Tensor], plan: ClientPlan, codec: ComPEFT, *, residual: Mapping[str, torch.Tensor] | None = None
+    uploads: Mapping[str, torch.Tensor],
+    start: Mapping[str, torch.Tensor],
+    plan: ClientPlan,
+    codec: ComPEFT,
+    *,
+    residual: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, np.ndarray], dict[str, torch.Tensor]]:
     """A client's uploads as (dense tensors, packed updates, new error-feedback residual).
 
@@ -357,7 +376,9 @@ def compress_uploads(
     return {k: v for k, v in uploads.items() if k not in packed}, packed, dropped
 
 
-def upload_starts(plan: ClientPlan, adapter: Mapping[str, torch.Tensor], keys: Iterable[str]) -> dict[str, torch.Tensor]:
+def upload_starts(
+    plan: ClientPlan, adapter: Mapping[str, torch.Tensor], keys: Iterable[str]
+) -> dict[str, torch.Tensor]:
     """The start of each compressible uploaded key as the server knows it: ``adapter`` (the tensors it
     sent, at the client's rank), a seeded draw, or zeros (the client's :func:`fedpeft.clients.job.start_state`)."""
     out: dict[str, torch.Tensor] = {}
@@ -366,7 +387,9 @@ def upload_starts(plan: ClientPlan, adapter: Mapping[str, torch.Tensor], keys: I
         if group.source == Source.MESSAGE:
             out[key] = adapter[key]
         elif group.source == Source.SEED:  # drawn group-wide, key by key, exactly as the client draws it
-            drawn = seeded_tensors(adapter, keys_with_roles(list(adapter), group.roles), seed=group.seed, seed_rank=group.seed_rank)
+            drawn = seeded_tensors(
+                adapter, keys_with_roles(list(adapter), group.roles), seed=group.seed, seed_rank=group.seed_rank
+            )
             out[key] = drawn[key]
         else:
             out[key] = torch.zeros_like(adapter[key])

@@ -8,9 +8,9 @@ message naming the key, not twenty minutes into a run.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
 from collections.abc import Callable, Mapping
-from typing import Any, Optional
+from dataclasses import dataclass, field
+from typing import Any
 
 from omegaconf import MISSING
 
@@ -36,7 +36,9 @@ class LoraSettings:
     dropout: float = 0.0
     target_modules: list[str] = field(
         default_factory=lambda: ["query", "value"],
-        metadata={"help": "Modules LoRA adapts, by name or name suffix (peft's rule); each must match a module of the model."},
+        metadata={
+            "help": "Modules LoRA adapts, by name or name suffix (peft's rule); each must match a module of the model."
+        },
     )
     modules_to_save: list[str] = field(
         default_factory=lambda: ["classifier"],
@@ -51,16 +53,22 @@ class ModelConfig:
         metadata={"help": "'embedded:minilm', a Hugging Face model id, or a local directory."},
     )
     task: str = field(default="seq_cls", metadata={"help": "'seq_cls' or 'causal_lm'."})
-    max_length: int = field(default=64, metadata={"help": "Tokens per example (truncated); at most the model's positions."})
+    max_length: int = field(
+        default=64, metadata={"help": "Tokens per example (truncated); at most the model's positions."}
+    )
     dtype: str = field(
         default="float32",
-        metadata={"help": "dtype the base is loaded and run in: float32, bfloat16 or float16. LoRA factors stay float32 (peft upcasts them)."},
+        metadata={
+            "help": "dtype the base is loaded and run in: float32, bfloat16 or float16. LoRA factors stay float32 (peft upcasts them)."
+        },
     )
     quantization: str = field(
         default="none",
-        metadata={"help": "'none', '4bit' (QLoRA: NF4 base) or '8bit' (bitsandbytes, CUDA only). The adapter, aggregation and saved artifact stay float32."},
+        metadata={
+            "help": "'none', '4bit' (QLoRA: NF4 base) or '8bit' (bitsandbytes, CUDA only). The adapter, aggregation and saved artifact stay float32."
+        },
     )
-    autocast: Optional[str] = field(
+    autocast: str | None = field(
         default=None,
         metadata={
             "help": "Mixed precision: the forward runs under torch.autocast in this dtype ('bfloat16'), so the base's matmuls are "
@@ -68,9 +76,14 @@ class ModelConfig:
             "on the wire and aggregation stay in `dtype`. None: off."
         },
     )
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward (less memory, ~30% slower)."})
-    attn_implementation: Optional[str] = field(
-        default=None, metadata={"help": "transformers' attn_implementation: 'eager', 'sdpa', 'flash_attention_2'; None: transformers' default."}
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute activations in backward (less memory, ~30% slower)."}
+    )
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={
+            "help": "transformers' attn_implementation: 'eager', 'sdpa', 'flash_attention_2'; None: transformers' default."
+        },
     )
     peft: str = field(
         default="lora",
@@ -81,7 +94,9 @@ class ModelConfig:
     )
     peft_options: dict[str, Any] = field(
         default_factory=dict,
-        metadata={"help": "Extra keyword arguments for the peft config class, e.g. {num_virtual_tokens: 16} for prompt_tuning."},
+        metadata={
+            "help": "Extra keyword arguments for the peft config class, e.g. {num_virtual_tokens: 16} for prompt_tuning."
+        },
     )
     lora: LoraSettings = field(default_factory=LoraSettings)
 
@@ -98,9 +113,11 @@ class DataConfig:
     text_column: str = "text"
     label_column: str = "label"
     split: str = field(default="train", metadata={"help": "Split to read from a HF dataset."})
-    subset: Optional[str] = field(default=None, metadata={"help": "Configuration of a HF dataset (e.g. 'main' for openai/gsm8k)."})
+    subset: str | None = field(
+        default=None, metadata={"help": "Configuration of a HF dataset (e.g. 'main' for openai/gsm8k)."}
+    )
     test_fraction: float = 0.2
-    max_samples: Optional[int] = field(
+    max_samples: int | None = field(
         default=None, metadata={"help": "Keep only this many examples (stratified); for quick runs."}
     )
     partitioner: str = field(default="dirichlet", metadata={"help": "'iid', 'dirichlet' or 'pathological'."})
@@ -110,59 +127,86 @@ class DataConfig:
     # Instruction tuning (fedpeft/data/instruct.py): the columns of each format, the prompt and the loss.
     format: str = field(
         default="text",
-        metadata={"help": "'text' (a text column: classification or plain LM), 'alpaca', 'dolly' or 'chat' (instruction tuning of a causal LM)."},
+        metadata={
+            "help": "'text' (a text column: classification or plain LM), 'alpaca', 'dolly' or 'chat' (instruction tuning of a causal LM)."
+        },
     )
-    instruction_column: Optional[str] = field(default=None, metadata={"help": "Default: 'instruction' (alpaca, dolly)."})
-    input_column: Optional[str] = field(default=None, metadata={"help": "Optional context column. Default: 'input' (alpaca), 'context' (dolly)."})
-    response_column: Optional[str] = field(default=None, metadata={"help": "Default: 'output' (alpaca), 'response' (dolly)."})
-    messages_column: Optional[str] = field(default=None, metadata={"help": "Default: 'messages' (chat): a list of {role, content}."})
-    partition_column: Optional[str] = field(
+    instruction_column: str | None = field(default=None, metadata={"help": "Default: 'instruction' (alpaca, dolly)."})
+    input_column: str | None = field(
+        default=None, metadata={"help": "Optional context column. Default: 'input' (alpaca), 'context' (dolly)."}
+    )
+    response_column: str | None = field(
+        default=None, metadata={"help": "Default: 'output' (alpaca), 'response' (dolly)."}
+    )
+    messages_column: str | None = field(
+        default=None, metadata={"help": "Default: 'messages' (chat): a list of {role, content}."}
+    )
+    partition_column: str | None = field(
         default=None,
-        metadata={"help": "Column the non-IID partitioners split by (Dolly: 'category'); 'natural' gives each value its own client."},
+        metadata={
+            "help": "Column the non-IID partitioners split by (Dolly: 'category'); 'natural' gives each value its own client."
+        },
     )
-    system_prompt: Optional[str] = field(default=None, metadata={"help": "A system message put before every prompt."})
-    train_on_prompt: bool = field(default=False, metadata={"help": "Loss on the prompt tokens too (default: on the response only)."})
+    system_prompt: str | None = field(default=None, metadata={"help": "A system message put before every prompt."})
+    train_on_prompt: bool = field(
+        default=False, metadata={"help": "Loss on the prompt tokens too (default: on the response only)."}
+    )
 
 
 @dataclass
 class MultipleChoiceEval:
     """Multiple-choice accuracy by the log-likelihood of each choice (MMLU layout)."""
 
-    name: Optional[str] = field(
+    name: str | None = field(
         default=None,
-        metadata={"help": "A JSON/JSONL/CSV file or HF dataset name in MMLU layout; 'test-split': the run's own held-out split (labelled data)."},
+        metadata={
+            "help": "A JSON/JSONL/CSV file or HF dataset name in MMLU layout; 'test-split': the run's own held-out split (labelled data)."
+        },
     )
     split: str = "test"
-    subset: Optional[str] = field(default=None, metadata={"help": "HF dataset configuration, e.g. 'all' for cais/mmlu."})
+    subset: str | None = field(default=None, metadata={"help": "HF dataset configuration, e.g. 'all' for cais/mmlu."})
     question_column: str = "question"
     choices_column: str = "choices"
-    answer_column: str = field(default="answer", metadata={"help": "Index of the right choice (or its letter A, B, ...)."})
-    subject_column: Optional[str] = field(default="subject", metadata={"help": "Per-subject accuracy when the column exists."})
-    choice_format: str = field(
-        default="text", metadata={"help": "'text': score each choice's text; 'letter': list the choices as A. B. ... and score the letter."}
+    answer_column: str = field(
+        default="answer", metadata={"help": "Index of the right choice (or its letter A, B, ...)."}
     )
-    max_samples: Optional[int] = None
+    subject_column: str | None = field(
+        default="subject", metadata={"help": "Per-subject accuracy when the column exists."}
+    )
+    choice_format: str = field(
+        default="text",
+        metadata={
+            "help": "'text': score each choice's text; 'letter': list the choices as A. B. ... and score the letter."
+        },
+    )
+    max_samples: int | None = None
 
 
 @dataclass
 class GenerationEval:
     """Greedy generation and exact match of the final answer (GSM8K layout: the number after '####')."""
 
-    name: Optional[str] = field(default=None, metadata={"help": "A JSON/JSONL/CSV file or HF dataset name in GSM8K layout."})
+    name: str | None = field(
+        default=None, metadata={"help": "A JSON/JSONL/CSV file or HF dataset name in GSM8K layout."}
+    )
     split: str = "test"
-    subset: Optional[str] = field(default=None, metadata={"help": "HF dataset configuration, e.g. 'main' for openai/gsm8k."})
+    subset: str | None = field(
+        default=None, metadata={"help": "HF dataset configuration, e.g. 'main' for openai/gsm8k."}
+    )
     question_column: str = "question"
     answer_column: str = "answer"
     max_new_tokens: int = 256
     batch_size: int = 16
-    max_samples: Optional[int] = None
+    max_samples: int | None = None
 
 
 @dataclass
 class EvaluationConfig:
     """What the server reports for a causal LM, every ``eval_every`` rounds and at the end."""
 
-    response_loss: bool = field(default=True, metadata={"help": "Response-only loss and perplexity on the held-out split."})
+    response_loss: bool = field(
+        default=True, metadata={"help": "Response-only loss and perplexity on the held-out split."}
+    )
     mc: MultipleChoiceEval = field(default_factory=MultipleChoiceEval)
     generation: GenerationEval = field(default_factory=GenerationEval)
 
@@ -176,29 +220,33 @@ class StrategyConfig:
     """
 
     name: str = field(default="fedavg", metadata={"help": "The rule: a key of strategies.STRATEGIES."})
-    ranks: Optional[list[int]] = field(
+    ranks: list[int] | None = field(
         default=None,
         metadata={"help": "Per-client LoRA ranks (length num_clients); None: every client uses model.lora.r."},
     )
-    tiers: Optional[dict[str, int]] = field(
+    tiers: dict[str, int] | None = field(
         default=None, metadata={"help": "Resource tiers and their ranks, e.g. {gpu: 16, laptop: 4, phone: 1}."}
     )
-    client_tiers: Optional[list[str]] = field(
+    client_tiers: list[str] | None = field(
         default=None, metadata={"help": "The tier of each client (length num_clients); used when ranks is None."}
     )
 
 
 @dataclass
 class DPConfig:
-    enabled: Optional[bool] = field(
+    enabled: bool | None = field(
         default=None,
         metadata={
             "help": "DP-SGD on (client=dp sets true). Left unset, any other client.dp setting is an error, "
             "so a privacy setting is never silently ignored; false turns DP off on purpose."
         },
     )
-    noise_multiplier: Optional[float] = field(default=None, metadata={"help": "Gaussian noise / clipping norm; or give target_epsilon instead."})
-    target_epsilon: Optional[float] = field(default=None, metadata={"help": "ε every client may spend over the whole run; the noise is calibrated to it."})
+    noise_multiplier: float | None = field(
+        default=None, metadata={"help": "Gaussian noise / clipping norm; or give target_epsilon instead."}
+    )
+    target_epsilon: float | None = field(
+        default=None, metadata={"help": "ε every client may spend over the whole run; the noise is calibrated to it."}
+    )
     delta: float = 1e-5
     max_grad_norm: float = field(default=1.0, metadata={"help": "Per-sample gradient clipping norm C."})
     accountant: str = field(default="rdp", metadata={"help": "Opacus accountant: 'rdp', 'prv' or 'gdp'."})
@@ -213,17 +261,27 @@ class DPConfig:
 
 @dataclass
 class ClientConfig:
-    local_epochs: int = field(default=1, metadata={"help": "Passes over the local data per round, when local_steps is 0."})
+    local_epochs: int = field(
+        default=1, metadata={"help": "Passes over the local data per round, when local_steps is 0."}
+    )
     local_steps: int = field(default=10, metadata={"help": "If > 0, train exactly this many steps instead of epochs."})
-    batch_size: int = field(default=16, metadata={"help": "Local training batch size (the expected batch under DP's Poisson sampling)."})
-    lr: float = field(default=5e-3, metadata={"help": "AdamW learning rate of the local training (a fresh optimiser every round)."})
+    batch_size: int = field(
+        default=16, metadata={"help": "Local training batch size (the expected batch under DP's Poisson sampling)."}
+    )
+    lr: float = field(
+        default=5e-3, metadata={"help": "AdamW learning rate of the local training (a fresh optimiser every round)."}
+    )
     lr_decay: float = field(
         default=1.0,
-        metadata={"help": "The rate of round t is lr · lr_decay^(t-1) (1: constant). FedAvg on non-IID data needs a decaying rate to converge (Li et al., ICLR 2020)."},
+        metadata={
+            "help": "The rate of round t is lr · lr_decay^(t-1) (1: constant). FedAvg on non-IID data needs a decaying rate to converge (Li et al., ICLR 2020)."
+        },
     )
     weight_decay: float = 0.0
     eval_batch_size: int = 64
-    num_cpus: float = field(default=1.0, metadata={"help": "CPU cores Ray reserves per simulated client (at most the machine's)."})
+    num_cpus: float = field(
+        default=1.0, metadata={"help": "CPU cores Ray reserves per simulated client (at most the machine's)."}
+    )
     num_gpus: float = field(default=0.0, metadata={"help": "Fraction of a GPU per client; 0.25 puts four on one GPU."})
     dp: DPConfig = field(default_factory=DPConfig)
 
@@ -235,21 +293,28 @@ class FaultConfig:
     raise_prob: float = field(default=0.0, metadata={"help": "Probability that a client raises during a round."})
     hang_prob: float = field(default=0.0, metadata={"help": "Probability that a client hangs (sleeps) during a round."})
     hang_seconds: float = 3600.0
-    crash_prob: float = field(default=0.0, metadata={"help": "Probability that a client's worker process dies (os._exit)."})
+    crash_prob: float = field(
+        default=0.0, metadata={"help": "Probability that a client's worker process dies (os._exit)."}
+    )
 
 
 @dataclass
 class DeployConfig:
     """Where ``mode=deploy`` submits the run: a SuperLink's Control API (see docs/deployment.md)."""
 
-    superlink: str = field(default="127.0.0.1:8000", metadata={"help": "host:port of the SuperLink (its --host/--port; one port serves nodes and runs)."})
-    root_certificates: Optional[str] = field(
+    superlink: str = field(
+        default="127.0.0.1:8000",
+        metadata={"help": "host:port of the SuperLink (its --host/--port; one port serves nodes and runs)."},
+    )
+    root_certificates: str | None = field(
         default=None, metadata={"help": "CA certificate (PEM) that signed the SuperLink's TLS certificate."}
     )
     insecure: bool = field(default=False, metadata={"help": "Plain HTTP, no TLS: only for a trusted local network."})
-    run_dir: Optional[str] = field(
+    run_dir: str | None = field(
         default=None,
-        metadata={"help": "Where the ServerApp writes results, on the SuperLink's machine; default: the Hydra run directory."},
+        metadata={
+            "help": "Where the ServerApp writes results, on the SuperLink's machine; default: the Hydra run directory."
+        },
     )
     timeout: float = field(default=86400.0, metadata={"help": "Seconds to wait for the deployed run to finish."})
 
@@ -258,14 +323,26 @@ class DeployConfig:
 class CompressionConfig:
     """Uplink compression of client updates (``fedpeft/compression/compeft.py``)."""
 
-    name: str = field(default="none", metadata={"help": "'none' or 'compeft' (ComPEFT, arXiv 2311.13171: top-k of the update, ternarised)."})
-    density: float = field(default=0.1, metadata={"help": "Fraction of each tensor's update entries that travel (largest |Δ|)."})
-    alpha: float = field(default=1.0, metadata={"help": "ComPEFT's α: the kept entries become sign(Δ) · α · std(Δ) (scale=std)."})
+    name: str = field(
+        default="none",
+        metadata={"help": "'none' or 'compeft' (ComPEFT, arXiv 2311.13171: top-k of the update, ternarised)."},
+    )
+    density: float = field(
+        default=0.1, metadata={"help": "Fraction of each tensor's update entries that travel (largest |Δ|)."}
+    )
+    alpha: float = field(
+        default=1.0, metadata={"help": "ComPEFT's α: the kept entries become sign(Δ) · α · std(Δ) (scale=std)."}
+    )
     scale: str = field(
         default="std",
-        metadata={"help": "'std' (α · std(Δ), ComPEFT), 'mean' (the kept entries' mean |Δ|) or 'exact' (kept values as floats: sparsification only)."},
+        metadata={
+            "help": "'std' (α · std(Δ), ComPEFT), 'mean' (the kept entries' mean |Δ|) or 'exact' (kept values as floats: sparsification only)."
+        },
     )
-    error_feedback: bool = field(default=False, metadata={"help": "Keep what compression dropped on the node and add it to the next round's update."})
+    error_feedback: bool = field(
+        default=False,
+        metadata={"help": "Keep what compression dropped on the node and add it to the next round's update."},
+    )
 
 
 @dataclass
@@ -273,13 +350,21 @@ class AuditConfig:
     """The privacy audit of the final model (``fedpeft/audit.py``; ``python -m fedpeft.audit <run dir>``)."""
 
     enabled: bool = field(default=False, metadata={"help": "Run the audit at the end of the run (writes audit.json)."})
-    max_examples: Optional[int] = field(default=None, metadata={"help": "Score at most this many examples per client and held out (seeded choice)."})
+    max_examples: int | None = field(
+        default=None, metadata={"help": "Score at most this many examples per client and held out (seeded choice)."}
+    )
     batch_size: int = 64
-    canaries: int = field(default=0, metadata={"help": "Random secrets planted in one client's data (causal LMs only); 0: none."})
+    canaries: int = field(
+        default=0, metadata={"help": "Random secrets planted in one client's data (causal LMs only); 0: none."}
+    )
     canary_repeats: int = field(default=10, metadata={"help": "How many times each canary is planted."})
     canary_client: int = field(default=0, metadata={"help": "The partition whose training data holds the canaries."})
     canary_digits: int = field(default=6, metadata={"help": "Digits of each secret (the space is 10^digits)."})
-    candidates: int = field(default=1000, metadata={"help": "M: random secrets each canary is ranked against (exposure is at most log2(M+1) bits)."})
+    candidates: int = field(
+        default=1000,
+        metadata={"help": "M: random secrets each canary is ranked against (exposure is at most log2(M+1) bits)."},
+    )
+
 
 @dataclass
 class EngineConfig:
@@ -292,7 +377,10 @@ class EngineConfig:
             "'batched': the server process trains up to clients_per_pass clients in one pass over one base copy."
         },
     )
-    clients_per_pass: int = field(default=8, metadata={"help": "engine=batched: clients trained together in one pass (more run in successive passes)."})
+    clients_per_pass: int = field(
+        default=8,
+        metadata={"help": "engine=batched: clients trained together in one pass (more run in successive passes)."},
+    )
 
 
 ENGINES = ("ray", "batched")
@@ -302,7 +390,7 @@ ENGINES = ("ray", "batched")
 class RayConfig:
     """The Ray cluster a simulation runs on (``engine=ray``)."""
 
-    address: Optional[str] = field(
+    address: str | None = field(
         default=None,
         metadata={
             "help": "host:port of a running Ray cluster (started with `ray start --head`) to run the clients on; "
@@ -313,40 +401,58 @@ class RayConfig:
 
 @dataclass
 class Config:
-    seed: int = field(default=0, metadata={"help": "Seeds the data split, the partitions, client sampling and every initialisation."})
+    seed: int = field(
+        default=0, metadata={"help": "Seeds the data split, the partitions, client sampling and every initialisation."}
+    )
     num_rounds: int = field(default=10, metadata={"help": "Federated rounds (server aggregations)."})
-    num_clients: int = field(default=10, metadata={"help": "Clients (SuperNodes); the data is partitioned into this many shares."})
+    num_clients: int = field(
+        default=10, metadata={"help": "Clients (SuperNodes); the data is partitioned into this many shares."}
+    )
     clients_per_round: int = field(default=4, metadata={"help": "Clients sampled (seeded) to train in each round."})
     mode: str = field(
         default="simulation",
-        metadata={"help": "'simulation' (Flower on Ray), 'deploy' (a SuperLink and its SuperNodes), 'centralized' (pooled data) or 'local' (each client alone: the local-only bound)."},
+        metadata={
+            "help": "'simulation' (Flower on Ray), 'deploy' (a SuperLink and its SuperNodes), 'centralized' (pooled data) or 'local' (each client alone: the local-only bound)."
+        },
     )
     device: str = field(default="auto", metadata={"help": "'auto', 'cpu' or 'cuda'."})
-    eval_every: int = field(default=1, metadata={"help": "Evaluate the global model every k rounds (and after the last)."})
-    min_clients: int = field(default=1, metadata={"help": "A round with fewer accepted replies leaves the global model unchanged."})
+    eval_every: int = field(
+        default=1, metadata={"help": "Evaluate the global model every k rounds (and after the last)."}
+    )
+    min_clients: int = field(
+        default=1, metadata={"help": "A round with fewer accepted replies leaves the global model unchanged."}
+    )
     round_timeout: float = field(default=3600.0, metadata={"help": "Seconds to wait for the replies of one round."})
     on_too_few: str = field(
-        default="stop", metadata={"help": "A round with fewer than min_clients accepted replies: 'stop' the run or 'retry' it."}
+        default="stop",
+        metadata={"help": "A round with fewer than min_clients accepted replies: 'stop' the run or 'retry' it."},
     )
     max_retries: int = 2
     server_eval_batch_size: int = 64
-    comm_budget_mb: Optional[float] = field(
+    comm_budget_mb: float | None = field(
         default=None, metadata={"help": "Stop once cumulative up+down traffic exceeds this many MB."}
     )
     save_adapter: bool = True
     logger: str = field(
-        default="none", metadata={"help": "'none', or 'tensorboard': also write each round's scalars to <run dir>/tensorboard."}
+        default="none",
+        metadata={"help": "'none', or 'tensorboard': also write each round's scalars to <run dir>/tensorboard."},
     )
     verbose: bool = field(
         default=False,
-        metadata={"help": "Show library logs (Flower, Ray, transformers, warnings), progress bars, Ray workers' output and "
-            "tracebacks on the console; without it they go to run.log only."},
+        metadata={
+            "help": "Show library logs (Flower, Ray, transformers, warnings), progress bars, Ray workers' output and "
+            "tracebacks on the console; without it they go to run.log only."
+        },
     )
     overwrite: bool = field(
-        default=False, metadata={"help": "Run into a directory that holds another run, deleting that run's results first."}
+        default=False,
+        metadata={"help": "Run into a directory that holds another run, deleting that run's results first."},
     )
-    resume: Optional[str] = field(
-        default=None, metadata={"help": "A run directory to continue from its last complete round (same config; another num_rounds lengthens the run)."}
+    resume: str | None = field(
+        default=None,
+        metadata={
+            "help": "A run directory to continue from its last complete round (same config; another num_rounds lengthens the run)."
+        },
     )
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

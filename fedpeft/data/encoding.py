@@ -56,14 +56,26 @@ class Collator:
 
 
 def make_loader(
-    examples: Sequence[dict[str, Any]], *, pad_token_id: int, batch_size: int, shuffle: bool, seed: int = 0, collate_fn: Callable | None = None
+    examples: Sequence[dict[str, Any]],
+    *,
+    pad_token_id: int,
+    batch_size: int,
+    shuffle: bool,
+    seed: int = 0,
+    collate_fn: Callable | None = None,
 ) -> DataLoader:
     """A DataLoader over encoded examples; shuffling draws from a generator seeded by ``seed``.
 
     ``collate_fn`` defaults to :class:`Collator` (see :func:`collator_for` for instruction data).
     """
     generator = torch.Generator().manual_seed(seed) if shuffle else None
-    return DataLoader(list(examples), batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=collate_fn or Collator(pad_token_id))
+    return DataLoader(
+        list(examples),
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=generator,
+        collate_fn=collate_fn or Collator(pad_token_id),
+    )
 
 
 def encode_config(cfg: Any, ds: Dataset, tokenizer: Any) -> list[dict[str, Any]]:

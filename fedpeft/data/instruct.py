@@ -77,7 +77,12 @@ def columns(cfg: DataConfig) -> dict[str, str]:
     """The source column of each field of ``cfg.format``, after the ``data.*_column`` mappings."""
     if cfg.format not in FORMATS:
         raise DataError(f"data.format must be 'text' or one of {FORMATS}, got {cfg.format!r}")
-    mapped = {"instruction": cfg.instruction_column, "input": cfg.input_column, "response": cfg.response_column, "messages": cfg.messages_column}
+    mapped = {
+        "instruction": cfg.instruction_column,
+        "input": cfg.input_column,
+        "response": cfg.response_column,
+        "messages": cfg.messages_column,
+    }
     return {k: mapped[k] or v for k, v in DEFAULT_COLUMNS[cfg.format].items()}
 
 
@@ -93,7 +98,9 @@ def bbc_instructions() -> Dataset:
 
     Alpaca layout (``instruction``, ``input``, ``output``) plus the ``topic`` column to split by.
     """
-    ds = sources.read_text_folder(sources.embedded_bbc_dir(), strict=False)  # one article is Latin-1 (see read_text_folder)
+    ds = sources.read_text_folder(
+        sources.embedded_bbc_dir(), strict=False
+    )  # one article is Latin-1 (see read_text_folder)
     names = ds.features[sources.LABEL].names
     topics = [names[i] for i in ds[sources.LABEL]]
     return sources.hf_datasets().Dataset.from_dict(
@@ -109,7 +116,9 @@ def parse_messages(value: Any, *, row: int) -> list[dict[str, str]]:
     """A chat row's turns as a list of {role, content}; accepts a list or its JSON string."""
     turns = json.loads(value) if isinstance(value, str) else value
     if not isinstance(turns, list) or not turns:
-        raise DataError(f"chat row {row}: 'messages' must be a non-empty list of {{role, content}}, got {type(turns).__name__}")
+        raise DataError(
+            f"chat row {row}: 'messages' must be a non-empty list of {{role, content}}, got {type(turns).__name__}"
+        )
     out = []
     for turn in turns:
         if not isinstance(turn, Mapping) or "role" not in turn or "content" not in turn:
@@ -118,7 +127,9 @@ def parse_messages(value: Any, *, row: int) -> list[dict[str, str]]:
             raise DataError(f"chat row {row}: unknown role {turn['role']!r}; roles are {ROLES}")
         out.append({"role": str(turn["role"]), "content": _text(turn["content"])})
     if out[-1]["role"] != "assistant":
-        raise DataError(f"chat row {row}: the last turn must be the assistant's (the response), got {out[-1]['role']!r}")
+        raise DataError(
+            f"chat row {row}: the last turn must be the assistant's (the response), got {out[-1]['role']!r}"
+        )
     if len(out) < 2 or out[-2]["role"] != "user":
         raise DataError(f"chat row {row}: the response must follow a user turn")
     return out
@@ -131,7 +142,9 @@ def normalise(ds: Dataset, cfg: DataConfig) -> tuple[Dataset, list[str]]:
     needed = [c for k, c in cols.items() if k != "input"] + ([partition] if partition else [])
     missing = [c for c in needed if c not in ds.column_names]
     if missing:
-        raise DataError(f"{cfg.format} data {cfg.name!r} has no column {missing[0]!r}; its columns are {ds.column_names} (map it with data.<field>_column)")
+        raise DataError(
+            f"{cfg.format} data {cfg.name!r} has no column {missing[0]!r}; its columns are {ds.column_names} (map it with data.<field>_column)"
+        )
     rows: dict[str, list] = {INSTRUCTION: [], INPUT: [], RESPONSE: [], HISTORY: []}
     if cfg.format == "chat":
         for i, value in enumerate(ds[cols["messages"]]):
@@ -145,7 +158,9 @@ def normalise(ds: Dataset, cfg: DataConfig) -> tuple[Dataset, list[str]]:
         responses = list(ds[cols["response"]])
         empty = [i for i, r in enumerate(responses) if r is None]
         if empty:
-            raise DataError(f"{cfg.format} data {cfg.name!r}: response column {cols['response']!r} is empty in rows {empty[:5]}")
+            raise DataError(
+                f"{cfg.format} data {cfg.name!r}: response column {cols['response']!r} is empty in rows {empty[:5]}"
+            )
         rows[INSTRUCTION] = [_text(v) for v in ds[cols["instruction"]]]
         rows[INPUT] = [_text(v) for v in ds[cols["input"]]] if cols["input"] in ds.column_names else [""] * n
         rows[RESPONSE] = [str(v) for v in responses]
@@ -194,7 +209,9 @@ def user_content(instruction: str, input: str) -> str:
     return f"{instruction}\n\n{input}" if input else instruction
 
 
-def render(row: Mapping[str, Any], tokenizer: Any, *, system_prompt: str | None = None, response: str | None = None) -> Rendered:
+def render(
+    row: Mapping[str, Any], tokenizer: Any, *, system_prompt: str | None = None, response: str | None = None
+) -> Rendered:
     """The prompt and response of a normalised row (``response`` replaces the row's, for scoring choices)."""
     instruction, input_ = str(row[INSTRUCTION]), str(row.get(INPUT, "") or "")
     history = json.loads(row.get(HISTORY) or "[]")
@@ -291,7 +308,12 @@ def prompt_ids(rendered: Rendered, tokenizer: Any, *, budget: int) -> tuple[list
     the remaining ids are the whole prompt's tokenisation with some tokens left out.
     """
     bos = [tokenizer.bos_token_id] if rendered.bos else []
-    enc = tokenizer(rendered.prompt, add_special_tokens=False, return_offsets_mapping=bool(getattr(tokenizer, "is_fast", False)), verbose=False)
+    enc = tokenizer(
+        rendered.prompt,
+        add_special_tokens=False,
+        return_offsets_mapping=bool(getattr(tokenizer, "is_fast", False)),
+        verbose=False,
+    )
     ids = bos + list(enc["input_ids"])
     excess = len(ids) - budget
     if excess <= 0:
@@ -318,7 +340,9 @@ def response_ids(rendered: Rendered, tokenizer: Any) -> list[int]:
     return ids + ([tokenizer.eos_token_id] if rendered.eos else [])
 
 
-def tokenize(rendered: Rendered, tokenizer: Any, *, max_length: int, train_on_prompt: bool = False) -> tuple[dict[str, list[int]], tuple[int, int]]:
+def tokenize(
+    rendered: Rendered, tokenizer: Any, *, max_length: int, train_on_prompt: bool = False
+) -> tuple[dict[str, list[int]], tuple[int, int]]:
     """One training example and (prompt tokens cut, response tokens cut)."""
     response = response_ids(rendered, tokenizer)
     prompt, prompt_cut = prompt_ids(rendered, tokenizer, budget=max(max_length - len(response), 0))
@@ -335,22 +359,43 @@ def tokenize(rendered: Rendered, tokenizer: Any, *, max_length: int, train_on_pr
 
 
 def encode(
-    ds: Dataset | Iterable[Mapping[str, Any]], tokenizer: Any, *, max_length: int, train_on_prompt: bool = False, system_prompt: str | None = None
+    ds: Dataset | Iterable[Mapping[str, Any]],
+    tokenizer: Any,
+    *,
+    max_length: int,
+    train_on_prompt: bool = False,
+    system_prompt: str | None = None,
 ) -> tuple[list[dict[str, list[int]]], Truncation]:
     """Tokenise normalised rows once: (examples ready for :func:`collator`, what truncation cut)."""
     stats = Truncation()
     out = []
     for row in ds:
-        example, (p, r) = tokenize(render(row, tokenizer, system_prompt=system_prompt), tokenizer, max_length=max_length, train_on_prompt=train_on_prompt)
+        example, (p, r) = tokenize(
+            render(row, tokenizer, system_prompt=system_prompt),
+            tokenizer,
+            max_length=max_length,
+            train_on_prompt=train_on_prompt,
+        )
         stats.add(p, r)
         out.append(example)
     if stats.truncated:
-        log.info("truncation to %d tokens cut %d prompt and %d response tokens from %d of %d examples", max_length, stats.prompt_tokens_cut, stats.response_tokens_cut, stats.truncated, stats.examples)
+        log.info(
+            "truncation to %d tokens cut %d prompt and %d response tokens from %d of %d examples",
+            max_length,
+            stats.prompt_tokens_cut,
+            stats.response_tokens_cut,
+            stats.truncated,
+            stats.examples,
+        )
     return out, stats
 
 
-def encode_config(ds: Dataset, tokenizer: Any, cfg: DataConfig, *, max_length: int) -> tuple[list[dict[str, list[int]]], Truncation]:
-    return encode(ds, tokenizer, max_length=max_length, train_on_prompt=cfg.train_on_prompt, system_prompt=cfg.system_prompt)
+def encode_config(
+    ds: Dataset, tokenizer: Any, cfg: DataConfig, *, max_length: int
+) -> tuple[list[dict[str, list[int]]], Truncation]:
+    return encode(
+        ds, tokenizer, max_length=max_length, train_on_prompt=cfg.train_on_prompt, system_prompt=cfg.system_prompt
+    )
 
 
 @dataclass
@@ -366,8 +411,16 @@ class Collator:
         from transformers import DataCollatorForSeq2Seq  # start-up: transformers only once a collator is built
 
         if self.tokenizer.pad_token_id is None:
-            raise DataError("the tokenizer has no pad token; set tokenizer.pad_token (fedpeft.models.adapters.load_tokenizer uses EOS)")
-        self._inner = DataCollatorForSeq2Seq(self.tokenizer, padding=True, label_pad_token_id=-100, pad_to_multiple_of=self.pad_to_multiple_of, return_tensors="pt")
+            raise DataError(
+                "the tokenizer has no pad token; set tokenizer.pad_token (fedpeft.models.adapters.load_tokenizer uses EOS)"
+            )
+        self._inner = DataCollatorForSeq2Seq(
+            self.tokenizer,
+            padding=True,
+            label_pad_token_id=-100,
+            pad_to_multiple_of=self.pad_to_multiple_of,
+            return_tensors="pt",
+        )
 
     def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         keep = ("input_ids", "attention_mask", "labels")

@@ -86,16 +86,28 @@ def stratified_indices(labels: Sequence[int], fraction: float, *, seed: int) -> 
 
 def make_partitioner(cfg: DataConfig, *, num_clients: int, seed: int):
     # flwr-datasets imports the datasets package (see fedpeft.data.sources.hf_datasets): only when partitioning
-    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner, PathologicalPartitioner
+    from flwr_datasets.partitioner import (
+        DirichletPartitioner,
+        IidPartitioner,
+        NaturalIdPartitioner,
+        PathologicalPartitioner,
+    )
 
     if cfg.partitioner == "iid":
         return IidPartitioner(num_partitions=num_clients)
     if cfg.partitioner == "dirichlet":
         return DirichletPartitioner(
-            num_partitions=num_clients, partition_by=LABEL, alpha=cfg.dirichlet_alpha, min_partition_size=2, self_balancing=True, seed=seed
+            num_partitions=num_clients,
+            partition_by=LABEL,
+            alpha=cfg.dirichlet_alpha,
+            min_partition_size=2,
+            self_balancing=True,
+            seed=seed,
         )
     if cfg.partitioner == "pathological":
-        return PathologicalPartitioner(num_partitions=num_clients, partition_by=LABEL, num_classes_per_partition=cfg.classes_per_client, seed=seed)
+        return PathologicalPartitioner(
+            num_partitions=num_clients, partition_by=LABEL, num_classes_per_partition=cfg.classes_per_client, seed=seed
+        )
     if cfg.partitioner == "natural":  # one client per value of the label (instruction data: data.partition_column)
         return NaturalIdPartitioner(partition_by=LABEL)
     raise DataError(f"data.partitioner must be one of {PARTITIONERS}, got {cfg.partitioner!r}")
@@ -134,7 +146,9 @@ def build(cfg: DataConfig, *, seed: int, num_clients: int, need_labels: bool = T
     return split_and_partition(instruct.drop_duplicates(ds), names, cfg, seed=seed, num_clients=num_clients)
 
 
-def split_and_partition(ds: Dataset, names: list[str], cfg: DataConfig, *, seed: int, num_clients: int) -> FederatedData:
+def split_and_partition(
+    ds: Dataset, names: list[str], cfg: DataConfig, *, seed: int, num_clients: int
+) -> FederatedData:
     """Cut ``max_samples``, the stratified test split and the client partitions of a normalised dataset."""
     if cfg.max_samples is not None:
         if cfg.max_samples < 2:
@@ -160,14 +174,22 @@ def split_and_partition(ds: Dataset, names: list[str], cfg: DataConfig, *, seed:
     try:
         partitions = [partitioner.load_partition(k) for k in range(num_clients)]
     except ValueError as err:
-        raise DataError(f"cannot partition {len(train)} examples into {num_clients} clients with {cfg.partitioner!r}: {err}") from err
+        raise DataError(
+            f"cannot partition {len(train)} examples into {num_clients} clients with {cfg.partitioner!r}: {err}"
+        ) from err
     empty = [k for k, p in enumerate(partitions) if len(p) == 0]
     if empty:
-        raise DataError(f"partitioner {cfg.partitioner!r} left clients {empty} without examples; use fewer clients or another partitioner")
-    return FederatedData(label_names=names, train=train, test=test, partitions=partitions, val_fraction=cfg.val_fraction, seed=seed)
+        raise DataError(
+            f"partitioner {cfg.partitioner!r} left clients {empty} without examples; use fewer clients or another partitioner"
+        )
+    return FederatedData(
+        label_names=names, train=train, test=test, partitions=partitions, val_fraction=cfg.val_fraction, seed=seed
+    )
 
 
-def node_data(cfg: DataConfig, path: str, *, label_names: Sequence[str], seed: int, node: int, need_labels: bool = True) -> tuple[Dataset, Dataset]:
+def node_data(
+    cfg: DataConfig, path: str, *, label_names: Sequence[str], seed: int, node: int, need_labels: bool = True
+) -> tuple[Dataset, Dataset]:
     """A deployed node's own data (``data-path`` in its node config) as (train, validation).
 
     The file or folder is read with the run's column settings; its labels are mapped onto the
@@ -182,10 +204,14 @@ def node_data(cfg: DataConfig, path: str, *, label_names: Sequence[str], seed: i
         index = {name: i for i, name in enumerate(label_names)}
         unknown = sorted(set(names) - set(index))
         if unknown:
-            raise DataError(f"node data {path!r} has labels the run does not know: {unknown[:5]} (the run's labels: {list(label_names)})")
+            raise DataError(
+                f"node data {path!r} has labels the run does not know: {unknown[:5]} (the run's labels: {list(label_names)})"
+            )
         ids = [index[names[i]] for i in ds[LABEL]]
         hf = hf_datasets()
-        ds = hf.Dataset.from_dict({TEXT: ds[TEXT], LABEL: ids}).cast_column(LABEL, hf.ClassLabel(names=list(label_names)))
+        ds = hf.Dataset.from_dict({TEXT: ds[TEXT], LABEL: ids}).cast_column(
+            LABEL, hf.ClassLabel(names=list(label_names))
+        )
     return hold_out(drop_duplicates(ds), cfg.val_fraction, seed=seed, client=node)
 
 

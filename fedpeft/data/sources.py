@@ -79,7 +79,9 @@ def read_text_file(path: Path, *, strict: bool = True) -> str:
     try:
         return raw.decode("utf-8", errors="strict" if strict else "replace")
     except UnicodeDecodeError as err:
-        raise DataError(f"data file {str(path)!r} is not UTF-8 text (byte {raw[err.start]:#04x} at offset {err.start}); convert it, e.g. iconv -t utf-8") from None
+        raise DataError(
+            f"data file {str(path)!r} is not UTF-8 text (byte {raw[err.start]:#04x} at offset {err.start}); convert it, e.g. iconv -t utf-8"
+        ) from None
 
 
 def check_data_file(path: Path, *, chunk: int = 1 << 20) -> None:
@@ -99,7 +101,9 @@ def check_data_file(path: Path, *, chunk: int = 1 << 20) -> None:
                 blank = blank and not decoder.decode(block).strip()
             except UnicodeDecodeError as err:
                 at = offset - pending + err.start
-                raise DataError(f"data file {str(path)!r} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset {at}); convert it, e.g. iconv -t utf-8") from None
+                raise DataError(
+                    f"data file {str(path)!r} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset {at}); convert it, e.g. iconv -t utf-8"
+                ) from None
             offset += len(block)
     try:
         decoder.decode(b"", final=True)
@@ -131,7 +135,11 @@ def read_raw(cfg: DataConfig) -> Dataset:
             cause = err.__cause__ or err
             if "corresponds to no data" in str(cause):  # a CSV with a header and no rows
                 raise DataError(f"data file {name!r} has no examples") from err
-            raise DataError(f"cannot read data file {name!r} as {path.suffix.lower()[1:].upper()}: {type(cause).__name__}: {cause}".rstrip(": ")) from err
+            raise DataError(
+                f"cannot read data file {name!r} as {path.suffix.lower()[1:].upper()}: {type(cause).__name__}: {cause}".rstrip(
+                    ": "
+                )
+            ) from err
         if len(ds) == 0:
             raise DataError(f"data file {name!r} has no examples")
         return ds
@@ -147,7 +155,9 @@ def read_raw(cfg: DataConfig) -> Dataset:
 
 def normalise(ds: Dataset, cfg: DataConfig, *, need_labels: bool) -> tuple[Dataset, list[str]]:
     """Columns renamed to ``text``/``label`` with integer labels; returns (dataset, label names)."""
-    missing = [c for c in (cfg.text_column, cfg.label_column if need_labels else None) if c and c not in ds.column_names]
+    missing = [
+        c for c in (cfg.text_column, cfg.label_column if need_labels else None) if c and c not in ds.column_names
+    ]
     if missing:
         raise DataError(f"dataset {cfg.name!r} has no column {missing[0]!r}; its columns are {ds.column_names}")
     hf = hf_datasets()
@@ -176,7 +186,9 @@ def normalise(ds: Dataset, cfg: DataConfig, *, need_labels: bool) -> tuple[Datas
         index = {n: i for i, n in enumerate(names)}
         ids = [index[str(v)] for v in raw]
     if len(names) < 2 and need_labels:
-        raise DataError(f"label column {label_col!r} has {len(names)} distinct value(s); classification needs at least 2")
+        raise DataError(
+            f"label column {label_col!r} has {len(names)} distinct value(s); classification needs at least 2"
+        )
     out = hf.Dataset.from_dict({TEXT: texts, LABEL: ids}).cast_column(LABEL, hf.ClassLabel(names=names))
     return out, names
 

@@ -47,7 +47,13 @@ class BatchedGrid(Grid):
         # Node ids are arbitrary and differ from partition ids, as in Flower's simulation.
         ids = random.Random(seed).sample(range(10**8, 10**9), num_nodes)
         self.contexts = {
-            node_id: Context(run_id=1, node_id=node_id, node_config={"partition-id": k, "num-partitions": num_nodes}, state=RecordDict(), run_config={})
+            node_id: Context(
+                run_id=1,
+                node_id=node_id,
+                node_config={"partition-id": k, "num-partitions": num_nodes},
+                state=RecordDict(),
+                run_config={},
+            )
             for k, node_id in enumerate(ids)
         }
         self.replies: dict[str, Message] = {}
@@ -61,7 +67,9 @@ class BatchedGrid(Grid):
     def set_run(self, run_id: int) -> None:
         pass
 
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None) -> Message:
+    def create_message(
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
+    ) -> Message:
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:
@@ -92,7 +100,9 @@ class BatchedGrid(Grid):
         for i, msg in enumerate(messages):
             context = self.contexts[msg.metadata.dst_node_id]
             if msg.metadata.message_type not in (MessageType.TRAIN, MessageType.EVALUATE):
-                replies[i] = self._guard(msg, lambda: client_app(msg, context))  # the handshake: the ClientApp's own handler
+                replies[i] = self._guard(
+                    msg, lambda: client_app(msg, context)
+                )  # the handshake: the ClientApp's own handler
                 continue
             try:
                 jobs[i] = decode(msg, context)
@@ -118,7 +128,11 @@ class BatchedGrid(Grid):
                     results[i] = err
         for i in order:
             result = results[i]
-            replies[i] = error_reply(messages[i], result) if isinstance(result, Exception) else self._guard(messages[i], lambda: encode(jobs[i], result))
+            replies[i] = (
+                error_reply(messages[i], result)
+                if isinstance(result, Exception)
+                else self._guard(messages[i], lambda: encode(jobs[i], result))
+            )
         return replies  # type: ignore[return-value]
 
     @staticmethod
@@ -137,9 +151,13 @@ def error_reply(msg: Message, err: Exception) -> Message:
 def check_batched(cfg: Config) -> None:
     """What the batched engine refuses before anything starts."""
     if cfg.mode != "simulation":
-        raise ValueError(f"engine=batched simulates clients in the server process; it needs mode=simulation, got mode={cfg.mode!r}")
+        raise ValueError(
+            f"engine=batched simulates clients in the server process; it needs mode=simulation, got mode={cfg.mode!r}"
+        )
     if cfg.faults.crash_prob > 0 or cfg.faults.hang_prob > 0:
-        raise ValueError("engine=batched runs the clients in the server process: faults.crash_prob / faults.hang_prob would kill or stall the server; use engine=ray")
+        raise ValueError(
+            "engine=batched runs the clients in the server process: faults.crash_prob / faults.hang_prob would kill or stall the server; use engine=ray"
+        )
     if cfg.ray.address:
         raise ValueError("ray.address is for engine=ray; engine=batched runs in the server process")
 

@@ -16,8 +16,8 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedpeft.reporting import logs
 from fedpeft.config.schema import ENGINES, Config
+from fedpeft.reporting import logs
 
 log = logging.getLogger("fedpeft")
 
@@ -96,7 +96,14 @@ def start_ray(address: str | None = None) -> None:
     runtime_env: dict[str, Any] = {"env_vars": {"PYTHONPATH": pythonpath}}
     if quiet:
         runtime_env["worker_process_setup_hook"] = "fedpeft.reporting.logs.worker_setup"
-    ray.init(address=address, runtime_env=runtime_env, include_dashboard=False, log_to_driver=not quiet, logging_level=logging.WARNING, configure_logging=not quiet)
+    ray.init(
+        address=address,
+        runtime_env=runtime_env,
+        include_dashboard=False,
+        log_to_driver=not quiet,
+        logging_level=logging.WARNING,
+        configure_logging=not quiet,
+    )
 
 
 def run_simulation(cfg: Config, run_dir: Path) -> list[dict[str, Any]]:
@@ -135,12 +142,19 @@ def run_simulation(cfg: Config, run_dir: Path) -> list[dict[str, Any]]:
     if not ray.is_initialized():
         start_ray(address)
     try:
-        flwr_run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.num_clients, backend_config=backend_config(cfg))
+        flwr_run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=cfg.num_clients,
+            backend_config=backend_config(cfg),
+        )
     except Exception as err:
         if "error" in outcome:
             raise outcome["error"] from err
         cause = root_cause(err)
-        raise SimulationError(f"Flower's simulation engine failed: {type(cause).__name__}: {' '.join(str(cause).split())}") from err
+        raise SimulationError(
+            f"Flower's simulation engine failed: {type(cause).__name__}: {' '.join(str(cause).split())}"
+        ) from err
     if "error" in outcome:
         raise outcome["error"]
     if "rows" not in outcome:

@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedpeft.data.partition import FederatedData
-from fedpeft.data import instruct
 from fedpeft.config.schema import GenerationEval, MultipleChoiceEval
+from fedpeft.data import instruct
+from fedpeft.data.partition import FederatedData
 from fedpeft.data.sources import DataError, hf_datasets
 from fedpeft.models.llm import eval_mode
 from fedpeft.training.local import autocast, shifted_lm_logits
@@ -38,7 +38,14 @@ Collate = Callable[[Sequence[Example]], dict[str, torch.Tensor]]
 
 # ------------------------------------------------------------------------------ log-likelihoods
 @torch.no_grad()
-def sequence_logliks(model: nn.Module, examples: Sequence[Example], *, collate: Collate, batch_size: int, device: torch.device | str = "cpu") -> list[tuple[float, int]]:
+def sequence_logliks(
+    model: nn.Module,
+    examples: Sequence[Example],
+    *,
+    collate: Collate,
+    batch_size: int,
+    device: torch.device | str = "cpu",
+) -> list[tuple[float, int]]:
     """(Σ log p(token), number of tokens) over the labelled tokens (``labels != -100``) of each example.
 
     Token t is predicted from tokens < t (the causal shift); log-probabilities in float32 at least.
@@ -49,7 +56,11 @@ def sequence_logliks(model: nn.Module, examples: Sequence[Example], *, collate: 
             batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size]).items()}
             logits, labels = shifted_lm_logits(model, batch)  # logits only where a label is
             mask = labels != -100
-            logp = torch.log_softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            logp = (
+                torch.log_softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=-1)
+                .gather(-1, labels.clamp(min=0).unsqueeze(-1))
+                .squeeze(-1)
+            )
             sums = (logp * mask).sum(dim=1, dtype=torch.float64)
             out.extend((float(s), int(n)) for s, n in zip(sums.tolist(), mask.sum(dim=1).tolist()))
     return out
@@ -63,7 +74,14 @@ class LossResult:
     examples: int
 
 
-def response_loss(model: nn.Module, examples: Sequence[Example], *, collate: Collate, batch_size: int, device: torch.device | str = "cpu") -> LossResult:
+def response_loss(
+    model: nn.Module,
+    examples: Sequence[Example],
+    *,
+    collate: Collate,
+    batch_size: int,
+    device: torch.device | str = "cpu",
+) -> LossResult:
     """Token-weighted response-only loss and perplexity of encoded examples (labels −100 on prompts)."""
     scores = sequence_logliks(model, examples, collate=collate, batch_size=batch_size, device=device)
     tokens = sum(n for _, n in scores)
@@ -115,18 +133,30 @@ def _load(name: str, *, split: str, subset: str | None, what: str, override: str
     try:
         return hf.load_dataset(name, subset, split=split) if subset else hf.load_dataset(name, split=split)
     except Exception as err:  # the hub raises many types; what to do about it is what matters
-        raise DataError(f"cannot load {what} {name!r}: download it (huggingface-cli download --repo-type dataset {name}) and set {override}=<local file> ({type(err).__name__})") from err
+        raise DataError(
+            f"cannot load {what} {name!r}: download it (huggingface-cli download --repo-type dataset {name}) and set {override}=<local file> ({type(err).__name__})"
+        ) from err
 
 
 def read_mc(cfg: MultipleChoiceEval) -> list[ChoiceQuestion]:
     """Questions in MMLU layout from ``cfg.name`` (choices a list or its JSON string; answer an index or letter)."""
-    ds = _load(str(cfg.name), split=cfg.split, subset=cfg.subset, what="multiple-choice set", override="evaluation.mc.name")
+    ds = _load(
+        str(cfg.name), split=cfg.split, subset=cfg.subset, what="multiple-choice set", override="evaluation.mc.name"
+    )
     missing = [c for c in (cfg.question_column, cfg.choices_column, cfg.answer_column) if c not in ds.column_names]
     if missing:
-        raise DataError(f"multiple-choice set {cfg.name!r} has no column {missing[0]!r}; its columns are {ds.column_names}")
-    subjects = list(ds[cfg.subject_column]) if cfg.subject_column and cfg.subject_column in ds.column_names else [None] * len(ds)
+        raise DataError(
+            f"multiple-choice set {cfg.name!r} has no column {missing[0]!r}; its columns are {ds.column_names}"
+        )
+    subjects = (
+        list(ds[cfg.subject_column])
+        if cfg.subject_column and cfg.subject_column in ds.column_names
+        else [None] * len(ds)
+    )
     out = []
-    for i, (q, choices, answer, subject) in enumerate(zip(ds[cfg.question_column], ds[cfg.choices_column], ds[cfg.answer_column], subjects)):
+    for i, (q, choices, answer, subject) in enumerate(
+        zip(ds[cfg.question_column], ds[cfg.choices_column], ds[cfg.answer_column], subjects)
+    ):
         choices = json.loads(choices) if isinstance(choices, str) else list(choices)
         if len(choices) < 2:
             raise DataError(f"multiple-choice row {i}: needs at least 2 choices, got {choices!r}")
@@ -140,7 +170,9 @@ def read_mc(cfg: MultipleChoiceEval) -> list[ChoiceQuestion]:
             row = {instruct.INSTRUCTION: str(q), instruct.INPUT: "", instruct.HISTORY: "[]"}
         else:
             raise DataError(f"evaluation.mc.choice_format must be 'text' or 'letter', got {cfg.choice_format!r}")
-        out.append(ChoiceQuestion(row=row, choices=choices, answer=index, subject=None if subject is None else str(subject)))
+        out.append(
+            ChoiceQuestion(row=row, choices=choices, answer=index, subject=None if subject is None else str(subject))
+        )
     return spread(out, cfg.max_samples)
 
 
@@ -175,7 +207,9 @@ class MCResult:
     per_subject: dict[str, float] = field(default_factory=dict)
 
 
-def choice_examples(questions: Sequence[ChoiceQuestion], tokenizer: Any, *, max_length: int, system_prompt: str | None = None) -> list[list[Example]]:
+def choice_examples(
+    questions: Sequence[ChoiceQuestion], tokenizer: Any, *, max_length: int, system_prompt: str | None = None
+) -> list[list[Example]]:
     """Per question, one encoded example per choice: the prompt (−100) then the choice as the response."""
     out = []
     for q in questions:
@@ -203,7 +237,9 @@ def mc_accuracy(
         return MCResult(accuracy=float("nan"), num_questions=0)
     nested = choice_examples(questions, tokenizer, max_length=max_length, system_prompt=system_prompt)
     flat = [e for per in nested for e in per]
-    scores = sequence_logliks(model, flat, collate=collate or instruct.Collator(tokenizer), batch_size=batch_size, device=device)
+    scores = sequence_logliks(
+        model, flat, collate=collate or instruct.Collator(tokenizer), batch_size=batch_size, device=device
+    )
     right: dict[str | None, list[bool]] = defaultdict(list)
     at = 0
     for q, per in zip(questions, nested):
@@ -211,7 +247,9 @@ def mc_accuracy(
         at += len(per)
         right[q.subject].append(max(range(len(logliks)), key=logliks.__getitem__) == q.answer)
     every = [r for rs in right.values() for r in rs]
-    per_subject = {str(s): sum(rs) / len(rs) for s, rs in sorted(right.items(), key=lambda kv: str(kv[0])) if s is not None}
+    per_subject = {
+        str(s): sum(rs) / len(rs) for s, rs in sorted(right.items(), key=lambda kv: str(kv[0])) if s is not None
+    }
     return MCResult(accuracy=sum(every) / len(every), num_questions=len(every), per_subject=per_subject)
 
 
@@ -248,16 +286,29 @@ class GenerationResult:
 
 def read_generation(cfg: GenerationEval) -> list[tuple[dict[str, str], str]]:
     """(normalised prompt row, reference answer text) pairs in GSM8K layout from ``cfg.name``."""
-    ds = _load(str(cfg.name), split=cfg.split, subset=cfg.subset, what="generation set", override="evaluation.generation.name")
+    ds = _load(
+        str(cfg.name), split=cfg.split, subset=cfg.subset, what="generation set", override="evaluation.generation.name"
+    )
     missing = [c for c in (cfg.question_column, cfg.answer_column) if c not in ds.column_names]
     if missing:
         raise DataError(f"generation set {cfg.name!r} has no column {missing[0]!r}; its columns are {ds.column_names}")
-    items = [({instruct.INSTRUCTION: str(q), instruct.INPUT: "", instruct.HISTORY: "[]"}, str(a)) for q, a in zip(ds[cfg.question_column], ds[cfg.answer_column])]
+    items = [
+        ({instruct.INSTRUCTION: str(q), instruct.INPUT: "", instruct.HISTORY: "[]"}, str(a))
+        for q, a in zip(ds[cfg.question_column], ds[cfg.answer_column])
+    ]
     return spread(items, cfg.max_samples)
 
 
 @torch.no_grad()
-def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, batch_size: int, device: torch.device | str = "cpu") -> list[str]:
+def generate(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    device: torch.device | str = "cpu",
+) -> list[str]:
     """Greedy continuations of token-id prompts, batched with left padding; decoded without special tokens."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out: list[str] = []
@@ -268,7 +319,12 @@ def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[Sequence[int]],
             ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in chunk], device=device)
             mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
             generated = model.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad,
+                eos_token_id=tokenizer.eos_token_id,
             )
             out.extend(tokenizer.decode(row[width:], skip_special_tokens=True) for row in generated)
     return out
@@ -288,13 +344,21 @@ def exact_match(
     """Share of items whose generated final answer equals the reference's (:func:`extract_answer`)."""
     if not items:
         return GenerationResult(exact_match=float("nan"), num_questions=0)
-    prompts = [instruct.prompt_ids(instruct.render(row, tokenizer, system_prompt=system_prompt, response=""), tokenizer, budget=max_length)[0] for row, _ in items]
+    prompts = [
+        instruct.prompt_ids(
+            instruct.render(row, tokenizer, system_prompt=system_prompt, response=""), tokenizer, budget=max_length
+        )[0]
+        for row, _ in items
+    ]
     outputs = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, device=device)
     hits = []
     for (row, reference), output in zip(items, outputs):
         predicted, expected = extract_answer(output), extract_answer(reference)
         hits.append(predicted is not None and predicted == expected)
-    samples = [{"question": str(row[instruct.INSTRUCTION])[:200], "output": out[:200], "reference": ref[-50:]} for (row, ref), out in list(zip(items, outputs))[:3]]
+    samples = [
+        {"question": str(row[instruct.INSTRUCTION])[:200], "output": out[:200], "reference": ref[-50:]}
+        for (row, ref), out in list(zip(items, outputs))[:3]
+    ]
     return GenerationResult(exact_match=sum(hits) / len(hits), num_questions=len(hits), samples=samples)
 
 
@@ -314,12 +378,16 @@ class LLMEvaluator:
         self.collate = instruct.Collator(tokenizer)
         instruction_data = cfg.data.format != "text"
         self.test_examples = (
-            instruct.encode_config(data.test, tokenizer, cfg.data, max_length=cfg.model.max_length)[0] if ev.response_loss and instruction_data else []
+            instruct.encode_config(data.test, tokenizer, cfg.data, max_length=cfg.model.max_length)[0]
+            if ev.response_loss and instruction_data
+            else []
         )
         self.questions: list[ChoiceQuestion] = []
         if ev.mc.name == TEST_SPLIT:
             if not instruction_data:
-                raise DataError("evaluation.mc.name=test-split scores the held-out split of an instruction set; data.format is 'text'")
+                raise DataError(
+                    "evaluation.mc.name=test-split scores the held-out split of an instruction set; data.format is 'text'"
+                )
             responses = list(data.train[instruct.RESPONSE]) + list(data.test[instruct.RESPONSE])
             self.questions = spread(mc_from_split(list(data.test), choices=responses), ev.mc.max_samples)
         elif ev.mc.name:
@@ -337,14 +405,30 @@ class LLMEvaluator:
             loss = response_loss(model, self.test_examples, collate=self.collate, batch_size=batch_size, device=device)
             out.update(response_loss=loss.loss, perplexity=loss.perplexity)
         if self.questions:
-            mc = mc_accuracy(model, self.questions, self.tokenizer, max_length=self.cfg.model.max_length, batch_size=batch_size, device=device, system_prompt=system, collate=self.collate)
+            mc = mc_accuracy(
+                model,
+                self.questions,
+                self.tokenizer,
+                max_length=self.cfg.model.max_length,
+                batch_size=batch_size,
+                device=device,
+                system_prompt=system,
+                collate=self.collate,
+            )
             out["mc_accuracy"] = mc.accuracy
             if mc.per_subject:
                 out["mc_accuracy_by_subject"] = mc.per_subject
         if self.generation:
             gen = self.cfg.evaluation.generation
             em = exact_match(
-                model, self.tokenizer, self.generation, max_length=self.cfg.model.max_length, max_new_tokens=gen.max_new_tokens, batch_size=gen.batch_size, device=device, system_prompt=system
+                model,
+                self.tokenizer,
+                self.generation,
+                max_length=self.cfg.model.max_length,
+                max_new_tokens=gen.max_new_tokens,
+                batch_size=gen.batch_size,
+                device=device,
+                system_prompt=system,
             )
             out["exact_match"] = em.exact_match
         return out

@@ -12,18 +12,28 @@ import threading
 from dataclasses import dataclass, field
 
 import torch
+from peft import (
+    IA3Config,
+    LoraConfig,
+    PeftConfig,
+    PeftModel,
+    PromptTuningConfig,
+    TaskType,
+    get_peft_model,
+    get_peft_model_state_dict,
+    set_peft_model_state_dict,
+)
 from peft.tuners.lora import LoraLayer
 from peft.utils.other import transpose
 from torch import nn
-from peft import IA3Config, LoraConfig, PeftConfig, PeftModel, PromptTuningConfig, TaskType, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-from transformers import logging as hf_logging
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+from transformers import logging as hf_logging
 
 from fedpeft.config.schema import LoraSettings, ModelConfig
 from fedpeft.models.llm import from_pretrained_kwargs, prepare_for_training
 from fedpeft.models.paths import ModelError, resolve_model_path
-from fedpeft.protocol.wire import LORA_A, LORA_B, OTHER
 from fedpeft.protocol.records import exact_product
+from fedpeft.protocol.wire import LORA_A, LORA_B, OTHER
 from fedpeft.training.local import AUTOCAST, AUTOCAST_DTYPES
 
 log = logging.getLogger(__name__)
@@ -39,7 +49,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 # How many times this process loaded base weights from disk: once per process when the model cache
 # works (the end-to-end tests check it in the worker; it never travels in a reply).
 BASE_MODEL_LOADS = 0
-_CACHE: dict[tuple, "CachedModel"] = {}
+_CACHE: dict[tuple, CachedModel] = {}
 _LOCK = threading.Lock()
 
 
@@ -107,7 +117,9 @@ def client_ranks(cfg) -> list[int | None]:
     s, n = cfg.strategy, cfg.num_clients
     if not has_ranks(cfg.model):
         if s.ranks is not None or s.client_tiers is not None:
-            raise ValueError(f"strategy.ranks / strategy.client_tiers set ranks, and model.peft={cfg.model.peft} has none (only {list(RANKED)} do)")
+            raise ValueError(
+                f"strategy.ranks / strategy.client_tiers set ranks, and model.peft={cfg.model.peft} has none (only {list(RANKED)} do)"
+            )
         return [None] * n
     if s.ranks is not None:
         ranks = list(s.ranks)
@@ -225,14 +237,22 @@ class CachedModel:
         for pname, param in self.model.named_parameters():
             if not param.requires_grad:
                 continue
-            role = LORA_A if pname.endswith(f".lora_A.{name}.weight") else LORA_B if pname.endswith(f".lora_B.{name}.weight") else OTHER
+            role = (
+                LORA_A
+                if pname.endswith(f".lora_A.{name}.weight")
+                else LORA_B
+                if pname.endswith(f".lora_B.{name}.weight")
+                else OTHER
+            )
             param.requires_grad_(role in roles)
 
     def load_adapter_state(self, rank: int | None, state: dict[str, torch.Tensor], *, strict: bool = True) -> None:
         expected = set(get_peft_model_state_dict(self.model, adapter_name=adapter_name(rank)))
         if strict and set(state) != expected:
             missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
-            raise ValueError(f"adapter state does not match rank-{rank} adapter: missing {missing[:3]}, extra {extra[:3]}")
+            raise ValueError(
+                f"adapter state does not match rank-{rank} adapter: missing {missing[:3]}, extra {extra[:3]}"
+            )
         result = set_peft_model_state_dict(self.model, state, adapter_name=adapter_name(rank))
         unexpected = getattr(result, "unexpected_keys", [])
         if PROMPT_KEY in state and PROMPT_KEY in unexpected:
@@ -293,7 +313,9 @@ class CachedModel:
                     module.get_base_layer().weight.copy_(self.pristine[name].to(module.get_base_layer().weight.device))
             self.base_lineage, self.base_version = lineage, 0
         if len(deltas) < version - self.base_version:
-            raise ValueError(f"base at version {self.base_version} needs {version - self.base_version} updates, got {len(deltas)}")
+            raise ValueError(
+                f"base at version {self.base_version} needs {version - self.base_version} updates, got {len(deltas)}"
+            )
         with torch.no_grad():
             for delta in deltas[: version - self.base_version]:
                 for name, dw in delta.items():
@@ -312,14 +334,18 @@ def merge_delta(module: LoraLayer, delta_w: torch.Tensor) -> None:
     weight = module.get_base_layer().weight
     dw = transpose(delta_w.to("cpu", torch.float64), bool(getattr(module, "fan_in_fan_out", False)))
     if tuple(dw.shape) != tuple(weight.shape):
-        raise ValueError(f"base update of shape {tuple(delta_w.shape)} does not fit a weight of shape {tuple(weight.shape)}")
+        raise ValueError(
+            f"base update of shape {tuple(delta_w.shape)} does not fit a weight of shape {tuple(weight.shape)}"
+        )
     merged = weight.detach().to("cpu", torch.float64) + dw
     weight.copy_(merged.to(weight.dtype).to(weight.device))
 
 
 def adapter_delta(module: LoraLayer, adapter_name: str) -> torch.Tensor:
     """peft's ``get_delta_weight`` of one adapter, in float64 (bit-reproducible, see ``exact_product``)."""
-    product = exact_product(module.lora_B[adapter_name].weight.detach().cpu(), module.lora_A[adapter_name].weight.detach().cpu())
+    product = exact_product(
+        module.lora_B[adapter_name].weight.detach().cpu(), module.lora_A[adapter_name].weight.detach().cpu()
+    )
     return transpose(product, bool(getattr(module, "fan_in_fan_out", False))) * module.scaling[adapter_name]
 
 
@@ -337,7 +363,22 @@ def cached_model(cfg: ModelConfig, *, num_labels: int, device: torch.device, see
     Built under ``torch.manual_seed(seed)`` (on a forked RNG) so a freshly initialised head is
     the same in every process of a run.
     """
-    key = ("model", cfg.name_or_path, cfg.task, cfg.dtype, cfg.autocast, cfg.quantization, cfg.gradient_checkpointing, cfg.attn_implementation, num_labels, str(device), seed, cfg.peft, repr(sorted(cfg.peft_options.items())), _lora_key(cfg.lora))
+    key = (
+        "model",
+        cfg.name_or_path,
+        cfg.task,
+        cfg.dtype,
+        cfg.autocast,
+        cfg.quantization,
+        cfg.gradient_checkpointing,
+        cfg.attn_implementation,
+        num_labels,
+        str(device),
+        seed,
+        cfg.peft,
+        repr(sorted(cfg.peft_options.items())),
+        _lora_key(cfg.lora),
+    )
     with _LOCK:
         if key not in _CACHE:
             with torch.random.fork_rng(devices=[]):

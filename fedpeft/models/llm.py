@@ -54,12 +54,18 @@ def check_llm_options(cfg: ModelConfig, *, device: torch.device) -> None:
                 f"but the run's device is {device.type!r}; set model.quantization=none on this machine"
             )
         if importlib.util.find_spec("bitsandbytes") is None:
-            raise LLMConfigError(f"model.quantization={cfg.quantization} needs bitsandbytes: pip install 'fedpeft[qlora]' (or bitsandbytes)")
+            raise LLMConfigError(
+                f"model.quantization={cfg.quantization} needs bitsandbytes: pip install 'fedpeft[qlora]' (or bitsandbytes)"
+            )
     if cfg.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
-        raise LLMConfigError("model.attn_implementation=flash_attention_2 needs the flash-attn package; use 'sdpa' or leave it unset")
+        raise LLMConfigError(
+            "model.attn_implementation=flash_attention_2 needs the flash-attn package; use 'sdpa' or leave it unset"
+        )
 
 
-def check_quantized_base(cfg: ModelConfig, *, rule: str, moves_base: bool, fixed_base_rules: tuple[str, ...] = ()) -> None:
+def check_quantized_base(
+    cfg: ModelConfig, *, rule: str, moves_base: bool, fixed_base_rules: tuple[str, ...] = ()
+) -> None:
     """A quantized base cannot absorb merged updates: refuse a rule that moves the base, naming those that do not."""
     if cfg.quantization != "none" and moves_base:
         raise LLMConfigError(
@@ -79,7 +85,10 @@ def from_pretrained_kwargs(cfg: ModelConfig) -> dict[str, Any]:
         compute = DTYPES[cfg.dtype] if cfg.dtype != "float64" else torch.float32
         if cfg.quantization == "4bit":
             kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=compute,
             )
         else:
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
@@ -90,15 +99,17 @@ def from_pretrained_kwargs(cfg: ModelConfig) -> dict[str, Any]:
 def prepare_for_training(model: nn.Module, cfg: ModelConfig) -> nn.Module:
     """peft's k-bit preparation for a quantized base, and gradient checkpointing when asked."""
     if cfg.quantization != "none":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=cfg.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
     elif cfg.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()  # the frozen embeddings' output must carry grad for checkpointed blocks
     if cfg.gradient_checkpointing and hasattr(model.config, "use_cache"):
         model.config.use_cache = False
     return model
-
-
 
 
 @contextlib.contextmanager
@@ -142,10 +153,16 @@ def hub_available(repo_id: str, *, repo_type: str, timeout: float = 5.0) -> bool
 def check_assets(cfg: Any) -> None:
     """Fail at start, in one line, when a hub id the run needs is neither cached nor reachable:
     say what to download and which override points at a local copy."""
-    wanted = [(cfg.model.name_or_path, "model", "model.name_or_path", "<folder>"), (cfg.data.name, "dataset", "data.name", "<file.jsonl>")]
+    wanted = [
+        (cfg.model.name_or_path, "model", "model.name_or_path", "<folder>"),
+        (cfg.data.name, "dataset", "data.name", "<file.jsonl>"),
+    ]
     evaluation = getattr(cfg, "evaluation", None)
     if evaluation is not None:
-        wanted += [(evaluation.mc.name, "dataset", "evaluation.mc.name", "<file.jsonl>"), (evaluation.generation.name, "dataset", "evaluation.generation.name", "<file.jsonl>")]
+        wanted += [
+            (evaluation.mc.name, "dataset", "evaluation.mc.name", "<file.jsonl>"),
+            (evaluation.generation.name, "dataset", "evaluation.generation.name", "<file.jsonl>"),
+        ]
     for name, repo_type, override, local in wanted:
         if _is_hub_id(name) and not hub_available(name, repo_type=repo_type):
             flag = " --repo-type dataset" if repo_type == "dataset" else ""

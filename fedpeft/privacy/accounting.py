@@ -45,7 +45,9 @@ def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> Any:
     from opacus.accountants import RDPAccountant
     from opacus.accountants.analysis import rdp as privacy_analysis
 
-    rdp = privacy_analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=RDPAccountant.DEFAULT_ALPHAS)
+    rdp = privacy_analysis.compute_rdp(
+        q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=RDPAccountant.DEFAULT_ALPHAS
+    )
     rdp.flags.writeable = False  # shared by every caller
     return rdp
 
@@ -84,7 +86,9 @@ def check_dp_args(*, target_epsilon: float | None, delta: float, sample_rate: fl
 
 
 @functools.lru_cache(maxsize=256)
-def calibrate_noise(*, target_epsilon: float, delta: float, sample_rate: float, total_steps: int, accountant: str = "rdp") -> float:
+def calibrate_noise(
+    *, target_epsilon: float, delta: float, sample_rate: float, total_steps: int, accountant: str = "rdp"
+) -> float:
     """The noise multiplier that spends exactly ``target_epsilon`` over ``total_steps`` steps.
 
     Raises :class:`DPError` with the smallest reachable ε (at noise ``MAX_NOISE``) when the target
@@ -101,11 +105,20 @@ def calibrate_noise(*, target_epsilon: float, delta: float, sample_rate: float, 
             f"the smallest reachable ε is {floor:.4g} (noise multiplier {MAX_NOISE:g}); raise the target or δ, or train fewer steps"
         )
     return float(
-        get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate, steps=total_steps, accountant=accountant, epsilon_tolerance=0.001)
+        get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=delta,
+            sample_rate=sample_rate,
+            steps=total_steps,
+            accountant=accountant,
+            epsilon_tolerance=0.001,
+        )
     )
 
 
-def would_exceed(ledger: Ledger, step: tuple[float, float, int], *, delta: float, target_epsilon: float, accountant: str = "rdp") -> bool:
+def would_exceed(
+    ledger: Ledger, step: tuple[float, float, int], *, delta: float, target_epsilon: float, accountant: str = "rdp"
+) -> bool:
     """Whether one more round ``step`` = (noise, q, steps) would push ε past ``target_epsilon``."""
     return epsilon([*ledger, step], delta=delta, accountant=accountant) > target_epsilon * (1 + 1e-9)
 

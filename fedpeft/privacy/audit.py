@@ -93,10 +93,18 @@ class Canaries:
 
     def row(self, secret: str) -> dict[str, Any]:
         """A normalised instruction row (:mod:`fedpeft.data.instruct`'s layout) whose response is ``secret``."""
-        return {instruct.INSTRUCTION: self.question, instruct.INPUT: "", instruct.RESPONSE: secret, instruct.HISTORY: "[]", LABEL: 0}
+        return {
+            instruct.INSTRUCTION: self.question,
+            instruct.INPUT: "",
+            instruct.RESPONSE: secret,
+            instruct.HISTORY: "[]",
+            LABEL: 0,
+        }
 
 
-def make_canaries(*, count: int, candidates: int, digits: int, seed: int, prefix: str = "my secret number is") -> Canaries:
+def make_canaries(
+    *, count: int, candidates: int, digits: int, seed: int, prefix: str = "my secret number is"
+) -> Canaries:
     """``count`` distinct random digit strings ("4 0 9 1 7 2") and ``candidates`` others of the same format.
 
     The candidates are drawn uniformly from the secrets' space, excluding the secrets, so a
@@ -104,14 +112,18 @@ def make_canaries(*, count: int, candidates: int, digits: int, seed: int, prefix
     """
     space = 10**digits
     if count + candidates > space // 2:
-        raise ValueError(f"{count} canaries + {candidates} candidates is too many for {digits}-digit secrets (space {space})")
+        raise ValueError(
+            f"{count} canaries + {candidates} candidates is too many for {digits}-digit secrets (space {space})"
+        )
     rng = random.Random(f"canaries-{seed}")
     drawn = rng.sample(range(space), count + candidates)
 
     def spell(value: int) -> str:
         return " ".join(f"{value:0{digits}d}")
 
-    return Canaries(prefix=prefix, secrets=[spell(v) for v in drawn[:count]], candidates=[spell(v) for v in drawn[count:]])
+    return Canaries(
+        prefix=prefix, secrets=[spell(v) for v in drawn[:count]], candidates=[spell(v) for v in drawn[count:]]
+    )
 
 
 def plant_canaries(train, canaries: Canaries, *, repeats: int):
@@ -135,28 +147,40 @@ def plant_canaries(train, canaries: Canaries, *, repeats: int):
 def canary_examples(cfg, tokenizer, canaries: Canaries, secrets: Sequence[str]) -> list[dict[str, list[int]]]:
     """``secrets`` tokenised as the run trains on them (labels: the tokens whose NLL is scored)."""
     if cfg.data.format == "text":
-        ids = tokenizer([canaries.text(s) for s in secrets], truncation=True, max_length=cfg.model.max_length)["input_ids"]
+        ids = tokenizer([canaries.text(s) for s in secrets], truncation=True, max_length=cfg.model.max_length)[
+            "input_ids"
+        ]
         return [{"input_ids": list(x), "attention_mask": [1] * len(x), "labels": list(x)} for x in ids]
-    return instruct.encode_config([canaries.row(s) for s in secrets], tokenizer, cfg.data, max_length=cfg.model.max_length)[0]
+    return instruct.encode_config(
+        [canaries.row(s) for s in secrets], tokenizer, cfg.data, max_length=cfg.model.max_length
+    )[0]
 
 
 def check_audit_config(cfg) -> None:
     """Audit settings that cannot work, refused before training (``ValueError`` naming the key)."""
     a = cfg.audit
     if a.enabled and cfg.mode in ("centralized", "local"):
-        raise ValueError(f"audit.enabled audits a federated run's final model; mode={cfg.mode} has none (audit its run directory by hand)")
+        raise ValueError(
+            f"audit.enabled audits a federated run's final model; mode={cfg.mode} has none (audit its run directory by hand)"
+        )
     if a.enabled and not cfg.save_adapter:
         raise ValueError("audit.enabled=true audits the final model, which save_adapter=false does not write")
     if a.max_examples is not None and a.max_examples < 1:
         raise ValueError(f"audit.max_examples must be >= 1, got {a.max_examples}")
     if a.canaries < 0 or a.canary_repeats < 1 or a.candidates < 1 or a.canary_digits < 1:
-        raise ValueError("audit.canaries must be >= 0 and audit.canary_repeats, audit.candidates, audit.canary_digits >= 1")
+        raise ValueError(
+            "audit.canaries must be >= 0 and audit.canary_repeats, audit.candidates, audit.canary_digits >= 1"
+        )
     if a.canaries:
         if cfg.model.task != "causal_lm":
-            raise ValueError(f"audit.canaries plants secrets in text a language model learns: it needs model.task=causal_lm, not {cfg.model.task!r}")
+            raise ValueError(
+                f"audit.canaries plants secrets in text a language model learns: it needs model.task=causal_lm, not {cfg.model.task!r}"
+            )
         if not 0 <= a.canary_client < cfg.num_clients:
             raise ValueError(f"audit.canary_client={a.canary_client} is not a client of num_clients={cfg.num_clients}")
-        make_canaries(count=a.canaries, candidates=a.candidates, digits=a.canary_digits, seed=cfg.seed)  # space large enough
+        make_canaries(
+            count=a.canaries, candidates=a.candidates, digits=a.canary_digits, seed=cfg.seed
+        )  # space large enough
 
 
 def client_train_split(cfg, data, partition_id: int):
@@ -171,15 +195,32 @@ def client_train_split(cfg, data, partition_id: int):
 
 # ------------------------------------------------------------------------------ model scores
 @torch.no_grad()
-def example_losses(model: torch.nn.Module, examples: Sequence[dict[str, Any]], *, pad_token_id: int, batch_size: int = 64, device: torch.device | str = "cpu") -> np.ndarray:
+def example_losses(
+    model: torch.nn.Module,
+    examples: Sequence[dict[str, Any]],
+    *,
+    pad_token_id: int,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+) -> np.ndarray:
     """Per-example loss (the training loss: cross-entropy, or mean token NLL for LMs), in order."""
     model.eval()
-    out = [per_sample_loss(model, to_device(b, device)).double().cpu() for b in make_loader(examples, pad_token_id=pad_token_id, batch_size=batch_size, shuffle=False)]
+    out = [
+        per_sample_loss(model, to_device(b, device)).double().cpu()
+        for b in make_loader(examples, pad_token_id=pad_token_id, batch_size=batch_size, shuffle=False)
+    ]
     return torch.cat(out).numpy() if out else np.zeros(0)
 
 
 @torch.no_grad()
-def sequence_nll(model: torch.nn.Module, examples: Sequence[dict[str, list[int]]], *, pad_token_id: int, batch_size: int = 64, device: torch.device | str = "cpu") -> np.ndarray:
+def sequence_nll(
+    model: torch.nn.Module,
+    examples: Sequence[dict[str, list[int]]],
+    *,
+    pad_token_id: int,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+) -> np.ndarray:
     """Log-perplexity of each example: the summed NLL (nats) of its labelled tokens 2..T given their prefix
     (labels −100 are not scored: an instruction's prompt)."""
     model.eval()
@@ -188,13 +229,21 @@ def sequence_nll(model: torch.nn.Module, examples: Sequence[dict[str, list[int]]
         batch = to_device(batch, device)
         logits = forward_logits(model, batch)[:, :-1].double()
         labels = batch["labels"][:, 1:]
-        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), reduction="none", ignore_index=-100)
+        nll = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.size(-1)), labels.reshape(-1), reduction="none", ignore_index=-100
+        )
         out.append(nll.view(labels.shape).sum(dim=1).cpu())
     return torch.cat(out).numpy() if out else np.zeros(0)
 
 
 # ------------------------------------------------------------------------------ the report
-def membership_report(members: dict[int, np.ndarray], nonmembers: np.ndarray, *, members_base: dict[int, np.ndarray], nonmembers_base: np.ndarray) -> dict[str, Any]:
+def membership_report(
+    members: dict[int, np.ndarray],
+    nonmembers: np.ndarray,
+    *,
+    members_base: dict[int, np.ndarray],
+    nonmembers_base: np.ndarray,
+) -> dict[str, Any]:
     """Loss-threshold and calibrated AUCs, overall and per client (losses: lower = more member-like)."""
 
     def both(m: np.ndarray, m_base: np.ndarray) -> dict[str, Any]:
@@ -208,7 +257,8 @@ def membership_report(members: dict[int, np.ndarray], nonmembers: np.ndarray, *,
     pooled = np.concatenate(list(members.values()))
     pooled_base = np.concatenate(list(members_base.values()))
     return {
-        "overall": both(pooled, pooled_base) | {"nonmembers": int(nonmembers.size), "nonmember_loss": float(nonmembers.mean())},
+        "overall": both(pooled, pooled_base)
+        | {"nonmembers": int(nonmembers.size), "nonmember_loss": float(nonmembers.mean())},
         "per_client": {str(k): both(members[k], members_base[k]) for k in sorted(members) if members[k].size},
     }
 

@@ -102,7 +102,9 @@ def round_seed(seed: int, server_round: int) -> int:
     return seed * 1_000_003 + server_round
 
 
-def seeded_tensors(template: Mapping[str, torch.Tensor], keys: Sequence[str], *, seed: int, seed_rank: int | None = None) -> State:
+def seeded_tensors(
+    template: Mapping[str, torch.Tensor], keys: Sequence[str], *, seed: int, seed_rank: int | None = None
+) -> State:
     """Deterministic draws for ``keys`` of ``template`` (shapes and dtypes) from ``seed``.
 
     Kaiming-uniform as peft initialises ``lora_A`` (bound ``1/sqrt(fan_in)``, fan_in the second

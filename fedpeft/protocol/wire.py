@@ -44,7 +44,9 @@ PLAN_RECORD = "plan"  # ConfigRecord: the client plan of a train or evaluate mes
 ARRAYS_RECORD = "arrays"  # ArrayRecord: adapter tensors (down: message-sourced groups; up: uploads)
 BASE_UPDATES_RECORD = "base-updates"  # ArrayRecord: missed base updates, keys "<round>|<stack key>"
 METRICS_RECORD = "metrics"  # MetricRecord of a reply
-COMPRESSED_RECORD = "compressed"  # ArrayRecord of a reply: packed updates (uint8, fedpeft.compression.compeft), keyed like the tensors
+COMPRESSED_RECORD = (
+    "compressed"  # ArrayRecord of a reply: packed updates (uint8, fedpeft.compression.compeft), keyed like the tensors
+)
 NODE_INFO_RECORD = "node-info"  # ConfigRecord of a handshake reply: what is not a number (the node's tier)
 
 # --- keys of the run record (and of a deployed run's run config)
@@ -233,12 +235,18 @@ class ClientPlan:
         role = key_role(key)
         return next(g for g in self.groups if role in g.roles)
 
-    def keys(self, keys: Sequence[str], *, source: Source | None = None, upload: bool | None = None, keep: bool | None = None) -> list[str]:
+    def keys(
+        self, keys: Sequence[str], *, source: Source | None = None, upload: bool | None = None, keep: bool | None = None
+    ) -> list[str]:
         """The keys among ``keys`` whose group matches every given condition, sorted."""
         out = []
         for key in keys:
             g = self.group_of(key)
-            if (source is None or g.source == source) and (upload is None or g.upload == upload) and (keep is None or g.keep == keep):
+            if (
+                (source is None or g.source == source)
+                and (upload is None or g.upload == upload)
+                and (keep is None or g.keep == keep)
+            ):
                 out.append(key)
         return sorted(out)
 
@@ -267,13 +275,19 @@ def check_group(g: GroupPlan) -> None:
     if seeded and g.seed is None:
         raise ProtocolError(f"group {sorted(g.roles)}: source 'seed' without a seed")
     if not seeded and (g.seed is not None or g.seed_rank is not None):
-        raise ProtocolError(f"group {sorted(g.roles)}: a seed is given but nothing is drawn from it (source {g.source.value!r})")
+        raise ProtocolError(
+            f"group {sorted(g.roles)}: a seed is given but nothing is drawn from it (source {g.source.value!r})"
+        )
     if g.seed_rank is not None and g.seed_rank < 1:
         raise ProtocolError(f"group {sorted(g.roles)}: seed_rank must be >= 1, got {g.seed_rank}")
     if g.source == Source.NODE and g.fallback in (None, Source.NODE):
-        raise ProtocolError(f"group {sorted(g.roles)}: source 'node' needs a fallback (message, seed or zero) for a node that has no state")
+        raise ProtocolError(
+            f"group {sorted(g.roles)}: source 'node' needs a fallback (message, seed or zero) for a node that has no state"
+        )
     if g.source != Source.NODE and g.fallback is not None:
-        raise ProtocolError(f"group {sorted(g.roles)}: a fallback only applies to source 'node', not {g.source.value!r}")
+        raise ProtocolError(
+            f"group {sorted(g.roles)}: a fallback only applies to source 'node', not {g.source.value!r}"
+        )
     if g.upload and not g.train and g.source != Source.NODE:
         raise ProtocolError(
             f"group {sorted(g.roles)} is uploaded but neither trained nor taken from the node's state: "
@@ -302,7 +316,9 @@ def check_plan(plan: ClientPlan) -> None:
         trained = {role for g in plan.groups if g.train for role in g.roles}
         uploaded = {role for g in plan.groups if g.upload for role in g.roles}
         if not {LORA_A, LORA_B} <= trained & uploaded:
-            raise ProtocolError("rank self-pruning needs both LoRA factors trained and uploaded (it penalises and drops components of both)")
+            raise ProtocolError(
+                "rank self-pruning needs both LoRA factors trained and uploaded (it penalises and drops components of both)"
+            )
 
 
 # ------------------------------------------------------------------------------ run record
@@ -321,11 +337,15 @@ class RunInfo:
         return record
 
     @classmethod
-    def from_record(cls, record: ConfigRecord) -> "RunInfo":
+    def from_record(cls, record: ConfigRecord) -> RunInfo:
         if FEDPEFT_CONFIG not in record:
             raise ProtocolError(f"the message's {RUN_RECORD!r} record has no {FEDPEFT_CONFIG!r}")
         state_dir = record.get(SIM_STATE_DIR)
-        return cls(config_json=str(record[FEDPEFT_CONFIG]), label_names=tuple(str(n) for n in record.get(LABEL_NAMES, [])), sim_state_dir=None if state_dir is None else str(state_dir))
+        return cls(
+            config_json=str(record[FEDPEFT_CONFIG]),
+            label_names=tuple(str(n) for n in record.get(LABEL_NAMES, [])),
+            sim_state_dir=None if state_dir is None else str(state_dir),
+        )
 
 
 def run_info(content: RecordDict) -> RunInfo:
@@ -363,7 +383,11 @@ def encode_plan(plan: ClientPlan) -> ConfigRecord:
     if plan.rank is not None:
         record[RANK] = plan.rank
     if plan.prune is not None:
-        record[PRUNE_DECAY], record[PRUNE_WEIGHT], record[PRUNE_MIN_RANK] = plan.prune.decay, plan.prune.weight, plan.prune.min_rank
+        record[PRUNE_DECAY], record[PRUNE_WEIGHT], record[PRUNE_MIN_RANK] = (
+            plan.prune.decay,
+            plan.prune.weight,
+            plan.prune.min_rank,
+        )
     return record
 
 
@@ -407,15 +431,21 @@ def decode_plan(record: ConfigRecord, *, updates: Mapping[int, State] | None = N
     try:
         evaluate = Evaluate(record.get(EVALUATE, Evaluate.NONE.value))
     except ValueError:
-        raise ProtocolError(f"unknown evaluate target {record.get(EVALUATE)!r}; known: {[e.value for e in Evaluate]}") from None
-    base = BasePlan(lineage=str(record.get(BASE_LINEAGE, "")), version=int(record.get(BASE_VERSION, 0)), updates=dict(updates or {}))
+        raise ProtocolError(
+            f"unknown evaluate target {record.get(EVALUATE)!r}; known: {[e.value for e in Evaluate]}"
+        ) from None
+    base = BasePlan(
+        lineage=str(record.get(BASE_LINEAGE, "")), version=int(record.get(BASE_VERSION, 0)), updates=dict(updates or {})
+    )
     rank = record.get(RANK)
     prune = None
     if _PRUNE_KEYS & set(record):
         missing = sorted(_PRUNE_KEYS - set(record))
         if missing:
             raise ProtocolError(f"rank self-pruning without {missing}")
-        prune = RankPruning(decay=float(record[PRUNE_DECAY]), weight=float(record[PRUNE_WEIGHT]), min_rank=int(record[PRUNE_MIN_RANK]))
+        prune = RankPruning(
+            decay=float(record[PRUNE_DECAY]), weight=float(record[PRUNE_WEIGHT]), min_rank=int(record[PRUNE_MIN_RANK])
+        )
     return ClientPlan(
         groups=tuple(groups),
         server_round=int(record[SERVER_ROUND]),
@@ -456,7 +486,9 @@ def encode_instruction(run: RunInfo, plan: ClientPlan, tensors: Mapping[str, tor
     ``tensors`` must be exactly the keys of the message-sourced groups (checked by the client, which
     knows its adapter's keys); base updates travel in their own record.
     """
-    content = RecordDict({RUN_RECORD: run.to_record(), PLAN_RECORD: encode_plan(plan), ARRAYS_RECORD: to_record(tensors)})
+    content = RecordDict(
+        {RUN_RECORD: run.to_record(), PLAN_RECORD: encode_plan(plan), ARRAYS_RECORD: to_record(tensors)}
+    )
     if plan.base.updates:
         content[BASE_UPDATES_RECORD] = encode_base_updates(plan.base.updates)
     return content
@@ -465,12 +497,20 @@ def encode_instruction(run: RunInfo, plan: ClientPlan, tensors: Mapping[str, tor
 def decode_instruction(content: RecordDict, *, evaluate_only: bool = False) -> Instruction:
     """Run, plan and tensors of a train (or, with ``evaluate_only``, an evaluate) message."""
     if PLAN_RECORD not in content.config_records:
-        raise ProtocolError(f"the message has no {PLAN_RECORD!r} record (a server older than plan version {PLAN_VERSION}?)")
-    updates = decode_base_updates(content.array_records[BASE_UPDATES_RECORD]) if BASE_UPDATES_RECORD in content.array_records else {}
+        raise ProtocolError(
+            f"the message has no {PLAN_RECORD!r} record (a server older than plan version {PLAN_VERSION}?)"
+        )
+    updates = (
+        decode_base_updates(content.array_records[BASE_UPDATES_RECORD])
+        if BASE_UPDATES_RECORD in content.array_records
+        else {}
+    )
     plan = decode_plan(content.config_records[PLAN_RECORD], updates=updates)
     if evaluate_only:
         if plan.trains or any(g.upload or g.keep for g in plan.groups):
-            raise ProtocolError("an evaluate message's plan trains, uploads or keeps a group; it may only build a model and evaluate it")
+            raise ProtocolError(
+                "an evaluate message's plan trains, uploads or keeps a group; it may only build a model and evaluate it"
+            )
         if plan.evaluate == Evaluate.NONE:
             raise ProtocolError("an evaluate message whose plan evaluates nothing")
     tensors = from_record(content.array_records[ARRAYS_RECORD]) if ARRAYS_RECORD in content.array_records else {}
@@ -478,7 +518,12 @@ def decode_instruction(content: RecordDict, *, evaluate_only: bool = False) -> I
 
 
 # ------------------------------------------------------------------------------ replies (client -> server)
-def encode_reply(tensors: Mapping[str, torch.Tensor] | None, metrics: Mapping[str, Any], *, packed: Mapping[str, np.ndarray] | None = None) -> RecordDict:
+def encode_reply(
+    tensors: Mapping[str, torch.Tensor] | None,
+    metrics: Mapping[str, Any],
+    *,
+    packed: Mapping[str, np.ndarray] | None = None,
+) -> RecordDict:
     """A train reply (uploaded tensors and metrics) or, with ``tensors=None``, an evaluate or query reply.
 
     ``packed``: uploads that travel compressed (:mod:`fedpeft.compression.compeft`), in their own record.

@@ -78,7 +78,9 @@ def setup_logging(run_log: Path | None, *, verbose: bool) -> None:
         handler.close()
     root.setLevel(logging.DEBUG)
     console = ConsoleHandler()
-    console.setFormatter(ConsoleFormatter() if not verbose else logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    console.setFormatter(
+        ConsoleFormatter() if not verbose else logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    )
     console.setLevel(logging.DEBUG if verbose else logging.INFO)
     if not verbose:
         console.addFilter(OnlyFedpeft())

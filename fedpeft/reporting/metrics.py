@@ -102,7 +102,9 @@ class MetricsWriter:
                 if isinstance(row.get(key), (int, float)):
                     self.tensorboard.add_scalar(key, row[key], global_step=row["round"])
             self.tensorboard.flush()
-        if row.get("test_accuracy") is not None or row["round"] >= self.num_rounds:  # a new point, or the run's end: redraw
+        if (
+            row.get("test_accuracy") is not None or row["round"] >= self.num_rounds
+        ):  # a new point, or the run's end: redraw
             self.redraw()
         self.progress(row)
 
@@ -125,7 +127,9 @@ def tensorboard_writer(run_dir: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter  # only with logger=tensorboard: needs the tensorboard package
     except ImportError as err:
-        raise ValueError("logger=tensorboard needs the tensorboard package: pip install tensorboard (or pip install -e '.[tensorboard]')") from err
+        raise ValueError(
+            "logger=tensorboard needs the tensorboard package: pip install tensorboard (or pip install -e '.[tensorboard]')"
+        ) from err
     return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
 

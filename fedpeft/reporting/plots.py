@@ -85,7 +85,14 @@ def mean_curve(runs: Sequence[Sequence[Mapping[str, Any]]]) -> list[tuple[int, f
         if len(rows) < len(runs):
             continue
         accs = [r["test_accuracy"] for r in rows]
-        curve.append((rnd, statistics.mean(cumulative_mb(r) for r in rows), statistics.mean(accs), statistics.stdev(accs) if len(accs) > 1 else 0.0))
+        curve.append(
+            (
+                rnd,
+                statistics.mean(cumulative_mb(r) for r in rows),
+                statistics.mean(accs),
+                statistics.stdev(accs) if len(accs) > 1 else 0.0,
+            )
+        )
     return curve
 
 
@@ -94,7 +101,10 @@ def overlay_plots(groups: Mapping[str, Sequence[Sequence[Mapping[str, Any]]]], o
     rows of each of its runs), the mean over its runs with a ±1 std band."""
     out_dir = Path(out_dir)
     paths = []
-    for name, x_index, xlabel in ((ACCURACY_VS_ROUND, 0, "round"), (ACCURACY_VS_MB, 1, "cumulative traffic, up + down (MB)")):
+    for name, x_index, xlabel in (
+        (ACCURACY_VS_ROUND, 0, "round"),
+        (ACCURACY_VS_MB, 1, "cumulative traffic, up + down (MB)"),
+    ):
         fig = Figure(figsize=(6.5, 4), layout="constrained")
         ax = fig.subplots()
         for label, runs in groups.items():
@@ -106,7 +116,13 @@ def overlay_plots(groups: Mapping[str, Sequence[Sequence[Mapping[str, Any]]]], o
             std = [100 * c[3] for c in curve]
             line = ax.plot(xs, mean, marker="o", label=f"{label} (n={len(runs)})")[0]
             if len(runs) > 1:
-                ax.fill_between(xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], color=line.get_color(), alpha=0.15)
+                ax.fill_between(
+                    xs,
+                    [m - s for m, s in zip(mean, std)],
+                    [m + s for m, s in zip(mean, std)],
+                    color=line.get_color(),
+                    alpha=0.15,
+                )
         ax.set(xlabel=xlabel, ylabel="test accuracy (%), mean ± std")
         if x_index == 0:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -17,9 +17,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fedpeft.reporting import plots
 from fedpeft.config.schema import Config
 from fedpeft.data.encoding import label_counts
+from fedpeft.reporting import plots
 
 log = logging.getLogger("fedpeft")
 
@@ -45,7 +45,13 @@ def partition_report(data: Any, cfg: Config) -> dict[str, Any]:
         train, val = data.client_split(k)
         counts = label_counts(train["label"], data.num_labels)
         clients.append(
-            {"partition": k, "examples": len(train), "validation": len(val), "label_counts": counts, "labels_seen": sum(1 for c in counts if c)}
+            {
+                "partition": k,
+                "examples": len(train),
+                "validation": len(val),
+                "label_counts": counts,
+                "labels_seen": sum(1 for c in counts if c),
+            }
         )
     split = cfg.data.partitioner + (f" α={cfg.data.dirichlet_alpha:g}" if cfg.data.partitioner == "dirichlet" else "")
     split += f" {cfg.data.classes_per_client} labels each" if cfg.data.partitioner == "pathological" else ""
@@ -65,7 +71,9 @@ def partition_warnings(report: Mapping[str, Any], *, min_batches: int = MIN_BATC
     warnings = []
     small = [c for c in report["clients"] if c["examples"] < min_batches * batch]
     if small:
-        listed = ", ".join(f"client {c['partition']} ({c['examples']})" for c in small[:8]) + (" ..." if len(small) > 8 else "")
+        listed = ", ".join(f"client {c['partition']} ({c['examples']})" for c in small[:8]) + (
+            " ..." if len(small) > 8 else ""
+        )
         warnings.append(
             f"{len(small)} of {len(report['clients'])} clients hold fewer training examples than {min_batches} batches of {batch}: {listed}; "
             "their local steps repeat the same few examples"
@@ -85,7 +93,13 @@ def partition_table(report: Mapping[str, Any]) -> str:
     histogram = len(names) <= MAX_COLUMNS
     headers = ["client", "examples", "val", "labels", *(names if histogram else [])]
     rows = [
-        [c["partition"], c["examples"], c["validation"], f"{c['labels_seen']}/{len(names)}", *(c["label_counts"] if histogram else [])]
+        [
+            c["partition"],
+            c["examples"],
+            c["validation"],
+            f"{c['labels_seen']}/{len(names)}",
+            *(c["label_counts"] if histogram else []),
+        ]
         for c in report["clients"]
     ]
     return text_table(headers, rows)
@@ -129,13 +143,25 @@ def node_table(nodes: Sequence[Mapping[str, Any]], label_names: Sequence[str]) -
     rows = []
     for n in sorted(nodes, key=lambda n: n["partition"]):
         seen = "-" if n["labels_seen"] is None else f"{n['labels_seen']}/{n['num_labels']}"
-        rows.append([n["node"], n["partition"], "-" if n["rank"] is None else n["rank"], n["tier"] or "-", n["examples"], seen, *(n["label_counts"] if histogram else [])])
+        rows.append(
+            [
+                n["node"],
+                n["partition"],
+                "-" if n["rank"] is None else n["rank"],
+                n["tier"] or "-",
+                n["examples"],
+                seen,
+                *(n["label_counts"] if histogram else []),
+            ]
+        )
     return text_table(headers, rows)
 
 
 def write_node_status(nodes: Sequence[Mapping[str, Any]], label_names: Sequence[str], run_dir: Path) -> None:
     """``nodes.json`` in ``run_dir`` (a deployed run's submitting console prints it) and the table to the log."""
-    Path(run_dir, NODES_JSON).write_text(json.dumps({"label_names": list(label_names), "nodes": list(nodes)}, indent=1) + "\n")
+    Path(run_dir, NODES_JSON).write_text(
+        json.dumps({"label_names": list(label_names), "nodes": list(nodes)}, indent=1) + "\n"
+    )
     log.info("%s", node_status_text(nodes, label_names))
 
 

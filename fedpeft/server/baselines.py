@@ -26,7 +26,9 @@ from fedpeft.strategies.types import GlobalModel
 from fedpeft.training.local import evaluate, num_local_steps, train_local
 
 
-def one_process_run(cfg: Config, run_dir: Path, *, lineage: str) -> tuple[FederatedData, ServerEvaluator, torch.nn.Module, Any]:
+def one_process_run(
+    cfg: Config, run_dir: Path, *, lineage: str
+) -> tuple[FederatedData, ServerEvaluator, torch.nn.Module, Any]:
     """What a run without clients (the centralised and local-only bounds) starts from: its data,
     the evaluator, the model holding the run's initial adapter, and the tokenizer."""
     Path(run_dir).mkdir(parents=True, exist_ok=True)
@@ -51,19 +53,38 @@ def run_centralized(cfg: Config, run_dir: Path) -> list[dict[str, Any]]:
     examples = [e for ds in pooled for e in encode_config(cfg, ds, tokenizer)]
     per_client = sum(len(ds) for ds in pooled) / cfg.num_clients
     steps = cfg.clients_per_round * num_local_steps(
-        num_examples=round(per_client), batch_size=cfg.client.batch_size, local_epochs=cfg.client.local_epochs, local_steps=cfg.client.local_steps
+        num_examples=round(per_client),
+        batch_size=cfg.client.batch_size,
+        local_epochs=cfg.client.local_epochs,
+        local_steps=cfg.client.local_steps,
     )
     writer = MetricsWriter(run_dir, num_rounds=cfg.num_rounds, logger=cfg.logger)
     for server_round in range(1, cfg.num_rounds + 1):
         started = time.perf_counter()
         loader = make_loader(
-            examples, pad_token_id=tokenizer.pad_token_id, batch_size=cfg.client.batch_size, shuffle=True, seed=round_seed(cfg.seed, server_round), collate_fn=collator_for(cfg, tokenizer)
+            examples,
+            pad_token_id=tokenizer.pad_token_id,
+            batch_size=cfg.client.batch_size,
+            shuffle=True,
+            seed=round_seed(cfg.seed, server_round),
+            collate_fn=collator_for(cfg, tokenizer),
         )
         torch.manual_seed(round_seed(cfg.seed, server_round))  # dropout: a rerun repeats the run
-        train = train_local(model, loader, num_steps=steps, lr=round_lr(cfg.client, server_round), weight_decay=cfg.client.weight_decay, device=evaluator.cm.device)
+        train = train_local(
+            model,
+            loader,
+            num_steps=steps,
+            lr=round_lr(cfg.client, server_round),
+            weight_decay=cfg.client.weight_decay,
+            device=evaluator.cm.device,
+        )
         evaluate_now = evaluates(cfg, server_round)  # as the federated server does
         result = evaluate(model, evaluator.loader, device=evaluator.cm.device) if evaluate_now else None
-        extra = evaluator.llm(model, device=evaluator.cm.device, batch_size=cfg.server_eval_batch_size) if evaluate_now and evaluator.llm and evaluator.llm.active else {}
+        extra = (
+            evaluator.llm(model, device=evaluator.cm.device, batch_size=cfg.server_eval_batch_size)
+            if evaluate_now and evaluator.llm and evaluator.llm.active
+            else {}
+        )
         writer.write(
             {
                 "round": server_round,
@@ -102,8 +123,15 @@ def run_local_only(cfg: Config, run_dir: Path) -> list[dict[str, Any]]:
     splits = [data.client_split(k) for k in range(cfg.num_clients)]
     train_sets = [encode_config(cfg, train, tokenizer) for train, _ in splits]
     val_loaders = [
-        make_loader(encode_config(cfg, val, tokenizer), pad_token_id=tokenizer.pad_token_id, batch_size=cfg.client.eval_batch_size, shuffle=False, collate_fn=collate)
-        if len(val) else None
+        make_loader(
+            encode_config(cfg, val, tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+            batch_size=cfg.client.eval_batch_size,
+            shuffle=False,
+            collate_fn=collate,
+        )
+        if len(val)
+        else None
         for _, val in splits
     ]
     weights = [len(ex) for ex in train_sets]
@@ -114,17 +142,41 @@ def run_local_only(cfg: Config, run_dir: Path) -> list[dict[str, Any]]:
         losses, tests, vals = [], [], []
         for k, examples in enumerate(train_sets):
             evaluator.cm.load_adapter_state(rank, adapters[k])
-            steps = num_local_steps(num_examples=len(examples), batch_size=cfg.client.batch_size, local_epochs=cfg.client.local_epochs, local_steps=cfg.client.local_steps)
+            steps = num_local_steps(
+                num_examples=len(examples),
+                batch_size=cfg.client.batch_size,
+                local_epochs=cfg.client.local_epochs,
+                local_steps=cfg.client.local_steps,
+            )
             loader = make_loader(
-                examples, pad_token_id=tokenizer.pad_token_id, batch_size=cfg.client.batch_size, shuffle=True, seed=round_seed(cfg.seed, server_round) + k, collate_fn=collate
+                examples,
+                pad_token_id=tokenizer.pad_token_id,
+                batch_size=cfg.client.batch_size,
+                shuffle=True,
+                seed=round_seed(cfg.seed, server_round) + k,
+                collate_fn=collate,
             )
             torch.manual_seed(round_seed(cfg.seed, server_round) + k)  # dropout, as a federated client seeds it
-            losses.append(train_local(model, loader, num_steps=steps, lr=round_lr(cfg.client, server_round), weight_decay=cfg.client.weight_decay, device=evaluator.cm.device).loss)
+            losses.append(
+                train_local(
+                    model,
+                    loader,
+                    num_steps=steps,
+                    lr=round_lr(cfg.client, server_round),
+                    weight_decay=cfg.client.weight_decay,
+                    device=evaluator.cm.device,
+                ).loss
+            )
             adapters[k] = evaluator.cm.adapter_state(rank)
             if evaluates(cfg, server_round):
                 tests.append(evaluate(model, evaluator.loader, device=evaluator.cm.device))
                 if val_loaders[k] is not None:
-                    vals.append((len(val_loaders[k].dataset), evaluate(model, val_loaders[k], device=evaluator.cm.device).accuracy))
+                    vals.append(
+                        (
+                            len(val_loaders[k].dataset),
+                            evaluate(model, val_loaders[k], device=evaluator.cm.device).accuracy,
+                        )
+                    )
         row: dict[str, Any] = {
             "round": server_round,
             "train_loss": sum(w * loss for w, loss in zip(weights, losses)) / sum(weights),
@@ -137,10 +189,18 @@ def run_local_only(cfg: Config, run_dir: Path) -> list[dict[str, Any]]:
         }
         if tests:
             spread = weighted_spread([t.accuracy for t in tests], weights)
-            row["test_accuracy"], row["test_loss"] = spread["mean"], weighted_spread([t.loss for t in tests], weights)["mean"]
+            row["test_accuracy"], row["test_loss"] = (
+                spread["mean"],
+                weighted_spread([t.loss for t in tests], weights)["mean"],
+            )
             row.update({f"test_accuracy_{k}": spread[k] for k in ("std", "min", "max")})
         if vals:
-            row.update({f"client_val_accuracy_{k}": v for k, v in weighted_spread([a for _, a in vals], [w for w, _ in vals]).items()})
+            row.update(
+                {
+                    f"client_val_accuracy_{k}": v
+                    for k, v in weighted_spread([a for _, a in vals], [w for w, _ in vals]).items()
+                }
+            )
         row["wall_seconds"] = time.perf_counter() - started
         writer.write(row)
     return writer.rows

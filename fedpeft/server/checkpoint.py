@@ -34,7 +34,9 @@ def load_checkpoint(run_dir: Path, cfg: Config) -> dict[str, Any]:
     """The last complete round of ``run_dir``; its config must be the one being resumed."""
     path = run_dir / CHECKPOINT
     if not path.exists():
-        raise RunError(f"resume={str(run_dir)!r}: no {CHECKPOINT} there (the run finished no round, or this is not a run directory)")
+        raise RunError(
+            f"resume={str(run_dir)!r}: no {CHECKPOINT} there (the run finished no round, or this is not a run directory)"
+        )
     state = torch.load(path, map_location="cpu", weights_only=False)  # our own file, written above
     saved, wanted = state["config"], config_json(cfg)
     if saved != wanted:

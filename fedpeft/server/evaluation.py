@@ -32,10 +32,18 @@ class ServerEvaluator:
     def __init__(self, cfg: Config, data: FederatedData, *, lineage: str) -> None:
         self.cfg = cfg
         self.lineage = lineage
-        self.cm = models.cached_model(cfg.model, num_labels=data.num_labels, device=models.resolve_device(cfg.device), seed=cfg.seed)
+        self.cm = models.cached_model(
+            cfg.model, num_labels=data.num_labels, device=models.resolve_device(cfg.device), seed=cfg.seed
+        )
         tokenizer = models.load_tokenizer(cfg.model)
         examples = encode_config(cfg, data.test, tokenizer)
-        self.loader = make_loader(examples, pad_token_id=tokenizer.pad_token_id, batch_size=cfg.server_eval_batch_size, shuffle=False, collate_fn=collator_for(cfg, tokenizer))
+        self.loader = make_loader(
+            examples,
+            pad_token_id=tokenizer.pad_token_id,
+            batch_size=cfg.server_eval_batch_size,
+            shuffle=False,
+            collate_fn=collator_for(cfg, tokenizer),
+        )
         # Response loss, perplexity, MC accuracy, exact match (evaluation.*): its metrics join the row.
         self.llm = LLMEvaluator(cfg, data, tokenizer) if cfg.model.task == "causal_lm" else None
         self.extra: dict[str, Any] = {}

@@ -19,7 +19,6 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from fedpeft.config.schema import Config, evaluates
-
 from fedpeft.models import adapters as models
 from fedpeft.models.adapters import client_ranks
 from fedpeft.protocol import wire as protocol
@@ -52,7 +51,11 @@ def run_federated(cfg: Config, grid: Grid, run_dir: Path) -> list[dict[str, Any]
     rank = max(ranks) if models.has_ranks(cfg.model) else None
     strategy = get_strategy(cfg.strategy.name).from_config(cfg, initial_adapter(evaluator.cm, rank=rank, seed=cfg.seed))
     # Simulated nodes keep their state under the run; deployed ones in their own state-dir.
-    run = protocol.RunInfo(config_json=config_json(cfg), label_names=tuple(data.label_names), sim_state_dir=None if cfg.mode == "deploy" else str(run_dir / "nodes"))
+    run = protocol.RunInfo(
+        config_json=config_json(cfg),
+        label_names=tuple(data.label_names),
+        sim_state_dir=None if cfg.mode == "deploy" else str(run_dir / "nodes"),
+    )
     strategy.run, strategy.lineage = run, lineage
     strategy.register_nodes(handshake(grid, cfg, run, run_dir=run_dir))
 
@@ -72,7 +75,15 @@ def run_federated(cfg: Config, grid: Grid, run_dir: Path) -> list[dict[str, Any]
                 break
             reasons = [f["reason"] for f in report.failures] + [r["reason"] for r in report.rejected]
             if cfg.on_too_few == "retry" and attempt < cfg.max_retries:
-                log.warning("round %d: %d accepted updates < min_clients=%d; retrying (%d/%d): %s", server_round, len(report.clients), cfg.min_clients, attempt + 1, cfg.max_retries, reasons[:3])
+                log.warning(
+                    "round %d: %d accepted updates < min_clients=%d; retrying (%d/%d): %s",
+                    server_round,
+                    len(report.clients),
+                    cfg.min_clients,
+                    attempt + 1,
+                    cfg.max_retries,
+                    reasons[:3],
+                )
                 continue
             raise RunError(
                 f"round {server_round}: {len(report.clients)} accepted updates, fewer than min_clients={max(cfg.min_clients, 1)}; "
@@ -92,10 +103,19 @@ def run_federated(cfg: Config, grid: Grid, run_dir: Path) -> list[dict[str, Any]
         writer.write(row)
         save_checkpoint(
             run_dir,
-            {"round": server_round, "strategy": strategy.state_dict(), "totals": totals, "rows": writer.rows, "lineage": lineage, "config": run.config_json},
+            {
+                "round": server_round,
+                "strategy": strategy.state_dict(),
+                "totals": totals,
+                "rows": writer.rows,
+                "lineage": lineage,
+                "config": run.config_json,
+            },
         )
         if stop:
-            log.info("communication budget of %.2f MB reached after round %d; stopping", cfg.comm_budget_mb, server_round)
+            log.info(
+                "communication budget of %.2f MB reached after round %d; stopping", cfg.comm_budget_mb, server_round
+            )
             break
     if cfg.save_adapter and strategy.has_global_model:
         save_final(evaluator, strategy.global_model(), run_dir)
@@ -112,21 +132,33 @@ def evaluate_round(strategy: LoRAStrategy, grid: Grid, server_round: int, *, tim
 def train_round(strategy: LoRAStrategy, grid: Grid, server_round: int, *, attempt: int = 0, timeout: float):
     """Send one round's train messages, collect what comes back in time, aggregate; returns the report."""
     strategy.reports.pop(server_round, None)  # a retried round starts a fresh report
-    messages = list(strategy.configure_train(server_round, ArrayRecord(), ConfigRecord({protocol.ATTEMPT: attempt}), grid))
+    messages = list(
+        strategy.configure_train(server_round, ArrayRecord(), ConfigRecord({protocol.ATTEMPT: attempt}), grid)
+    )
     report = strategy.reports[server_round]
     answered, replies = set(), []
     for node_id, reply in exchange(grid, messages, timeout=timeout):
         answered.add(node_id)
         if reply.has_error():  # failed on the node, or the node is gone: counted here, never aggregated
-            gone = reply.error.code == ErrorCode.NODE_UNAVAILABLE  # the SuperLink's word that the node stopped sending heartbeats
+            gone = (
+                reply.error.code == ErrorCode.NODE_UNAVAILABLE
+            )  # the SuperLink's word that the node stopped sending heartbeats
             report.failures.append({"node": node_id, "reason": short_reason(reply.error.reason), "unreachable": gone})
             log.warning("round %d: node %d failed: %s", server_round, node_id, report.failures[-1]["reason"])
         else:
             replies.append(reply)
     for msg in messages:
         if msg.metadata.dst_node_id not in answered:
-            report.failures.append({"node": msg.metadata.dst_node_id, "reason": f"no reply within round_timeout={timeout} s", "unreachable": True})
-            log.warning("round %d: node %d did not reply within %.0f s", server_round, msg.metadata.dst_node_id, timeout)
+            report.failures.append(
+                {
+                    "node": msg.metadata.dst_node_id,
+                    "reason": f"no reply within round_timeout={timeout} s",
+                    "unreachable": True,
+                }
+            )
+            log.warning(
+                "round %d: node %d did not reply within %.0f s", server_round, msg.metadata.dst_node_id, timeout
+            )
     aggregating = time.perf_counter()
     strategy.aggregate_train(server_round, replies)
     report.extra["aggregation_seconds"] = time.perf_counter() - aggregating  # the server's share of the round

@@ -10,7 +10,9 @@ from fedpeft.strategies import LoRAStrategy
 from fedpeft.training.local import EvalResult
 
 
-def round_row(strategy: LoRAStrategy, server_round: int, *, wall: float, result: EvalResult | None, totals: dict[str, int]) -> dict[str, Any]:
+def round_row(
+    strategy: LoRAStrategy, server_round: int, *, wall: float, result: EvalResult | None, totals: dict[str, int]
+) -> dict[str, Any]:
     """One line of ``metrics.jsonl`` from the strategy's round report."""
     report = strategy.reports[server_round]
     up, down = sum(report.bytes_up.values()), sum(report.bytes_down.values())
@@ -24,13 +26,22 @@ def round_row(strategy: LoRAStrategy, server_round: int, *, wall: float, result:
     clients = []
     for c in replied:
         node = c["node"]
-        clients.append({k.replace("-", "_"): v for k, v in c.items()} | {"bytes_up": report.bytes_up.get(node, 0), "bytes_down": report.bytes_down.get(node, 0)})
+        clients.append(
+            {k.replace("-", "_"): v for k, v in c.items()}
+            | {"bytes_up": report.bytes_up.get(node, 0), "bytes_down": report.bytes_down.get(node, 0)}
+        )
     epsilons = [c["epsilon"] for c in clients if c.get("epsilon") is not None]
     # The clients' validation accuracy: from the federated evaluation when the rule ran one, else
     # from the train replies (each client's model right after local training).
     source = "evaluate" if report.evaluations else "train"
-    measured = sorted((c for c in (report.evaluations or report.clients) if c.get(protocol.VAL_ACCURACY) is not None), key=lambda c: c["partition"])
-    spread = weighted_spread([c[protocol.VAL_ACCURACY] for c in measured], [c.get(protocol.VAL_EXAMPLES, c.get(protocol.NUM_EXAMPLES, 1)) for c in measured])
+    measured = sorted(
+        (c for c in (report.evaluations or report.clients) if c.get(protocol.VAL_ACCURACY) is not None),
+        key=lambda c: c["partition"],
+    )
+    spread = weighted_spread(
+        [c[protocol.VAL_ACCURACY] for c in measured],
+        [c.get(protocol.VAL_EXAMPLES, c.get(protocol.NUM_EXAMPLES, 1)) for c in measured],
+    )
     return {
         "round": server_round,
         "test_accuracy": None if result is None else result.accuracy,
@@ -45,16 +56,25 @@ def round_row(strategy: LoRAStrategy, server_round: int, *, wall: float, result:
         "bytes_down": down,
         "cumulative_bytes_up": totals["up"],
         "cumulative_bytes_down": totals["down"],
-        "bytes_down_per_client": {str(p): b for p, b in sorted((strategy.nodes[n].partition_id, b) for n, b in report.bytes_down.items())},
+        "bytes_down_per_client": {
+            str(p): b for p, b in sorted((strategy.nodes[n].partition_id, b) for n, b in report.bytes_down.items())
+        },
         "residual": report.extra.get("residual"),
         "max_epsilon": max(epsilons) if epsilons else None,
         **{f"client_val_accuracy_{k}": v for k, v in spread.items()},
         "client_val_accuracy_source": source if measured else None,
-        "evaluations": [{k.replace("-", "_"): v for k, v in e.items()} for e in sorted(report.evaluations, key=lambda e: e["partition"])],
+        "evaluations": [
+            {k.replace("-", "_"): v for k, v in e.items()}
+            for e in sorted(report.evaluations, key=lambda e: e["partition"])
+        ],
         "clients": clients,
         "rejected": report.rejected,
         "failures": report.failures,
-        "unreachable": [{"node": f["node"], "partition": strategy.nodes[f["node"]].partition_id} for f in report.failures if f.get("unreachable")],
+        "unreachable": [
+            {"node": f["node"], "partition": strategy.nodes[f["node"]].partition_id}
+            for f in report.failures
+            if f.get("unreachable")
+        ],
         **{k: v for k, v in report.extra.items() if k != "residual"},
     }
 

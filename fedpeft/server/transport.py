@@ -37,23 +37,31 @@ def exchange(grid: Grid, messages: list[Message], *, timeout: float, poll: float
     return replies
 
 
-def handshake(grid: Grid, cfg: Config, run: protocol.RunInfo, *, timeout: float = 600.0, run_dir: Path | None = None) -> list[NodeInfo]:
+def handshake(
+    grid: Grid, cfg: Config, run: protocol.RunInfo, *, timeout: float = 600.0, run_dir: Path | None = None
+) -> list[NodeInfo]:
     """Wait for ``num_clients`` nodes, ask each for its partition, rank and data size; with ``run_dir``,
     write the node status table (``nodes.json``, and the log)."""
     deadline = time.monotonic() + timeout
     node_ids = list(grid.get_node_ids())
     while len(node_ids) < cfg.num_clients:
         if time.monotonic() > deadline:
-            raise RunError(f"only {len(node_ids)} of num_clients={cfg.num_clients} nodes connected within {timeout:.0f} s")
+            raise RunError(
+                f"only {len(node_ids)} of num_clients={cfg.num_clients} nodes connected within {timeout:.0f} s"
+            )
         time.sleep(1.0)
         node_ids = list(grid.get_node_ids())
-    messages = [Message(protocol.encode_query(run), dst_node_id=n, message_type=MessageType.QUERY) for n in sorted(node_ids)]
+    messages = [
+        Message(protocol.encode_query(run), dst_node_id=n, message_type=MessageType.QUERY) for n in sorted(node_ids)
+    ]
     nodes, seen, status = [], {}, []
     for node_id, reply in exchange(grid, messages, timeout=timeout):
         if reply.has_error():
             raise RunError(f"node {node_id} failed the handshake: {reply.error.reason}")
         hello = protocol.decode_query_reply(reply.content)
-        info = NodeInfo(node_id=node_id, partition_id=hello.partition_id, rank=hello.rank, num_examples=hello.num_examples)
+        info = NodeInfo(
+            node_id=node_id, partition_id=hello.partition_id, rank=hello.rank, num_examples=hello.num_examples
+        )
         if info.partition_id in seen:
             raise RunError(f"nodes {seen[info.partition_id]} and {node_id} both serve partition {info.partition_id}")
         seen[info.partition_id] = node_id
@@ -62,5 +70,7 @@ def handshake(grid: Grid, cfg: Config, run: protocol.RunInfo, *, timeout: float 
     if run_dir is not None:
         write_node_status(status, run.label_names, run_dir)
     if len(nodes) < cfg.clients_per_round:
-        raise RunError(f"{len(nodes)} nodes answered the handshake; clients_per_round={cfg.clients_per_round} needs more")
+        raise RunError(
+            f"{len(nodes)} nodes answered the handshake; clients_per_round={cfg.clients_per_round} needs more"
+        )
     return sorted(nodes, key=lambda n: n.partition_id)

@@ -86,7 +86,10 @@ class _Pass:
         if len(set(self.counts)) == 1:
             return x.reshape(len(self.counts), -1, x.shape[-1])
         width = max(self.counts)
-        chunks = [torch.cat([c, c.new_zeros(width - c.shape[0], *c.shape[1:])]) if c.shape[0] < width else c for c in x.split(self.counts)]
+        chunks = [
+            torch.cat([c, c.new_zeros(width - c.shape[0], *c.shape[1:])]) if c.shape[0] < width else c
+            for c in x.split(self.counts)
+        ]
         return torch.stack(chunks).reshape(len(self.counts), -1, x.shape[-1])
 
     def ungroup(self, y: torch.Tensor, rows: torch.Size) -> torch.Tensor:
@@ -109,7 +112,16 @@ def _pad_cols(t: torch.Tensor, cols: int) -> torch.Tensor:
 class StackedLoraLinear(nn.Module):
     """Stands in for a peft ``lora.Linear`` during a pass: the shared base layer plus every client's factors."""
 
-    def __init__(self, layer: LoraLinear, pass_: _Pass, *, lora_a: list[nn.Parameter], lora_b: list[nn.Parameter], scaling: list[float], dropout: list[nn.Module]) -> None:
+    def __init__(
+        self,
+        layer: LoraLinear,
+        pass_: _Pass,
+        *,
+        lora_a: list[nn.Parameter],
+        lora_b: list[nn.Parameter],
+        scaling: list[float],
+        dropout: list[nn.Module],
+    ) -> None:
         super().__init__()
         self.base_layer = layer.get_base_layer()
         self.pass_ = pass_
@@ -177,23 +189,35 @@ def _client_params(model: nn.Module, task: ClientTask, *, device: torch.device) 
         module = modules.get(module_name)
         if kind in ("lora_A", "lora_B"):
             if not isinstance(module, LoraLayer) or task.adapter_name not in getattr(module, kind):
-                raise BatchedError(f"adapter key {key!r}: the model has no LoRA layer {module_name!r} with adapter {task.adapter_name!r}")
+                raise BatchedError(
+                    f"adapter key {key!r}: the model has no LoRA layer {module_name!r} with adapter {task.adapter_name!r}"
+                )
             like = getattr(module, kind)[task.adapter_name].weight
         else:
             if not isinstance(module, ModulesToSaveWrapper) or task.adapter_name not in module.modules_to_save:
-                raise BatchedError(f"adapter key {key!r}: {module_name!r} is neither a LoRA layer nor a modules_to_save head of adapter {task.adapter_name!r}")
+                raise BatchedError(
+                    f"adapter key {key!r}: {module_name!r} is neither a LoRA layer nor a modules_to_save head of adapter {task.adapter_name!r}"
+                )
             like = getattr(module.modules_to_save[task.adapter_name], kind)
         if tuple(tensor.shape) != tuple(like.shape):
-            raise BatchedError(f"adapter key {key!r}: shape {tuple(tensor.shape)}, adapter {task.adapter_name!r} has {tuple(like.shape)}")
-        params[key] = nn.Parameter(tensor.detach().to(device=device, dtype=like.dtype, copy=True), requires_grad=key not in task.frozen)
+            raise BatchedError(
+                f"adapter key {key!r}: shape {tuple(tensor.shape)}, adapter {task.adapter_name!r} has {tuple(like.shape)}"
+            )
+        params[key] = nn.Parameter(
+            tensor.detach().to(device=device, dtype=like.dtype, copy=True), requires_grad=key not in task.frozen
+        )
     return _ClientParams(params)
 
 
 def _check_lora_layer(name: str, layer: nn.Module, adapter: str) -> None:
     if not isinstance(layer, LoraLinear):
-        raise BatchedError(f"{name}: the batched pass handles LoRA on nn.Linear layers, not {type(layer).__name__}; use engine=ray")
+        raise BatchedError(
+            f"{name}: the batched pass handles LoRA on nn.Linear layers, not {type(layer).__name__}; use engine=ray"
+        )
     if adapter in layer.lora_variant:
-        raise BatchedError(f"{name}: adapter {adapter!r} is a LoRA variant ({type(layer.lora_variant[adapter]).__name__}, e.g. DoRA); the batched pass trains plain LoRA only")
+        raise BatchedError(
+            f"{name}: adapter {adapter!r} is a LoRA variant ({type(layer.lora_variant[adapter]).__name__}, e.g. DoRA); the batched pass trains plain LoRA only"
+        )
     if layer.lora_B[adapter].bias is not None:
         raise BatchedError(f"{name}: adapter {adapter!r} has lora_bias=True; the batched pass trains plain LoRA only")
     if layer.merged:
@@ -216,7 +240,9 @@ def stacked_model(model: nn.Module, tasks: Sequence[ClientTask], clients: Sequen
                     continue
                 if not all(present):
                     missing = [t.adapter_name for t, p in zip(tasks, present) if not p]
-                    raise BatchedError(f"LoRA layer {name!r} is adapted for some clients but not for adapters {missing}; clients of one pass must adapt the same layers")
+                    raise BatchedError(
+                        f"LoRA layer {name!r} is adapted for some clients but not for adapters {missing}; clients of one pass must adapt the same layers"
+                    )
                 for t in tasks:
                     _check_lora_layer(name, module, t.adapter_name)
                 new = StackedLoraLinear(
@@ -233,11 +259,17 @@ def stacked_model(model: nn.Module, tasks: Sequence[ClientTask], clients: Sequen
                     continue
                 heads = [module.modules_to_save[t.adapter_name] for t in tasks]
                 if not all(isinstance(h, nn.Linear) for h in heads):
-                    raise BatchedError(f"head {name!r} is a {type(heads[0]).__name__}; the batched pass trains nn.Linear heads (modules_to_save) only")
+                    raise BatchedError(
+                        f"head {name!r} is a {type(heads[0]).__name__}; the batched pass trains nn.Linear heads (modules_to_save) only"
+                    )
                 if any(ks != head_keys[0] for ks in head_keys):
-                    raise BatchedError(f"head {name!r}: clients of one pass carry different head tensors {[sorted(k) for k in head_keys]}")
+                    raise BatchedError(
+                        f"head {name!r}: clients of one pass carry different head tensors {[sorted(k) for k in head_keys]}"
+                    )
                 new = StackedLinearHead(
-                    pass_, weight=[c.params[f"{name}.weight"] for c in clients], bias=[c.params.get(f"{name}.bias") for c in clients]
+                    pass_,
+                    weight=[c.params[f"{name}.weight"] for c in clients],
+                    bias=[c.params.get(f"{name}.bias") for c in clients],
                 )
             else:
                 continue
@@ -249,7 +281,9 @@ def stacked_model(model: nn.Module, tasks: Sequence[ClientTask], clients: Sequen
         for task, c in zip(tasks, clients):
             stray = sorted(k for k in c.params if _split_key(k)[0] not in covered)
             if stray:
-                raise BatchedError(f"adapter {task.adapter_name!r} has tensors the batched pass cannot route: {stray[:3]}")
+                raise BatchedError(
+                    f"adapter {task.adapter_name!r} has tensors the batched pass cannot route: {stray[:3]}"
+                )
         yield pass_
     finally:
         for parent, attr, original in reversed(swaps):
@@ -272,13 +306,18 @@ def combine(batches: Sequence[Mapping[str, torch.Tensor]], *, pad_token_id: int)
         if parts[0].dim() == 2:
             width = max(p.shape[1] for p in parts)
             fill = {"input_ids": pad_token_id, "labels": -100}.get(key, 0)
-            parts = [p if p.shape[1] == width else torch.cat([p, p.new_full((p.shape[0], width - p.shape[1]), fill)], dim=1) for p in parts]
+            parts = [
+                p if p.shape[1] == width else torch.cat([p, p.new_full((p.shape[0], width - p.shape[1]), fill)], dim=1)
+                for p in parts
+            ]
         out[key] = torch.cat(parts)
     return out
 
 
 # ------------------------------------------------------------------------------ the pass
-def train_batched(model: nn.Module, tasks: Sequence[ClientTask], *, pad_token_id: int, device: torch.device | str = "cpu") -> list[ClientOutcome]:
+def train_batched(
+    model: nn.Module, tasks: Sequence[ClientTask], *, pad_token_id: int, device: torch.device | str = "cpu"
+) -> list[ClientOutcome]:
     """Train every task for its own ``num_steps`` in lockstep passes over ``model``'s one base.
 
     ``model`` is a peft model holding every task's adapter (for their configs; their weights are
@@ -293,7 +332,9 @@ def train_batched(model: nn.Module, tasks: Sequence[ClientTask], *, pad_token_id
             raise BatchedError(f"adapter {t.adapter_name!r}: num_steps must be >= 0, got {t.num_steps}")
     clients = [_client_params(model, t, device=device) for t in tasks]
     optimizers = [
-        make_optimizer([p for p in c.params.values() if p.requires_grad], lr=t.lr, weight_decay=t.weight_decay) if t.num_steps else None
+        make_optimizer([p for p in c.params.values() if p.requires_grad], lr=t.lr, weight_decay=t.weight_decay)
+        if t.num_steps
+        else None
         for t, c in zip(tasks, clients)
     ]
     streams = [_cycle(t.batches, t.num_steps) for t in tasks]  # type: ignore[arg-type]
@@ -316,7 +357,9 @@ def train_batched(model: nn.Module, tasks: Sequence[ClientTask], *, pad_token_id
                 values = losses.detach().to("cpu", torch.float64).tolist()  # one device sync per pass step
                 for k, value in zip(active, values):
                     if not math.isfinite(value):
-                        raise FloatingPointError(f"training loss of adapter {tasks[k].adapter_name!r} (task {k}) became {value} after {seen[k]} examples")
+                        raise FloatingPointError(
+                            f"training loss of adapter {tasks[k].adapter_name!r} (task {k}) became {value} after {seen[k]} examples"
+                        )
                 for k in active:
                     optimizers[k].zero_grad(set_to_none=True)
                 losses.sum().backward()  # Σ_k mean_k: client k's parameters get exactly client k's gradient

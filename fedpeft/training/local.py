@@ -81,7 +81,9 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-sample mean token cross-entropy over each sample's own labelled targets (float32 at least)."""
     if logits.dtype != torch.float64:
         logits = logits.float()
-    token_loss = nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none", ignore_index=-100).view(targets.shape)
+    token_loss = nn.functional.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none", ignore_index=-100
+    ).view(targets.shape)
     mask = (targets != -100).to(token_loss.dtype)
     return (token_loss * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
 
@@ -195,7 +197,9 @@ def train_local(
             skipped += int(scaler.get_scale() < scale)  # the scale only falls after an overflow
         total_loss += loss.item()
         seen += batch["labels"].shape[0]
-    return TrainResult(loss=total_loss / max(num_steps, 1), num_steps=num_steps, num_examples=seen, skipped_steps=skipped)
+    return TrainResult(
+        loss=total_loss / max(num_steps, 1), num_steps=num_steps, num_examples=seen, skipped_steps=skipped
+    )
 
 
 # float16 gradients underflow below ~6e-8: the loss is scaled up before the backward and the
@@ -239,7 +243,9 @@ def evaluate(model: nn.Module, loader: DataLoader, *, device: torch.device | str
             logits, target = shifted_lm_logits(model, batch)
             losses = lm_loss(logits, target)
             mask = target != -100
-            correct += ((logits.argmax(dim=-1) == target) & mask).sum(dim=1).div(mask.sum(dim=1).clamp(min=1)).sum().item()
+            correct += (
+                ((logits.argmax(dim=-1) == target) & mask).sum(dim=1).div(mask.sum(dim=1).clamp(min=1)).sum().item()
+            )
         total_loss += losses.sum().item()
         count += losses.shape[0]
     if count == 0:

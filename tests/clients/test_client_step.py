@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
-import torch
 import pytest
+import torch
 
 from fedpeft.clients.job import start_state
-from fedpeft.protocol.wire import LORA_A, LORA_B, OTHER, ClientPlan, GroupPlan, ProtocolError, Source, single_group
 from fedpeft.data.encoding import make_loader
+from fedpeft.protocol.wire import LORA_A, LORA_B, OTHER, ClientPlan, GroupPlan, ProtocolError, Source, single_group
 from fedpeft.training.local import train_local
 
 
 def random_examples(n: int, *, num_labels: int = 3, vocab: int = 100, length: int = 12, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     return [
-        {"input_ids": torch.randint(1, vocab, (length,), generator=g).tolist(), "attention_mask": [1] * length, "labels": int(torch.randint(0, num_labels, (1,), generator=g))}
+        {
+            "input_ids": torch.randint(1, vocab, (length,), generator=g).tolist(),
+            "attention_mask": [1] * length,
+            "labels": int(torch.randint(0, num_labels, (1,), generator=g)),
+        }
         for _ in range(n)
     ]
 
@@ -68,17 +72,27 @@ def test_start_state_loads_received_seeds_a_and_zeroes_b():
 
 
 def test_start_state_takes_the_nodes_own_state_or_its_fallback():
-    plan = plan_of(GroupPlan(roles={LORA_A, OTHER}, source=Source.MESSAGE), GroupPlan(roles={LORA_B}, source=Source.NODE, fallback=Source.ZERO, keep=True))
+    plan = plan_of(
+        GroupPlan(roles={LORA_A, OTHER}, source=Source.MESSAGE),
+        GroupPlan(roles={LORA_B}, source=Source.NODE, fallback=Source.ZERO, keep=True),
+    )
     received = {"m.q.lora_A.weight": torch.ones(2, 5), "m.classifier.weight": torch.ones(3, 4)}
     kept = {"m.q.lora_B.weight": torch.full((4, 2), 3.0)}
-    assert torch.equal(start_state(CURRENT, received, plan=plan, kept=kept)["m.q.lora_B.weight"], kept["m.q.lora_B.weight"])
+    assert torch.equal(
+        start_state(CURRENT, received, plan=plan, kept=kept)["m.q.lora_B.weight"], kept["m.q.lora_B.weight"]
+    )
     assert torch.count_nonzero(start_state(CURRENT, received, plan=plan, kept=None)["m.q.lora_B.weight"]) == 0
 
 
 def test_start_state_refuses_to_invent_or_ignore_tensors():
     plan = plan_of(*single_group(source=Source.MESSAGE))
     with pytest.raises(ProtocolError, match="'m.q.lora_B.weight' from the message"):
-        start_state(CURRENT, {"m.q.lora_A.weight": torch.ones(2, 5), "m.classifier.weight": torch.ones(3, 4)}, plan=plan, kept=None)
+        start_state(
+            CURRENT,
+            {"m.q.lora_A.weight": torch.ones(2, 5), "m.classifier.weight": torch.ones(3, 4)},
+            plan=plan,
+            kept=None,
+        )
     with pytest.raises(ProtocolError, match="no message-sourced group"):
         start_state(CURRENT, {**CURRENT, "m.k.lora_A.weight": torch.ones(2, 5)}, plan=plan, kept=None)
     with pytest.raises(ProtocolError, match="shape"):

@@ -5,20 +5,27 @@ from __future__ import annotations
 import torch
 from flwr.app import Context, Message, MessageType, RecordDict
 
+from fedpeft.cli.configs import compose_config
 from fedpeft.clients.job import decode, encode, train_jobs
 from fedpeft.clients.state import NodeStore
-from fedpeft.protocol import wire as protocol
 from fedpeft.compression.compeft import decode_update, payload_nbytes
 from fedpeft.config.schema import to_json
-from fedpeft.cli.configs import compose_config
 from fedpeft.models.adapters import cached_model, resolve_device
-from fedpeft.protocol.wire import ClientPlan, RunInfo, Source
+from fedpeft.protocol import wire as protocol
 from fedpeft.protocol.records import state_nbytes
+from fedpeft.protocol.wire import ClientPlan, RunInfo, Source
 from fedpeft.server.evaluation import initial_adapter
 
 CFG_OVERRIDES = [
-    "+exp=smoke", "num_clients=2", "data.max_samples=60", "model.max_length=16", "client.local_steps=2", "model.lora.r=2",
-    "compression=compeft", "compression.density=0.1", "compression.error_feedback=true",
+    "+exp=smoke",
+    "num_clients=2",
+    "data.max_samples=60",
+    "model.max_length=16",
+    "client.local_steps=2",
+    "model.lora.r=2",
+    "compression=compeft",
+    "compression.density=0.1",
+    "compression.error_feedback=true",
 ]
 CFG = compose_config(CFG_OVERRIDES)
 
@@ -67,7 +74,9 @@ def test_dp_clients_compress_the_noised_update(tmp_path):
     """DP-SGD trains (and accounts) first; compression then encodes the noised result: ε is the plain DP round's."""
     from fedpeft.data.partition import prepare
 
-    cfg = compose_config([*CFG_OVERRIDES, "client.dp.enabled=true", "client.dp.noise_multiplier=1.0", "client.batch_size=8"])
+    cfg = compose_config(
+        [*CFG_OVERRIDES, "client.dp.enabled=true", "client.dp.noise_multiplier=1.0", "client.batch_size=8"]
+    )
     data = prepare(cfg.data, seed=cfg.seed, num_clients=cfg.num_clients)
     cm = cached_model(cfg.model, num_labels=data.num_labels, device=resolve_device(cfg.device), seed=cfg.seed)
     sent = initial_adapter(cm, rank=2, seed=cfg.seed)

@@ -18,7 +18,15 @@ def tiny_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type=TaskType.CAUSAL_LM)
     return get_peft_model(LlamaForCausalLM(cfg), lora)
 
@@ -98,7 +106,9 @@ def test_client_declines_a_round_that_would_exceed_its_budget(tmp_path):
     store = NodeStore(tmp_path)
     store.save_json("dp-ledger", [[0.5, 0.5, 10]])
     with pytest.raises(BudgetExhausted, match=r"declines to train.*> target 1.0"):
-        dp_train(cfg, None, examples(32, task="seq_cls"), 0, store, pid=3, steps=4, seed=0, device="cpu", lr=cfg.client.lr)
+        dp_train(
+            cfg, None, examples(32, task="seq_cls"), 0, store, pid=3, steps=4, seed=0, device="cpu", lr=cfg.client.lr
+        )
 
 
 # ------------------------------------------------------------------------------ per-sample gradients
@@ -172,19 +182,48 @@ def test_loop_path_trains_a_non_lora_adapter():
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=20, num_labels=3)
-    model = get_peft_model(BertForSequenceClassification(config), IA3Config(target_modules=["query", "value"], feedforward_modules=[], task_type=TaskType.SEQ_CLS)).eval()
+    config = BertConfig(
+        vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=20, num_labels=3
+    )
+    model = get_peft_model(
+        BertForSequenceClassification(config),
+        IA3Config(target_modules=["query", "value"], feedforward_modules=[], task_type=TaskType.SEQ_CLS),
+    ).eval()
     before = {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}
     with pytest.raises(DPError, match="grad_sample_mode=loop"):
-        train_local_dp(model, examples(8, task="seq_cls"), Collator(0), num_steps=1, batch_size=4, lr=1e-2, noise_multiplier=0.5, max_grad_norm=1.0, seed=0, mode="lora")
-    train_local_dp(model, examples(8, task="seq_cls"), Collator(0), num_steps=2, batch_size=4, lr=1e-2, noise_multiplier=0.5, max_grad_norm=1.0, seed=0, mode="loop")
+        train_local_dp(
+            model,
+            examples(8, task="seq_cls"),
+            Collator(0),
+            num_steps=1,
+            batch_size=4,
+            lr=1e-2,
+            noise_multiplier=0.5,
+            max_grad_norm=1.0,
+            seed=0,
+            mode="lora",
+        )
+    train_local_dp(
+        model,
+        examples(8, task="seq_cls"),
+        Collator(0),
+        num_steps=2,
+        batch_size=4,
+        lr=1e-2,
+        noise_multiplier=0.5,
+        max_grad_norm=1.0,
+        seed=0,
+        mode="loop",
+    )
     after = get_peft_model_state_dict(model)
     assert any(".ia3_l" in k and not torch.equal(v, before[k]) for k, v in after.items())
 
 
 @pytest.mark.parametrize("kind", ["bert", "llama"])
 def test_lora_path_gives_the_same_clipped_and_noised_update_as_opacus(kind, tiny_bert):
-    base = nonzero_b(tiny_bert if kind == "bert" else tiny_llama()).double()  # float64: differences are real, not rounding
+    base = nonzero_b(
+        tiny_bert if kind == "bert" else tiny_llama()
+    ).double()  # float64: differences are real, not rounding
     base.eval()
     data = examples(24, task="seq_cls" if kind == "bert" else "causal_lm")
     ours, theirs = copy.deepcopy(base), copy.deepcopy(base)
@@ -213,7 +252,19 @@ def test_noise_zero_and_no_clipping_equals_the_plain_path(mode, tiny_bert):
     plan = [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
     dp_model, plain = copy.deepcopy(base), copy.deepcopy(base)
     dp_model.eval(), plain.eval()
-    train_local_dp(dp_model, data, Collator(0), num_steps=3, batch_size=4, lr=1e-2, noise_multiplier=0.0, max_grad_norm=1e9, seed=0, batches=plan, mode=mode)
+    train_local_dp(
+        dp_model,
+        data,
+        Collator(0),
+        num_steps=3,
+        batch_size=4,
+        lr=1e-2,
+        noise_multiplier=0.0,
+        max_grad_norm=1e9,
+        seed=0,
+        batches=plan,
+        mode=mode,
+    )
     train_local(plain, [Collator(0)([data[i] for i in idx]) for idx in plan], num_steps=3, lr=1e-2)
     for (name, p), q in zip(dp_model.named_parameters(), plain.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12, msg=name)

@@ -17,9 +17,19 @@ def tiny_llama(dtype=torch.float32):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     model = LlamaForCausalLM(cfg).to(dtype)
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type=TaskType.CAUSAL_LM))
+    peft_model = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type=TaskType.CAUSAL_LM)
+    )
     for name, p in peft_model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.2)
@@ -33,7 +43,13 @@ def instruction_examples(n: int, *, seed: int = 0):
     for _ in range(n):
         prompt = torch.randint(1, 64, (int(torch.randint(3, 9, (1,), generator=g)),), generator=g).tolist()
         response = torch.randint(1, 64, (int(torch.randint(1, 5, (1,), generator=g)),), generator=g).tolist()
-        out.append({"input_ids": prompt + response, "attention_mask": [1] * (len(prompt) + len(response)), "labels": [-100] * len(prompt) + response})
+        out.append(
+            {
+                "input_ids": prompt + response,
+                "attention_mask": [1] * (len(prompt) + len(response)),
+                "labels": [-100] * len(prompt) + response,
+            }
+        )
     return out
 
 

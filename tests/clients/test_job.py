@@ -13,17 +13,26 @@ import pytest
 import torch
 from flwr.app import Context, Message, MessageType, RecordDict
 
+from fedpeft.cli.configs import compose_config
 from fedpeft.clients.app import app
 from fedpeft.clients.job import decode, encode, train_jobs
-from fedpeft.protocol import wire as protocol
 from fedpeft.config.schema import to_json
-from fedpeft.cli.configs import compose_config
+from fedpeft.models.adapters import cached_model, resolve_device
+from fedpeft.protocol import wire as protocol
 from fedpeft.protocol.wire import LORA_A, LORA_B, OTHER, ClientPlan, Evaluate, GroupPlan, RunInfo, Source
 from fedpeft.server.evaluation import initial_adapter
-from fedpeft.models.adapters import cached_model, resolve_device
 from tests import counters
 
-CFG = compose_config(["+exp=smoke", "num_clients=2", "data.max_samples=60", "model.max_length=16", "client.local_steps=2", "model.lora.r=2"])
+CFG = compose_config(
+    [
+        "+exp=smoke",
+        "num_clients=2",
+        "data.max_samples=60",
+        "model.max_length=16",
+        "client.local_steps=2",
+        "model.lora.r=2",
+    ]
+)
 
 
 @pytest.fixture(scope="module")
@@ -56,13 +65,18 @@ def personal_b_plan(server_round: int) -> ClientPlan:
 def test_kept_tensors_come_back_to_their_own_client_only(tmp_path, adapter):
     # Prepare
     run = RunInfo(config_json=to_json(CFG), sim_state_dir=str(tmp_path))
-    contexts = [Context(run_id=1, node_id=k, node_config={"partition-id": k}, state=RecordDict(), run_config={}) for k in range(2)]
+    contexts = [
+        Context(run_id=1, node_id=k, node_config={"partition-id": k}, state=RecordDict(), run_config={})
+        for k in range(2)
+    ]
     sent = {k: v for k, v in adapter.items() if not k.endswith(".lora_B.weight")}
     # Execute: round 1 for both clients in one process, then round 2 decoded for each
     trained = {}
     for k, ctx in enumerate(contexts):
         job = decode(message(run, personal_b_plan(1), sent), ctx)
-        assert all(torch.count_nonzero(v) == 0 for key, v in job.start.items() if key.endswith(".lora_B.weight"))  # the fallback: zero
+        assert all(
+            torch.count_nonzero(v) == 0 for key, v in job.start.items() if key.endswith(".lora_B.weight")
+        )  # the fallback: zero
         (result,) = train_jobs([job])
         reply = encode(job, result)
         trained[k], _ = protocol.decode_reply(reply.content)
@@ -81,8 +95,18 @@ def test_evaluate_handler_evaluates_the_global_or_the_personal_model(tmp_path, a
     keep_all = ClientPlan(groups=protocol.single_group(source=Source.MESSAGE, keep=True), server_round=1, rank=2)
     train_reply = app(message(run, keep_all, adapter), ctx)
     _, train_metrics = protocol.decode_reply(train_reply.content)
-    personal = ClientPlan(groups=protocol.single_group(source=Source.NODE, fallback=Source.ZERO, train=False, upload=False), server_round=1, rank=2, evaluate=Evaluate.PERSONAL)
-    global_ = ClientPlan(groups=protocol.single_group(source=Source.MESSAGE, train=False, upload=False), server_round=1, rank=2, evaluate=Evaluate.GLOBAL)
+    personal = ClientPlan(
+        groups=protocol.single_group(source=Source.NODE, fallback=Source.ZERO, train=False, upload=False),
+        server_round=1,
+        rank=2,
+        evaluate=Evaluate.PERSONAL,
+    )
+    global_ = ClientPlan(
+        groups=protocol.single_group(source=Source.MESSAGE, train=False, upload=False),
+        server_round=1,
+        rank=2,
+        evaluate=Evaluate.GLOBAL,
+    )
     # Execute
     personal_reply = app(message(run, personal, {}, kind=MessageType.EVALUATE), ctx)
     global_reply = app(message(run, global_, adapter, kind=MessageType.EVALUATE), ctx)

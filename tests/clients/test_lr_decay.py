@@ -11,24 +11,31 @@ import pytest
 import torch
 from flwr.app import Context, RecordDict
 
+from fedpeft.cli.checks import ConfigError
+from fedpeft.cli.configs import compose_config
 from fedpeft.clients.batched import train_jobs_batched
 from fedpeft.clients.job import decode, encode, train_jobs
+from fedpeft.config.schema import round_lr, to_json
 from fedpeft.models import adapters as models
 from fedpeft.protocol import wire as protocol
-from fedpeft.server import baselines
-from fedpeft.cli.checks import ConfigError
-from fedpeft.config.schema import round_lr, to_json
-from fedpeft.cli.configs import compose_config
 from fedpeft.protocol.wire import ClientPlan, RunInfo, Source, single_group
 from fedpeft.reporting.metrics import read_metrics
 from fedpeft.run import check_config, execute
+from fedpeft.server import baselines
 from fedpeft.server.loop import run_federated
 from tests.clients.test_job import CFG, adapter, message  # noqa: F401  (the fixture)
 from tests.strategies.test_rules_fakegrid import grid, tiny_model  # noqa: F401  (the fixture)
 
 DECAYED = ["client.lr=0.04", "client.lr_decay=0.5"]
 CONSTANT = ["client.lr=0.01"]
-CFG_OVERRIDES = ["+exp=smoke", "num_clients=2", "data.max_samples=60", "model.max_length=16", "client.local_steps=2", "model.lora.r=2"]  # test_job's CFG
+CFG_OVERRIDES = [
+    "+exp=smoke",
+    "num_clients=2",
+    "data.max_samples=60",
+    "model.max_length=16",
+    "client.local_steps=2",
+    "model.lora.r=2",
+]  # test_job's CFG
 
 
 def test_round_lr_is_the_base_rate_times_decay_to_the_round_minus_one():
@@ -46,10 +53,15 @@ def test_a_decay_outside_zero_one_is_refused_at_start(bad):
 def trained(tmp_path, adapter, overrides: list[str], server_round: int, *, clients: int = 1, batched: bool = False):  # noqa: F811
     """The uploads of ``clients`` clients trained in ``server_round`` under ``overrides``."""
     cfg = compose_config([*CFG_OVERRIDES, *overrides])
-    run = RunInfo(config_json=to_json(cfg), sim_state_dir=str(tmp_path / f"{'-'.join(overrides)}-{server_round}-{batched}"))
+    run = RunInfo(
+        config_json=to_json(cfg), sim_state_dir=str(tmp_path / f"{'-'.join(overrides)}-{server_round}-{batched}")
+    )
     plan = ClientPlan(groups=single_group(source=Source.MESSAGE), server_round=server_round, rank=2)
     jobs = [
-        decode(message(run, plan, adapter), Context(run_id=1, node_id=k, node_config={"partition-id": k}, state=RecordDict(), run_config={}))
+        decode(
+            message(run, plan, adapter),
+            Context(run_id=1, node_id=k, node_config={"partition-id": k}, state=RecordDict(), run_config={}),
+        )
         for k in range(clients)
     ]
     results = train_jobs_batched(jobs, clients_per_pass=clients) if batched else train_jobs(jobs)
@@ -112,4 +124,6 @@ def test_a_lengthened_decaying_run_matches_one_planned_that_long(tmp_path, tiny_
     models.clear_cache()
     run_federated(compose_config([*base, "num_rounds=3", f"resume={tmp_path / 'two'}"]), grid(), tmp_path / "two")
     got = read_metrics(tmp_path / "two")
-    assert [(r["round"], r["test_loss"], r["train_loss"]) for r in got] == [(r["round"], r["test_loss"], r["train_loss"]) for r in want]
+    assert [(r["round"], r["test_loss"], r["train_loss"]) for r in got] == [
+        (r["round"], r["test_loss"], r["train_loss"]) for r in want
+    ]

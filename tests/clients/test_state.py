@@ -16,7 +16,13 @@ def test_restored_merged_base_is_bit_identical_to_replaying_every_update(tiny_be
     replayed = CachedModel(model=copy.deepcopy(tiny_bert), cfg=None, device=cpu)  # a new process, no saved base
     restored = CachedModel(model=copy.deepcopy(tiny_bert), cfg=None, device=cpu)  # a new process, saved base
     gen = torch.Generator().manual_seed(0)
-    deltas = [{n: 0.1 * torch.randn(l.weight.shape, generator=gen, dtype=torch.float64) for n, l in running.base_layers().items()} for _ in range(3)]
+    deltas = [
+        {
+            n: 0.1 * torch.randn(l.weight.shape, generator=gen, dtype=torch.float64)
+            for n, l in running.base_layers().items()
+        }
+        for _ in range(3)
+    ]
     store = NodeStore(tmp_path)
     for version in (1, 2):
         running.use_base("run", deltas[version - 1 : version], version=version)
@@ -28,7 +34,9 @@ def test_restored_merged_base_is_bit_identical_to_replaying_every_update(tiny_be
     restored.use_base("run", deltas[2:], version=3)
     replayed.use_base("run", deltas, version=3)
 
-    for a, b, c in zip(running.base_layers().values(), restored.base_layers().values(), replayed.base_layers().values()):
+    for a, b, c in zip(
+        running.base_layers().values(), restored.base_layers().values(), replayed.base_layers().values()
+    ):
         assert torch.equal(a.weight, b.weight) and torch.equal(a.weight, c.weight)
     assert saved_version == 2 and restored.base_version == 3
     # a different run in the same process starts again from W_0

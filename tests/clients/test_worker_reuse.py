@@ -16,13 +16,22 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from fedpeft.cli.configs import compose_config
 from fedpeft.clients.app import app
 from fedpeft.models import adapters as models
-from fedpeft.cli.configs import compose_config
 from fedpeft.server.loop import run_federated
 from tests.fakegrid import InProcessGrid
 
-TINY = ["+exp=smoke", "num_rounds=2", "num_clients=2", "clients_per_round=2", "client.local_steps=2", "data.max_samples=60", "model.max_length=16", "strategy=fedavg"]
+TINY = [
+    "+exp=smoke",
+    "num_rounds=2",
+    "num_clients=2",
+    "clients_per_round=2",
+    "client.local_steps=2",
+    "data.max_samples=60",
+    "model.max_length=16",
+    "strategy=fedavg",
+]
 CLOCK = {"wall_seconds", "train_seconds", "aggregation_seconds"}  # what may differ between repeats
 
 
@@ -32,7 +41,9 @@ def federate(run_dir: Path, *overrides: str) -> tuple[list[dict], dict]:
     run_dir.mkdir(parents=True)
     rows = run_federated(cfg, InProcessGrid(app, [{"partition-id": k} for k in range(cfg.num_clients)]), run_dir)
     final = run_dir / "final_adapter" / "adapter_model.safetensors"  # a moved base: the merged model
-    return [without_clock(row) for row in rows], load_file(str(final if final.exists() else run_dir / "final_model" / "model.safetensors"))
+    return [without_clock(row) for row in rows], load_file(
+        str(final if final.exists() else run_dir / "final_model" / "model.safetensors")
+    )
 
 
 def without_clock(value):
@@ -60,7 +71,9 @@ def fresh_process():
     models.clear_cache()
 
 
-@pytest.mark.parametrize("overrides", [["model.peft=lora"], ["model.peft=ia3"], ["strategy=flora"]], ids=["lora", "ia3", "flora-moving-base"])
+@pytest.mark.parametrize(
+    "overrides", [["model.peft=lora"], ["model.peft=ia3"], ["strategy=flora"]], ids=["lora", "ia3", "flora-moving-base"]
+)
 def test_the_same_run_twice_in_one_process_repeats_bit_for_bit(tmp_path, fresh_process, overrides):
     first = federate(tmp_path / "first", *overrides)
     second = federate(tmp_path / "second", *overrides)  # the cached model as the first run left it
@@ -72,5 +85,12 @@ def test_a_run_after_other_clients_trained_at_other_ranks_repeats_bit_for_bit(tm
     models.clear_cache()
     # Another run on the same worker first: other clients, ranks 2 and 4 besides the configured 8
     # (more adapters on the cached model, their creation drawing from the global RNG).
-    federate(tmp_path / "other", "num_clients=3", "clients_per_round=3", "strategy.ranks=[2,4,8]", "seed=0", "client.local_steps=1")
+    federate(
+        tmp_path / "other",
+        "num_clients=3",
+        "clients_per_round=3",
+        "strategy.ranks=[2,4,8]",
+        "seed=0",
+        "client.local_steps=1",
+    )
     assert_bit_identical(reference, federate(tmp_path / "again"))

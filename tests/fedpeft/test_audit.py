@@ -11,7 +11,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedpeft.privacy.audit import auc, average_ranks, example_losses, exposure, make_canaries, membership_report, plant_canaries, sequence_nll
+from fedpeft.privacy.audit import (
+    auc,
+    average_ranks,
+    example_losses,
+    exposure,
+    make_canaries,
+    membership_report,
+    plant_canaries,
+    sequence_nll,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -78,7 +87,9 @@ def test_canaries_are_seeded_distinct_and_of_one_format():
     assert a == make_canaries(count=3, candidates=50, digits=4, seed=7)
     assert a != make_canaries(count=3, candidates=50, digits=4, seed=8)
     every = a.secrets + a.candidates
-    assert len(set(every)) == 53 and all(len(s.split()) == 4 and all(len(d) == 1 and d.isdigit() for d in s.split()) for s in every)
+    assert len(set(every)) == 53 and all(
+        len(s.split()) == 4 and all(len(d) == 1 and d.isdigit() for d in s.split()) for s in every
+    )
     assert a.text(a.secrets[0]) == f"my secret number is {a.secrets[0]}"
     with pytest.raises(ValueError, match="too many"):
         make_canaries(count=1, candidates=60, digits=2, seed=0)
@@ -97,11 +108,11 @@ def test_plant_canaries_appends_each_secret_repeats_times():
 
 def test_on_instruction_data_a_canary_is_an_instruction_whose_response_is_the_secret():
     """Planted in the normalised layout, rendered by the run's template, scored on the response alone."""
+    from fedpeft.cli.configs import compose_config
     from fedpeft.data import instruct
     from fedpeft.data.partition import build
-    from fedpeft.privacy.audit import canary_examples
-    from fedpeft.cli.configs import compose_config
     from fedpeft.models.adapters import load_tokenizer
+    from fedpeft.privacy.audit import canary_examples
 
     cfg = compose_config(["+exp=llm_tiny", "model.max_length=64"])
     data = build(cfg.data, seed=0, num_clients=cfg.num_clients)
@@ -127,7 +138,9 @@ def random_examples(n: int, *, seed: int, vocab: int = 50, labels: int = 3):
     out = []
     for _ in range(n):
         ids = torch.randint(1, vocab, (8,), generator=g).tolist()
-        out.append({"input_ids": ids, "attention_mask": [1] * 8, "labels": int(torch.randint(0, labels, (1,), generator=g))})
+        out.append(
+            {"input_ids": ids, "attention_mask": [1] * 8, "labels": int(torch.randint(0, labels, (1,), generator=g))}
+        )
     return out
 
 
@@ -137,7 +150,10 @@ def test_loss_attack_sees_a_memorised_training_set(tiny_bert):
     from fedpeft.training.local import train_local
 
     members, held_out = random_examples(16, seed=1), random_examples(16, seed=2)
-    before = {0: example_losses(tiny_bert, members, pad_token_id=0)}, example_losses(tiny_bert, held_out, pad_token_id=0)
+    before = (
+        {0: example_losses(tiny_bert, members, pad_token_id=0)},
+        example_losses(tiny_bert, held_out, pad_token_id=0),
+    )
     for p in tiny_bert.parameters():
         p.requires_grad_(True)  # the whole tiny model, so it memorises within a few dozen steps
     train_local(tiny_bert, make_loader(members, pad_token_id=0, batch_size=8, shuffle=True), num_steps=60, lr=1e-2)
@@ -159,7 +175,16 @@ def test_a_repeated_canary_is_exposed_after_training():
 
     torch.manual_seed(0)
     model = get_peft_model(
-        LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)),
+        LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=16,
+                hidden_size=32,
+                intermediate_size=48,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+            )
+        ),
         LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj"], task_type=TaskType.CAUSAL_LM),
     )
     canaries = make_canaries(count=1, candidates=200, digits=4, seed=3)
@@ -169,7 +194,9 @@ def test_a_repeated_canary_is_exposed_after_training():
         return prefix + [int(d) + 1 for d in secret.split()]
 
     exposed_before, _ = exposure(*_nll(model, tokens(canaries.secrets[0]), [tokens(c) for c in canaries.candidates]))
-    data = [{"input_ids": tokens(canaries.secrets[0]), "attention_mask": [1] * 7, "labels": tokens(canaries.secrets[0])}] * 20
+    data = [
+        {"input_ids": tokens(canaries.secrets[0]), "attention_mask": [1] * 7, "labels": tokens(canaries.secrets[0])}
+    ] * 20
     train_local(model, make_loader(data, pad_token_id=0, batch_size=4, shuffle=True), num_steps=30, lr=2e-2)
     exposed_after, rank = exposure(*_nll(model, tokens(canaries.secrets[0]), [tokens(c) for c in canaries.candidates]))
     assert rank == 1 and exposed_after == pytest.approx(math.log2(201))
@@ -189,7 +216,16 @@ def test_sequence_nll_sums_the_token_losses_and_ignores_padding():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=16,
+            hidden_size=16,
+            intermediate_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    )
     seqs = [[1, 2, 3, 4, 5], [6, 7]]
     batched = sequence_nll(model, lm_examples(seqs), pad_token_id=0)
     for seq, value in zip(seqs, batched):  # one at a time, no padding
@@ -198,7 +234,9 @@ def test_sequence_nll_sums_the_token_losses_and_ignores_padding():
             manual = -torch.log_softmax(logits, dim=-1)[torch.arange(len(seq) - 1), torch.tensor(seq[1:])].sum()
         assert value == pytest.approx(manual.item(), rel=1e-5)
     # a prompt's labels are -100: only the response's tokens are scored
-    prompt_masked = sequence_nll(model, [{"input_ids": seqs[0], "attention_mask": [1] * 5, "labels": [-100, -100, -100, 4, 5]}], pad_token_id=0)
+    prompt_masked = sequence_nll(
+        model, [{"input_ids": seqs[0], "attention_mask": [1] * 5, "labels": [-100, -100, -100, 4, 5]}], pad_token_id=0
+    )
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([seqs[0]])).logits[0].double()
         manual = -(torch.log_softmax(logits[2], dim=-1)[4] + torch.log_softmax(logits[3], dim=-1)[5])
@@ -207,33 +245,49 @@ def test_sequence_nll_sums_the_token_losses_and_ignores_padding():
 
 def test_membership_report_is_json_ready():
     members, held_out = {0: np.array([0.1, 0.2]), 1: np.array([0.6])}, np.array([0.5, 0.05])
-    report = membership_report(members, held_out, members_base={0: np.zeros(2), 1: np.full(1, 0.6)}, nonmembers_base=np.zeros(2))
+    report = membership_report(
+        members, held_out, members_base={0: np.zeros(2), 1: np.full(1, 0.6)}, nonmembers_base=np.zeros(2)
+    )
     report = json.loads(json.dumps(report))
-    assert report["per_client"]["0"]["auc"] == 0.5 and report["per_client"]["1"]["auc"] == 0.0  # 0.1, 0.2 < 0.5 only; 0.6 < neither
+    assert (
+        report["per_client"]["0"]["auc"] == 0.5 and report["per_client"]["1"]["auc"] == 0.0
+    )  # 0.1, 0.2 < 0.5 only; 0.6 < neither
     assert report["overall"]["auc"] == pytest.approx(2 / 6)
     assert report["per_client"]["1"]["calibrated_auc"] == 1.0  # 0.6 - 0.6 = 0 < 0.5 and < 0.05: a hard example, learnt
-
 
 
 def test_run_audit_reads_a_run_directory_and_writes_audit_json(tmp_path):
     """The CLI path on a real run layout: config.yaml + final_adapter/ of the embedded model."""
     from omegaconf import OmegaConf
 
-    from fedpeft.data.partition import prepare
     from fedpeft.audit import main
     from fedpeft.cli.configs import compose_config
+    from fedpeft.data.partition import prepare
     from fedpeft.server.evaluation import ServerEvaluator, initial_adapter
     from fedpeft.server.export import save_final
     from fedpeft.strategies.types import GlobalModel
 
-    cfg = compose_config(["num_clients=2", "clients_per_round=2", "data.max_samples=40", "model.max_length=16", "audit.max_examples=6", "model.lora.r=2"])
+    cfg = compose_config(
+        [
+            "num_clients=2",
+            "clients_per_round=2",
+            "data.max_samples=40",
+            "model.max_length=16",
+            "audit.max_examples=6",
+            "model.lora.r=2",
+        ]
+    )
     (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     data = prepare(cfg.data, seed=cfg.seed, num_clients=cfg.num_clients)
     evaluator = ServerEvaluator(cfg, data, lineage="audit-test")
     adapter = initial_adapter(evaluator.cm, rank=2, seed=0)
-    adapter = {k: v + 0.05 * torch.randn(v.shape, generator=torch.Generator().manual_seed(1)) for k, v in adapter.items()}  # "trained"
+    adapter = {
+        k: v + 0.05 * torch.randn(v.shape, generator=torch.Generator().manual_seed(1)) for k, v in adapter.items()
+    }  # "trained"
     save_final(evaluator, GlobalModel(adapter=adapter, rank=2), tmp_path)
-    (tmp_path / "metrics.jsonl").write_text(json.dumps({"round": 1, "clients": [{"partition": 1}, {"partition": 0}]}) + "\n")
+    (tmp_path / "metrics.jsonl").write_text(
+        json.dumps({"round": 1, "clients": [{"partition": 1}, {"partition": 0}]}) + "\n"
+    )
 
     main([str(tmp_path)])
     report = json.loads((tmp_path / "audit.json").read_text())
@@ -253,7 +307,10 @@ def test_run_audit_reads_a_run_directory_and_writes_audit_json(tmp_path):
         (["audit.max_examples=0"], "max_examples must be >= 1"),
         (["audit.enabled=true", "mode=centralized"], "mode=centralized has none"),
         (["audit.canary_repeats=0"], "canary_repeats"),
-        (["+exp=llm_tiny", "audit.canaries=2", "audit.canary_client=4"], "audit.canary_client=4 is not a client of num_clients=4"),
+        (
+            ["+exp=llm_tiny", "audit.canaries=2", "audit.canary_client=4"],
+            "audit.canary_client=4 is not a client of num_clients=4",
+        ),
     ],
 )
 def test_audit_settings_that_cannot_work_fail_before_training(overrides, fragment):
@@ -265,11 +322,21 @@ def test_audit_settings_that_cannot_work_fail_before_training(overrides, fragmen
 
 
 def test_canary_client_trains_on_its_canaries_and_only_it():
+    from fedpeft.cli.configs import compose_config
     from fedpeft.data.partition import prepare
     from fedpeft.privacy.audit import client_train_split
-    from fedpeft.cli.configs import compose_config
 
-    cfg = compose_config(["num_clients=2", "data.max_samples=30", "data.partitioner=iid", "audit.canaries=2", "audit.canary_repeats=3", "audit.canary_client=1", "audit.candidates=10"])
+    cfg = compose_config(
+        [
+            "num_clients=2",
+            "data.max_samples=30",
+            "data.partitioner=iid",
+            "audit.canaries=2",
+            "audit.canary_repeats=3",
+            "audit.canary_client=1",
+            "audit.candidates=10",
+        ]
+    )
     data = prepare(cfg.data, seed=cfg.seed, num_clients=2, need_labels=False)
     assert len(client_train_split(cfg, data, 0)) == len(data.client_split(0)[0])
     planted = client_train_split(cfg, data, 1)

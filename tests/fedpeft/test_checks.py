@@ -10,8 +10,8 @@ import json
 import pytest
 
 from fedpeft.cli.checks import check_config, check_model, check_resources, check_run
-from fedpeft.config.schema import ConfigError
 from fedpeft.cli.configs import compose_config
+from fedpeft.config.schema import ConfigError
 from fedpeft.data.sources import DataError
 
 SMOKE = ["+exp=smoke"]
@@ -24,21 +24,39 @@ SMOKE = ["+exp=smoke"]
         (["client.batch_size=0"], "client.batch_size must be >= 1, got 0"),
         (["client.lr=-1"], "client.lr must be > 0, got -1.0"),
         (["client.local_steps=-1"], "client.local_steps must be > 0"),
-        (["client.local_steps=0", "client.local_epochs=0"], "client.local_epochs epochs, which must then be >= 1, got 0"),
+        (
+            ["client.local_steps=0", "client.local_epochs=0"],
+            "client.local_epochs epochs, which must then be >= 1, got 0",
+        ),
         (["client.dp.target_epsilon=1"], r"client.dp.target_epsilon=1.0 has no effect: DP is off. Add client=dp"),
-        (["client.dp.noise_multiplier=1.0", "client.dp.max_grad_norm=2"], r"client.dp.noise_multiplier=1.0 client.dp.max_grad_norm=2.0 has no effect"),
-        (["client=dp", "client.dp.grad_sample_mode=foo"], r"client.dp.grad_sample_mode must be one of \('lora', 'opacus', 'loop'\), got 'foo'"),
+        (
+            ["client.dp.noise_multiplier=1.0", "client.dp.max_grad_norm=2"],
+            r"client.dp.noise_multiplier=1.0 client.dp.max_grad_norm=2.0 has no effect",
+        ),
+        (
+            ["client=dp", "client.dp.grad_sample_mode=foo"],
+            r"client.dp.grad_sample_mode must be one of \('lora', 'opacus', 'loop'\), got 'foo'",
+        ),
         (["client=dp", "client.dp.accountant=moments"], r"client.dp.accountant must be one of"),
         (["client=dp", "client.dp.noise_multiplier=1.0"], "exactly one of noise_multiplier and target_epsilon"),
         (["client=dp", "client.dp.delta=0"], r"client.dp.delta must be in \(0, 1\)"),
         (["model.max_length=0"], "model.max_length must be >= 1"),
         (["model.lora.target_modules=[]"], "model.lora.target_modules is empty"),
         (["round_timeout=0"], "round_timeout must be > 0"),
-        (["model.peft=ia3", "client=dp"], "grad_sample_mode=lora computes per-sample gradients of LoRA layers only; model.peft=ia3 needs grad_sample_mode=loop"),
+        (
+            ["model.peft=ia3", "client=dp"],
+            "grad_sample_mode=lora computes per-sample gradients of LoRA layers only; model.peft=ia3 needs grad_sample_mode=loop",
+        ),
         (["model.autocast=float8"], r"model.autocast='float8': choose one of \['bfloat16'\] or null"),
         (["model.autocast=bfloat16", "model.dtype=bfloat16"], "autocast is mixed precision over a float32 base"),
-        (["model.autocast=bfloat16", "client=dp", "client.dp.grad_sample_mode=opacus"], "Opacus' hooks would compute the per-sample gradients in bf16; use grad_sample_mode=lora or loop"),
-        (["deploy.superlink=10.0.0.1:9443"], "deploy.superlink=10.0.0.1:9443 has no effect with mode=simulation: add mode=deploy"),
+        (
+            ["model.autocast=bfloat16", "client=dp", "client.dp.grad_sample_mode=opacus"],
+            "Opacus' hooks would compute the per-sample gradients in bf16; use grad_sample_mode=lora or loop",
+        ),
+        (
+            ["deploy.superlink=10.0.0.1:9443"],
+            "deploy.superlink=10.0.0.1:9443 has no effect with mode=simulation: add mode=deploy",
+        ),
     ],
 )
 def test_config_mistakes_fail_before_anything_starts(overrides, fragment):
@@ -72,8 +90,14 @@ def test_a_required_value_does_not_fall_back_to_the_default(overrides, fragment)
 @pytest.mark.parametrize(
     "overrides, fragment",
     [
-        (["model.lora.target_modules=[query,valu]"], r"model.lora.target_modules \['valu'\] match no module of 'embedded:minilm'; its linear layers are named \[.*'value'"),
-        (["model.lora.r=1000"], r"LoRA rank 1000 exceeds the smallest adapted dimension, 384 \(.*query is \(384, 384\)\); use ranks <= 384"),
+        (
+            ["model.lora.target_modules=[query,valu]"],
+            r"model.lora.target_modules \['valu'\] match no module of 'embedded:minilm'; its linear layers are named \[.*'value'",
+        ),
+        (
+            ["model.lora.r=1000"],
+            r"LoRA rank 1000 exceeds the smallest adapted dimension, 384 \(.*query is \(384, 384\)\); use ranks <= 384",
+        ),
         (["strategy.ranks=[4,500,2]"], r"LoRA rank 500 exceeds the smallest adapted dimension, 384"),
         (["model.max_length=100000"], r"model.max_length=100000 exceeds the 512 positions of model 'embedded:minilm'"),
         (["model.lora.modules_to_save=[head]"], r"modules_to_save entry 'head' matches no module"),
@@ -101,7 +125,10 @@ def test_resources_the_machine_lacks():
 
 # ------------------------------------------------------------------------------ data files
 def _rows(n: int = 20) -> list[dict]:
-    return [{"text": f"document {i} about {'cats' if i % 2 else 'dogs'}", "label": "cats" if i % 2 else "dogs"} for i in range(n)]
+    return [
+        {"text": f"document {i} about {'cats' if i % 2 else 'dogs'}", "label": "cats" if i % 2 else "dogs"}
+        for i in range(n)
+    ]
 
 
 def _write(path, content) -> str:

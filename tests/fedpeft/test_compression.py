@@ -112,7 +112,11 @@ def test_exact_mode_at_density_one_reproduces_delta_bit_for_bit(delta):
 
 
 @SETTINGS
-@given(rounds=st.lists(deltas(elements=st.floats(-10, 10)), min_size=1, max_size=4), density=densities, seed=st.integers(0, 100))
+@given(
+    rounds=st.lists(deltas(elements=st.floats(-10, 10)), min_size=1, max_size=4),
+    density=densities,
+    seed=st.integers(0, 100),
+)
 def test_error_feedback_loses_nothing_over_rounds(rounds, density, seed):
     """Σ delta_hat_t + e_T = Σ delta_t: error feedback only delays what compression drops."""
     shape = rounds[0].shape
@@ -154,7 +158,9 @@ def test_hand_worked_example():
 def test_density_one_sends_no_positions():
     delta = torch.tensor([[1.0, -2.0], [3.0, -4.0]])
     arrays, _ = encode_update({"w": delta}, {"w": torch.zeros_like(delta)}, ComPEFT(density=1.0))
-    assert arrays["w"][1] == 0b100 and payload_nbytes(arrays) == 4 + 8 + 4 + 4 + 1  # header, shape, count, scale, 4 sign bits
+    assert (
+        arrays["w"][1] == 0b100 and payload_nbytes(arrays) == 4 + 8 + 4 + 4 + 1
+    )  # header, shape, count, scale, 4 sign bits
     assert decompress(unpack(arrays["w"])).abs().unique().numel() == 1
 
 
@@ -169,10 +175,17 @@ def test_long_sparse_tensor_uses_run_lengths_and_compresses():
 
 def test_decode_adds_to_the_reference_in_its_dtype():
     ref = {"a": torch.ones(2, 3), "b": torch.zeros(4, dtype=torch.float64)}
-    trained = {"a": ref["a"] + torch.tensor([[0.0, 2.0, 0.0], [0.0, 0.0, -2.0]]), "b": torch.tensor([1.0, 0, 0, 0], dtype=torch.float64)}
+    trained = {
+        "a": ref["a"] + torch.tensor([[0.0, 2.0, 0.0], [0.0, 0.0, -2.0]]),
+        "b": torch.tensor([1.0, 0, 0, 0], dtype=torch.float64),
+    }
     arrays, residual = encode_update(trained, ref, ComPEFT(density=1.0, scale="mean"))
     back = decode_update(arrays, ref)
-    assert back["a"].dtype == torch.float32 and torch.equal(back["a"], trained["a"]) and torch.equal(back["b"], trained["b"])
+    assert (
+        back["a"].dtype == torch.float32
+        and torch.equal(back["a"], trained["a"])
+        and torch.equal(back["b"], trained["b"])
+    )
     assert all(torch.count_nonzero(r) == 0 for r in residual.values())
 
 
@@ -252,7 +265,15 @@ def test_decode_update_names_the_key_and_refuses_unknown_keys():
         decode_update({"w": good()}, {"w": torch.zeros(2, 3, dtype=torch.float64)})
 
 
-@pytest.mark.parametrize(("kw", "fragment"), [({"density": 0.0}, "density"), ({"density": 1.5}, "density"), ({"scale": "max"}, "scale"), ({"alpha": float("nan")}, "alpha")])
+@pytest.mark.parametrize(
+    ("kw", "fragment"),
+    [
+        ({"density": 0.0}, "density"),
+        ({"density": 1.5}, "density"),
+        ({"scale": "max"}, "scale"),
+        ({"alpha": float("nan")}, "alpha"),
+    ],
+)
 def test_bad_settings_are_refused(kw, fragment):
     with pytest.raises(CompressionError, match=fragment):
         ComPEFT(**kw)

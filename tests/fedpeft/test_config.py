@@ -6,8 +6,8 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from fedpeft.config.schema import Config, evaluates, from_json, to_config, to_json
 from fedpeft.cli.configs import compose_config, register_configs
+from fedpeft.config.schema import Config, evaluates, from_json, to_config, to_json
 from fedpeft.run import check_config
 from tests.conftest import CONF_DIR
 
@@ -39,7 +39,12 @@ def test_every_experiment_composes_and_passes_checks(name, tmp_path):
 
         local = tmp_path / "data.jsonl"
         local.write_text("{}")
-        overrides = [f"model.name_or_path={tiny_llama_path(tmp_path)}", f"data.name={local}", f"evaluation.mc.name={local}", f"evaluation.generation.name={local}"]
+        overrides = [
+            f"model.name_or_path={tiny_llama_path(tmp_path)}",
+            f"data.name={local}",
+            f"evaluation.mc.name={local}",
+            f"evaluation.generation.name={local}",
+        ]
     cfg = compose_cfg([f"+exp={name}", *overrides])
     check_config(cfg)
 
@@ -109,12 +114,16 @@ def test_ranks_from_resource_tiers():
 
     cfg = compose_cfg(["+exp=flora_tiers"])
     assert client_ranks(cfg) == [16, 16, 4, 4, 4, 1, 1, 1, 1, 1]
-    bad = compose_cfg(["+exp=flora_tiers", "strategy.client_tiers=[gpu,gpu,laptop,laptop,laptop,phone,phone,phone,phone,watch]"])
+    bad = compose_cfg(
+        ["+exp=flora_tiers", "strategy.client_tiers=[gpu,gpu,laptop,laptop,laptop,phone,phone,phone,phone,watch]"]
+    )
     with pytest.raises(ValueError, match=r"unknown tiers \['watch'\]"):
         check_config(bad)
 
 
-@pytest.mark.parametrize(("eval_every", "num_rounds", "scored"), [(1, 3, [1, 2, 3]), (2, 5, [2, 4, 5]), (3, 6, [3, 6]), (10, 4, [4])])
+@pytest.mark.parametrize(
+    ("eval_every", "num_rounds", "scored"), [(1, 3, [1, 2, 3]), (2, 5, [2, 4, 5]), (3, 6, [3, 6]), (10, 4, [4])]
+)
 def test_the_test_split_is_scored_every_eval_every_rounds_and_after_the_last(eval_every, num_rounds, scored):
     cfg = to_config({"eval_every": eval_every, "num_rounds": num_rounds})
     assert [t for t in range(1, num_rounds + 1) if evaluates(cfg, t)] == scored

@@ -10,9 +10,9 @@ import warnings
 import pytest
 
 from fedpeft.cli import console
-from fedpeft.reporting import logs
 from fedpeft.cli.configs import compose_config
 from fedpeft.cli.resume import resume_advice
+from fedpeft.reporting import logs
 from fedpeft.reporting.lines import round_line
 from tests.conftest import REPO
 
@@ -46,7 +46,13 @@ def test_library_noise_goes_to_run_log_and_verbose_brings_it_back(tmp_path, caps
     _emit_everything()
     out, err = capsys.readouterr()
     logged = (tmp_path / "run.log").read_text()
-    for text in ("round 1/2  acc 50.0%", "Registered 2 nodes", "setup plugin alembic", "is_gradient_checkpointing", "node 7 failed"):
+    for text in (
+        "round 1/2  acc 50.0%",
+        "Registered 2 nodes",
+        "setup plugin alembic",
+        "is_gradient_checkpointing",
+        "node 7 failed",
+    ):
         assert text in logged
     if verbose:
         assert "Registered 2 nodes" in out + err and "setup plugin alembic" in out + err
@@ -62,7 +68,12 @@ def test_a_ray_worker_writes_only_to_run_log(tmp_path):
         "print('progress bar'); sys.stderr.write('a traceback\\n'); os.write(2, b'from C\\n'); "
         "warnings.warn('old', FutureWarning); logging.getLogger('flwr').warning('Manually terminating')"
     )
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), logs.ENV_RUN_LOG: str(tmp_path / "run.log"), logs.ENV_VERBOSE: "0"}
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "PYTHONPATH": str(REPO),
+        logs.ENV_RUN_LOG: str(tmp_path / "run.log"),
+        logs.ENV_VERBOSE: "0",
+    }
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout == "" and done.stderr == ""
@@ -82,19 +93,26 @@ def test_round_line_and_summary():
          "bytes_up": 1_500_000, "bytes_down": 2_000_000, "cumulative_bytes_up": 4_500_000, "cumulative_bytes_down": 6_000_000},
     ]  # fmt: skip
     line = round_line(rows[0], num_rounds=10, elapsed=65, eta=3600)
-    assert line == "round  1/10  acc  50.0%  loss 1.234  train 1.500  clients 3/4 (1 failed)  up 1.50 MB  down 2.00 MB  0:01:05 (ETA 1:00:00)"
+    assert (
+        line
+        == "round  1/10  acc  50.0%  loss 1.234  train 1.500  clients 3/4 (1 failed)  up 1.50 MB  down 2.00 MB  0:01:05 (ETA 1:00:00)"
+    )
     assert "acc      -  loss     -" in round_line(rows[1], num_rounds=10, elapsed=1, eta=1)
     cfg = compose_config(["+exp=smoke"])
     summary = console.summary_lines(rows, cfg=cfg, run_dir=REPO / "x", seconds=125, num_labels=5)
-    assert summary[0] == "done: 3 rounds in 0:02:05; final accuracy 25.0%, best 50.0% (round 1); 4.50 MB up, 6.00 MB down"
+    assert (
+        summary[0] == "done: 3 rounds in 0:02:05; final accuracy 25.0%, best 50.0% (round 1); 4.50 MB up, 6.00 MB down"
+    )
 
 
 def test_summary_says_where_the_adapter_is_and_how_to_load_it(tmp_path):
     (tmp_path / "final_adapter").mkdir()
     cfg = compose_config(["+exp=smoke"])
-    summary = "\n".join(console.summary_lines([{"round": 1, "test_accuracy": 0.5}], cfg=cfg, run_dir=tmp_path, seconds=1, num_labels=5))
+    summary = "\n".join(
+        console.summary_lines([{"round": 1, "test_accuracy": 0.5}], cfg=cfg, run_dir=tmp_path, seconds=1, num_labels=5)
+    )
     assert f"adapter {tmp_path / 'final_adapter'}" in summary
-    assert f"load: PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained('" in summary
+    assert "load: PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained('" in summary
     assert f"num_labels=5), '{tmp_path / 'final_adapter'}')" in summary
 
 
@@ -113,4 +131,7 @@ def test_resume_advice_only_when_a_round_finished(tmp_path):
 
     torch.save({"round": 3}, tmp_path / "checkpoint.pt")
     advice = resume_advice(tmp_path, ["+exp=smoke", "hydra.run.dir=/x", "seed=2", "overwrite=true"])
-    assert advice == f"round 3 is the last complete one (checkpointed in {tmp_path}); continue with: python -m fedpeft.run +exp=smoke seed=2 resume={tmp_path}"
+    assert (
+        advice
+        == f"round 3 is the last complete one (checkpointed in {tmp_path}); continue with: python -m fedpeft.run +exp=smoke seed=2 resume={tmp_path}"
+    )

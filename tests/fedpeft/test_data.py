@@ -62,7 +62,10 @@ def test_client_validation_slice_is_disjoint_and_seeded():
 
 
 def test_local_json_csv_and_folder(tmp_path):
-    rows = [{"body": f"doc {i} about {'cats' if i % 2 else 'dogs'}", "topic": "cats" if i % 2 else "dogs"} for i in range(40)]
+    rows = [
+        {"body": f"doc {i} about {'cats' if i % 2 else 'dogs'}", "topic": "cats" if i % 2 else "dogs"}
+        for i in range(40)
+    ]
     jsonl = tmp_path / "d.jsonl"
     jsonl.write_text("\n".join(json.dumps(r) for r in rows))
     csv = tmp_path / "d.csv"
@@ -72,7 +75,11 @@ def test_local_json_csv_and_folder(tmp_path):
         (folder / r["topic"]).mkdir(parents=True, exist_ok=True)
         (folder / r["topic"] / f"{r_i}.txt").write_text(r["body"])
     for source in (jsonl, csv):
-        data = build(DataConfig(name=str(source), text_column="body", label_column="topic", partitioner="iid"), seed=0, num_clients=2)
+        data = build(
+            DataConfig(name=str(source), text_column="body", label_column="topic", partitioner="iid"),
+            seed=0,
+            num_clients=2,
+        )
         assert data.label_names == ["cats", "dogs"] and len(data.train) + len(data.test) == 40
     data = build(DataConfig(name=str(folder), partitioner="iid"), seed=0, num_clients=2)
     assert data.label_names == ["cats", "dogs"]

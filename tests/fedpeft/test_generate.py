@@ -10,8 +10,8 @@ from omegaconf import OmegaConf
 from peft import LoraConfig, TaskType, get_peft_model
 
 from fedpeft import generate
-from fedpeft.models import paths
 from fedpeft.config.schema import Config, DataConfig, ModelConfig
+from fedpeft.models import paths
 
 
 @pytest.fixture
@@ -20,12 +20,18 @@ def run_dir(tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     monkeypatch.setenv("FEDPEFT_CACHE", str(tmp_path / "cache"))
-    cfg = Config(model=ModelConfig(name_or_path=paths.TINY_LLAMA, task="causal_lm", max_length=48), data=DataConfig(format="alpaca", system_prompt="Answer briefly."))
+    cfg = Config(
+        model=ModelConfig(name_or_path=paths.TINY_LLAMA, task="causal_lm", max_length=48),
+        data=DataConfig(format="alpaca", system_prompt="Answer briefly."),
+    )
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     path = paths.tiny_llama_path()
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(path), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], task_type=TaskType.CAUSAL_LM))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(path),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], task_type=TaskType.CAUSAL_LM),
+    )
     torch.manual_seed(3)
     for name, p in model.named_parameters():
         if "lora_B" in name:
@@ -36,8 +42,13 @@ def run_dir(tmp_path, monkeypatch):
 
 def test_generate_loads_the_adapter_and_matches_the_in_memory_model(run_dir, capsys, tmp_path):
     run, cfg, model, tokenizer = run_dir
-    prompts = [{"prompt": "which topic is this article about?"}, {"instruction": "summarise", "input": "the match ended two all"}]
-    expected = generate.generate_texts(cfg, model, tokenizer, [generate.prompt_row(p, line=1) for p in prompts], max_new_tokens=5)
+    prompts = [
+        {"prompt": "which topic is this article about?"},
+        {"instruction": "summarise", "input": "the match ended two all"},
+    ]
+    expected = generate.generate_texts(
+        cfg, model, tokenizer, [generate.prompt_row(p, line=1) for p in prompts], max_new_tokens=5
+    )
     # What load_run loads is the adapter: its logits are the in-memory model's, not the base's.
     _, loaded, _ = generate.load_run(run)
     ids = torch.tensor([tokenizer("the match ended two all", add_special_tokens=False)["input_ids"]])

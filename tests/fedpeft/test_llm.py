@@ -8,8 +8,8 @@ import pytest
 import torch
 from peft import LoraConfig, TaskType, get_peft_model, get_peft_model_state_dict
 
-from fedpeft.models import llm, paths
 from fedpeft.config.schema import ModelConfig
+from fedpeft.models import llm, paths
 
 CAUSAL = ModelConfig(name_or_path="embedded:tiny-llama", task="causal_lm")
 
@@ -17,7 +17,9 @@ CAUSAL = ModelConfig(name_or_path="embedded:tiny-llama", task="causal_lm")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 @pytest.mark.parametrize("bits", ["4bit", "8bit"])
 def test_a_quantized_base_without_cuda_fails_at_start_with_the_reason(bits):
-    with pytest.raises(llm.LLMConfigError, match=rf"model.quantization={bits} needs a CUDA GPU.*set model.quantization=none"):
+    with pytest.raises(
+        llm.LLMConfigError, match=rf"model.quantization={bits} needs a CUDA GPU.*set model.quantization=none"
+    ):
         llm.check_llm_options(dataclasses.replace(CAUSAL, quantization=bits), device=torch.device("cpu"))
 
 
@@ -65,12 +67,22 @@ def tiny_llama(dtype=torch.float32):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     return LlamaForCausalLM(cfg).to(dtype)
 
 
 def lora(model):
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type=TaskType.CAUSAL_LM))
+    peft_model = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type=TaskType.CAUSAL_LM)
+    )
     for name, p in peft_model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.2)  # a fresh B is zero, which would hide a wrong gradient
@@ -103,7 +115,9 @@ def test_a_bfloat16_base_keeps_float32_lora_factors():
 def test_a_float16_base_gets_a_loss_scaler_and_trains():
     from fedpeft.training.local import loss_scaler, train_local
 
-    assert loss_scaler(lora(tiny_llama()), "cpu") is None and loss_scaler(lora(tiny_llama(torch.bfloat16)), "cpu") is None
+    assert (
+        loss_scaler(lora(tiny_llama()), "cpu") is None and loss_scaler(lora(tiny_llama(torch.bfloat16)), "cpu") is None
+    )
     peft_model = lora(tiny_llama(torch.float16))
     assert loss_scaler(peft_model, "cpu") is not None
     ids = torch.randint(1, 64, (4, 12), generator=torch.Generator().manual_seed(2))
@@ -126,7 +140,13 @@ def test_loss_scaling_rescues_the_gradients_a_float16_base_would_underflow():
     def lora_grads(model, scale=1.0):
         model = copy.deepcopy(model)
         (model(input_ids=ids, labels=ids).loss.float() * tiny * scale).backward()
-        return torch.cat([p.grad.double().flatten() / scale for n, p in model.named_parameters() if "layers.0" in n and "lora_A" in n])
+        return torch.cat(
+            [
+                p.grad.double().flatten() / scale
+                for n, p in model.named_parameters()
+                if "layers.0" in n and "lora_A" in n
+            ]
+        )
 
     exact = lora_grads(copy.deepcopy(half).double())  # the same weights, computed in float64
     unscaled, scaled = lora_grads(half), lora_grads(half, scale=2.0**16)
@@ -141,7 +161,10 @@ def test_paper_experiments_without_weights_or_data_fail_at_start_in_one_line(exp
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
     cfg = compose_config([f"+exp={exp}"])
-    with pytest.raises(llm.MissingAsset, match=r"model.name_or_path='TinyLlama/TinyLlama_v1.1' is not on this machine.*huggingface-cli download TinyLlama/TinyLlama_v1.1 .*set model.name_or_path=<folder>") as err:
+    with pytest.raises(
+        llm.MissingAsset,
+        match=r"model.name_or_path='TinyLlama/TinyLlama_v1.1' is not on this machine.*huggingface-cli download TinyLlama/TinyLlama_v1.1 .*set model.name_or_path=<folder>",
+    ) as err:
         llm.check_assets(cfg)
     assert "\n" not in str(err.value)
     local_model = str(paths.tiny_llama_path(tmp_path))
@@ -151,9 +174,19 @@ def test_paper_experiments_without_weights_or_data_fail_at_start_in_one_line(exp
     with pytest.raises(llm.MissingAsset, match=r"set data.name=<file.jsonl>"):
         llm.check_assets(cfg)
     cfg = compose_config([f"+exp={exp}", f"model.name_or_path={local_model}", f"data.name={data}"])
-    with pytest.raises(llm.MissingAsset, match=r"--repo-type dataset .* set evaluation.(mc|generation).name=<file.jsonl>"):
+    with pytest.raises(
+        llm.MissingAsset, match=r"--repo-type dataset .* set evaluation.(mc|generation).name=<file.jsonl>"
+    ):
         llm.check_assets(cfg)
-    cfg = compose_config([f"+exp={exp}", f"model.name_or_path={local_model}", f"data.name={data}", f"evaluation.mc.name={data}", f"evaluation.generation.name={data}"])
+    cfg = compose_config(
+        [
+            f"+exp={exp}",
+            f"model.name_or_path={local_model}",
+            f"data.name={data}",
+            f"evaluation.mc.name={data}",
+            f"evaluation.generation.name={data}",
+        ]
+    )
     llm.check_assets(cfg)
 
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from fedpeft.data import instruct
-from fedpeft.evaluation import llm as llm_eval
 from fedpeft.config.schema import GenerationEval, MultipleChoiceEval
+from fedpeft.data import instruct
 from fedpeft.data.sources import DataError
+from fedpeft.evaluation import llm as llm_eval
 from fedpeft.models.paths import MINILM_CHAT_TEMPLATE
 
 
@@ -92,9 +92,13 @@ def test_response_loss_is_the_token_mean_nll_and_perplexity_its_exp(tokenizer):
     rows = [{"instruction": "q", "input": "", "history": "[]", "response": r} for r in ("yes", "no", "yes no")]
     examples, _ = instruct.encode(rows, tokenizer, max_length=64)
     nll = -(
-        log_p(V, {yes: 3.0}, yes) + log_p(V, {sep: 1.0}, sep)  # yes [SEP]
-        + log_p(V, {yes: 3.0}, no) + log_p(V, {}, sep)  # no [SEP]
-        + log_p(V, {yes: 3.0}, yes) + log_p(V, {sep: 1.0}, no) + log_p(V, {}, sep)  # yes no [SEP]
+        log_p(V, {yes: 3.0}, yes)
+        + log_p(V, {sep: 1.0}, sep)  # yes [SEP]
+        + log_p(V, {yes: 3.0}, no)
+        + log_p(V, {}, sep)  # no [SEP]
+        + log_p(V, {yes: 3.0}, yes)
+        + log_p(V, {sep: 1.0}, no)
+        + log_p(V, {}, sep)  # yes no [SEP]
     )
     result = llm_eval.response_loss(model, examples, collate=instruct.Collator(tokenizer), batch_size=2)
     assert result.tokens == 7 and result.examples == 3
@@ -134,11 +138,21 @@ def test_mmlu_file_with_letters_and_subjects_is_read(tmp_path):
     ]
     cfg = MultipleChoiceEval(name=write_jsonl(tmp_path / "mmlu.jsonl", rows))
     qs = llm_eval.read_mc(cfg)
-    assert [(q.choices, q.answer, q.subject) for q in qs] == [(("3", "4"), 1, "math"), (("blue", "green", "red"), 0, "nature")]
+    assert [(q.choices, q.answer, q.subject) for q in qs] == [
+        (("3", "4"), 1, "math"),
+        (("blue", "green", "red"), 0, "nature"),
+    ]
     lettered = llm_eval.read_mc(MultipleChoiceEval(name=cfg.name, choice_format="letter"))
-    assert lettered[1].choices == ("A", "B", "C") and lettered[1].row["instruction"] == "Sky?\nA. blue\nB. green\nC. red\nAnswer:"
+    assert (
+        lettered[1].choices == ("A", "B", "C")
+        and lettered[1].row["instruction"] == "Sky?\nA. blue\nB. green\nC. red\nAnswer:"
+    )
     with pytest.raises(DataError, match="out of range"):
-        llm_eval.read_mc(MultipleChoiceEval(name=write_jsonl(tmp_path / "bad.jsonl", [{"question": "q", "choices": ["a", "b"], "answer": 2}])))
+        llm_eval.read_mc(
+            MultipleChoiceEval(
+                name=write_jsonl(tmp_path / "bad.jsonl", [{"question": "q", "choices": ["a", "b"], "answer": 2}])
+            )
+        )
     with pytest.raises(DataError, match=r"download it.*evaluation.mc.name=<local file>"):
         llm_eval.read_mc(MultipleChoiceEval(name="no-such-org/no-such-mmlu"))
 
@@ -182,8 +196,20 @@ def test_batched_left_padded_generation_equals_one_by_one():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
-    tok = SimpleNamespace(pad_token_id=0, eos_token_id=None, decode=lambda ids, skip_special_tokens: " ".join(map(str, ids.tolist())))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=50,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
+    )
+    tok = SimpleNamespace(
+        pad_token_id=0, eos_token_id=None, decode=lambda ids, skip_special_tokens: " ".join(map(str, ids.tolist()))
+    )
     prompts = [[5, 6, 7, 8, 9], [3, 4], [10, 11, 12]]
     batched = llm_eval.generate(model, tok, prompts, max_new_tokens=6, batch_size=3)
     single = [llm_eval.generate(model, tok, [p], max_new_tokens=6, batch_size=1)[0] for p in prompts]
@@ -197,8 +223,20 @@ def test_generation_runs_in_the_models_autocast_dtype():
 
     # Prepare: a tiny causal LM; a hook records the dtype its feed-forward computes in
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
-    tok = SimpleNamespace(pad_token_id=0, eos_token_id=None, decode=lambda ids, skip_special_tokens: " ".join(map(str, ids.tolist())))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=50,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
+    )
+    tok = SimpleNamespace(
+        pad_token_id=0, eos_token_id=None, decode=lambda ids, skip_special_tokens: " ".join(map(str, ids.tolist()))
+    )
     seen: set[torch.dtype] = set()
     model.model.layers[0].mlp.down_proj.register_forward_hook(lambda _m, _i, out: seen.add(out.dtype))
     # Execute: greedy generation without, then with, model.autocast's mark

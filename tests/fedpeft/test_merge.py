@@ -20,11 +20,25 @@ def tiny(kind: str, targets: list[str]) -> CachedModel:
 
     torch.manual_seed(0)
     if kind == "gpt2":
-        base = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=2, n_head=2, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0))
+        base = GPT2LMHeadModel(
+            GPT2Config(
+                vocab_size=50, n_positions=16, n_embd=16, n_layer=2, n_head=2, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0
+            )
+        )
     else:
-        config = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16)
+        config = LlamaConfig(
+            vocab_size=50,
+            hidden_size=16,
+            intermediate_size=24,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=16,
+        )
         base = LlamaForCausalLM(config)
-    lora = LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=targets, fan_in_fan_out=kind == "gpt2", task_type=TaskType.CAUSAL_LM)
+    lora = LoraConfig(
+        r=RANK, lora_alpha=2 * RANK, target_modules=targets, fan_in_fan_out=kind == "gpt2", task_type=TaskType.CAUSAL_LM
+    )
     model = get_peft_model(base, lora, adapter_name="r3").eval()
     return CachedModel(model=model, cfg=ModelConfig(name_or_path="tiny", task="causal_lm"), device=torch.device("cpu"))
 
@@ -37,7 +51,12 @@ def randomise(cm: CachedModel) -> dict[str, torch.Tensor]:
     return state
 
 
-CASES = [("gpt2", ["c_proj"]), ("gpt2", ["c_attn"]), ("gpt2", ["c_attn", "c_proj"]), ("llama", ["q_proj", "k_proj", "o_proj", "down_proj"])]
+CASES = [
+    ("gpt2", ["c_proj"]),
+    ("gpt2", ["c_attn"]),
+    ("gpt2", ["c_attn", "c_proj"]),
+    ("llama", ["q_proj", "k_proj", "o_proj", "down_proj"]),
+]
 
 
 @pytest.mark.parametrize(("kind", "targets"), CASES)
@@ -58,7 +77,9 @@ def test_merging_the_stack_and_zeroing_b_keeps_the_outputs(kind, targets):
         stack[pair.a_key], stack[pair.b_key] = scaling * state[pair.a_key], state[pair.b_key]
     # Execute
     cm.use_base("run", [stack_to_delta(stack)], version=1)
-    cm.load_adapter_state(RANK, {k: torch.zeros_like(v) if k.endswith(".lora_B.weight") else v for k, v in state.items()})
+    cm.load_adapter_state(
+        RANK, {k: torch.zeros_like(v) if k.endswith(".lora_B.weight") else v for k, v in state.items()}
+    )
     with torch.no_grad():
         after = cm.model(input_ids=x).logits
     # Assert
@@ -79,7 +100,9 @@ def test_ignoring_fan_in_fan_out_would_be_caught():
             if tuple(module.get_base_layer().weight.shape) == tuple(deltas[name].shape):
                 merge_delta(module, deltas[name])
             module.fan_in_fan_out = True
-    cm.load_adapter_state(RANK, {k: torch.zeros_like(v) if k.endswith(".lora_B.weight") else v for k, v in state.items()})
+    cm.load_adapter_state(
+        RANK, {k: torch.zeros_like(v) if k.endswith(".lora_B.weight") else v for k, v in state.items()}
+    )
     with torch.no_grad():
         after = cm.model(input_ids=x).logits
     assert (after - before).abs().max() > 1e-3

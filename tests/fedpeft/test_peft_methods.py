@@ -8,13 +8,21 @@ from __future__ import annotations
 
 import pytest
 
-from fedpeft.clients.app import app
 from fedpeft.cli.configs import compose_config
+from fedpeft.clients.app import app
 from fedpeft.run import check_config
 from fedpeft.server.loop import run_federated
 from tests.fakegrid import InProcessGrid
 
-TINY = ["+exp=smoke", "num_rounds=1", "num_clients=2", "clients_per_round=2", "client.local_steps=2", "data.max_samples=60", "model.max_length=32"]
+TINY = [
+    "+exp=smoke",
+    "num_rounds=1",
+    "num_clients=2",
+    "clients_per_round=2",
+    "client.local_steps=2",
+    "data.max_samples=60",
+    "model.max_length=32",
+]
 
 
 def run(tmp_path, *overrides: str):
@@ -35,7 +43,10 @@ def reload_accuracy(cfg, run_dir) -> float:
 
     path = resolve_model_path(cfg.model.name_or_path)
     data = prepare(cfg.data, seed=cfg.seed, num_clients=cfg.num_clients)
-    model = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(path, num_labels=data.num_labels), str(run_dir / "final_adapter"))
+    model = PeftModel.from_pretrained(
+        AutoModelForSequenceClassification.from_pretrained(path, num_labels=data.num_labels),
+        str(run_dir / "final_adapter"),
+    )
     tok = AutoTokenizer.from_pretrained(path)
     examples = encode(data.test, tok, max_length=cfg.model.max_length, task=cfg.model.task)
     return evaluate(model, make_loader(examples, pad_token_id=tok.pad_token_id, batch_size=64, shuffle=False)).accuracy
@@ -55,13 +66,24 @@ def test_fedavg_federates_any_peft_method_and_plain_peft_reloads_it(tmp_path, pe
 
 
 def test_dp_trains_a_non_lora_adapter(tmp_path):
-    _, rows = run(tmp_path, "strategy=fedavg", "model.peft=ia3", "client=dp", "client.dp.target_epsilon=8", "client.dp.grad_sample_mode=loop", "save_adapter=false")
+    _, rows = run(
+        tmp_path,
+        "strategy=fedavg",
+        "model.peft=ia3",
+        "client=dp",
+        "client.dp.target_epsilon=8",
+        "client.dp.grad_sample_mode=loop",
+        "save_adapter=false",
+    )
     assert rows[0]["clients_replied"] == 2 and 0 < rows[0]["max_epsilon"] <= 8
 
 
 @pytest.mark.parametrize("rule", ["ffa_lora", "flora", "lora_fair"])
 def test_lora_factor_rules_refuse_another_adapter_naming_the_rules_that_accept_it(rule):
-    with pytest.raises(ValueError, match=rf"strategy={rule} federates lora adapters only, not model.peft=ia3; rules that accept it: \['fedavg'\]"):
+    with pytest.raises(
+        ValueError,
+        match=rf"strategy={rule} federates lora adapters only, not model.peft=ia3; rules that accept it: \['fedavg'\]",
+    ):
         check_config(compose_config([f"strategy={rule}", "model.peft=ia3"]))
     with pytest.raises(ValueError, match="model.peft=ia3 has none"):
         check_config(compose_config(["strategy=fedavg", "model.peft=ia3", "strategy.ranks=[1,2,3,4,5,6,7,8,9,10]"]))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from fedpeft.reporting.plots import mean_curve
 from fedpeft.reporting.metrics import MetricsWriter
+from fedpeft.reporting.plots import mean_curve
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

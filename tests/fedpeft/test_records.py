@@ -7,7 +7,17 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedpeft.protocol.records import exact_product, fresh_lora, from_record, resize_rank, seeded_tensors, split_state, stack_to_delta, state_nbytes, to_record
+from fedpeft.protocol.records import (
+    exact_product,
+    fresh_lora,
+    from_record,
+    resize_rank,
+    seeded_tensors,
+    split_state,
+    stack_to_delta,
+    state_nbytes,
+    to_record,
+)
 
 
 def adapter(rank: int, *, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -77,7 +87,9 @@ def test_fresh_lora_draws_a_deterministically_zeroes_b_and_keeps_the_head():
     full = fresh_lora(adapter(8), seed=11)
     again = fresh_lora(adapter(8, seed=3), seed=11)
     assert torch.equal(full["m.layer0.q.lora_A.weight"], again["m.layer0.q.lora_A.weight"])
-    assert not torch.equal(full["m.layer0.q.lora_A.weight"], fresh_lora(adapter(8), seed=12)["m.layer0.q.lora_A.weight"])
+    assert not torch.equal(
+        full["m.layer0.q.lora_A.weight"], fresh_lora(adapter(8), seed=12)["m.layer0.q.lora_A.weight"]
+    )
     assert torch.equal(full["m.classifier.weight"], adapter(8)["m.classifier.weight"])  # only A and B are reset
     assert torch.count_nonzero(full["m.layer0.q.lora_B.weight"]) == 0
     bound = 1 / 6**0.5
@@ -91,7 +103,10 @@ def test_fresh_lora_draws_a_deterministically_zeroes_b_and_keeps_the_head():
 @given(rank=st.integers(1, 8), seed=st.integers(0, 1000))
 def test_exact_product_equals_matmul(rank, seed):
     g = torch.Generator().manual_seed(seed)
-    b, a = torch.randn(7, rank, generator=g, dtype=torch.float64), torch.randn(rank, 5, generator=g, dtype=torch.float64)
+    b, a = (
+        torch.randn(7, rank, generator=g, dtype=torch.float64),
+        torch.randn(rank, 5, generator=g, dtype=torch.float64),
+    )
     torch.testing.assert_close(exact_product(b, a), b @ a, rtol=1e-12, atol=1e-12)
 
 
@@ -99,4 +114,6 @@ def test_stack_to_delta_maps_modules():
     state = {k: v for k, v in adapter(3).items() if "lora" in k.split(".")[-2]}
     deltas = stack_to_delta(state)
     assert set(deltas) == {"m.layer0.q", "m.lora_head"}
-    torch.testing.assert_close(deltas["m.layer0.q"], (state["m.layer0.q.lora_B.weight"] @ state["m.layer0.q.lora_A.weight"]).double())
+    torch.testing.assert_close(
+        deltas["m.layer0.q"], (state["m.layer0.q.lora_B.weight"] @ state["m.layer0.q.lora_A.weight"]).double()
+    )

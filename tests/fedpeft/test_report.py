@@ -13,7 +13,9 @@ import yaml
 from fedpeft.report import ReportError, cli, find_runs, group_runs, load_runs, report
 
 
-def fake_run(path: Path, *, overrides: list[str] | None, accs: list[float | None], config: dict | None = None, mb: float = 1.0) -> Path:
+def fake_run(
+    path: Path, *, overrides: list[str] | None, accs: list[float | None], config: dict | None = None, mb: float = 1.0
+) -> Path:
     """A run directory as fedpeft writes it: metrics.jsonl (+ .hydra/overrides.yaml, config.yaml)."""
     path.mkdir(parents=True)
     rows = []
@@ -39,7 +41,12 @@ def multirun(tmp_path):
     for s, rule in enumerate(["fedavg", "flora"]):
         for seed in range(3):
             accs = [0.3, finals[rule][seed]] if (rule, seed) != ("flora", 1) else [0.3, 0.6, None]
-            fake_run(root / f"{3 * s + seed}-{rule}-seed{seed}", overrides=[f"strategy={rule}", f"seed={seed}", "num_rounds=2"], accs=accs, mb=1 + s)
+            fake_run(
+                root / f"{3 * s + seed}-{rule}-seed{seed}",
+                overrides=[f"strategy={rule}", f"seed={seed}", "num_rounds=2"],
+                accs=accs,
+                mb=1 + s,
+            )
     return root, finals
 
 
@@ -56,9 +63,15 @@ def test_runs_are_grouped_by_the_overrides_that_differ_and_averaged_over_seeds(m
         assert row["strategy"] == rule and row["runs"] == "3" and row["seeds"] == "0 1 2"
         assert float(row["final_accuracy_mean"]) == pytest.approx(np.mean(finals[rule]))
         assert float(row["final_accuracy_std"]) == pytest.approx(np.std(finals[rule], ddof=1))
-        assert float(row["best_accuracy_mean"]) == pytest.approx(np.mean(finals[rule]))  # the last round is the best one here
-    assert float(rows[1]["mb_up"]) == pytest.approx((2 * 2 + 2 * 2 + 3 * 2) / 3)  # 2 MB a round; flora seed 1 ran 3 rounds
-    assert f"| fedavg | 3 | {100 * np.mean(finals['fedavg']):.1f} ± {100 * np.std(finals['fedavg'], ddof=1):.1f} |" in text
+        assert float(row["best_accuracy_mean"]) == pytest.approx(
+            np.mean(finals[rule])
+        )  # the last round is the best one here
+    assert float(rows[1]["mb_up"]) == pytest.approx(
+        (2 * 2 + 2 * 2 + 3 * 2) / 3
+    )  # 2 MB a round; flora seed 1 ran 3 rounds
+    assert (
+        f"| fedavg | 3 | {100 * np.mean(finals['fedavg']):.1f} ± {100 * np.std(finals['fedavg'], ddof=1):.1f} |" in text
+    )
     assert (tmp_path / "out" / "report.md").read_text().count("multirun/") == 6
     for name in ("accuracy_vs_round.png", "accuracy_vs_mb.png"):
         assert (tmp_path / "out" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -104,9 +117,13 @@ def test_a_group_is_labelled_by_its_settings(multirun):
 
 
 def test_rounds_to_a_fraction_of_the_reference_and_traffic_per_client(tmp_path, capsys):
-    ref = fake_run(tmp_path / "ref", overrides=None, accs=[0.5, 1.0], config={"seed": 0, "mode": "centralized", "num_clients": 4})
+    ref = fake_run(
+        tmp_path / "ref", overrides=None, accs=[0.5, 1.0], config={"seed": 0, "mode": "centralized", "num_clients": 4}
+    )
     for seed, accs in enumerate([[0.5, 0.88, 0.95], [0.6, 0.96, 0.95]]):  # mean curve 0.55, 0.92, 0.95
-        fake_run(tmp_path / "runs" / f"s{seed}", overrides=None, accs=accs, config={"seed": seed, "num_clients": 4}, mb=2.0)
+        fake_run(
+            tmp_path / "runs" / f"s{seed}", overrides=None, accs=accs, config={"seed": seed, "num_clients": 4}, mb=2.0
+        )
     assert cli([str(tmp_path / "runs"), "--reference", str(ref), "--out", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
     head, _, row = out.splitlines()[:3]
@@ -114,12 +131,17 @@ def test_rounds_to_a_fraction_of_the_reference_and_traffic_per_client(tmp_path, 
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[-1] == "2"  # 0.92 >= 0.9 x 1.0 at round 2 (the mean curve, not either seed alone)
     assert cells[5] == f"{3 * 2.0 / 4:.2f}"  # 6 MB over 3 rounds, 4 clients
-    assert cli([str(tmp_path / "runs"), "--reference", str(ref), "--fraction", "0.96", "--out", str(tmp_path / "out")]) == 0
+    assert (
+        cli([str(tmp_path / "runs"), "--reference", str(ref), "--fraction", "0.96", "--out", str(tmp_path / "out")])
+        == 0
+    )
     assert capsys.readouterr().out.splitlines()[2].rstrip().endswith("| — |")  # never reached
 
 
 def test_a_run_without_a_global_model_is_judged_by_its_clients_own_models(tmp_path):
-    run = fake_run(tmp_path / "personal", overrides=None, accs=[None, None], config={"seed": 0, "strategy": {"name": "fedsa_lora"}})
+    run = fake_run(
+        tmp_path / "personal", overrides=None, accs=[None, None], config={"seed": 0, "strategy": {"name": "fedsa_lora"}}
+    )
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     for row, acc in zip(rows, (0.4, 0.7)):
         row["client_val_accuracy_mean"] = acc
@@ -133,8 +155,13 @@ def test_a_run_without_a_global_model_is_judged_by_its_clients_own_models(tmp_pa
 def test_audited_runs_add_the_audit_figures_over_seeds(tmp_path):
     # Prepare: two audited seeds of one setting, one unaudited setting
     for seed, (auc, calibrated, exposure) in enumerate([(0.6, 0.55, 8.0), (0.7, 0.65, 9.0)]):
-        run = fake_run(tmp_path / f"dp-off-{seed}", overrides=["client.dp.enabled=false", f"seed={seed}"], accs=[0.5, 0.6])
-        audit = {"membership": {"overall": {"auc": auc, "calibrated_auc": calibrated}}, "canaries": {"mean_exposure": exposure}}
+        run = fake_run(
+            tmp_path / f"dp-off-{seed}", overrides=["client.dp.enabled=false", f"seed={seed}"], accs=[0.5, 0.6]
+        )
+        audit = {
+            "membership": {"overall": {"auc": auc, "calibrated_auc": calibrated}},
+            "canaries": {"mean_exposure": exposure},
+        }
         (run / "audit.json").write_text(json.dumps(audit))
     fake_run(tmp_path / "dp-on-0", overrides=["client.dp.enabled=true", "seed=0"], accs=[0.3, 0.4])
     # Execute

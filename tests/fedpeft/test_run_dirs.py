@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 import torch
 
-from fedpeft.config.schema import to_json
 from fedpeft.cli.configs import compose_config
+from fedpeft.config.schema import to_json
 from fedpeft.run import FinishedRun, RunDirError, claim_run_dir, run_config
 
 SMOKE = ["+exp=smoke", "num_rounds=2"]
@@ -17,7 +17,12 @@ SMOKE = ["+exp=smoke", "num_rounds=2"]
 def fake_checkpoint(run_dir, cfg, *, round_: int) -> None:
     """The fields of ``checkpoint.pt`` that deciding "finished?" reads (written by fedpeft.server.loop)."""
     rows = [{"round": r, "test_accuracy": 0.5 + r / 10} for r in range(1, round_ + 1)]
-    state = {"round": round_, "totals": {"up": 1, "down": 1}, "rows": rows, "config": to_json(dataclasses.replace(run_config(cfg), resume=None))}
+    state = {
+        "round": round_,
+        "totals": {"up": 1, "down": 1},
+        "rows": rows,
+        "config": to_json(dataclasses.replace(run_config(cfg), resume=None)),
+    }
     torch.save(state, run_dir / "checkpoint.pt")
 
 

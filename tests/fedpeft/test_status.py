@@ -15,7 +15,9 @@ from tests.fedpeft.test_config import compose_cfg
 
 def test_partition_report_counts_each_clients_training_labels(tmp_path):
     # Prepare
-    cfg = compose_cfg(["num_clients=4", "data.max_samples=300", "data.partitioner=dirichlet", "data.dirichlet_alpha=0.3"])
+    cfg = compose_cfg(
+        ["num_clients=4", "data.max_samples=300", "data.partitioner=dirichlet", "data.dirichlet_alpha=0.3"]
+    )
     data = build(cfg.data, seed=cfg.seed, num_clients=4)
     # Execute
     report = write_partition_report(data, cfg, tmp_path)
@@ -33,7 +35,15 @@ def test_partition_report_counts_each_clients_training_labels(tmp_path):
 
 
 def test_a_split_with_tiny_clients_or_two_labels_each_is_warned_about(tmp_path, caplog):
-    cfg = compose_cfg(["num_clients=5", "data.max_samples=200", "data.partitioner=pathological", "data.classes_per_client=2", "client.batch_size=16"])
+    cfg = compose_cfg(
+        [
+            "num_clients=5",
+            "data.max_samples=200",
+            "data.partitioner=pathological",
+            "data.classes_per_client=2",
+            "client.batch_size=16",
+        ]
+    )
     data = build(cfg.data, seed=cfg.seed, num_clients=5)
     with caplog.at_level(logging.WARNING, logger="fedpeft"):
         report = write_partition_report(data, cfg, tmp_path)
@@ -59,7 +69,11 @@ def test_the_few_batches_threshold_is_exact():
 def test_node_table_shows_partition_rank_tier_examples_and_labels():
     names = ["business", "sports", "tech"]
     nodes = [
-        node_row(77, NodeHello(partition_id=1, rank=2, num_examples=10, label_counts=(0, 4, 6), tier="phone"), label_names=names),
+        node_row(
+            77,
+            NodeHello(partition_id=1, rank=2, num_examples=10, label_counts=(0, 4, 6), tier="phone"),
+            label_names=names,
+        ),
         node_row(5, NodeHello(partition_id=0, rank=8, num_examples=12, label_counts=(12, 0, 0)), label_names=names),
     ]
     lines = node_table(nodes, names).splitlines()

@@ -28,7 +28,11 @@ class FlakyGrid(InProcessGrid):
             ids.append(msg.metadata.message_id)
             if self.partition(msg) == SILENT:
                 continue
-            code, reason = (ErrorCode.NODE_UNAVAILABLE, "Node Unavailable") if self.partition(msg) == GONE else (ErrorCode.CLIENT_APP_RAISED_EXCEPTION, "ValueError: boom")
+            code, reason = (
+                (ErrorCode.NODE_UNAVAILABLE, "Node Unavailable")
+                if self.partition(msg) == GONE
+                else (ErrorCode.CLIENT_APP_RAISED_EXCEPTION, "ValueError: boom")
+            )
             reply = Message(Error(code=code, reason=reason), reply_to=msg)
             reply.metadata.__dict__["_reply_to_message_id"] = msg.metadata.message_id
             self.replies[msg.metadata.message_id] = reply
@@ -50,5 +54,8 @@ def test_gone_and_silent_nodes_are_unreachable_a_failing_one_is_not(tmp_path):
     # Assert
     by_partition = {int(c.node_config["partition-id"]): node for node, c in grid.contexts.items()}
     assert row["clients_replied"] == 1 and row["clients_failed"] == 3
-    assert row["unreachable"] == [{"node": by_partition[GONE], "partition": GONE}, {"node": by_partition[SILENT], "partition": SILENT}]
+    assert row["unreachable"] == [
+        {"node": by_partition[GONE], "partition": GONE},
+        {"node": by_partition[SILENT], "partition": SILENT},
+    ]
     assert {f["node"] for f in row["failures"]} == {by_partition[p] for p in (GONE, SILENT, RAISES)}

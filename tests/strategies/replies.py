@@ -36,18 +36,25 @@ def train_messages(strategy: LoRAStrategy, server_round: int) -> list[Message]:
     return list(strategy.configure_train(server_round, ArrayRecord(), ConfigRecord({}), grid=None))
 
 
-def reply(strategy: LoRAStrategy, msg: Message, g: torch.Generator, *, upload: dict | None = None, **metrics) -> Message:
+def reply(
+    strategy: LoRAStrategy, msg: Message, g: torch.Generator, *, upload: dict | None = None, **metrics
+) -> Message:
     """What a client of the message's node sends back: random values for exactly the uploaded keys."""
     node = strategy.nodes[msg.metadata.dst_node_id]
     plan = protocol.decode_instruction(msg.content).plan
     if upload is None:
         template = resize_rank(strategy.adapter, node.rank)
-        upload = {k: torch.randn(template[k].shape, generator=g, dtype=template[k].dtype) for k in strategy.upload_keys(node, plan)}
+        upload = {
+            k: torch.randn(template[k].shape, generator=g, dtype=template[k].dtype)
+            for k in strategy.upload_keys(node, plan)
+        }
     values = {protocol.NUM_EXAMPLES: node.num_examples, protocol.RANK: node.rank, protocol.TRAIN_LOSS: 1.0, **metrics}
     return Message(protocol.encode_reply(upload, values), reply_to=msg)
 
 
-def play_round(strategy: LoRAStrategy, server_round: int, g: torch.Generator, **metrics) -> tuple[list[Message], list[Message]]:
+def play_round(
+    strategy: LoRAStrategy, server_round: int, g: torch.Generator, **metrics
+) -> tuple[list[Message], list[Message]]:
     """One round of mock clients: (the train messages, the replies aggregated)."""
     messages = train_messages(strategy, server_round)
     replies = [reply(strategy, m, g, **metrics) for m in messages]

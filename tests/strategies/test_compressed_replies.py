@@ -10,10 +10,10 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
 
 from fedpeft.clients.job import start_state
-from fedpeft.protocol import wire as protocol
 from fedpeft.compression.compeft import ComPEFT, compress_uploads, decompress, payload_nbytes, unpack
-from fedpeft.protocol.wire import LORA_A, LORA_B, OTHER, GroupPlan, Source
+from fedpeft.protocol import wire as protocol
 from fedpeft.protocol.records import state_nbytes
+from fedpeft.protocol.wire import LORA_A, LORA_B, OTHER, GroupPlan, Source
 from fedpeft.strategies import STRATEGIES
 from fedpeft.strategies.types import NodeInfo
 from tests.strategies.test_rejections import NODE
@@ -29,6 +29,7 @@ def adapter() -> dict[str, torch.Tensor]:
         "m.q.lora_B.weight": torch.randn(5, 4, generator=g),
         "m.head.weight": torch.randn(3, 6, generator=g),
     }
+
 
 METRICS = {"num-examples": NODE.num_examples, "rank": NODE.rank, "train-loss": 0.7}
 CODEC = ComPEFT(density=0.25, scale="mean")
@@ -105,13 +106,26 @@ def tamper(kind: str, packed: dict[str, np.ndarray], dense: dict, key: str) -> N
 
 
 @pytest.mark.parametrize("rule", sorted(STRATEGIES))
-@pytest.mark.parametrize("kind", ["nan scale", "truncated", "count beyond the tensor", "wrong shape", "not uint8", "dense and compressed", "unexpected key"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "nan scale",
+        "truncated",
+        "count beyond the tensor",
+        "wrong shape",
+        "not uint8",
+        "dense and compressed",
+        "unexpected key",
+    ],
+)
 def test_malformed_compressed_reply_is_rejected_and_never_touches_the_global_model(rule, kind):
     # Prepare
     strategy, node = with_node(rule)
     msg, plan, start, uploads = client_round(strategy, node)
     dense, packed, _ = compress_uploads(uploads, start, plan, CODEC)
-    tamper(kind, packed, dense, "m.q.lora_B.weight" if "m.q.lora_B.weight" in packed else "m.q.lora_A.weight")  # FedSA-LoRA uploads no B
+    tamper(
+        kind, packed, dense, "m.q.lora_B.weight" if "m.q.lora_B.weight" in packed else "m.q.lora_A.weight"
+    )  # FedSA-LoRA uploads no B
     before = {k: v.clone() for k, v in strategy.global_model().adapter.items()}
     reply = Message(protocol.encode_reply(dense, metrics(node), packed=packed), reply_to=msg)
     # Execute
@@ -125,17 +139,26 @@ def test_malformed_compressed_reply_is_rejected_and_never_touches_the_global_mod
 def test_a_group_started_from_node_state_travels_dense_and_may_not_be_compressed():
     class PersonalB(STRATEGIES["fedavg"]):
         def groups(self, node, server_round):
-            return (GroupPlan(roles={LORA_A, OTHER}, source=Source.MESSAGE), GroupPlan(roles={LORA_B}, source=Source.NODE, fallback=Source.ZERO, keep=True))
+            return (
+                GroupPlan(roles={LORA_A, OTHER}, source=Source.MESSAGE),
+                GroupPlan(roles={LORA_B}, source=Source.NODE, fallback=Source.ZERO, keep=True),
+            )
 
     strategy = PersonalB(adapter(), clients_per_round=1, seed=0)
     strategy.register_nodes([NODE])
     msg, plan, start, uploads = client_round(strategy)
     dense, packed, _ = compress_uploads(uploads, start, plan, CODEC)
-    assert set(dense) == {"m.k.lora_B.weight", "m.q.lora_B.weight"} and set(packed) == {"m.k.lora_A.weight", "m.q.lora_A.weight", "m.head.weight"}
+    assert set(dense) == {"m.k.lora_B.weight", "m.q.lora_B.weight"} and set(packed) == {
+        "m.k.lora_A.weight",
+        "m.q.lora_A.weight",
+        "m.head.weight",
+    }
     ok = strategy.check_reply(Message(protocol.encode_reply(dense, METRICS, packed=packed), reply_to=msg), 1)
     assert torch.equal(ok.state["m.q.lora_B.weight"], uploads["m.q.lora_B.weight"])
     # the client cheats: B's update compressed against a start the server cannot know
-    _, forced, _ = compress_uploads(uploads, start, protocol.ClientPlan(groups=protocol.single_group(), server_round=1, rank=NODE.rank), CODEC)
+    _, forced, _ = compress_uploads(
+        uploads, start, protocol.ClientPlan(groups=protocol.single_group(), server_round=1, rank=NODE.rank), CODEC
+    )
     reply = Message(protocol.encode_reply({}, METRICS, packed=forced), reply_to=msg)
     strategy.aggregate_train(1, [reply])
     assert "starts from the node's own state" in strategy.reports[1].rejected[0]["reason"]

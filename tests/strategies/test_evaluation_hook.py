@@ -10,8 +10,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType
 from fedpeft.protocol import wire as protocol
 from fedpeft.protocol.wire import LORA_B, Evaluate, Source
 from fedpeft.server.rows import round_row
-from fedpeft.strategies.types import NodeInfo
 from fedpeft.strategies.fedavg import FedIT
+from fedpeft.strategies.types import NodeInfo
 
 A, B, HEAD = "m.q.lora_A.weight", "m.q.lora_B.weight", "m.head.weight"
 
@@ -25,8 +25,14 @@ class Evaluating(FedIT):
 
 def strategy() -> Evaluating:
     g = torch.Generator().manual_seed(0)
-    s = Evaluating({A: torch.randn(4, 6, generator=g), B: torch.randn(5, 4, generator=g), HEAD: torch.randn(3, 6, generator=g)}, clients_per_round=2, seed=0)
-    s.register_nodes([NodeInfo(node_id=10 + p, partition_id=p, rank=r, num_examples=20) for p, r in enumerate((4, 2, 1))])
+    s = Evaluating(
+        {A: torch.randn(4, 6, generator=g), B: torch.randn(5, 4, generator=g), HEAD: torch.randn(3, 6, generator=g)},
+        clients_per_round=2,
+        seed=0,
+    )
+    s.register_nodes(
+        [NodeInfo(node_id=10 + p, partition_id=p, rank=r, num_examples=20) for p, r in enumerate((4, 2, 1))]
+    )
     return s
 
 
@@ -39,7 +45,11 @@ def test_evaluate_messages_carry_valid_evaluate_plans():
         sent = protocol.decode_instruction(msg.content, evaluate_only=True)
         node = s.nodes[msg.metadata.dst_node_id]
         if node.partition_id == 0:  # personal: B from the node's own state, never sent
-            assert sent.plan.evaluate == Evaluate.PERSONAL and sent.plan.group_of(B).source == Source.NODE and B not in sent.tensors
+            assert (
+                sent.plan.evaluate == Evaluate.PERSONAL
+                and sent.plan.group_of(B).source == Source.NODE
+                and B not in sent.tensors
+            )
         else:
             assert sent.plan.evaluate == Evaluate.GLOBAL and set(sent.tensors) == {A, B, HEAD}
             assert torch.equal(sent.tensors[A], s.adapter[A][: node.rank])

@@ -13,12 +13,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedpeft.protocol.wire import decode_plan
 from fedpeft.protocol.records import from_record, resize_rank, to_record
-from tests.strategies import draw
+from fedpeft.protocol.wire import decode_plan
 from fedpeft.strategies import STRATEGIES
-from fedpeft.strategies.types import NodeInfo
 from fedpeft.strategies.fedavg import FedIT, fedit, fedit_pair
+from fedpeft.strategies.types import NodeInfo
+from tests.strategies import draw
 
 SETTINGS = settings(max_examples=40, deadline=None)
 A, B, HEAD = "m.q.lora_A.weight", "m.q.lora_B.weight", "m.head.weight"
@@ -52,13 +52,19 @@ def initial_adapter(rank: int = 4, *, d_in: int = 6, d_out: int = 5, dtype=torch
     }
 
 
-def replies_for(strategy, states_by_partition: dict[int, dict[str, torch.Tensor]], *, server_round: int = 1) -> list[Message]:
+def replies_for(
+    strategy, states_by_partition: dict[int, dict[str, torch.Tensor]], *, server_round: int = 1
+) -> list[Message]:
     """Real reply Messages to the strategy's own train instructions, one per sampled node."""
     replies = []
     for msg in strategy.configure_train(server_round, ArrayRecord(), ConfigRecord({}), grid=None):
         node = strategy.nodes[msg.metadata.dst_node_id]
-        metrics = MetricRecord({"num-examples": node.num_examples, "rank": node.rank, "train-loss": 0.5 + node.partition_id})
-        content = RecordDict({strategy.arrayrecord_key: to_record(states_by_partition[node.partition_id]), "metrics": metrics})
+        metrics = MetricRecord(
+            {"num-examples": node.num_examples, "rank": node.rank, "train-loss": 0.5 + node.partition_id}
+        )
+        content = RecordDict(
+            {strategy.arrayrecord_key: to_record(states_by_partition[node.partition_id]), "metrics": metrics}
+        )
         replies.append(Message(content, reply_to=msg))
     return replies
 
@@ -163,9 +169,14 @@ def test_each_client_takes_back_its_first_components():
     # Prepare
     ranks = {0: 1, 1: 2, 2: 4}
     strategy = FedIT(initial_adapter(4), clients_per_round=3, seed=0)
-    strategy.register_nodes([NodeInfo(node_id=100 + p, partition_id=p, rank=r, num_examples=10 * (p + 1)) for p, r in ranks.items()])
+    strategy.register_nodes(
+        [NodeInfo(node_id=100 + p, partition_id=p, rank=r, num_examples=10 * (p + 1)) for p, r in ranks.items()]
+    )
     g = torch.Generator().manual_seed(1)
-    uploads = {p: {k: torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in resize_rank(strategy.adapter, r).items()} for p, r in ranks.items()}
+    uploads = {
+        p: {k: torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in resize_rank(strategy.adapter, r).items()}
+        for p, r in ranks.items()
+    }
     strategy.aggregate_train(1, replies_for(strategy, uploads))
     # Execute
     messages = list(strategy.configure_train(2, ArrayRecord(), ConfigRecord({}), grid=None))
@@ -174,16 +185,26 @@ def test_each_client_takes_back_its_first_components():
         node = strategy.nodes[msg.metadata.dst_node_id]
         sent = from_record(msg.content[strategy.arrayrecord_key])
         assert sent[A].shape[0] == node.rank and decode_plan(msg.content["plan"]).rank == node.rank
-        assert torch.equal(sent[A], strategy.adapter[A][: node.rank]) and torch.equal(sent[B], strategy.adapter[B][:, : node.rank])
+        assert torch.equal(sent[A], strategy.adapter[A][: node.rank]) and torch.equal(
+            sent[B], strategy.adapter[B][:, : node.rank]
+        )
         assert torch.equal(sent[HEAD], strategy.adapter[HEAD])
 
 
 # ------------------------------------------------------------------------------ the real plumbing
 def three_clients(*, ranks=(4, 4, 4), counts=(5, 17, 40)):
     strategy = FedIT(initial_adapter(4), clients_per_round=3, seed=0)
-    strategy.register_nodes([NodeInfo(node_id=10 + p, partition_id=p, rank=r, num_examples=n) for p, (r, n) in enumerate(zip(ranks, counts))])
+    strategy.register_nodes(
+        [
+            NodeInfo(node_id=10 + p, partition_id=p, rank=r, num_examples=n)
+            for p, (r, n) in enumerate(zip(ranks, counts))
+        ]
+    )
     g = torch.Generator().manual_seed(7)
-    uploads = {p: {k: torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in resize_rank(strategy.adapter, r).items()} for p, r in enumerate(ranks)}
+    uploads = {
+        p: {k: torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in resize_rank(strategy.adapter, r).items()}
+        for p, r in enumerate(ranks)
+    }
     return strategy, uploads
 
 
@@ -199,7 +220,9 @@ def test_aggregate_train_equals_flowers_own_fedavg_for_equal_ranks():
     # Assert
     assert set(ours) == set(theirs) == {A, B, HEAD}
     for key in ours:
-        torch.testing.assert_close(torch.from_numpy(ours[key].numpy()), torch.from_numpy(theirs[key].numpy()), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(
+            torch.from_numpy(ours[key].numpy()), torch.from_numpy(theirs[key].numpy()), rtol=1e-12, atol=1e-12
+        )
     assert metrics["num-examples"] == 62 and metrics["clients-replied"] == 3
 
 
@@ -237,9 +260,18 @@ def test_a_bad_reply_among_good_ones_leaves_the_round_as_if_it_never_came(rule):
     # Prepare: partition 1 replies with a NaN; the result must equal a round of partitions 0 and 2 only
     def build(partitions):
         strategy = STRATEGIES[rule](initial_adapter(2), clients_per_round=len(partitions), seed=0)
-        strategy.register_nodes([NodeInfo(node_id=10 + p, partition_id=p, rank=2, num_examples=3 + p) for p in partitions])
+        strategy.register_nodes(
+            [NodeInfo(node_id=10 + p, partition_id=p, rank=2, num_examples=3 + p) for p in partitions]
+        )
         g = torch.Generator().manual_seed(5)
-        good = {p: {k: torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in strategy.adapter.items() if k in draw.upload_keys_at(strategy, 2)} for p in range(3)}
+        good = {
+            p: {
+                k: torch.randn(v.shape, generator=g, dtype=v.dtype)
+                for k, v in strategy.adapter.items()
+                if k in draw.upload_keys_at(strategy, 2)
+            }
+            for p in range(3)
+        }
         return strategy, good
 
     strategy, uploads = build([0, 1, 2])

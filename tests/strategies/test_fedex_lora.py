@@ -39,13 +39,17 @@ def explicit_update(lora_as, lora_bs, weights, scaling):
 def test_the_global_model_after_a_round_is_w_prev_plus_the_weighted_products(sz, scaling):
     # Prepare
     lora_as, lora_bs, weights = factors(sz)
-    w_prev = torch.randn(sz["d_out"], sz["d_in"], generator=torch.Generator().manual_seed(sz["seed"] + 1), dtype=torch.float64)
+    w_prev = torch.randn(
+        sz["d_out"], sz["d_in"], generator=torch.Generator().manual_seed(sz["seed"] + 1), dtype=torch.float64
+    )
     # Execute
     lora_a, lora_b, a_stack, b_stack = fedex_pair(lora_as, lora_bs, weights, scaling=scaling)
     new_base = w_prev + b_stack @ a_stack
     global_model = new_base + scaling * lora_b @ lora_a
     # Assert
-    torch.testing.assert_close(global_model, w_prev + explicit_update(lora_as, lora_bs, weights, scaling), rtol=0, atol=1e-10)
+    torch.testing.assert_close(
+        global_model, w_prev + explicit_update(lora_as, lora_bs, weights, scaling), rtol=0, atol=1e-10
+    )
 
 
 @draw.SETTINGS
@@ -87,7 +91,9 @@ def test_any_participation_pattern_and_any_skipped_rounds_land_on_the_same_model
     w0 = torch.randn(sz["d_out"], sz["d_in"], generator=torch.Generator().manual_seed(sz["seed"]), dtype=torch.float64)
     base, ledger, bases = w0.clone(), [], [w0.clone()]
     for t in range(rounds):
-        subset = data.draw(st.lists(st.integers(0, pool - 1), min_size=1, max_size=pool, unique=True), label=f"round {t + 1}")
+        subset = data.draw(
+            st.lists(st.integers(0, pool - 1), min_size=1, max_size=pool, unique=True), label=f"round {t + 1}"
+        )
         lora_as, lora_bs, _ = factors(sz, clients=pool, seed_offset=100 * (t + 1))
         counts = torch.randint(1, 50, (pool,), generator=torch.Generator().manual_seed(t)).double()[subset]
         weights = counts / counts.sum()
@@ -142,12 +148,16 @@ def test_different_ranks_and_bad_weights_are_refused():
     with pytest.raises(ValueError, match="one rank for every client"):
         fedex_pair([a2, a3], [b2, b3], half, scaling=1.0)
     with pytest.raises(ValueError, match="sum to 1"):
-        residual_stack([a2, a2], [b2, b2], torch.tensor([1.0, 1.0], dtype=torch.float64), lora_a=a2, lora_b=b2, scaling=1.0)
+        residual_stack(
+            [a2, a2], [b2, b2], torch.tensor([1.0, 1.0], dtype=torch.float64), lora_a=a2, lora_b=b2, scaling=1.0
+        )
 
 
 # ------------------------------------------------------------------------------ the strategy
 def fedex_with(ranks, *, clients_per_round: int, scaling: float = 2.0) -> FedExLoRA:
-    strategy = FedExLoRA(replies.initial_adapter(max(ranks)), clients_per_round=clients_per_round, seed=3, scaling=scaling)
+    strategy = FedExLoRA(
+        replies.initial_adapter(max(ranks)), clients_per_round=clients_per_round, seed=3, scaling=scaling
+    )
     strategy.register_nodes(replies.nodes(ranks))
     return strategy
 
@@ -159,7 +169,10 @@ def dense_global(strategy: FedExLoRA, w0: dict[str, torch.Tensor]) -> dict[str, 
         for module, delta in stack_to_delta(update).items():
             out[module] = out[module] + delta
     for module in out:
-        a, b = strategy.adapter[f"{module}.lora_A.weight"].double(), strategy.adapter[f"{module}.lora_B.weight"].double()
+        a, b = (
+            strategy.adapter[f"{module}.lora_A.weight"].double(),
+            strategy.adapter[f"{module}.lora_B.weight"].double(),
+        )
         out[module] = out[module] + strategy.scaling * b @ a
     return out
 
@@ -167,7 +180,9 @@ def dense_global(strategy: FedExLoRA, w0: dict[str, torch.Tensor]) -> dict[str, 
 def test_heterogeneous_ranks_are_refused_before_round_one():
     strategy = FedExLoRA(replies.initial_adapter(4), clients_per_round=2, seed=0)
 
-    with pytest.raises(ValueError, match=r"fedex_lora needs the same LoRA rank on every client, got ranks \[2, 4\].*flexlora"):
+    with pytest.raises(
+        ValueError, match=r"fedex_lora needs the same LoRA rank on every client, got ranks \[2, 4\].*flexlora"
+    ):
         strategy.register_nodes(replies.nodes([4, 2, 4]))
     with pytest.raises(ValueError, match="no LoRA factors|has none"):
         FedExLoRA({"m.prompt.weight": torch.zeros(3, 4)}, clients_per_round=1, seed=0)
@@ -180,19 +195,34 @@ def test_every_round_moves_the_global_model_by_exactly_the_weighted_products_und
     w0 = {layer: torch.randn(6, 8, generator=g, dtype=torch.float64) for layer in replies.LAYERS}
     for server_round in range(1, 5):
         before = dense_global(strategy, w0)
-        base_before = {m: before[m] - strategy.scaling * strategy.adapter[f"{m}.lora_B.weight"].double() @ strategy.adapter[f"{m}.lora_A.weight"].double() for m in w0}
+        base_before = {
+            m: before[m]
+            - strategy.scaling
+            * strategy.adapter[f"{m}.lora_B.weight"].double()
+            @ strategy.adapter[f"{m}.lora_A.weight"].double()
+            for m in w0
+        }
         # Execute
         messages, sent = replies.play_round(strategy, server_round, g)
         # Assert: global_t = W_{t-1} + Σ_k p_k s B_k A_k for the clients of this round
         uploads = [protocol.decode_reply(r.content)[0] for r in sent]
-        counts = torch.tensor([float(strategy.nodes[m.metadata.dst_node_id].num_examples) for m in messages], dtype=torch.float64)
+        counts = torch.tensor(
+            [float(strategy.nodes[m.metadata.dst_node_id].num_examples) for m in messages], dtype=torch.float64
+        )
         weights = counts / counts.sum()
         after = dense_global(strategy, w0)
         for m in w0:
-            expected = base_before[m] + sum(p * strategy.scaling * u[f"{m}.lora_B.weight"].double() @ u[f"{m}.lora_A.weight"].double() for p, u in zip(weights.tolist(), uploads))
+            expected = base_before[m] + sum(
+                p * strategy.scaling * u[f"{m}.lora_B.weight"].double() @ u[f"{m}.lora_A.weight"].double()
+                for p, u in zip(weights.tolist(), uploads)
+            )
             torch.testing.assert_close(after[m], expected, rtol=0, atol=1e-5)
         assert len(strategy.base_updates) == server_round
-        assert strategy.reports[server_round].extra["residual"] < 1e-6 < strategy.reports[server_round].extra["fedavg_residual"]
+        assert (
+            strategy.reports[server_round].extra["residual"]
+            < 1e-6
+            < strategy.reports[server_round].extra["fedavg_residual"]
+        )
 
 
 def test_the_residual_travels_as_factors_and_a_node_that_skipped_rounds_gets_every_missed_stack():
@@ -211,10 +241,16 @@ def test_the_residual_travels_as_factors_and_a_node_that_skipped_rounds_gets_eve
             for key, tensor in stack.items():
                 assert tensor.shape in {(2 * 2, 8), (6, 2 * 2)}, key  # K = 1 client: (K+1) r = 4
         tensors = protocol.decode_instruction(msg.content).tensors
-        assert strategy.reports[server_round].bytes_down[node.node_id] == state_nbytes(tensors) + sum(state_nbytes(s) for s in plan.base.updates.values())
+        assert strategy.reports[server_round].bytes_down[node.node_id] == state_nbytes(tensors) + sum(
+            state_nbytes(s) for s in plan.base.updates.values()
+        )
         strategy.aggregate_train(server_round, [replies.reply(strategy, msg, g)])
         upload = protocol.decode_reply(replies.reply(strategy, msg, g).content)[0]
-        assert strategy.reports[server_round].bytes_up[node.node_id] == state_nbytes(upload) == state_nbytes(strategy.adapter)
+        assert (
+            strategy.reports[server_round].bytes_up[node.node_id]
+            == state_nbytes(upload)
+            == state_nbytes(strategy.adapter)
+        )
 
 
 def test_workers_that_skipped_rounds_land_on_the_servers_base_and_the_global_model_is_exact(tmp_path):
@@ -244,7 +280,9 @@ def test_workers_that_skipped_rounds_land_on_the_servers_base_and_the_global_mod
             store_base_updates(stores[msg.metadata.dst_node_id], plan)
             sync_base(worker, stores[msg.metadata.dst_node_id], plan)
             # Assert: the same base as the server's evaluator, bit for bit, whatever the node missed
-            missing = strategy.base_updates[server_cm.base_version if server_cm.base_lineage == "run-x" else 0 :]  # as the evaluator does
+            missing = strategy.base_updates[
+                server_cm.base_version if server_cm.base_lineage == "run-x" else 0 :
+            ]  # as the evaluator does
             server_cm.use_base("run-x", [stack_to_delta(u) for u in missing], version=len(strategy.base_updates))
             for name, layer in worker.base_layers().items():
                 assert torch.equal(layer.weight, server_cm.base_layers()[name].weight), (server_round, name)
@@ -253,7 +291,9 @@ def test_workers_that_skipped_rounds_land_on_the_servers_base_and_the_global_mod
         strategy.aggregate_train(server_round, sent)
         # the new global model, base + s B̄Ā, is the previous base plus Σ_k p_k s B_k A_k
         uploads = [protocol.decode_reply(r.content)[0] for r in sent]
-        counts = torch.tensor([float(strategy.nodes[m.metadata.dst_node_id].num_examples) for m in messages], dtype=torch.float64)
+        counts = torch.tensor(
+            [float(strategy.nodes[m.metadata.dst_node_id].num_examples) for m in messages], dtype=torch.float64
+        )
         weights = (counts / counts.sum()).tolist()
         delta = stack_to_delta(strategy.base_updates[-1])
         for m in modules:

@@ -81,7 +81,11 @@ def test_a_rank_above_d_in_and_mismatched_factors_are_refused():
     with pytest.raises(ValueError, match="different ranks"):
         svd_refactor(torch.zeros(3, 2, dtype=torch.float64), torch.zeros(3, 5, dtype=torch.float64))
     with pytest.raises(ValueError, match="sum to 1"):
-        fedsvd_pair([torch.zeros(3, 2, dtype=torch.float64)] * 2, torch.ones(2, dtype=torch.float64), lora_a=torch.zeros(2, 5, dtype=torch.float64))
+        fedsvd_pair(
+            [torch.zeros(3, 2, dtype=torch.float64)] * 2,
+            torch.ones(2, dtype=torch.float64),
+            lora_a=torch.zeros(2, 5, dtype=torch.float64),
+        )
 
 
 # ------------------------------------------------------------------------------ the strategy (mock replies)
@@ -106,16 +110,25 @@ def test_a_is_seeded_then_the_svd_basis_and_never_trained_nor_uploaded():
             group = instruction.plan.group_of("m.layer0.q.lora_A.weight")
             assert (group.train, group.upload) == (False, False)
             assert group.source == (protocol.Source.SEED if server_round == 1 else protocol.Source.MESSAGE)
-            assert set(protocol.decode_reply(rep.content)[0]) == {f"{m}.lora_B.weight" for m in replies.LAYERS} | {replies.HEAD}
+            assert set(protocol.decode_reply(rep.content)[0]) == {f"{m}.lora_B.weight" for m in replies.LAYERS} | {
+                replies.HEAD
+            }
             if server_round > 1:
-                assert torch.equal(instruction.tensors["m.layer0.q.lora_A.weight"], before["m.layer0.q.lora_A.weight"][: node.rank])
+                assert torch.equal(
+                    instruction.tensors["m.layer0.q.lora_A.weight"], before["m.layer0.q.lora_A.weight"][: node.rank]
+                )
         # the new factors: B_new A_new = B̄ A_prev, rows of A orthonormal
         uploads = [protocol.decode_reply(r.content)[0] for r in sent]
-        counts = torch.tensor([float(strategy.nodes[m.metadata.dst_node_id].num_examples) for m in messages], dtype=torch.float64)
+        counts = torch.tensor(
+            [float(strategy.nodes[m.metadata.dst_node_id].num_examples) for m in messages], dtype=torch.float64
+        )
         weights = counts / counts.sum()
         for m in replies.LAYERS:
             a_prev = before[f"{m}.lora_A.weight"].double()
-            target = sum(p * u[f"{m}.lora_B.weight"].double() @ a_prev[: u[f"{m}.lora_B.weight"].shape[1]] for p, u in zip(weights.tolist(), uploads))
+            target = sum(
+                p * u[f"{m}.lora_B.weight"].double() @ a_prev[: u[f"{m}.lora_B.weight"].shape[1]]
+                for p, u in zip(weights.tolist(), uploads)
+            )
             a, b = strategy.adapter[f"{m}.lora_A.weight"].double(), strategy.adapter[f"{m}.lora_B.weight"].double()
             torch.testing.assert_close(b @ a, target, rtol=0, atol=1e-5 * max(1.0, float(target.norm())))
             torch.testing.assert_close(a @ a.T, torch.eye(4, dtype=torch.float64), rtol=0, atol=1e-6)

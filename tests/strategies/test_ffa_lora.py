@@ -10,11 +10,11 @@ from hypothesis import strategies as st
 
 from fedpeft.protocol import wire as protocol
 from fedpeft.protocol.records import LORA_A_SUFFIX, from_record, resize_rank, seeded_tensors, state_nbytes, to_record
-from tests.strategies import draw
-from fedpeft.strategies.types import NodeInfo
 from fedpeft.strategies.fedavg import FedIT
 from fedpeft.strategies.ffa_lora import FFALoRA, ffa, ffa_aggregate
 from fedpeft.strategies.lora_math import ideal_delta
+from fedpeft.strategies.types import NodeInfo
+from tests.strategies import draw
 
 SETTINGS = settings(max_examples=40, deadline=None)
 LAYERS = ("m.layer0.q", "m.layer0.v", "m.layer1.q")
@@ -33,7 +33,9 @@ def initial_adapter(rank: int = 4, *, dim: int = 8, dtype=torch.float32) -> dict
 
 def strategy_with(ranks: dict[int, int], *, seed: int = 0, max_rank: int = 4) -> FFALoRA:
     strategy = FFALoRA(initial_adapter(max_rank), clients_per_round=len(ranks), seed=seed)
-    strategy.register_nodes([NodeInfo(node_id=100 + p, partition_id=p, rank=r, num_examples=10 + 7 * p) for p, r in ranks.items()])
+    strategy.register_nodes(
+        [NodeInfo(node_id=100 + p, partition_id=p, rank=r, num_examples=10 + 7 * p) for p, r in ranks.items()]
+    )
     return strategy
 
 
@@ -49,7 +51,9 @@ def replies_for(strategy, server_round: int, g: torch.Generator) -> list[Message
         received = from_record(msg.content[strategy.arrayrecord_key])
         upload = {k: v + torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in received.items()}
         metrics = MetricRecord({"num-examples": node.num_examples, "rank": node.rank, "train-loss": 1.0})
-        replies.append(Message(RecordDict({strategy.arrayrecord_key: to_record(upload), "metrics": metrics}), reply_to=msg))
+        replies.append(
+            Message(RecordDict({strategy.arrayrecord_key: to_record(upload), "metrics": metrics}), reply_to=msg)
+        )
     return replies
 
 
@@ -61,10 +65,18 @@ def test_the_global_a_is_the_seeded_draw_not_the_initial_one():
 
     assert strategy.a_seed == 0 + 7919
     for key in a_keys(strategy.adapter):
-        assert torch.equal(strategy.adapter[key], expected[key]) and not torch.equal(strategy.adapter[key], initial_adapter(4)[key])
+        assert torch.equal(strategy.adapter[key], expected[key]) and not torch.equal(
+            strategy.adapter[key], initial_adapter(4)[key]
+        )
     assert torch.equal(strategy.adapter[HEAD], initial_adapter(4)[HEAD])
-    assert all(torch.equal(FFALoRA(initial_adapter(4), clients_per_round=1, seed=0).adapter[k], strategy.adapter[k]) for k in a_keys(strategy.adapter))
-    assert not torch.equal(FFALoRA(initial_adapter(4), clients_per_round=1, seed=1).adapter[f"{LAYERS[0]}.lora_A.weight"], strategy.adapter[f"{LAYERS[0]}.lora_A.weight"])
+    assert all(
+        torch.equal(FFALoRA(initial_adapter(4), clients_per_round=1, seed=0).adapter[k], strategy.adapter[k])
+        for k in a_keys(strategy.adapter)
+    )
+    assert not torch.equal(
+        FFALoRA(initial_adapter(4), clients_per_round=1, seed=1).adapter[f"{LAYERS[0]}.lora_A.weight"],
+        strategy.adapter[f"{LAYERS[0]}.lora_A.weight"],
+    )
 
 
 @pytest.mark.parametrize("rank", [1, 2, 3, 4])
@@ -80,7 +92,13 @@ def test_no_payload_and_no_upload_holds_lora_a(rank):
     assert not a_keys(sent.tensors) and not a_keys(strategy.upload_keys(node, plan))
     assert set(sent.tensors) == strategy.upload_keys(node, plan) == set(strategy.adapter) - a_keys(strategy.adapter)
     a_group = plan.group_of("m.q.lora_A.weight")
-    assert (a_group.source, a_group.seed, a_group.seed_rank, a_group.train, a_group.upload) == (protocol.Source.SEED, strategy.a_seed, 4, False, False)
+    assert (a_group.source, a_group.seed, a_group.seed_rank, a_group.train, a_group.upload) == (
+        protocol.Source.SEED,
+        strategy.a_seed,
+        4,
+        False,
+        False,
+    )
     assert plan.rank == rank
     assert all(sent.tensors[k].shape[1] == rank for k in sent.tensors if k.endswith(".lora_B.weight"))
 
@@ -90,7 +108,12 @@ def test_an_upload_holding_lora_a_is_rejected():
     strategy = strategy_with({0: 2})
     (msg,) = strategy.configure_train(1, ArrayRecord(), ConfigRecord({}), grid=None)
     upload = resize_rank(strategy.adapter, 2)  # B, head *and* A
-    reply = Message(RecordDict({strategy.arrayrecord_key: to_record(upload), "metrics": MetricRecord({"num-examples": 10, "rank": 2})}), reply_to=msg)
+    reply = Message(
+        RecordDict(
+            {strategy.arrayrecord_key: to_record(upload), "metrics": MetricRecord({"num-examples": 10, "rank": 2})}
+        ),
+        reply_to=msg,
+    )
     before = {k: v.clone() for k, v in strategy.adapter.items()}
     # Execute
     arrays, _ = strategy.aggregate_train(1, [reply])
@@ -113,7 +136,9 @@ def test_every_client_rebuilds_the_servers_a_bit_for_bit_in_every_round():
         messages = list(strategy.configure_train(server_round, ArrayRecord(), ConfigRecord({}), grid=None))
         for msg in messages:
             node = strategy.nodes[msg.metadata.dst_node_id]
-            local = {k: torch.full_like(v, 99.0) for k, v in resize_rank(initial_adapter(4), node.rank).items()}  # stale client values
+            local = {
+                k: torch.full_like(v, 99.0) for k, v in resize_rank(initial_adapter(4), node.rank).items()
+            }  # stale client values
             sent = protocol.decode_instruction(msg.content)
             start = start_state(local, sent.tensors, plan=sent.plan, kept=None)
             # Assert: the first r_k rows of the server's r_max A, bit-identical
@@ -133,7 +158,9 @@ def test_seeded_a_of_a_smaller_rank_is_a_prefix_of_the_max_rank_draw(max_rank, d
 
     assert torch.equal(full, again) and torch.count_nonzero(full) == full.numel()
     for rank in range(1, max_rank + 1):
-        client = seeded_tensors(resize_rank(state, rank), ["m.q.lora_A.weight"], seed=seed, seed_rank=max_rank)["m.q.lora_A.weight"]
+        client = seeded_tensors(resize_rank(state, rank), ["m.q.lora_A.weight"], seed=seed, seed_rank=max_rank)[
+            "m.q.lora_A.weight"
+        ]
         assert torch.equal(client, full[:rank])
 
 
@@ -172,15 +199,25 @@ def test_whole_adapter_rule_keeps_a_averages_b_and_heads_with_zero_residual(sz):
         "m.q.lora_B.weight": torch.randn(sz["d_out"], r_max, generator=g, dtype=torch.float64),
         HEAD: torch.randn(2, sz["d_in"], generator=g, dtype=torch.float64),
     }
-    uploads = [{"m.q.lora_B.weight": torch.randn(sz["d_out"], r, generator=g, dtype=torch.float64), HEAD: torch.randn(2, sz["d_in"], generator=g, dtype=torch.float64)} for r in ranks]
+    uploads = [
+        {
+            "m.q.lora_B.weight": torch.randn(sz["d_out"], r, generator=g, dtype=torch.float64),
+            HEAD: torch.randn(2, sz["d_in"], generator=g, dtype=torch.float64),
+        }
+        for r in ranks
+    ]
     counts = torch.randint(1, 100, (len(ranks),), generator=g).double()
     weights = counts / counts.sum()
     # Execute
     out, residual = ffa(uploads, weights, shared=shared, rank=r_max)
     # Assert
     assert torch.equal(out["m.q.lora_A.weight"], shared["m.q.lora_A.weight"])
-    assert torch.equal(out["m.q.lora_B.weight"], ffa_aggregate([u["m.q.lora_B.weight"] for u in uploads], weights, rank=r_max))
-    torch.testing.assert_close(out[HEAD], sum(p * u[HEAD] for p, u in zip(weights.tolist(), uploads)), rtol=0, atol=1e-12)
+    assert torch.equal(
+        out["m.q.lora_B.weight"], ffa_aggregate([u["m.q.lora_B.weight"] for u in uploads], weights, rank=r_max)
+    )
+    torch.testing.assert_close(
+        out[HEAD], sum(p * u[HEAD] for p, u in zip(weights.tolist(), uploads)), rtol=0, atol=1e-12
+    )
     assert residual < 1e-12
 
 
@@ -232,5 +269,7 @@ def test_measured_uplink_and_downlink_bytes_exclude_a():
 
     report = strategy.reports[1]
     for node_id, node in strategy.nodes.items():
-        expected = state_nbytes({k: v for k, v in resize_rank(strategy.adapter, node.rank).items() if not k.endswith(LORA_A_SUFFIX)})
+        expected = state_nbytes(
+            {k: v for k, v in resize_rank(strategy.adapter, node.rank).items() if not k.endswith(LORA_A_SUFFIX)}
+        )
         assert report.bytes_up[node_id] == report.bytes_down[node_id] == expected

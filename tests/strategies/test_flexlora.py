@@ -84,7 +84,9 @@ def test_a_client_whose_rank_reaches_rank_g_receives_g_exactly(sz, scaling, clie
     # Execute
     lora_a, lora_b = rank_approximation(*factored_svd(p, q), rank=rank, scaling=client_scaling)
     # Assert
-    torch.testing.assert_close(client_scaling * lora_b @ lora_a, dense, rtol=0, atol=1e-10 * max(1.0, float(dense.norm())))
+    torch.testing.assert_close(
+        client_scaling * lora_b @ lora_a, dense, rtol=0, atol=1e-10 * max(1.0, float(dense.norm()))
+    )
 
 
 @draw.SETTINGS
@@ -112,7 +114,9 @@ def test_a_known_rank_one_update():
 
     sign = torch.sign(lora_b[0, 0])
     assert torch.allclose(lora_b, sign * torch.tensor([[2.0, 0.0], [0.0, 0.0]], dtype=torch.float64), atol=1e-12)
-    assert torch.allclose(lora_a, sign * torch.tensor([[0.0, 2.0, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(
+        lora_a, sign * torch.tensor([[0.0, 2.0, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64), atol=1e-12
+    )
     assert math.isclose(float(1.5 * (lora_b @ lora_a)[0, 1]), 6.0)
 
 
@@ -128,7 +132,9 @@ def test_bad_inputs_are_refused():
 
 # ------------------------------------------------------------------------------ the strategy
 def flex_with(ranks, *, clients_per_round: int, scaling: float = 2.0) -> FlexLoRA:
-    strategy = FlexLoRA(replies.initial_adapter(max(ranks)), clients_per_round=clients_per_round, seed=3, scaling=scaling)
+    strategy = FlexLoRA(
+        replies.initial_adapter(max(ranks)), clients_per_round=clients_per_round, seed=3, scaling=scaling
+    )
     strategy.register_nodes(replies.nodes(ranks))
     return strategy
 
@@ -140,10 +146,18 @@ def test_each_client_starts_from_the_best_rank_r_k_fit_of_the_last_global_update
     g = torch.Generator().manual_seed(5)
     messages, sent = replies.play_round(strategy, 1, g)
     uploads = [protocol.decode_reply(r.content)[0] for r in sent]
-    counts = torch.tensor([float(strategy.nodes[m.metadata.dst_node_id].num_examples) for m in messages], dtype=torch.float64)
+    counts = torch.tensor(
+        [float(strategy.nodes[m.metadata.dst_node_id].num_examples) for m in messages], dtype=torch.float64
+    )
     weights = counts / counts.sum()
     s = strategy.scaling
-    dense = {m: sum(p * s * u[f"{m}.lora_B.weight"].double() @ u[f"{m}.lora_A.weight"].double() for p, u in zip(weights.tolist(), uploads)) for m in replies.LAYERS}
+    dense = {
+        m: sum(
+            p * s * u[f"{m}.lora_B.weight"].double() @ u[f"{m}.lora_A.weight"].double()
+            for p, u in zip(weights.tolist(), uploads)
+        )
+        for m in replies.LAYERS
+    }
     # Execute
     round_two = replies.train_messages(strategy, 2)
     # Assert: s B_k A_k = G_{r_k}, the dense SVD truncation; ‖G − s B_k A_k‖² = Σ_{i>r_k} σ_i²
@@ -161,7 +175,11 @@ def test_each_client_starts_from_the_best_rank_r_k_fit_of_the_last_global_update
     global_model = strategy.global_model()
     assert global_model.rank == sum(ranks) and not global_model.base_updates
     for m, G in dense.items():
-        got = s * global_model.adapter[f"{m}.lora_B.weight"].double() @ global_model.adapter[f"{m}.lora_A.weight"].double()
+        got = (
+            s
+            * global_model.adapter[f"{m}.lora_B.weight"].double()
+            @ global_model.adapter[f"{m}.lora_A.weight"].double()
+        )
         torch.testing.assert_close(got, G, rtol=0, atol=1e-5 * float(G.norm()))
     assert strategy.reports[1].extra["residual"] < 1e-6
     assert strategy.reports[1].extra["truncation"] > 0.0  # r_max = 4 < rank(G)

@@ -70,19 +70,33 @@ def test_blocks_keep_the_client_order_in_both_factors(sz):
 
 
 def test_stacking_a_shuffled_client_order_gives_the_same_update():
-    sz = {"clients": 4, "d_in": 5, "d_out": 3, "ranks": [1, 3, 2, 4, 1], "scalings": [0.5, 2.0, 1.0, 4.0, 1.0], "seed": 11}
+    sz = {
+        "clients": 4,
+        "d_in": 5,
+        "d_out": 3,
+        "ranks": [1, 3, 2, 4, 1],
+        "scalings": [0.5, 2.0, 1.0, 4.0, 1.0],
+        "seed": 11,
+    }
     lora_as, lora_bs, weights, scalings, _ = factors(sz)
     perm = [2, 0, 3, 1]
 
     delta = stacked_delta(*stack_pair(lora_as, lora_bs, weights, scalings=scalings))
-    delta_perm = stacked_delta(*stack_pair([lora_as[i] for i in perm], [lora_bs[i] for i in perm], weights[perm], scalings=[scalings[i] for i in perm]))
+    delta_perm = stacked_delta(
+        *stack_pair(
+            [lora_as[i] for i in perm], [lora_bs[i] for i in perm], weights[perm], scalings=[scalings[i] for i in perm]
+        )
+    )
 
     torch.testing.assert_close(delta_perm, delta, rtol=0, atol=1e-12)
 
 
 def test_one_client_with_unit_weight_and_scaling_stacks_to_itself():
     g = torch.Generator().manual_seed(0)
-    lora_a, lora_b = torch.randn(3, 4, generator=g, dtype=torch.float64), torch.randn(5, 3, generator=g, dtype=torch.float64)
+    lora_a, lora_b = (
+        torch.randn(3, 4, generator=g, dtype=torch.float64),
+        torch.randn(5, 3, generator=g, dtype=torch.float64),
+    )
 
     a_stack, b_stack = stack_pair([lora_a], [lora_b], torch.ones(1, dtype=torch.float64), scalings=[1.0])
 
@@ -107,7 +121,9 @@ def test_stacked_delta_is_float64_and_bit_reproducible():
     delta = stacked_delta(a_stack, b_stack)
 
     assert delta.dtype == torch.float64
-    assert torch.equal(delta, stacked_delta(a_stack.clone(), b_stack.clone())) and torch.equal(delta, exact_product(b_stack, a_stack))
+    assert torch.equal(delta, stacked_delta(a_stack.clone(), b_stack.clone())) and torch.equal(
+        delta, exact_product(b_stack, a_stack)
+    )
     torch.testing.assert_close(delta, b_stack.double() @ a_stack.double(), rtol=0, atol=1e-12)
 
 

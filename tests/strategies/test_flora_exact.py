@@ -18,8 +18,8 @@ from fedpeft.clients.state import NodeStore
 from fedpeft.models.adapters import CachedModel
 from fedpeft.protocol import wire as protocol
 from fedpeft.protocol.records import from_record, resize_rank, stack_to_delta, to_record
-from fedpeft.strategies.types import NodeInfo
 from fedpeft.strategies.flora import FLoRA
+from fedpeft.strategies.types import NodeInfo
 
 RANKS = [4, 2, 1, 3]
 
@@ -31,8 +31,12 @@ def tiny_cached_model() -> CachedModel:
     from fedpeft.config.schema import LoraSettings, ModelConfig
 
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=20, num_labels=3)
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], modules_to_save=["classifier"], task_type=TaskType.SEQ_CLS)
+    config = BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=20, num_labels=3
+    )
+    lora = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["query", "value"], modules_to_save=["classifier"], task_type=TaskType.SEQ_CLS
+    )
     model = get_peft_model(BertForSequenceClassification(config), lora, adapter_name="r4")
     settings = ModelConfig(name_or_path="tiny", lora=LoraSettings(r=4, alpha=8, target_modules=["query", "value"]))
     return CachedModel(model=model, cfg=settings, device=torch.device("cpu"))
@@ -114,7 +118,10 @@ def test_flora_restarts_lora_and_sends_missed_stacks_only():
     cm = tiny_cached_model()
     cm.activate(4)
     strategy = FLoRA(cm.adapter_state(4), clients_per_round=1, seed=0, scaling=2.0)
-    nodes = [NodeInfo(node_id=1, partition_id=0, rank=4, num_examples=5), NodeInfo(node_id=2, partition_id=1, rank=2, num_examples=5)]
+    nodes = [
+        NodeInfo(node_id=1, partition_id=0, rank=4, num_examples=5),
+        NodeInfo(node_id=2, partition_id=1, rank=2, num_examples=5),
+    ]
     strategy.register_nodes(nodes)
     FLORA_TEMPLATE.update(cm.adapter_state(4))
     for server_round in (1, 2, 3):
@@ -122,9 +129,16 @@ def test_flora_restarts_lora_and_sends_missed_stacks_only():
         msg = msgs[0]
         node = strategy.nodes[msg.metadata.dst_node_id]
         plan = protocol.decode_instruction(msg.content).plan
-        assert sorted(plan.base.updates) == list(range(strategy.synced.get(node.partition_id, 0) + 1, len(strategy.base_updates) + 1))
-        assert all(not k.endswith(("lora_A.weight", "lora_B.weight")) for k in msg.content["arrays"])  # fresh LoRA: A from a seed, B = 0
-        assert plan.group_of("m.lora_A.weight").source == protocol.Source.SEED and plan.group_of("m.lora_B.weight").source == protocol.Source.ZERO
+        assert sorted(plan.base.updates) == list(
+            range(strategy.synced.get(node.partition_id, 0) + 1, len(strategy.base_updates) + 1)
+        )
+        assert all(
+            not k.endswith(("lora_A.weight", "lora_B.weight")) for k in msg.content["arrays"]
+        )  # fresh LoRA: A from a seed, B = 0
+        assert (
+            plan.group_of("m.lora_A.weight").source == protocol.Source.SEED
+            and plan.group_of("m.lora_B.weight").source == protocol.Source.ZERO
+        )
         strategy.aggregate_train(server_round, [reply_for(msg, node, seed=server_round)])
         assert all(torch.count_nonzero(v) == 0 for k, v in strategy.adapter.items() if k.endswith("lora_B.weight"))
 

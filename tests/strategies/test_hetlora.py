@@ -35,8 +35,14 @@ def test_the_norm_from_factors_is_the_dense_frobenius_norm(sz):
 def test_sparsity_weights_sum_to_one_and_follow_examples_times_update_norm(sz, scaling):
     # Prepare: two layers per client, the oracle from dense products
     lora_as, lora_bs, counts = clients(sz)
-    states = [{"m.q.lora_A.weight": a, "m.q.lora_B.weight": b, "m.v.lora_A.weight": 2 * a, "m.v.lora_B.weight": b} for a, b in zip(lora_as, lora_bs)]
-    dense = [scaling * float(torch.cat([(b @ a).flatten(), (b @ (2 * a)).flatten()]).norm()) for a, b in zip(lora_as, lora_bs)]
+    states = [
+        {"m.q.lora_A.weight": a, "m.q.lora_B.weight": b, "m.v.lora_A.weight": 2 * a, "m.v.lora_B.weight": b}
+        for a, b in zip(lora_as, lora_bs)
+    ]
+    dense = [
+        scaling * float(torch.cat([(b @ a).flatten(), (b @ (2 * a)).flatten()]).norm())
+        for a, b in zip(lora_as, lora_bs)
+    ]
     # Execute
     weights = sparsity_weights([client_norm(s, scaling=scaling) for s in states], counts)
     # Assert

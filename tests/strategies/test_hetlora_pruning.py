@@ -11,13 +11,13 @@ import pytest
 import torch
 from flwr.app import Message
 
-from fedpeft.clients.job import lora_factors, tail_norm
-from fedpeft.protocol import wire as protocol
-from fedpeft.engines.batched import BatchedGrid
 from fedpeft.cli.checks import check_config
 from fedpeft.cli.configs import compose_config
-from fedpeft.protocol.wire import ClientPlan, ProtocolError, RankPruning
+from fedpeft.clients.job import tail_norm
+from fedpeft.engines.batched import BatchedGrid
+from fedpeft.protocol import wire as protocol
 from fedpeft.protocol.records import resize_rank
+from fedpeft.protocol.wire import ClientPlan, ProtocolError, RankPruning
 from fedpeft.server.loop import run_federated
 from fedpeft.strategies.hetlora import HetLoRA
 from tests.strategies import replies
@@ -30,7 +30,13 @@ PRUNE = RankPruning(decay=0.5, weight=0.1, min_rank=1)
 def test_the_pruned_rank_is_the_floor_of_decay_times_rank_and_never_below_the_minimum():
     assert [RankPruning(decay=0.99, weight=0.01).pruned_rank(r) for r in (16, 8, 2, 1)] == [15, 7, 1, 1]
     assert [RankPruning(decay=0.5, weight=0.0, min_rank=3).pruned_rank(r) for r in (16, 5, 3, 2)] == [8, 3, 3, 2]
-    for bad in ({"decay": 1.0, "weight": 0.1}, {"decay": 0.0, "weight": 0.1}, {"decay": 0.5, "weight": -1.0}, {"decay": 0.5, "weight": float("nan")}, {"decay": 0.5, "weight": 0.1, "min_rank": 0}):
+    for bad in (
+        {"decay": 1.0, "weight": 0.1},
+        {"decay": 0.0, "weight": 0.1},
+        {"decay": 0.5, "weight": -1.0},
+        {"decay": 0.5, "weight": float("nan")},
+        {"decay": 0.5, "weight": 0.1, "min_rank": 0},
+    ):
         with pytest.raises(ProtocolError):
             RankPruning(**bad)
 
@@ -46,7 +52,10 @@ def test_a_pruning_plan_travels_and_a_partial_or_rankless_one_is_refused():
         protocol.decode_plan(record)
     with pytest.raises(ProtocolError, match="needs a LoRA rank"):
         ClientPlan(groups=protocol.single_group(), server_round=1, rank=None, prune=PRUNE)
-    frozen_a = (protocol.GroupPlan(roles={protocol.LORA_A}, source=protocol.Source.SEED, seed=1, train=False, upload=False), protocol.GroupPlan(roles={protocol.LORA_B, protocol.OTHER}))
+    frozen_a = (
+        protocol.GroupPlan(roles={protocol.LORA_A}, source=protocol.Source.SEED, seed=1, train=False, upload=False),
+        protocol.GroupPlan(roles={protocol.LORA_B, protocol.OTHER}),
+    )
     with pytest.raises(ProtocolError, match="both LoRA factors"):
         ClientPlan(groups=frozen_a, server_round=1, rank=4, prune=PRUNE)
 
@@ -54,9 +63,17 @@ def test_a_pruning_plan_travels_and_a_partial_or_rankless_one_is_refused():
 # ------------------------------------------------------------------------------ the client's penalty
 def test_the_tail_norm_is_the_sum_over_layers_of_the_tail_factors_norms_and_moves_only_the_tail():
     g = torch.Generator().manual_seed(0)
-    factors = [(torch.randn(4, 7, generator=g, dtype=torch.float64, requires_grad=True), torch.randn(5, 4, generator=g, dtype=torch.float64, requires_grad=True)) for _ in range(3)]
+    factors = [
+        (
+            torch.randn(4, 7, generator=g, dtype=torch.float64, requires_grad=True),
+            torch.randn(5, 4, generator=g, dtype=torch.float64, requires_grad=True),
+        )
+        for _ in range(3)
+    ]
     value = tail_norm(factors, 2)
-    expected = sum(float(torch.sqrt((b.detach()[:, 2:] ** 2).sum()) * torch.sqrt((a.detach()[2:] ** 2).sum())) for a, b in factors)
+    expected = sum(
+        float(torch.sqrt((b.detach()[:, 2:] ** 2).sum()) * torch.sqrt((a.detach()[2:] ** 2).sum())) for a, b in factors
+    )
     assert float(value.detach()) == pytest.approx(expected, rel=1e-12)
     value.backward()
     for a, b in factors:
@@ -70,7 +87,12 @@ def pruned_reply(strategy: HetLoRA, msg: Message, g: torch.Generator, rank: int)
     node = strategy.nodes[msg.metadata.dst_node_id]
     template = resize_rank(strategy.adapter, rank)
     upload = {k: torch.randn(template[k].shape, generator=g) for k in template}
-    return Message(protocol.encode_reply(upload, {protocol.NUM_EXAMPLES: node.num_examples, protocol.RANK: rank, protocol.TRAIN_LOSS: 1.0}), reply_to=msg)
+    return Message(
+        protocol.encode_reply(
+            upload, {protocol.NUM_EXAMPLES: node.num_examples, protocol.RANK: rank, protocol.TRAIN_LOSS: 1.0}
+        ),
+        reply_to=msg,
+    )
 
 
 def test_a_client_that_pruned_itself_is_sent_its_new_rank_from_then_on_and_through_a_resume():
@@ -82,14 +104,19 @@ def test_a_client_that_pruned_itself_is_sent_its_new_rank_from_then_on_and_throu
     messages = replies.train_messages(strategy, 1)
     assert all(protocol.decode_instruction(m.content).plan.prune == PRUNE for m in messages)
     by_partition = {strategy.nodes[m.metadata.dst_node_id].partition_id: m for m in messages}
-    strategy.aggregate_train(1, [pruned_reply(strategy, by_partition[0], g, 2), replies.reply(strategy, by_partition[1], g)])
+    strategy.aggregate_train(
+        1, [pruned_reply(strategy, by_partition[0], g, 2), replies.reply(strategy, by_partition[1], g)]
+    )
     # Assert
     assert strategy.reports[1].rejected == [] and sorted(c["rank"] for c in strategy.reports[1].clients) == [2, 4]
     restored = HetLoRA(replies.initial_adapter(4), clients_per_round=2, seed=0, prune=PRUNE)
     restored.register_nodes(replies.nodes([4, 4]))
     restored.load_state_dict(strategy.state_dict())
     for s in (strategy, restored):
-        sent = {s.nodes[m.metadata.dst_node_id].partition_id: protocol.decode_instruction(m.content) for m in replies.train_messages(s, 2)}
+        sent = {
+            s.nodes[m.metadata.dst_node_id].partition_id: protocol.decode_instruction(m.content)
+            for m in replies.train_messages(s, 2)
+        }
         assert [sent[p].plan.rank for p in (0, 1)] == [2, 4]
         assert sent[0].tensors[f"{replies.LAYERS[0]}.lora_A.weight"].shape[0] == 2
         assert sent[0].plan.reply_ranks() == (2, 1)
@@ -106,10 +133,23 @@ def test_a_reply_at_a_rank_the_plan_does_not_allow_is_rejected():
 
 
 # ------------------------------------------------------------------------------ a whole run
-@pytest.mark.parametrize("engine", ["ray", "batched"])  # ray: the in-process grid answering through the ClientApp, as a Ray worker does
+@pytest.mark.parametrize(
+    "engine", ["ray", "batched"]
+)  # ray: the in-process grid answering through the ClientApp, as a Ray worker does
 def test_clients_prune_their_rank_over_a_run_and_upload_exactly_the_pruned_adapter(tmp_path, tiny_model, engine):  # noqa: F811
     # Prepare: a heavy penalty, so the tails fade
-    cfg = compose_config([*tiny_model, "strategy=hetlora", "num_rounds=4", "model.lora.r=4", "strategy.ranks=[4,4,2]", "strategy.prune_decay=0.5", "strategy.prune_weight=10.0", f"engine={engine}"])
+    cfg = compose_config(
+        [
+            *tiny_model,
+            "strategy=hetlora",
+            "num_rounds=4",
+            "model.lora.r=4",
+            "strategy.ranks=[4,4,2]",
+            "strategy.prune_decay=0.5",
+            "strategy.prune_weight=10.0",
+            f"engine={engine}",
+        ]
+    )
     batched = BatchedGrid(num_nodes=3, clients_per_pass=2, seed=cfg.seed) if engine == "batched" else None
     # Execute
     rows = run_federated(cfg, batched or grid(), tmp_path / "run")
@@ -117,7 +157,9 @@ def test_clients_prune_their_rank_over_a_run_and_upload_exactly_the_pruned_adapt
         assert batched.passes == []
     # Assert
     assert not any(r["clients_rejected"] or r["clients_failed"] for r in rows)
-    assert all(c["tail_norm_before"] == 0.0 and c["rank"] in (4, 2) for c in rows[0]["clients"])  # B = 0: nothing to prune in round 1
+    assert all(
+        c["tail_norm_before"] == 0.0 and c["rank"] in (4, 2) for c in rows[0]["clients"]
+    )  # B = 0: nothing to prune in round 1
     current, pruning = {0: 4, 1: 4, 2: 2}, RankPruning(decay=0.5, weight=10.0)
     for row in rows:
         for c in row["clients"]:
@@ -125,7 +167,9 @@ def test_clients_prune_their_rank_over_a_run_and_upload_exactly_the_pruned_adapt
             assert c["rank"] == (pruning.pruned_rank(rank) if c["tail_norm_after"] < c["tail_norm_before"] else rank)
             current[c["partition"]] = c["rank"]
     assert current != {0: 4, 1: 4, 2: 2}, "nobody pruned"
-    adapter = torch.load(tmp_path / "run" / "checkpoint.pt", map_location="cpu", weights_only=False)["strategy"]["adapter"]
+    adapter = torch.load(tmp_path / "run" / "checkpoint.pt", map_location="cpu", weights_only=False)["strategy"][
+        "adapter"
+    ]
     for row in rows:  # what went up is the adapter at the reply's rank, nothing more
         for c in row["clients"]:
             assert c["bytes_up"] == sum(v.numel() * v.element_size() for v in resize_rank(adapter, c["rank"]).values())

@@ -11,12 +11,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedpeft.protocol.records import from_record, resize_rank, to_record
-from tests.strategies import draw
 from fedpeft.strategies import STRATEGIES
-from fedpeft.strategies.types import NodeInfo
 from fedpeft.strategies.fedavg import fedit, fedit_pair
-from fedpeft.strategies.lora_fair import LoRAFAIR, cosine_dissimilarity, fair_correction_cosine, fair_correction_frobenius, lora_fair
+from fedpeft.strategies.lora_fair import (
+    LoRAFAIR,
+    cosine_dissimilarity,
+    fair_correction_cosine,
+    fair_correction_frobenius,
+    lora_fair,
+)
 from fedpeft.strategies.lora_math import ideal_delta
+from fedpeft.strategies.types import NodeInfo
+from tests.strategies import draw
 
 SETTINGS = settings(max_examples=40, deadline=None)
 A, B, HEAD = "m.q.lora_A.weight", "m.q.lora_B.weight", "m.head.weight"
@@ -61,7 +67,9 @@ def test_the_corrected_residual_is_never_larger_than_fedavgs(sz, lam, method):
     lora_as, lora_bs, weights, ranks = factors(sz)
     states = [{A: a, B: b} for a, b in zip(lora_as, lora_bs)]
     # Execute
-    out, fair_residual, fedavg_residual = lora_fair(states, weights, rank=max(ranks), method=method, lam=lam, steps=STEPS, lr=LR)
+    out, fair_residual, fedavg_residual = lora_fair(
+        states, weights, rank=max(ranks), method=method, lam=lam, steps=STEPS, lr=LR
+    )
     # Assert
     _, plain_residual = fedit(states, weights, rank=max(ranks))
     assert fedavg_residual == pytest.approx(plain_residual, abs=1e-12)
@@ -76,7 +84,10 @@ def test_the_cosine_correction_never_lowers_the_cosine(sz, lam):
     delta_b = fair_correction_cosine(delta_w, lora_a, lora_b, lam=lam, steps=STEPS, lr=LR)
 
     assert delta_b.shape == lora_b.shape and delta_b.dtype == torch.float64
-    assert cosine_dissimilarity(delta_w, (lora_b + delta_b) @ lora_a) <= cosine_dissimilarity(delta_w, lora_b @ lora_a) + 1e-12
+    assert (
+        cosine_dissimilarity(delta_w, (lora_b + delta_b) @ lora_a)
+        <= cosine_dissimilarity(delta_w, lora_b @ lora_a) + 1e-12
+    )
 
 
 @SETTINGS
@@ -99,7 +110,10 @@ def test_the_correction_is_exactly_zero_when_all_clients_are_identical(sz, metho
 
 def test_the_cosine_correction_is_zero_when_there_is_no_direction_to_match():
     g = torch.Generator().manual_seed(0)
-    lora_a, lora_b = torch.randn(2, 4, generator=g, dtype=torch.float64), torch.randn(3, 2, generator=g, dtype=torch.float64)
+    lora_a, lora_b = (
+        torch.randn(2, 4, generator=g, dtype=torch.float64),
+        torch.randn(3, 2, generator=g, dtype=torch.float64),
+    )
     # B̄ = 0 exactly: two equally weighted clients with opposite B and different A, so ΔW ≠ 0 = B̄Ā
     other_a = torch.randn(2, 4, generator=g, dtype=torch.float64)
     weights = torch.tensor([0.5, 0.5], dtype=torch.float64)
@@ -108,7 +122,12 @@ def test_the_cosine_correction_is_zero_when_there_is_no_direction_to_match():
     assert torch.count_nonzero(b_bar) == 0 and delta_w.norm() > 0
 
     assert torch.count_nonzero(fair_correction_cosine(delta_w, a_bar, b_bar, lam=0.01, steps=STEPS, lr=LR)) == 0
-    assert torch.count_nonzero(fair_correction_cosine(torch.zeros(3, 4, dtype=torch.float64), lora_a, lora_b, lam=0.01, steps=STEPS, lr=LR)) == 0
+    assert (
+        torch.count_nonzero(
+            fair_correction_cosine(torch.zeros(3, 4, dtype=torch.float64), lora_a, lora_b, lam=0.01, steps=STEPS, lr=LR)
+        )
+        == 0
+    )
     assert torch.count_nonzero(fair_correction_cosine(delta_w, lora_a, lora_b, lam=0.01, steps=0, lr=LR)) == 0
 
 
@@ -118,7 +137,10 @@ def test_the_cosine_correction_improves_a_generic_round():
     # Execute
     delta_b = fair_correction_cosine(delta_w, lora_a, lora_b, lam=0.01, steps=50, lr=0.01)
     # Assert
-    before, after = cosine_dissimilarity(delta_w, lora_b @ lora_a), cosine_dissimilarity(delta_w, (lora_b + delta_b) @ lora_a)
+    before, after = (
+        cosine_dissimilarity(delta_w, lora_b @ lora_a),
+        cosine_dissimilarity(delta_w, (lora_b + delta_b) @ lora_a),
+    )
     assert after < 0.9 * before
     assert residual(delta_w, lora_a, lora_b + delta_b) < residual(delta_w, lora_a, lora_b)
 
@@ -159,7 +181,10 @@ def test_frobenius_without_regulariser_reaches_the_best_fit_in_the_row_space_of_
 def test_frobenius_residual_grows_with_the_regulariser(sz):
     delta_w, lora_a, lora_b = layer(sz)
 
-    residuals = [residual(delta_w, lora_a, lora_b + fair_correction_frobenius(delta_w, lora_a, lora_b, lam=lam)) for lam in (1e-3, 0.1, 10.0, 1e3)]
+    residuals = [
+        residual(delta_w, lora_a, lora_b + fair_correction_frobenius(delta_w, lora_a, lora_b, lam=lam))
+        for lam in (1e-3, 0.1, 10.0, 1e3)
+    ]
 
     assert all(x <= y + 1e-10 for x, y in zip(residuals, residuals[1:]))
     assert residuals[-1] <= residual(delta_w, lora_a, lora_b) + 1e-12
@@ -168,7 +193,11 @@ def test_frobenius_residual_grows_with_the_regulariser(sz):
 # ------------------------------------------------------------------------------ the strategy
 def initial_adapter(rank: int = 4) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    return {A: torch.randn(rank, 6, generator=g, dtype=torch.float64), B: torch.randn(5, rank, generator=g, dtype=torch.float64), HEAD: torch.randn(3, 6, generator=g, dtype=torch.float64)}
+    return {
+        A: torch.randn(rank, 6, generator=g, dtype=torch.float64),
+        B: torch.randn(5, rank, generator=g, dtype=torch.float64),
+        HEAD: torch.randn(3, 6, generator=g, dtype=torch.float64),
+    }
 
 
 def test_lora_fair_is_registered_and_validates_its_options():
@@ -195,23 +224,42 @@ def test_aggregate_train_applies_the_rule_to_the_accepted_replies(method):
     # Prepare: heterogeneous ranks, real reply Messages
     ranks, counts = (1, 3, 4), (4, 9, 20)
     strategy = LoRAFAIR(initial_adapter(4), clients_per_round=3, seed=0, method=method, steps=STEPS, lr=LR)
-    strategy.register_nodes([NodeInfo(node_id=50 + p, partition_id=p, rank=r, num_examples=n) for p, (r, n) in enumerate(zip(ranks, counts))])
+    strategy.register_nodes(
+        [
+            NodeInfo(node_id=50 + p, partition_id=p, rank=r, num_examples=n)
+            for p, (r, n) in enumerate(zip(ranks, counts))
+        ]
+    )
     g = torch.Generator().manual_seed(9)
-    uploads = {p: {k: torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in resize_rank(strategy.adapter, r).items()} for p, r in enumerate(ranks)}
+    uploads = {
+        p: {k: torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in resize_rank(strategy.adapter, r).items()}
+        for p, r in enumerate(ranks)
+    }
     replies = []
     for msg in strategy.configure_train(1, ArrayRecord(), ConfigRecord({}), grid=None):
         node = strategy.nodes[msg.metadata.dst_node_id]
         sent = from_record(msg.content[strategy.arrayrecord_key])
-        assert set(sent) == {A, B, HEAD} and torch.equal(sent[A], strategy.adapter[A][: node.rank])  # clients start from the stored adapter
+        assert set(sent) == {A, B, HEAD} and torch.equal(
+            sent[A], strategy.adapter[A][: node.rank]
+        )  # clients start from the stored adapter
         metrics = MetricRecord({"num-examples": node.num_examples, "rank": node.rank, "train-loss": 1.0})
-        replies.append(Message(RecordDict({strategy.arrayrecord_key: to_record(uploads[node.partition_id]), "metrics": metrics}), reply_to=msg))
+        replies.append(
+            Message(
+                RecordDict({strategy.arrayrecord_key: to_record(uploads[node.partition_id]), "metrics": metrics}),
+                reply_to=msg,
+            )
+        )
     weights = torch.tensor(counts, dtype=torch.float64) / sum(counts)
-    expected, fair_residual, fedavg_residual = lora_fair([uploads[p] for p in range(3)], weights, rank=4, method=method, lam=0.01, steps=STEPS, lr=LR)
+    expected, fair_residual, fedavg_residual = lora_fair(
+        [uploads[p] for p in range(3)], weights, rank=4, method=method, lam=0.01, steps=STEPS, lr=LR
+    )
     # Execute
     arrays, _ = strategy.aggregate_train(1, replies)
     # Assert
     assert all(torch.equal(strategy.adapter[k], v) for k, v in expected.items())
     assert all(torch.equal(from_record(arrays)[k], v) for k, v in expected.items())
     extra = strategy.reports[1].extra
-    assert extra["residual"] == pytest.approx(fair_residual) and extra["fedavg_residual"] == pytest.approx(fedavg_residual)
+    assert extra["residual"] == pytest.approx(fair_residual) and extra["fedavg_residual"] == pytest.approx(
+        fedavg_residual
+    )
     assert extra["residual"] < extra["fedavg_residual"]

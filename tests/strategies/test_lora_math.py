@@ -20,6 +20,7 @@ def pad_a(lora_a, rank):
 def pad_b(lora_b, rank):
     return resize_factor(lora_b, rank, dim=1)
 
+
 SETTINGS = settings(max_examples=40, deadline=None)
 
 
@@ -100,7 +101,13 @@ def test_weighted_sum_refuses_tensors_of_different_shapes_and_wrong_weights():
 
 # ------------------------------------------------------------------------------ resize_factor (pad / cut)
 @SETTINGS
-@given(r=st.integers(1, 5), extra=st.integers(0, 4), d_in=st.integers(1, 6), d_out=st.integers(1, 6), seed=st.integers(0, 10_000))
+@given(
+    r=st.integers(1, 5),
+    extra=st.integers(0, 4),
+    d_in=st.integers(1, 6),
+    d_out=st.integers(1, 6),
+    seed=st.integers(0, 10_000),
+)
 def test_padding_appends_zeros_and_keeps_the_product(r, extra, d_in, d_out, seed):
     # Prepare
     g = torch.Generator().manual_seed(seed)
@@ -173,7 +180,10 @@ def test_relative_residual_of_zero_updates_is_zero():
 @given(seed=st.integers(0, 10_000), scale=st.floats(1e-3, 1e3))
 def test_relative_residual_is_scale_free(seed, scale):
     g = torch.Generator().manual_seed(seed)
-    delta_w, approx = torch.randn(4, 5, generator=g, dtype=torch.float64), torch.randn(4, 5, generator=g, dtype=torch.float64)
+    delta_w, approx = (
+        torch.randn(4, 5, generator=g, dtype=torch.float64),
+        torch.randn(4, 5, generator=g, dtype=torch.float64),
+    )
 
     plain = relative_residual([residual_parts(delta_w, approx)])
     scaled = relative_residual([residual_parts(scale * delta_w, scale * approx)])

@@ -7,9 +7,9 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedpeft.protocol.records import resize_rank, to_record
-from tests.strategies import draw
 from fedpeft.strategies import STRATEGIES
 from fedpeft.strategies.types import NodeInfo
+from tests.strategies import draw
 
 NODE = NodeInfo(node_id=7, partition_id=0, rank=2, num_examples=12)
 
@@ -105,11 +105,12 @@ def test_a_well_formed_update_is_accepted(rule):
     strategy = strategy_for(rule)
     msg = list(strategy.configure_train(1, ArrayRecord(), ConfigRecord({}), grid=None))[0]
     metrics = {"num-examples": NODE.num_examples, "rank": NODE.rank, "train-loss": 0.7}
-    reply = Message(RecordDict({"arrays": to_record(good_state(strategy)), "metrics": MetricRecord(metrics)}), reply_to=msg)
+    reply = Message(
+        RecordDict({"arrays": to_record(good_state(strategy)), "metrics": MetricRecord(metrics)}), reply_to=msg
+    )
     arrays, out = strategy.aggregate_train(1, [reply])
     assert arrays is not None and strategy.reports[1].clients and not strategy.reports[1].rejected
     assert out["train-loss"] == pytest.approx(0.7)
-
 
 
 def test_client_sampling_is_seeded_and_independent_of_node_ids():
@@ -117,7 +118,9 @@ def test_client_sampling_is_seeded_and_independent_of_node_ids():
 
     def picks(seed: int, id_offset: int) -> list[list[int]]:
         strategy = STRATEGIES["fedavg"](adapter(), clients_per_round=3, seed=seed)
-        strategy.register_nodes([NodeInfo(node_id=id_offset + 97 * k, partition_id=k, rank=2, num_examples=10) for k in range(8)])
+        strategy.register_nodes(
+            [NodeInfo(node_id=id_offset + 97 * k, partition_id=k, rank=2, num_examples=10) for k in range(8)]
+        )
         return [[strategy.nodes[n].partition_id for n in strategy.sample(r)] for r in range(1, 6)]
 
     assert picks(3, 1000) == picks(3, 5) and picks(3, 5) != picks(4, 5)

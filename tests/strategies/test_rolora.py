@@ -44,7 +44,9 @@ def test_a_b_round_is_exact_with_the_shared_a(sz):
     lora_b = rolora_aggregate(lora_bs, weights, factor="lora_B", rank=max(ranks))
     # Assert
     assert lora_b.shape == (sz["d_out"], max(ranks))
-    torch.testing.assert_close(lora_b @ shared_a, explicit(weights, [b @ shared_a[: b.shape[1]] for b in lora_bs]), rtol=0, atol=1e-10)
+    torch.testing.assert_close(
+        lora_b @ shared_a, explicit(weights, [b @ shared_a[: b.shape[1]] for b in lora_bs]), rtol=0, atol=1e-10
+    )
 
 
 @draw.SETTINGS
@@ -60,7 +62,9 @@ def test_an_a_round_is_exact_with_the_shared_b(sz):
     lora_a = rolora_aggregate(lora_as, weights, factor="lora_A", rank=max(ranks))
     # Assert
     assert lora_a.shape == (max(ranks), sz["d_in"])
-    torch.testing.assert_close(shared_b @ lora_a, explicit(weights, [shared_b[:, : a.shape[0]] @ a for a in lora_as]), rtol=0, atol=1e-10)
+    torch.testing.assert_close(
+        shared_b @ lora_a, explicit(weights, [shared_b[:, : a.shape[0]] @ a for a in lora_as]), rtol=0, atol=1e-10
+    )
 
 
 @draw.SETTINGS
@@ -81,10 +85,14 @@ def test_over_alternating_rounds_the_frozen_factor_never_moves_and_every_round_i
         new = rolora_aggregate(trained, weights, factor=factor, rank=r)
         # Assert
         if factor == "lora_B":
-            torch.testing.assert_close(new @ shared, explicit(weights, [b @ shared for b in trained]), rtol=0, atol=1e-10)
+            torch.testing.assert_close(
+                new @ shared, explicit(weights, [b @ shared for b in trained]), rtol=0, atol=1e-10
+            )
             lora_b = new
         else:
-            torch.testing.assert_close(shared @ new, explicit(weights, [shared @ a for a in trained]), rtol=0, atol=1e-10)
+            torch.testing.assert_close(
+                shared @ new, explicit(weights, [shared @ a for a in trained]), rtol=0, atol=1e-10
+            )
             lora_a = new
         assert (lora_a if factor == "lora_B" else lora_b) is shared  # the frozen factor is the same object
 
@@ -112,11 +120,17 @@ def test_each_round_uploads_exactly_one_factor_and_sends_the_other_identically_t
             instruction = protocol.decode_instruction(msg.content)
             group = instruction.plan.group_of(f"m.layer0.q{frozen}")
             assert (group.train, group.upload) == (False, False)
-            assert {k for k in strategy.upload_keys(node, instruction.plan) if "lora" in k} == {f"{m}{trained}" for m in replies.LAYERS}
-            assert set(protocol.decode_reply(rep.content)[0]) == {f"{m}{trained}" for m in replies.LAYERS} | {replies.HEAD}
+            assert {k for k in strategy.upload_keys(node, instruction.plan) if "lora" in k} == {
+                f"{m}{trained}" for m in replies.LAYERS
+            }
+            assert set(protocol.decode_reply(rep.content)[0]) == {f"{m}{trained}" for m in replies.LAYERS} | {
+                replies.HEAD
+            }
             for m in replies.LAYERS:
                 dim = 0 if frozen == ".lora_A.weight" else 1
-                assert torch.equal(instruction.tensors[f"{m}{frozen}"], before[f"{m}{frozen}"].narrow(dim, 0, node.rank))
+                assert torch.equal(
+                    instruction.tensors[f"{m}{frozen}"], before[f"{m}{frozen}"].narrow(dim, 0, node.rank)
+                )
         for m in replies.LAYERS:  # the frozen factor did not move on the server
             assert torch.equal(strategy.adapter[f"{m}{frozen}"], before[f"{m}{frozen}"])
         assert strategy.reports[server_round].extra["residual"] < 1e-6  # exact every round

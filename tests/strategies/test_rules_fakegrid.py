@@ -14,14 +14,23 @@ import pytest
 import torch
 
 import fedpeft.clients.app
+from fedpeft.cli.configs import compose_config
 from fedpeft.clients.state import NodeStore
 from fedpeft.models import adapters as models
 from fedpeft.protocol import wire as protocol
-from fedpeft.cli.configs import compose_config
 from fedpeft.server.loop import run_federated
 from tests.fakegrid import InProcessGrid
 
-SMALL = ["+exp=smoke", "num_clients=3", "clients_per_round=2", "data.max_samples=60", "model.max_length=32", "client.local_steps=2", "save_adapter=false", "eval_every=100"]
+SMALL = [
+    "+exp=smoke",
+    "num_clients=3",
+    "clients_per_round=2",
+    "data.max_samples=60",
+    "model.max_length=32",
+    "client.local_steps=2",
+    "save_adapter=false",
+    "eval_every=100",
+]
 B_SUFFIX, A_SUFFIX = ".lora_B.weight", ".lora_A.weight"
 
 
@@ -43,7 +52,9 @@ class Recorder:
         def recording_encode(job, result):
             reply = encode(job, result)
             if protocol.ARRAYS_RECORD in reply.content.array_records:
-                self.uploads.append((job.plan.server_round, job.partition_id, set(reply.content.array_records[protocol.ARRAYS_RECORD])))
+                self.uploads.append(
+                    (job.plan.server_round, job.partition_id, set(reply.content.array_records[protocol.ARRAYS_RECORD]))
+                )
             return reply
 
         monkeypatch.setattr(fedpeft.clients.app, "train_jobs", recording_train_jobs)
@@ -60,7 +71,10 @@ class StopAtRound(InProcessGrid):
     def push_messages(self, messages):
         messages = list(messages)
         for msg in messages:
-            if protocol.PLAN_RECORD in msg.content.config_records and msg.content.config_records[protocol.PLAN_RECORD][protocol.SERVER_ROUND] == self.stop:
+            if (
+                protocol.PLAN_RECORD in msg.content.config_records
+                and msg.content.config_records[protocol.PLAN_RECORD][protocol.SERVER_ROUND] == self.stop
+            ):
                 raise KeyboardInterrupt(f"killed before round {self.stop}")
         return super().push_messages(messages)
 
@@ -75,7 +89,14 @@ def tiny_model(tmp_path_factory) -> list[str]:
     path = tmp_path_factory.mktemp("tiny-bert")
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("embedded:minilm"))
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37, max_position_embeddings=64)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=64,
+    )
     BertModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return [*SMALL, f"model.name_or_path={path}"]
@@ -104,7 +125,9 @@ def test_fedsa_lora_keeps_each_b_on_its_node_bit_for_bit_across_rounds_and_a_res
     with pytest.raises(KeyboardInterrupt):
         run_federated(cfg, grid(StopAtRound, stop=2), tmp_path / "killed")
     models.clear_cache()
-    resumed_cfg = compose_config([*tiny_model, "strategy.name=fedsa_lora", "num_rounds=3", "seed=2", f"resume={tmp_path / 'killed'}"])
+    resumed_cfg = compose_config(
+        [*tiny_model, "strategy.name=fedsa_lora", "num_rounds=3", "seed=2", f"resume={tmp_path / 'killed'}"]
+    )
     run_federated(resumed_cfg, grid(), tmp_path / "killed")
     # Assert: no upload ever holds a B
     assert recorder.uploads and not any(k.endswith(B_SUFFIX) for _, _, keys in recorder.uploads for k in keys)
@@ -114,7 +137,9 @@ def test_fedsa_lora_keeps_each_b_on_its_node_bit_for_bit_across_rounds_and_a_res
         b_keys = sorted(k for k in start if k.endswith(B_SUFFIX))
         for key in b_keys:
             expected = last[partition].get(key)
-            assert torch.equal(start[key], expected) if expected is not None else torch.count_nonzero(start[key]) == 0, (server_round, partition, key)
+            assert (
+                torch.equal(start[key], expected) if expected is not None else torch.count_nonzero(start[key]) == 0
+            ), (server_round, partition, key)
         last[partition] = {k: after[k] for k in b_keys}
         assert any(not torch.equal(after[k], start[k]) for k in b_keys)  # B did train
     for partition, trained in last.items():  # what the node keeps on disk is that B
@@ -123,14 +148,20 @@ def test_fedsa_lora_keeps_each_b_on_its_node_bit_for_bit_across_rounds_and_a_res
     # the resumed run ends with the same node state and the same metrics as the uninterrupted one
     for partition in range(3):
         a, b = kept(tmp_path / "reference", partition), kept(tmp_path / "killed", partition)
-        assert (a is None) == (b is None) and (a is None or (a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)))
-    resumed = [r for r in __import__("fedpeft.reporting.metrics", fromlist=["read_metrics"]).read_metrics(tmp_path / "killed")]
+        assert (a is None) == (b is None) and (
+            a is None or (a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a))
+        )
+    resumed = [
+        r for r in __import__("fedpeft.reporting.metrics", fromlist=["read_metrics"]).read_metrics(tmp_path / "killed")
+    ]
     same = ["round", "train_loss", "bytes_up", "bytes_down", "personal_accuracy"]
     assert [[r.get(k) for k in same] for r in resumed] == [[r.get(k) for k in same] for r in rows]
     assert all(r["personal_accuracy"] is not None for r in rows)
 
 
-def test_rolora_alternates_the_trained_factor_and_keeps_the_frozen_one_identical_everywhere(tmp_path, monkeypatch, tiny_model):
+def test_rolora_alternates_the_trained_factor_and_keeps_the_frozen_one_identical_everywhere(
+    tmp_path, monkeypatch, tiny_model
+):
     # Prepare
     recorder = Recorder(monkeypatch)
     cfg = compose_config([*tiny_model, "strategy.name=rolora", "num_rounds=3", "clients_per_round=3"])
@@ -166,9 +197,21 @@ BYTES = {
     "fedex_lora": (False, None, lambda t, s: nbytes(s, heads=True)),
     "flexlora": (True, lambda t, s: nbytes(s, heads=True), lambda t, s: nbytes(s, heads=True)),
     "hetlora": (True, lambda t, s: nbytes(s, heads=True), lambda t, s: nbytes(s, heads=True)),
-    "fedsa_lora": (True, lambda t, s: nbytes(s, (A_SUFFIX,), heads=True), lambda t, s: nbytes(s, (A_SUFFIX,), heads=False)),
-    "rolora": (True, lambda t, s: nbytes(s, heads=True), lambda t, s: nbytes(s, (B_SUFFIX if t % 2 else A_SUFFIX,), heads=True)),
-    "fedsvd": (True, lambda t, s: nbytes(s, (B_SUFFIX,) if t == 1 else None, heads=True), lambda t, s: nbytes(s, (B_SUFFIX,), heads=True)),
+    "fedsa_lora": (
+        True,
+        lambda t, s: nbytes(s, (A_SUFFIX,), heads=True),
+        lambda t, s: nbytes(s, (A_SUFFIX,), heads=False),
+    ),
+    "rolora": (
+        True,
+        lambda t, s: nbytes(s, heads=True),
+        lambda t, s: nbytes(s, (B_SUFFIX if t % 2 else A_SUFFIX,), heads=True),
+    ),
+    "fedsvd": (
+        True,
+        lambda t, s: nbytes(s, (B_SUFFIX,) if t == 1 else None, heads=True),
+        lambda t, s: nbytes(s, (B_SUFFIX,), heads=True),
+    ),
 }
 
 
@@ -182,7 +225,9 @@ def test_every_new_rule_runs_the_server_loop_with_exact_bytes(tmp_path, monkeypa
     # Execute
     rows = run_federated(cfg, grid(), tmp_path / "run")
     # Assert: every round aggregated; bytes per client are exactly what the plan moves
-    assert [r["clients_replied"] for r in rows] == [2, 2, 2] and not any(r["clients_rejected"] or r["clients_failed"] for r in rows)
+    assert [r["clients_replied"] for r in rows] == [2, 2, 2] and not any(
+        r["clients_rejected"] or r["clients_failed"] for r in rows
+    )
     after = {(t, p): state for t, p, _, state in recorder.jobs}
     for row in rows:
         for client in row["clients"]:
@@ -198,7 +243,16 @@ def test_every_new_rule_runs_the_server_loop_with_exact_bytes(tmp_path, monkeypa
 
 @pytest.mark.parametrize("rule", ["fedsvd", "rolora"])  # the new rules of the DP table (each run costs seconds)
 def test_the_dp_rules_train_through_the_dp_client_path(tmp_path, tiny_model, rule):
-    cfg = compose_config([*tiny_model, f"strategy.name={rule}", "num_rounds=2", "client=dp", "client.dp.target_epsilon=null", "client.dp.noise_multiplier=1.0"])
+    cfg = compose_config(
+        [
+            *tiny_model,
+            f"strategy.name={rule}",
+            "num_rounds=2",
+            "client=dp",
+            "client.dp.target_epsilon=null",
+            "client.dp.noise_multiplier=1.0",
+        ]
+    )
 
     rows = run_federated(cfg, grid(), tmp_path / "run")
 

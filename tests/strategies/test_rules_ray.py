@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedpeft.clients.state import NodeStore
 from fedpeft.cli.configs import compose_config
+from fedpeft.clients.state import NodeStore
 from fedpeft.run import execute
 
 pytestmark = pytest.mark.slow
@@ -14,7 +14,18 @@ pytestmark = pytest.mark.slow
 
 def test_fedsa_lora_on_ray_keeps_b_on_the_nodes_and_reports_personal_accuracy(tmp_path):
     # Prepare: heterogeneous ranks, tiny cut (the brief's size for a Ray run)
-    cfg = compose_config(["+exp=smoke", "strategy=fedsa_lora", "strategy.ranks=[4,2,1]", "model.lora.r=4", "num_rounds=2", "clients_per_round=2", "data.max_samples=60", "save_adapter=false"])
+    cfg = compose_config(
+        [
+            "+exp=smoke",
+            "strategy=fedsa_lora",
+            "strategy.ranks=[4,2,1]",
+            "model.lora.r=4",
+            "num_rounds=2",
+            "clients_per_round=2",
+            "data.max_samples=60",
+            "save_adapter=false",
+        ]
+    )
     # Execute
     rows = execute(cfg, tmp_path)
     # Assert: every round aggregated, uplink is A only (half of the LoRA factors, no head)

@@ -12,14 +12,14 @@ from typing import Any
 import pytest
 import torch
 
-from fedpeft.config.schema import StrategyConfig
 from fedpeft.cli.configs import compose_config
-from fedpeft.protocol.wire import LORA_A, LORA_B, OTHER, GroupPlan, Source
+from fedpeft.config.schema import StrategyConfig
 from fedpeft.protocol.records import State
+from fedpeft.protocol.wire import LORA_A, LORA_B, OTHER, GroupPlan, Source
 from fedpeft.strategies import STRATEGIES
 from fedpeft.strategies.base import LoRAStrategy
-from fedpeft.strategies.types import ClientUpdate, NodeInfo
 from fedpeft.strategies.lora_math import weighted_sum
+from fedpeft.strategies.types import ClientUpdate, NodeInfo
 
 
 @dataclass
@@ -46,7 +46,9 @@ class PersonalHead(LoRAStrategy):
         )
 
     def evaluation_plan(self, node: NodeInfo, server_round: int):
-        return self.personal_evaluation(node, server_round, personal=frozenset({OTHER}), fallback=Source.MESSAGE)  # each client's own head
+        return self.personal_evaluation(
+            node, server_round, personal=frozenset({OTHER}), fallback=Source.MESSAGE
+        )  # each client's own head
 
     def aggregate(self, updates: list[ClientUpdate], weights: torch.Tensor, server_round: int) -> dict[str, float]:
         for key in updates[0].state:
@@ -55,11 +57,24 @@ class PersonalHead(LoRAStrategy):
         return {}
 
     @classmethod
-    def from_config(cls, cfg: Any, initial_adapter: State) -> "PersonalHead":
-        return cls(initial_adapter, clients_per_round=cfg.clients_per_round, seed=cfg.seed, min_clients=cfg.min_clients, damping=cfg.strategy.damping)
+    def from_config(cls, cfg: Any, initial_adapter: State) -> PersonalHead:
+        return cls(
+            initial_adapter,
+            clients_per_round=cfg.clients_per_round,
+            seed=cfg.seed,
+            min_clients=cfg.min_clients,
+            damping=cfg.strategy.damping,
+        )
 
 
-TINY = ["num_rounds=2", "num_clients=2", "clients_per_round=2", "client.local_steps=2", "data.max_samples=60", "model.max_length=32"]
+TINY = [
+    "num_rounds=2",
+    "num_clients=2",
+    "clients_per_round=2",
+    "client.local_steps=2",
+    "data.max_samples=60",
+    "model.max_length=32",
+]
 
 
 def test_the_rules_options_come_from_its_own_dataclass(monkeypatch):

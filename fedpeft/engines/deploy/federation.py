@@ -52,7 +52,9 @@ class LocalFederation:
     :meth:`close`, also when a run fails.
     """
 
-    def __init__(self, workdir: Path, node_configs: list[dict[str, Any]], *, tls: bool = True, auth: bool = True) -> None:
+    def __init__(
+        self, workdir: Path, node_configs: list[dict[str, Any]], *, tls: bool = True, auth: bool = True
+    ) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.node_configs = node_configs
@@ -66,17 +68,33 @@ class LocalFederation:
     def _start(self, name: str, cmd: list[str]) -> subprocess.Popen:
         log_path = self.workdir / f"{name}.log"
         with open(log_path, "w") as out:
-            proc = subprocess.Popen(cmd, env=flwr_env(self.flwr_home), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(
+                cmd, env=flwr_env(self.flwr_home), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
         self.procs[name] = proc
         return proc
 
-    def start(self) -> "LocalFederation":
+    def start(self) -> LocalFederation:
         bin_dir = Path(sys.executable).parent
-        superlink = [str(bin_dir / "flower-superlink"), "--host", "127.0.0.1", "--port", str(self.port), "--disable-runtime-dependency-installation"]
+        superlink = [
+            str(bin_dir / "flower-superlink"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--disable-runtime-dependency-installation",
+        ]
         if self.tls:
             certs = make_certificates(self.workdir / "certs", ["127.0.0.1", "localhost"])
             self.ca = certs["ca.crt"]
-            superlink += ["--ssl-ca-certfile", str(certs["ca.crt"]), "--ssl-certfile", str(certs["server.pem"]), "--ssl-keyfile", str(certs["server.key"])]
+            superlink += [
+                "--ssl-ca-certfile",
+                str(certs["ca.crt"]),
+                "--ssl-certfile",
+                str(certs["server.pem"]),
+                "--ssl-keyfile",
+                str(certs["server.key"]),
+            ]
         else:
             superlink.append("--insecure")
         if self.auth:
@@ -87,12 +105,25 @@ class LocalFederation:
         for k, node_config in enumerate(self.node_configs):
             if "state-dir" in node_config:
                 Path(str(node_config["state-dir"])).mkdir(parents=True, exist_ok=True)
-            supernode = [sys.executable, "-m", "fedpeft.deploy", "supernode", "--superlink", self.address, "--port", str(free_port()), "--node-config", _node_config(node_config)]
+            supernode = [
+                sys.executable,
+                "-m",
+                "fedpeft.deploy",
+                "supernode",
+                "--superlink",
+                self.address,
+                "--port",
+                str(free_port()),
+                "--node-config",
+                _node_config(node_config),
+            ]
             supernode += ["--root-certificates", str(self.ca)] if self.tls else ["--insecure"]
             if self.auth:
                 key, pub = make_node_key(self.workdir / "keys" / f"node{k}")
                 register = [str(bin_dir / "flwr"), "supernode", "register", str(pub), "fedpeft"]
-                done = subprocess.run(register, env=flwr_env(self.flwr_home), capture_output=True, text=True, timeout=120)
+                done = subprocess.run(
+                    register, env=flwr_env(self.flwr_home), capture_output=True, text=True, timeout=120
+                )
                 if done.returncode != 0:
                     raise DeployError(f"registering node {k} failed: {done.stdout[-800:]} {done.stderr[-800:]}")
                 supernode += ["--auth-supernode-private-key", str(key)]
@@ -101,7 +132,11 @@ class LocalFederation:
 
     def config_overrides(self) -> dict[str, Any]:
         """The ``deploy.*`` settings that submit a run to this federation."""
-        return {"superlink": self.address, "root_certificates": str(self.ca) if self.ca else None, "insecure": not self.tls}
+        return {
+            "superlink": self.address,
+            "root_certificates": str(self.ca) if self.ca else None,
+            "insecure": not self.tls,
+        }
 
     def kill(self, name: str) -> None:
         proc = self.procs.get(name)
@@ -116,7 +151,7 @@ class LocalFederation:
         for name in reversed(list(self.procs)):
             self.kill(name)
 
-    def __enter__(self) -> "LocalFederation":
+    def __enter__(self) -> LocalFederation:
         try:
             return self.start()
         except BaseException:

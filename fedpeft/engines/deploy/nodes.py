@@ -49,7 +49,11 @@ def check_node_config(node_config: dict[str, Any]) -> None:
     one), a ``state-dir`` that exists and is writable, a positive ``rank`` (if it has one)."""
     pid = node_config.get("partition-id")
     if not isinstance(pid, int) or isinstance(pid, bool) or pid < 0:
-        raise NodeConfigError(f"partition-id must be an integer >= 0, got {pid!r}" if pid is not None else "no partition-id (the node's index, 0 ... num_clients-1)")
+        raise NodeConfigError(
+            f"partition-id must be an integer >= 0, got {pid!r}"
+            if pid is not None
+            else "no partition-id (the node's index, 0 ... num_clients-1)"
+        )
     if "data-path" in node_config:
         path = Path(str(node_config["data-path"])).expanduser()
         if not path.exists():
@@ -59,10 +63,16 @@ def check_node_config(node_config: dict[str, Any]) -> None:
         if path.is_dir() and not any(path.iterdir()):
             raise NodeConfigError(f"data-path {str(path)!r} is an empty folder (expected <label>/<doc>.txt files)")
     if "state-dir" not in node_config:
-        raise NodeConfigError("no state-dir (the node's disk state: base updates of a rule that moves the base, kept tensors, the DP ledger, its data cache)")
+        raise NodeConfigError(
+            "no state-dir (the node's disk state: base updates of a rule that moves the base, kept tensors, the DP ledger, its data cache)"
+        )
     state = Path(str(node_config["state-dir"])).expanduser()
     if not state.is_dir():
-        raise NodeConfigError(f"state-dir {str(state)!r} does not exist (create it: mkdir -p {state})" if not state.exists() else f"state-dir {str(state)!r} is not a folder")
+        raise NodeConfigError(
+            f"state-dir {str(state)!r} does not exist (create it: mkdir -p {state})"
+            if not state.exists()
+            else f"state-dir {str(state)!r} is not a folder"
+        )
     if not os.access(state, os.R_OK | os.W_OK | os.X_OK):
         raise NodeConfigError(f"state-dir {str(state)!r} is not readable and writable by this user")
     if "rank" in node_config and (not isinstance(node_config["rank"], int) or node_config["rank"] < 1):
@@ -80,13 +90,18 @@ def supernode_command(argv: list[str]) -> list[str]:
     parser.add_argument("--auth-supernode-private-key")
     known, _ = parser.parse_known_args(argv)
     if not known.node_config:
-        raise NodeConfigError('no --node-config "partition-id=<k> state-dir=\'<folder>\' [data-path=\'<folder or file>\'] [rank=<r>]"')
+        raise NodeConfigError(
+            "no --node-config \"partition-id=<k> state-dir='<folder>' [data-path='<folder or file>'] [rank=<r>]\""
+        )
     try:
         node_config = parse_config_args([known.node_config])
     except ValueError as err:
         raise NodeConfigError(f"--node-config cannot be read: {err}") from None
     check_node_config(node_config)
-    for flag, value in (("--root-certificates", known.root_certificates), ("--auth-supernode-private-key", known.auth_supernode_private_key)):
+    for flag, value in (
+        ("--root-certificates", known.root_certificates),
+        ("--auth-supernode-private-key", known.auth_supernode_private_key),
+    ):
         if value and not os.access(Path(value).expanduser(), os.R_OK):
             raise NodeConfigError(f"{flag} {value!r}: no such readable file")
     supernode = Path(sys.executable).with_name("flower-supernode")

@@ -24,11 +24,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedpeft.reporting.lines import round_line
 from fedpeft.config.schema import Config, DeployConfig, to_json
 from fedpeft.engines.deploy.serverapp import DONE, FAILED
 from fedpeft.protocol.wire import FEDPEFT_CONFIG, RUN_DIR
 from fedpeft.reporting import status
+from fedpeft.reporting.lines import round_line
 from fedpeft.reporting.metrics import read_metrics
 
 log = logging.getLogger("fedpeft")
@@ -94,7 +94,9 @@ def check_deploy_config(cfg: Config) -> None:
         raise ValueError(f"deploy.superlink must be host:port, got {dep.superlink!r}")
     if not dep.insecure:
         if not dep.root_certificates:
-            raise ValueError("mode=deploy uses TLS: set deploy.root_certificates=<CA certificate> (or deploy.insecure=true on a trusted network)")
+            raise ValueError(
+                "mode=deploy uses TLS: set deploy.root_certificates=<CA certificate> (or deploy.insecure=true on a trusted network)"
+            )
         if not Path(dep.root_certificates).expanduser().is_file():
             raise ValueError(f"deploy.root_certificates: no such file {dep.root_certificates!r}")
 
@@ -139,7 +141,9 @@ class Progress:
                 row = json.loads(line)
                 self.rows.append(row)
                 elapsed = time.perf_counter() - self.started
-                eta = elapsed / len(self.rows) * max(self.num_rounds - row["round"], 0)  # as a simulated run's MetricsWriter
+                eta = (
+                    elapsed / len(self.rows) * max(self.num_rounds - row["round"], 0)
+                )  # as a simulated run's MetricsWriter
                 log.info("%s", round_line(row, num_rounds=self.num_rounds, elapsed=elapsed, eta=eta))
 
 
@@ -168,7 +172,9 @@ def submit(cfg: Config, run_dir: Path) -> list[dict[str, Any]]:
     with open(run_dir / "flwr-run.log", "w") as out:
         # Its own session: a Ctrl-C at the terminal reaches this process only; fedpeft.run's handler
         # then stops the run on the SuperLink (stop_submitted)
-        proc = subprocess.Popen(cmd, env=flwr_env(flwr_home), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, env=flwr_env(flwr_home), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
         try:
             wait_for_run(cfg, proc, run_dir, results_dir, progress)
         finally:
@@ -200,7 +206,9 @@ def wait_for_run(cfg: Config, proc: subprocess.Popen, run_dir: Path, results_dir
                 return
             ended = ended or time.monotonic()
             if time.monotonic() - ended > 60:
-                raise DeployError(f"the run ended without finishing its rounds (see {run_dir / 'flwr-run.log'}): {tail(run_dir / 'flwr-run.log')}")
+                raise DeployError(
+                    f"the run ended without finishing its rounds (see {run_dir / 'flwr-run.log'}): {tail(run_dir / 'flwr-run.log')}"
+                )
         if time.monotonic() > deadline:
             raise DeployError(f"the deployed run did not finish within deploy.timeout={cfg.deploy.timeout} s")
         time.sleep(0.5)
@@ -211,7 +219,11 @@ def stop_submitted(run_dir: Path, *, timeout: float = 30.0) -> str:
 
     ``flwr run`` printed the run id into ``flwr-run.log``; ``flwr stop`` asks the SuperLink to end it.
     """
-    found = re.search(r"Successfully started run (\d+)", (run_dir / "flwr-run.log").read_text(errors="replace")) if (run_dir / "flwr-run.log").exists() else None
+    found = (
+        re.search(r"Successfully started run (\d+)", (run_dir / "flwr-run.log").read_text(errors="replace"))
+        if (run_dir / "flwr-run.log").exists()
+        else None
+    )
     if found is None:
         return "no run had been started on the SuperLink"
     run_id = found.group(1)
