@@ -19,6 +19,7 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from fedpeft.config.schema import Config, evaluates
+from fedpeft.data.partition import prepare
 from fedpeft.models import adapters as models
 from fedpeft.models.adapters import client_ranks
 from fedpeft.protocol import wire as protocol
