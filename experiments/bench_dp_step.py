@@ -11,6 +11,7 @@ warm-up. Writes ``<out>.json`` and ``<out>.md``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -100,7 +101,8 @@ def bench(name: str, build, steps: int) -> dict:
     plain = time_steps(lambda: train_local(model, [batch], num_steps=1, lr=1e-4), steps)
     out = {"model": name, "batch": BATCH, "seq": SEQ, "plain_s": plain}
     for mode in ("opacus", "lora"):
-        step = lambda: train_local_dp(
+        step = functools.partial(
+            train_local_dp,
             model,
             data,
             Collator(0),
@@ -112,7 +114,7 @@ def bench(name: str, build, steps: int) -> dict:
             seed=0,
             mode=mode,
             batches=plan,
-        )  # noqa: E731
+        )
         out[f"{mode}_s"] = time_steps(step, steps)
         out[f"{mode}_ratio"] = out[f"{mode}_s"] / plain
     return out

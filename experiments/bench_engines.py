@@ -47,7 +47,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fedpeft.cli.configs import compose_config
+from fedpeft.cli.configs import compose_config  # noqa: E402
 from fedpeft.config.schema import Config  # noqa: E402
 from fedpeft.data.encoding import encode, make_loader  # noqa: E402
 from fedpeft.data.partition import prepare  # noqa: E402

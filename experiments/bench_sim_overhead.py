@@ -63,7 +63,7 @@ def plain_loop(cfg: Config) -> tuple[float, float]:
         for k in range(cfg.num_clients)
     }
     rng = random.Random(cfg.seed)
-    for server_round in range(1, cfg.num_rounds + 1):
+    for _ in range(cfg.num_rounds):
         sampled = sorted(rng.sample(range(cfg.num_clients), cfg.clients_per_round))
         states, counts = [], []
         for pid in sampled:

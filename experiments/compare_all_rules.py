@@ -570,7 +570,9 @@ def main() -> None:
                 continue
             grid = args.local_lrs if setting == "local" and args.local_lrs else args.lrs
             lrs[name], scores = pick_rate(
-                lambda lr: score(read_metrics(run(setting, None, args.seeds[0], lr))), grid, widen=args.widen
+                lambda lr: score(read_metrics(run(setting, None, args.seeds[0], lr))),  # noqa: B023  (called at once)
+                grid,
+                widen=args.widen,
             )
             print(f"[compare_all_rules] {name}: score by lr {scores}; picked {lrs[name]:g}", flush=True)
             found[(setting, name)] = [
@@ -598,7 +600,7 @@ def main() -> None:
             continue
         # accuracy first, loss breaks ties; a non-DP pick goes on to --rounds in step 2
         lrs[name], scores = pick_rate(
-            lambda lr: sweep_score(run(setting, rule, args.seeds[0], lr, rounds=args.sweep_rounds), args.sweep_rounds),
+            lambda lr: sweep_score(run(setting, rule, args.seeds[0], lr, rounds=args.sweep_rounds), args.sweep_rounds),  # noqa: B023  (called at once)
             args.lrs,
             widen=args.widen,
         )

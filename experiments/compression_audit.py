@@ -242,9 +242,14 @@ def exposure_sweep(args, out: Path) -> list[str]:
         f"audit.canary_repeats={args.canary_repeats}",
         f"audit.max_examples={args.audit_examples}",
     ]
-    privacy = lambda eps: (
-        [] if math.isinf(eps) else ["client=dp", f"client.dp.target_epsilon={eps}", "client.dp.noise_multiplier=null"]
-    )  # noqa: E731
+
+    def privacy(eps: float) -> list[str]:
+        return (
+            []
+            if math.isinf(eps)
+            else ["client=dp", f"client.dp.target_epsilon={eps}", "client.dp.noise_multiplier=null"]
+        )
+
     name = f"canary-n{args.llm_max_samples or 0}-r{args.llm_rounds}-s{args.llm_steps}-lr{args.llm_lr:g}"
     for eps, seed, run_dir, rows in privacy_runs(args, out, name, base, privacy):
         audit = json.loads((run_dir / "audit.json").read_text())

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
@@ -93,6 +93,14 @@ class LoRAStrategy(FedAvg):
         self.sent: dict[int, ClientPlan] = {}  # node id -> the plan of its latest train message
 
     # ------------------------------------------------------------------ hooks for the rules
+
+    @property
+    def lora_rank(self) -> int:
+        """The global LoRA rank, for a rule whose peft methods all have ranks (refused at start otherwise)."""
+        if self.max_rank is None:
+            raise ValueError(f"{self.name} works on LoRA factors, and this adapter has none")
+        return self.max_rank
+
     def groups(self, node: NodeInfo, server_round: int) -> tuple[GroupPlan, ...]:
         """What ``node`` does with each group of adapter tensors in ``server_round``.
 
@@ -228,7 +236,7 @@ class LoRAStrategy(FedAvg):
         """One train message per sampled node; ``config`` may carry the round's ``attempt``."""
         report = self.reports.setdefault(server_round, RoundReport())
         report.sampled = self.sample(server_round)
-        attempt = int(config.get(protocol.ATTEMPT, 0))
+        attempt = int(cast(int, config.get(protocol.ATTEMPT, 0)))
         messages = []
         for node_id in report.sampled:
             node = self.nodes[node_id]
@@ -266,7 +274,7 @@ class LoRAStrategy(FedAvg):
                     "round %d: evaluation on node %s failed: %s",
                     server_round,
                     msg.metadata.src_node_id,
-                    short_reason(msg.error.reason) if msg.has_error() else "unknown node",
+                    short_reason(msg.error.reason or "") if msg.has_error() else "unknown node",
                 )
                 continue
             try:

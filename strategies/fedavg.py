@@ -35,16 +35,21 @@ def fedit_pair(
     return lora_a, lora_b
 
 
-def fedit(states: Sequence[Mapping[str, torch.Tensor]], weights: torch.Tensor, *, rank: int) -> tuple[State, float]:
+def fedit(
+    states: Sequence[Mapping[str, torch.Tensor]], weights: torch.Tensor, *, rank: int | None
+) -> tuple[State, float]:
     """FedIT over whole adapters: every LoRA pair and head averaged; returns (adapter, residual).
 
     ``states[k]`` are peft state dicts of possibly different ranks with the same keys. The residual
     is ``‖ΔW* − B̄Ā‖ / ‖ΔW*‖`` over all layers (scaling is common to all ranks, see LoraSettings).
+    ``rank`` is None only for a peft method without LoRA pairs.
     """
     pairs, others = split_state(states[0])
     out: State = {}
     parts = []
     for pair in pairs:
+        if rank is None:
+            raise ValueError("fedit: LoRA pairs need the global rank to pad to")
         lora_as = [s[pair.a_key] for s in states]
         lora_bs = [s[pair.b_key] for s in states]
         lora_a, lora_b = fedit_pair(lora_as, lora_bs, weights, rank=rank)

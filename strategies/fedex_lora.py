@@ -117,7 +117,7 @@ class FedExLoRA(LoRAStrategy):
 
     def register_nodes(self, nodes: Iterable[NodeInfo]) -> None:
         nodes = list(nodes)
-        check_equal_ranks(self.name, [n.rank for n in nodes], max_rank=self.max_rank)
+        check_equal_ranks(self.name, [n.rank for n in nodes if n.rank is not None], max_rank=self.max_rank)
         super().register_nodes(nodes)
 
     def aggregate(self, updates: list[ClientUpdate], weights: torch.Tensor, server_round: int) -> dict[str, float]:
@@ -147,7 +147,7 @@ class FedExLoRA(LoRAStrategy):
     def check_config(cls, cfg: Any) -> None:
         from fedpeft.models.adapters import client_ranks  # local: keeps transformers off the import of the rule's math
 
-        check_equal_ranks(cls.name, client_ranks(cfg), max_rank=None)
+        check_equal_ranks(cls.name, [r for r in client_ranks(cfg) if r is not None], max_rank=None)
 
     @classmethod
     def from_config(cls, cfg: Any, initial_adapter: State) -> FedExLoRA:

@@ -91,14 +91,18 @@ class FedSALoRA(LoRAStrategy):
 
     def groups(self, node: NodeInfo, server_round: int) -> tuple[GroupPlan, ...]:
         # B_k lives on the node: from its state (zero on a node that never trained), never uploaded.
-        personal = GroupPlan(roles={LORA_B}, source=Source.NODE, fallback=Source.ZERO, upload=False, keep=True)
+        personal = GroupPlan(
+            roles=frozenset({LORA_B}), source=Source.NODE, fallback=Source.ZERO, upload=False, keep=True
+        )
         if self.keep_head:  # the head too, starting from the initial head the message carries
             return (
-                GroupPlan(roles={LORA_A}, source=Source.MESSAGE),
+                GroupPlan(roles=frozenset({LORA_A}), source=Source.MESSAGE),
                 personal,
-                GroupPlan(roles={OTHER}, source=Source.NODE, fallback=Source.MESSAGE, upload=False, keep=True),
+                GroupPlan(
+                    roles=frozenset({OTHER}), source=Source.NODE, fallback=Source.MESSAGE, upload=False, keep=True
+                ),
             )
-        return (GroupPlan(roles={LORA_A, OTHER}, source=Source.MESSAGE), personal)
+        return (GroupPlan(roles=frozenset({LORA_A, OTHER}), source=Source.MESSAGE), personal)
 
     def evaluation_plan(self, node: NodeInfo, server_round: int) -> ClientPlan:
         # Ā from the message; B_k (and the head) from the node's state, as in training.
@@ -128,7 +132,7 @@ class FedSALoRA(LoRAStrategy):
         pairs, heads = split_state(self.adapter)
         for pair in pairs:
             self.adapter[pair.a_key] = fedsa_aggregate(
-                [u.state[pair.a_key] for u in updates], weights, rank=self.max_rank
+                [u.state[pair.a_key] for u in updates], weights, rank=self.lora_rank
             )
         if not self.keep_head:
             for key in heads:

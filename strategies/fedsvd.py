@@ -98,12 +98,17 @@ class FedSVD(LoRAStrategy):
 
     def groups(self, node: NodeInfo, server_round: int) -> tuple[GroupPlan, ...]:
         if self.refactored:
-            frozen = GroupPlan(roles={LORA_A}, source=Source.MESSAGE, train=False, upload=False)
+            frozen = GroupPlan(roles=frozenset({LORA_A}), source=Source.MESSAGE, train=False, upload=False)
         else:
             frozen = GroupPlan(
-                roles={LORA_A}, source=Source.SEED, seed=self.a_seed, seed_rank=self.max_rank, train=False, upload=False
+                roles=frozenset({LORA_A}),
+                source=Source.SEED,
+                seed=self.a_seed,
+                seed_rank=self.max_rank,
+                train=False,
+                upload=False,
             )
-        return (frozen, GroupPlan(roles={LORA_B, OTHER}, source=Source.MESSAGE))
+        return (frozen, GroupPlan(roles=frozenset({LORA_B, OTHER}), source=Source.MESSAGE))
 
     def aggregate(self, updates: list[ClientUpdate], weights: torch.Tensor, server_round: int) -> dict[str, float]:
         pairs, heads = split_state(self.adapter)

@@ -85,13 +85,18 @@ class FFALoRA(LoRAStrategy):
         return (
             # A: regenerated from the shared seed at r_max (a rank-r client keeps its first r rows), frozen, never sent.
             GroupPlan(
-                roles={LORA_A}, source=Source.SEED, seed=self.a_seed, seed_rank=self.max_rank, train=False, upload=False
+                roles=frozenset({LORA_A}),
+                source=Source.SEED,
+                seed=self.a_seed,
+                seed_rank=self.lora_rank,
+                train=False,
+                upload=False,
             ),
-            GroupPlan(roles={LORA_B, OTHER}, source=Source.MESSAGE),
+            GroupPlan(roles=frozenset({LORA_B, OTHER}), source=Source.MESSAGE),
         )
 
     def aggregate(self, updates: list[ClientUpdate], weights: torch.Tensor, server_round: int) -> dict[str, float]:
-        self.adapter, residual = ffa([u.state for u in updates], weights, shared=self.adapter, rank=self.max_rank)
+        self.adapter, residual = ffa([u.state for u in updates], weights, shared=self.adapter, rank=self.lora_rank)
         return {"residual": residual}
 
     def state_dict(self) -> dict[str, Any]:

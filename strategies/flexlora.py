@@ -102,7 +102,7 @@ class FlexLoRA(LoRAStrategy):
 
     def aggregate(self, updates: list[ClientUpdate], weights: torch.Tensor, server_round: int) -> dict[str, float]:
         pairs, heads = split_state(updates[0].state)
-        full_rank = sum(u.rank for u in updates)
+        full_rank = sum(u.rank for u in updates if u.rank is not None)
         full: State = {}
         parts, kept = [], []
         for pair in pairs:
@@ -111,7 +111,7 @@ class FlexLoRA(LoRAStrategy):
             a_stack, b_stack = stack_pair(lora_as, lora_bs, weights, scalings=[self.scaling] * len(updates))
             u, sigma, vh = factored_svd(b_stack.to(torch.float64), a_stack.to(torch.float64))
             dtype = self.adapter[pair.a_key].dtype
-            lora_a, lora_b = rank_approximation(u, sigma, vh, rank=self.max_rank, scaling=self.scaling)
+            lora_a, lora_b = rank_approximation(u, sigma, vh, rank=self.lora_rank, scaling=self.scaling)
             self.adapter[pair.a_key], self.adapter[pair.b_key] = lora_a.to(dtype), lora_b.to(dtype)
             full_a, full_b = rank_approximation(u, sigma, vh, rank=full_rank, scaling=self.scaling)
             full[pair.a_key], full[pair.b_key] = full_a.to(dtype), full_b.to(dtype)

@@ -78,10 +78,13 @@ class FLoRA(LoRAStrategy):
         # every rank shares its rows), B = 0; only the head travels down.
         return (
             GroupPlan(
-                roles={LORA_A}, source=Source.SEED, seed=round_seed(self.seed, server_round), seed_rank=self.max_rank
+                roles=frozenset({LORA_A}),
+                source=Source.SEED,
+                seed=round_seed(self.seed, server_round),
+                seed_rank=self.max_rank,
             ),
-            GroupPlan(roles={LORA_B}, source=Source.ZERO),
-            GroupPlan(roles={OTHER}, source=Source.MESSAGE),
+            GroupPlan(roles=frozenset({LORA_B}), source=Source.ZERO),
+            GroupPlan(roles=frozenset({OTHER}), source=Source.MESSAGE),
         )
 
     def aggregate(self, updates: list[ClientUpdate], weights: torch.Tensor, server_round: int) -> dict[str, float]:
@@ -99,7 +102,10 @@ class FLoRA(LoRAStrategy):
         for key in heads:
             self.adapter[key] = weighted_sum([u.state[key] for u in updates], weights)
         self.adapter = fresh_lora(self.adapter, seed=round_seed(self.seed, server_round + 1))
-        return {"residual": relative_residual(parts), "stack_rank": float(sum(u.rank for u in updates))}
+        return {
+            "residual": relative_residual(parts),
+            "stack_rank": float(sum(u.rank for u in updates if u.rank is not None)),
+        }
 
     @classmethod
     def from_config(cls, cfg: Any, initial_adapter: State) -> FLoRA:

@@ -139,11 +139,12 @@ class HetLoRA(LoRAStrategy):
 
     def aggregate(self, updates: list[ClientUpdate], weights: torch.Tensor, server_round: int) -> dict[str, float]:
         for u in updates:  # a client that replied at a smaller rank pruned itself: it trains at that rank from now on
-            if u.rank is not None and u.rank < self.node_rank(self.nodes[u.node_id]):
+            assigned = self.node_rank(self.nodes[u.node_id])
+            if u.rank is not None and assigned is not None and u.rank < assigned:
                 self.pruned[self.nodes[u.node_id].partition_id] = u.rank
         states = [u.state for u in updates]
         self.adapter, sparsity = hetlora(
-            states, [u.num_examples for u in updates], scaling=self.scaling, rank=self.max_rank
+            states, [u.num_examples for u in updates], scaling=self.scaling, rank=self.lora_rank
         )
         pairs, _ = split_state(self.adapter)
         parts = []
@@ -159,7 +160,7 @@ class HetLoRA(LoRAStrategy):
             )
         figures = {"residual": relative_residual(parts), "max_weight": float(sparsity.max())}
         if self.prune is not None:
-            figures["mean_rank"] = sum(self.node_rank(node) for node in self.nodes.values()) / len(self.nodes)
+            figures["mean_rank"] = sum(self.node_rank(node) or 0 for node in self.nodes.values()) / len(self.nodes)
         return figures
 
     def state_dict(self) -> dict[str, Any]:

@@ -104,7 +104,7 @@ def fair_correction_cosine(
             break
         optimizer.zero_grad()
         value.backward()
-        if not torch.isfinite(delta_b.grad).all():
+        if delta_b.grad is None or not torch.isfinite(delta_b.grad).all():
             break
         optimizer.step()
     corrected = safeguard(dw, a, b, best)
@@ -219,7 +219,7 @@ class LoRAFAIR(LoRAStrategy):
         self.adapter, residual, fedavg_residual = lora_fair(
             [u.state for u in updates],
             weights,
-            rank=self.max_rank,
+            rank=self.lora_rank,
             method=self.method,
             lam=self.lam,
             steps=self.steps,

@@ -45,10 +45,12 @@ def ideal_delta(
 ) -> torch.Tensor:
     """The ideal global update ``ΔW* = Σ_k p_k s_k B_k A_k`` in float64 (docs/methods.md, notation)."""
     check_weights(weights, count=len(lora_as))
-    delta = None
+    delta: torch.Tensor | None = None
     for p, s, a, b in zip(weights.tolist(), scalings, lora_as, lora_bs):
         term = (p * s) * (b.to(torch.float64) @ a.to(torch.float64))
         delta = term if delta is None else delta + term
+    if delta is None:
+        raise ValueError("ideal_delta needs at least one client")
     return delta
 
 

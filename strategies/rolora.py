@@ -81,8 +81,8 @@ class RoLoRA(LoRAStrategy):
         trained = FACTOR_ROLE[trained_factor(server_round)]
         frozen = LORA_A if trained == LORA_B else LORA_B
         return (
-            GroupPlan(roles={frozen}, source=Source.MESSAGE, train=False, upload=False),
-            GroupPlan(roles={trained, OTHER}, source=Source.MESSAGE),
+            GroupPlan(roles=frozenset({frozen}), source=Source.MESSAGE, train=False, upload=False),
+            GroupPlan(roles=frozenset({trained, OTHER}), source=Source.MESSAGE),
         )
 
     def aggregate(self, updates: list[ClientUpdate], weights: torch.Tensor, server_round: int) -> dict[str, float]:
@@ -92,7 +92,7 @@ class RoLoRA(LoRAStrategy):
         for pair in pairs:
             shared_key, trained_key = (pair.a_key, pair.b_key) if factor == "lora_B" else (pair.b_key, pair.a_key)
             trained = [u.state[trained_key] for u in updates]
-            self.adapter[trained_key] = rolora_aggregate(trained, weights, factor=factor, rank=self.max_rank)
+            self.adapter[trained_key] = rolora_aggregate(trained, weights, factor=factor, rank=self.lora_rank)
             # the clients' products, each with its prefix of the shared factor, against B̄Ā
             shared = self.adapter[shared_key]
             if factor == "lora_B":

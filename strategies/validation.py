@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 from flwr.app import Message
@@ -72,7 +72,7 @@ def check_reply(msg: Message, node: NodeInfo, plan: ClientPlan, *, adapter: Stat
         raise RejectedUpdate(
             f"adapter keys differ: missing {missing[:2]}{'...' if len(missing) > 2 else ''}, unexpected {extra[:2]}"
         )
-    reference = adapter if rank == plan.rank else resize_rank(adapter, rank)
+    reference = adapter if rank == plan.rank else resize_rank(adapter, cast(int, rank))  # a reply rank: an int
     for key, tensor in state.items():
         ref = reference[key]
         if tensor.shape != ref.shape:

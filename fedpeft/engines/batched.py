@@ -15,6 +15,7 @@ worker: a pass that raises is run again one job at a time, so only the failing j
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
@@ -101,7 +102,7 @@ class BatchedGrid(Grid):
             context = self.contexts[msg.metadata.dst_node_id]
             if msg.metadata.message_type not in (MessageType.TRAIN, MessageType.EVALUATE):
                 replies[i] = self._guard(
-                    msg, lambda: client_app(msg, context)
+                    msg, functools.partial(client_app, msg, context)
                 )  # the handshake: the ClientApp's own handler
                 continue
             try:
@@ -131,7 +132,7 @@ class BatchedGrid(Grid):
             replies[i] = (
                 error_reply(messages[i], result)
                 if isinstance(result, Exception)
-                else self._guard(messages[i], lambda: encode(jobs[i], result))
+                else self._guard(messages[i], functools.partial(encode, jobs[i], result))
             )
         return replies  # type: ignore[return-value]
 

@@ -352,7 +352,7 @@ def exact_match(
     ]
     outputs = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, device=device)
     hits = []
-    for (row, reference), output in zip(items, outputs):
+    for (_, reference), output in zip(items, outputs):
         predicted, expected = extract_answer(output), extract_answer(reference)
         hits.append(predicted is not None and predicted == expected)
     samples = [

@@ -18,8 +18,8 @@ def test_restored_merged_base_is_bit_identical_to_replaying_every_update(tiny_be
     gen = torch.Generator().manual_seed(0)
     deltas = [
         {
-            n: 0.1 * torch.randn(l.weight.shape, generator=gen, dtype=torch.float64)
-            for n, l in running.base_layers().items()
+            n: 0.1 * torch.randn(layer.weight.shape, generator=gen, dtype=torch.float64)
+            for n, layer in running.base_layers().items()
         }
         for _ in range(3)
     ]

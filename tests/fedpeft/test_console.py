@@ -36,7 +36,7 @@ def _emit_everything() -> None:
     logging.getLogger("alembic.runtime.plugins").info("setup plugin alembic.autogenerate.schemas")
     with warnings.catch_warnings():
         warnings.simplefilter("always")
-        warnings.warn("`is_gradient_checkpointing` is deprecated", FutureWarning)
+        warnings.warn("`is_gradient_checkpointing` is deprecated", FutureWarning, stacklevel=1)
     logging.getLogger("fedpeft").warning("round 2: node 7 failed: boom")
 
 

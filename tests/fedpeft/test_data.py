@@ -129,7 +129,7 @@ def test_node_data_maps_labels_onto_the_runs_and_rejects_unknown_ones(tmp_path):
     names = ["business", "entertainment", "politics", "sport", "tech"]
     train, val = node_data(DataConfig(val_fraction=0.2), str(tmp_path), label_names=names, seed=0, node=1)
     assert len(train) + len(val) == 5 and len(val) == 1
-    pooled = {t: names[l] for ds in (train, val) for t, l in zip(ds["text"], ds["label"])}
+    pooled = {t: names[label] for ds in (train, val) for t, label in zip(ds["text"], ds["label"])}
     assert pooled["a chip"] == "tech" and pooled["a race"] == "sport"  # the run's ids, not the folder's
     with pytest.raises(DataError, match=r"labels the run does not know: \['sport'\]"):
         node_data(DataConfig(), str(tmp_path), label_names=["business", "tech"], seed=0, node=1)

@@ -183,6 +183,6 @@ def test_a_bar_is_aggregated_and_the_personal_accuracy_reported():
     assert extra["personal_accuracy"] == pytest.approx(0.75) and extra["personal_accuracy_spread"] == pytest.approx(
         (1 / 24) ** 0.5
     )
-    for msg, rep in zip(messages, sent):  # up: A only, exactly
+    for msg, _ in zip(messages, sent):  # up: A only, exactly
         node = strategy.nodes[msg.metadata.dst_node_id]
         assert strategy.reports[1].bytes_up[node.node_id] == 4 * node.rank * 8 * len(replies.LAYERS)
