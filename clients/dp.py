@@ -225,7 +225,7 @@ def train_local_dp(
             if not torch.isfinite(losses).all():
                 raise FloatingPointError("DP training loss became non-finite")
             optimizer.zero_grad(set_to_none=True)
-            if mode == "loop":
+            if isinstance(sampler, LoopGradSampler):  # mode == "loop"
                 sampler.collect(batch)
             else:
                 losses.sum().backward()

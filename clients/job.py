@@ -60,6 +60,12 @@ class Job:
     persist_base: bool  # a deployed node keeps its merged base on disk (its process lives for one message)
     received_at: float = field(default_factory=time.perf_counter)
 
+    def node_store(self) -> NodeStore:
+        """The node's store, for a plan that needs one (kept groups, error feedback, the DP ledger)."""
+        if self.store is None:
+            raise ProtocolError("this plan needs the node's store, and this node has none")
+        return self.store
+
 
 @dataclass
 class JobResult:
@@ -92,13 +98,15 @@ def start_state(
         source = group.source
         if source == Source.NODE:
             have = [k for k in keys if kept is not None and k in kept]
-            if len(have) == len(keys):
+            if kept is not None and len(have) == len(keys):
                 out.update({k: kept[k].clone() for k in keys})
                 continue
             if have:
                 raise ProtocolError(
                     f"the node keeps {len(have)} of the {len(keys)} tensors of group {sorted(group.roles)}: its state is incomplete"
                 )
+            if group.fallback is None:
+                raise ProtocolError(f"group {sorted(group.roles)} comes from the node and has no fallback")
             source = group.fallback
         if source == Source.MESSAGE:
             missing = [k for k in keys if k not in received]
@@ -108,6 +116,8 @@ def start_state(
                 )
             out.update({k: received[k].clone() for k in keys})
         elif source == Source.SEED:
+            if group.seed is None:
+                raise ProtocolError(f"group {sorted(group.roles)} is seeded and has no seed")
             out.update(seeded_tensors(template, keys, seed=group.seed, seed_rank=group.seed_rank))
         elif source == Source.ZERO:
             out.update({k: torch.zeros_like(template[k]) for k in keys})
@@ -224,7 +234,7 @@ def run_job(job: Job) -> JobResult:
                 model,
                 job.train_examples,
                 pad_id,
-                job.store,
+                job.node_store(),
                 pid=job.partition_id,
                 steps=job.steps,
                 seed=job.seed,
@@ -237,6 +247,8 @@ def run_job(job: Job) -> JobResult:
                 model, loader, num_steps=job.steps, lr=lr, weight_decay=cfg.client.weight_decay, device=cm.device
             )
         else:
+            if plan.rank is None:
+                raise ProtocolError("rank self-pruning needs a LoRA rank")
             factors, tail = lora_factors(model, plan.rank), prune.pruned_rank(plan.rank)
             before = float(tail_norm(factors, tail).detach())
             result = train_local(
@@ -323,7 +335,7 @@ def encode(job: Job, result: JobResult) -> Message:
     plan, state = job.plan, result.state
     kept = plan.keys(list(state), keep=True)
     if kept:
-        job.store.save_kept(plan.base.lineage, {k: state[k] for k in kept})
+        job.node_store().save_kept(plan.base.lineage, {k: state[k] for k in kept})
     metrics = dict(result.metrics)
     if job.request.metadata.message_type == MessageType.EVALUATE:
         return Message(protocol.encode_reply(None, metrics), reply_to=job.request)
@@ -343,10 +355,10 @@ def compressed_uploads(job: Job, uploads: State, codec: ComPEFT) -> tuple[State,
     """
     feedback = job.cfg.compression.error_feedback
     lineage = job.plan.base.lineage
-    residual = job.store.load_residual(lineage) if feedback else None
+    residual = job.node_store().load_residual(lineage) if feedback else None
     dense, packed, dropped = compress_uploads(uploads, job.start, job.plan, codec, residual=residual)
     if feedback:
-        job.store.save_residual(lineage, dropped)
+        job.node_store().save_residual(lineage, dropped)
     return dense, packed
 
 
@@ -359,6 +371,10 @@ def worker_model(cfg: Config, num_labels: int) -> models.CachedModel:
 
 def store_base_updates(store: NodeStore | None, plan: ClientPlan) -> None:
     """Save the base updates a message brought: a later process of this node may need them."""
+    if not plan.base.updates:
+        return
+    if store is None:
+        raise ProtocolError("the message brings base updates, and this node has no store to keep them")
     for round_, stack in sorted(plan.base.updates.items()):
         store.save_base_update(plan.base.lineage, round_, stack)
 

@@ -66,7 +66,9 @@ def load_final_model(cfg, run_dir: Path, *, num_labels: int, device: torch.devic
 def round0_model(cfg, *, num_labels: int, device: torch.device) -> torch.nn.Module:
     """The model every client started from (base, B = 0, seeded A and head): the calibration reference."""
     cm = models.cached_model(cfg.model, num_labels=num_labels, device=device, seed=cfg.seed)
-    rank = max(models.client_ranks(cfg))  # the global adapter's rank, as fedpeft.server.loop builds it
+    rank = max(
+        (r for r in models.client_ranks(cfg) if r is not None), default=None
+    )  # the global adapter's rank, as fedpeft.server.loop builds it
     adapter = initial_adapter(cm, rank=rank, seed=cfg.seed)
     cm.load_adapter_state(rank, adapter)
     return cm.model

@@ -52,6 +52,7 @@ def load_run(run_dir: Path, *, device: str = "cpu") -> tuple[Config, Any, Any]:
             f"run {str(run_dir)!r} trained a {cfg.model.task!r} model; generation needs model.task=causal_lm"
         )
     kwargs = {"dtype": llm.DTYPES[cfg.model.dtype]}
+    model: torch.nn.Module
     if (run_dir / "final_model").is_dir():
         model = AutoModelForCausalLM.from_pretrained(run_dir / "final_model", **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(run_dir / "final_model")

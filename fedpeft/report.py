@@ -25,7 +25,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import yaml
 
@@ -152,6 +152,7 @@ def load_runs(run_dirs: Sequence[Path]) -> list[Run]:
     for d in run_dirs:
         config = read_config(d) if (d / "config.yaml").is_file() else {}
         settings = overrides[d] if use_overrides else read_config(d)
+        assert settings is not None  # use_overrides: every run's overrides are known
         seed = settings.get("seed")
         if seed is None:  # an override list without seed=: the run's seed is in its config
             seed = config.get("seed")
@@ -228,7 +229,7 @@ def mean_curve(runs: Sequence[Run]) -> list[float | None]:
     length = max((len(r.rows) for r in runs), default=0)
     curve = []
     for i in range(length):
-        present = [r.accuracies[i] for r in runs if i < len(r.rows) and r.accuracies[i] is not None]
+        present = [a for r in runs if i < len(r.rows) and (a := r.accuracies[i]) is not None]
         curve.append(statistics.mean(present) if present else None)
     return curve
 
@@ -261,10 +262,10 @@ def summarise(group: Group, *, target: float | None = None) -> dict[str, Any]:
     clients = [r.num_clients for r in runs]
     if all(clients):
         out["mb_up_per_client"] = statistics.mean(
-            _last(r.rows, "cumulative_bytes_up") / 1e6 / r.num_clients for r in runs
+            _last(r.rows, "cumulative_bytes_up") / 1e6 / cast(int, r.num_clients) for r in runs
         )
         out["mb_down_per_client"] = statistics.mean(
-            _last(r.rows, "cumulative_bytes_down") / 1e6 / r.num_clients for r in runs
+            _last(r.rows, "cumulative_bytes_down") / 1e6 / cast(int, r.num_clients) for r in runs
         )
     out["seconds"] = statistics.mean(sum(row.get("wall_seconds") or 0 for row in r.rows) for r in runs)
     if target is not None:

@@ -206,7 +206,7 @@ def save_hydra_files(run_dir: Path, dcfg: DictConfig) -> None:
     out.mkdir(parents=True, exist_ok=True)
     _save_config(dcfg, "config.yaml", out)
     _save_config(OmegaConf.create({"hydra": hydra_cfg}), "hydra.yaml", out)
-    _save_config(OmegaConf.create(list(hydra_cfg.overrides.task)), "overrides.yaml", out)
+    _save_config(OmegaConf.create(list(hydra_cfg.overrides.task)), "overrides.yaml", out)  # type: ignore[arg-type]  # Hydra saves any config
 
 
 def fail(message: str, *, verbose: bool, code: int = 1) -> None:

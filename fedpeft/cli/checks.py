@@ -301,7 +301,7 @@ def check_model(cfg: Config, model: nn.Module | None = None) -> None:
         if getattr(m, "weight", None) is not None and m.weight.dim() == 2
     }
     if widths and cfg.model.peft in RANKED:
-        name = min(widths, key=widths.get)
+        name = min(widths, key=lambda k: widths[k])
         rank = max(r for r in client_ranks(cfg) if r is not None)
         if rank > widths[name]:
             raise ConfigError(

@@ -213,7 +213,7 @@ def pack(ct: CompressedTensor) -> np.ndarray:
     )
     head += struct.pack("<I", ct.positions.size)
     values = ct.values.astype(_value_dtype(ct.dtype)).tobytes()
-    signs = b"" if exact else np.packbits(ct.negative, bitorder="little").tobytes()
+    signs = b"" if ct.negative is None else np.packbits(ct.negative, bitorder="little").tobytes()
     return np.frombuffer(head + values + signs + positions, dtype=np.uint8).copy()
 
 
@@ -239,8 +239,8 @@ def unpack(
     offset = 4 + 4 * ndim + 4
     if len(raw) < offset:
         raise CompressionError(f"compressed tensor of {len(raw)} bytes is shorter than its {offset}-byte header")
-    *shape, count = struct.unpack_from(f"<{ndim}II", raw, 4)
-    shape = tuple(shape)
+    *dims, count = struct.unpack_from(f"<{ndim}II", raw, 4)
+    shape = tuple(dims)
     numel = math.prod(shape)
     if expected_shape is not None and shape != tuple(expected_shape):
         raise CompressionError(f"compressed tensor has shape {shape}, expected {tuple(expected_shape)}")
@@ -387,6 +387,8 @@ def upload_starts(
         if group.source == Source.MESSAGE:
             out[key] = adapter[key]
         elif group.source == Source.SEED:  # drawn group-wide, key by key, exactly as the client draws it
+            if group.seed is None:
+                raise CompressionError(f"group {sorted(group.roles)} is seeded and has no seed")
             drawn = seeded_tensors(
                 adapter, keys_with_roles(list(adapter), group.roles), seed=group.seed, seed_rank=group.seed_rank
             )

@@ -8,11 +8,13 @@ message naming the key, not twenty minutes into a run.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
 EMBEDDED_MODEL = "embedded:minilm"
 EMBEDDED_DATA = "embedded:bbc"
@@ -547,17 +549,14 @@ __all__ = [
 
 def to_container(cfg: Any) -> dict[str, Any]:
     """A plain dict of a composed (DictConfig) or structured (dataclass) config."""
-    from omegaconf import OmegaConf
-
     if isinstance(cfg, dict):
         return cfg
-    return OmegaConf.to_container(OmegaConf.structured(cfg) if not OmegaConf.is_config(cfg) else cfg, resolve=True)
+    node = OmegaConf.structured(cfg) if not OmegaConf.is_config(cfg) else cfg
+    return cast(dict[str, Any], OmegaConf.to_container(node, resolve=True))
 
 
 def to_json(cfg: Any) -> str:
     """The config as canonical JSON: how it travels to the ClientApps inside Flower messages."""
-    import json
-
     return json.dumps(to_container(cfg), sort_keys=True)
 
 
@@ -572,15 +571,13 @@ def to_config(cfg: Any) -> Config:
 
 
 def _to_config(cfg: Any, *, strict: bool) -> Config:
-    from omegaconf import OmegaConf
-    from omegaconf.errors import InterpolationResolutionError
-
+    container: dict[str, Any]
     if OmegaConf.is_config(cfg):
         try:
             missing = sorted(OmegaConf.missing_keys(cfg))
             if missing:
                 raise ConfigError(f"{missing[0]} is required by the chosen config: add {missing[0]}=<value>")
-            container = OmegaConf.to_container(cfg, resolve=True)
+            container = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
         except InterpolationResolutionError as err:  # OmegaConf wraps what a resolver (``required``) raised
             prefix = f"{ConfigError.__name__} raised while resolving interpolation: "
             message = str(err).splitlines()[0]
@@ -596,7 +593,7 @@ def _to_config(cfg: Any, *, strict: bool) -> Config:
     if config_class is StrategyConfig and not strict:
         known = {f.name for f in dataclasses.fields(StrategyConfig)}
         container = {**container, "strategy": {k: v for k, v in strategy.items() if k in known}}
-    return OmegaConf.to_object(OmegaConf.merge(schema, container))
+    return cast(Config, OmegaConf.to_object(OmegaConf.merge(schema, container)))
 
 
 _PARSED: dict[str, Config] = {}
@@ -608,8 +605,6 @@ def from_json(text: str) -> Config:
     The JSON comes from a server that checked it; a process that imported no rule (a client) or
     does not know this one keeps only the common strategy fields, which is all a client reads.
     """
-    import json
-
     if text not in _PARSED:
         _PARSED[text] = _to_config(json.loads(text), strict=False)
     return _PARSED[text]

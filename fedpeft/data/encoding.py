@@ -70,7 +70,7 @@ def make_loader(
     """
     generator = torch.Generator().manual_seed(seed) if shuffle else None
     return DataLoader(
-        list(examples),
+        list(examples),  # type: ignore[arg-type]  # a list is a map-style dataset
         batch_size=batch_size,
         shuffle=shuffle,
         generator=generator,

@@ -73,10 +73,10 @@ def hold_out(ds: Dataset, fraction: float, *, seed: int, client: int) -> tuple[D
 def stratified_indices(labels: Sequence[int], fraction: float, *, seed: int) -> tuple[list[int], list[int]]:
     """(kept, taken): ``fraction`` of every label's examples taken at random, the rest kept."""
     rng = np.random.default_rng(seed)
-    labels = np.asarray(labels)
+    label_array = np.asarray(labels)
     kept, taken = [], []
-    for label in np.unique(labels):
-        idx = np.flatnonzero(labels == label)
+    for label in np.unique(label_array):
+        idx = np.flatnonzero(label_array == label)
         rng.shuffle(idx)
         n = int(round(len(idx) * fraction))
         taken.extend(idx[:n].tolist())

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from flwr.app import Context, Error, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
+from flwr.supercore.run import Run
 
 from fedpeft.clients.app import app as client_app
 from fedpeft.clients.batched import passes, train_pass
@@ -65,7 +66,7 @@ class BatchedGrid(Grid):
     def run(self):
         raise NotImplementedError("BatchedGrid has no Flower run object: fedpeft's server loop does not need one")
 
-    def set_run(self, run_id: int) -> None:
+    def set_run(self, run: Run) -> None:
         pass
 
     def create_message(

@@ -25,9 +25,12 @@ log = logging.getLogger("fedpeft")
 def root_cause(err: BaseException) -> BaseException:
     """The innermost cause of a chain (Flower wraps Ray's error twice: 'An error was encountered')."""
     seen = set()
-    while (err.__cause__ or err.__context__) is not None and id(err) not in seen:
+    while id(err) not in seen:
         seen.add(id(err))
-        err = err.__cause__ or err.__context__
+        cause = err.__cause__ or err.__context__
+        if cause is None:
+            break
+        err = cause
     return err
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from peft import (
@@ -49,7 +50,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 # How many times this process loaded base weights from disk: once per process when the model cache
 # works (the end-to-end tests check it in the worker; it never travels in a reply).
 BASE_MODEL_LOADS = 0
-_CACHE: dict[tuple, CachedModel] = {}
+_CACHE: dict[tuple, Any] = {}  # CachedModels and tokenizers, keyed by kind first
 _LOCK = threading.Lock()
 
 
@@ -155,6 +156,8 @@ def peft_config(cfg: ModelConfig, *, rank: int | None) -> PeftConfig:
     task_type = TaskType.SEQ_CLS if cfg.task == "seq_cls" else TaskType.CAUSAL_LM
     options = dict(cfg.peft_options)
     if cfg.peft in RANKED:
+        if rank is None:
+            raise ValueError(f"model.peft={cfg.peft} needs a rank")
         return lora_config(cfg.lora, rank=rank, task=cfg.task, use_dora=cfg.peft == "dora", **options)
     if cfg.peft == "ia3":
         options.setdefault("target_modules", list(cfg.lora.target_modules))

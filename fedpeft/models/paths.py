@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -31,7 +32,7 @@ MINILM_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}assistant:{% endif %}"
 )
 # The tiny Llama: 2 layers, width 128, MiniLM's 30,522-token vocabulary, tied embeddings (4.3 M parameters).
-TINY_LLAMA_CONFIG = dict(
+TINY_LLAMA_CONFIG: dict[str, Any] = dict(
     hidden_size=128,
     intermediate_size=256,
     num_hidden_layers=2,

@@ -52,7 +52,7 @@ def average_ranks(values: np.ndarray) -> np.ndarray:
     return ranks
 
 
-def auc(positive: Sequence[float], negative: Sequence[float]) -> float:
+def auc(positive: Sequence[float] | np.ndarray, negative: Sequence[float] | np.ndarray) -> float:
     """``P(score of a positive > score of a negative) + P(equal) / 2``, exactly (Mann-Whitney U / (n_pos n_neg)).
 
     For the loss-threshold attack call it with ``positive = -member_losses``,
@@ -68,7 +68,7 @@ def auc(positive: Sequence[float], negative: Sequence[float]) -> float:
     return float(u / (pos.size * neg.size))
 
 
-def exposure(canary_nll: float, candidate_nlls: Sequence[float]) -> tuple[float, int]:
+def exposure(canary_nll: float, candidate_nlls: Sequence[float] | np.ndarray) -> tuple[float, int]:
     """(exposure in bits, rank) of a canary among M candidates: ``log2(M + 1) - log2(rank)``.
 
     ``rank = 1 + #{candidates with NLL <= the canary's}``: 1 when the canary is the most likely.

@@ -28,7 +28,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -107,6 +107,20 @@ ALL_ROLES = frozenset(ROLES)
 
 class ProtocolError(ValueError):
     """A message or plan that cannot be interpreted; the message says why."""
+
+
+def _number(value: Any) -> float:
+    """A scalar config-record value as a number (records type their values as a union with lists)."""
+    if isinstance(value, (list, bytes)):
+        raise ProtocolError(f"expected a number, got {value!r}")
+    return float(value)
+
+
+def _int(value: Any) -> int:
+    """A scalar config-record value as an int (see :func:`_number`)."""
+    if isinstance(value, (list, bytes)):
+        raise ProtocolError(f"expected an integer, got {value!r}")
+    return int(value)
 
 
 def key_role(key: str) -> str:
@@ -343,7 +357,7 @@ class RunInfo:
         state_dir = record.get(SIM_STATE_DIR)
         return cls(
             config_json=str(record[FEDPEFT_CONFIG]),
-            label_names=tuple(str(n) for n in record.get(LABEL_NAMES, [])),
+            label_names=tuple(str(n) for n in cast(list, record.get(LABEL_NAMES, []))),
             sim_state_dir=None if state_dir is None else str(state_dir),
         )
 
@@ -435,7 +449,9 @@ def decode_plan(record: ConfigRecord, *, updates: Mapping[int, State] | None = N
             f"unknown evaluate target {record.get(EVALUATE)!r}; known: {[e.value for e in Evaluate]}"
         ) from None
     base = BasePlan(
-        lineage=str(record.get(BASE_LINEAGE, "")), version=int(record.get(BASE_VERSION, 0)), updates=dict(updates or {})
+        lineage=str(record.get(BASE_LINEAGE, "")),
+        version=_int(record.get(BASE_VERSION, 0)),
+        updates=dict(updates or {}),
     )
     rank = record.get(RANK)
     prune = None
@@ -444,15 +460,17 @@ def decode_plan(record: ConfigRecord, *, updates: Mapping[int, State] | None = N
         if missing:
             raise ProtocolError(f"rank self-pruning without {missing}")
         prune = RankPruning(
-            decay=float(record[PRUNE_DECAY]), weight=float(record[PRUNE_WEIGHT]), min_rank=int(record[PRUNE_MIN_RANK])
+            decay=_number(record[PRUNE_DECAY]),
+            weight=_number(record[PRUNE_WEIGHT]),
+            min_rank=_int(record[PRUNE_MIN_RANK]),
         )
     return ClientPlan(
         groups=tuple(groups),
-        server_round=int(record[SERVER_ROUND]),
-        rank=None if rank is None else int(rank),
+        server_round=_int(record[SERVER_ROUND]),
+        rank=None if rank is None else _int(rank),
         base=base,
         evaluate=evaluate,
-        attempt=int(record.get(ATTEMPT, 0)),
+        attempt=_int(record.get(ATTEMPT, 0)),
         prune=prune,
     )
 
@@ -589,6 +607,6 @@ def decode_query_reply(content: RecordDict) -> NodeHello:
     rank = m.get(RANK)
     info = content.config_records[NODE_INFO_RECORD] if NODE_INFO_RECORD in content.config_records else {}
     return NodeHello(
-        partition_id=int(m[PARTITION_ID]), rank=None if rank is None else int(rank), num_examples=int(m[NUM_EXAMPLES]),
+        partition_id=int(m[PARTITION_ID]), rank=None if rank is None else _int(rank), num_examples=int(m[NUM_EXAMPLES]),
         label_counts=tuple(int(c) for c in m.get(LABEL_COUNTS, [])), tier=str(info[NODE_TIER]) if NODE_TIER in info else None,
     )  # fmt: skip

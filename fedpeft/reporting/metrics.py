@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ CSV_COLUMNS = [
 ]
 
 
-def weighted_spread(values: list[float], weights: list[float]) -> dict[str, float | None]:
+def weighted_spread(values: Sequence[float], weights: Sequence[float]) -> dict[str, float | None]:
     """Example-weighted ``mean`` and ``std`` (population) and the ``min`` and ``max`` of ``values``.
 
     >>> weighted_spread([0.5, 1.0], [1, 3])

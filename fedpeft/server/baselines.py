@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sized
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -170,11 +171,12 @@ def run_local_only(cfg: Config, run_dir: Path) -> list[dict[str, Any]]:
             adapters[k] = evaluator.cm.adapter_state(rank)
             if evaluates(cfg, server_round):
                 tests.append(evaluate(model, evaluator.loader, device=evaluator.cm.device))
-                if val_loaders[k] is not None:
+                val_loader = val_loaders[k]
+                if val_loader is not None:
                     vals.append(
                         (
-                            len(val_loaders[k].dataset),
-                            evaluate(model, val_loaders[k], device=evaluator.cm.device).accuracy,
+                            len(cast(Sized, val_loader.dataset)),
+                            evaluate(model, val_loader, device=evaluator.cm.device).accuracy,
                         )
                     )
         row: dict[str, Any] = {

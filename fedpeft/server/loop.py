@@ -49,7 +49,7 @@ def run_federated(cfg: Config, grid: Grid, run_dir: Path) -> list[dict[str, Any]
     checkpoint = load_checkpoint(run_dir, cfg) if cfg.resume else None
     lineage = checkpoint["lineage"] if checkpoint else f"{run_dir.name}-{time.time_ns():x}"
     evaluator = ServerEvaluator(cfg, data, lineage=lineage)
-    rank = max(ranks) if models.has_ranks(cfg.model) else None
+    rank = max(r for r in ranks if r is not None) if models.has_ranks(cfg.model) else None
     strategy = get_strategy(cfg.strategy.name).from_config(cfg, initial_adapter(evaluator.cm, rank=rank, seed=cfg.seed))
     # Simulated nodes keep their state under the run; deployed ones in their own state-dir.
     run = protocol.RunInfo(
@@ -144,7 +144,9 @@ def train_round(strategy: LoRAStrategy, grid: Grid, server_round: int, *, attemp
             gone = (
                 reply.error.code == ErrorCode.NODE_UNAVAILABLE
             )  # the SuperLink's word that the node stopped sending heartbeats
-            report.failures.append({"node": node_id, "reason": short_reason(reply.error.reason), "unreachable": gone})
+            report.failures.append(
+                {"node": node_id, "reason": short_reason(reply.error.reason or ""), "unreachable": gone}
+            )
             log.warning("round %d: node %d failed: %s", server_round, node_id, report.failures[-1]["reason"])
         else:
             replies.append(reply)

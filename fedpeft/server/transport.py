@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 from flwr.app import Message, MessageType
 from flwr.serverapp import Grid
@@ -54,7 +55,9 @@ def handshake(
     messages = [
         Message(protocol.encode_query(run), dst_node_id=n, message_type=MessageType.QUERY) for n in sorted(node_ids)
     ]
-    nodes, seen, status = [], {}, []
+    nodes: list[NodeInfo] = []
+    seen: dict[int, int] = {}  # partition id -> the node serving it
+    status: list[dict[str, Any]] = []
     for node_id, reply in exchange(grid, messages, timeout=timeout):
         if reply.has_error():
             raise RunError(f"node {node_id} failed the handshake: {reply.error.reason}")

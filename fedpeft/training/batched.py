@@ -162,7 +162,7 @@ class StackedLinearHead(nn.Module):
         stack_w = torch.stack([self.weight[k] for k in clients])  # (K, d_out, d_in)
         out = torch.bmm(self.pass_.group(x.to(stack_w.dtype)), stack_w.transpose(1, 2))  # (K, M, d_out)
         if self.bias[clients[0]] is not None:
-            out = out + torch.stack([self.bias[k] for k in clients]).unsqueeze(1)
+            out = out + torch.stack([b for k in clients if (b := self.bias[k]) is not None]).unsqueeze(1)
         return self.pass_.ungroup(out, x.shape[:-1])
 
 
@@ -331,13 +331,12 @@ def train_batched(
         if t.num_steps < 0:
             raise BatchedError(f"adapter {t.adapter_name!r}: num_steps must be >= 0, got {t.num_steps}")
     clients = [_client_params(model, t, device=device) for t in tasks]
-    optimizers = [
-        make_optimizer([p for p in c.params.values() if p.requires_grad], lr=t.lr, weight_decay=t.weight_decay)
+    optimizers = {  # the tasks that train
+        k: make_optimizer([p for p in c.params.values() if p.requires_grad], lr=t.lr, weight_decay=t.weight_decay)
+        for k, (t, c) in enumerate(zip(tasks, clients))
         if t.num_steps
-        else None
-        for t, c in zip(tasks, clients)
-    ]
-    streams = [_cycle(t.batches, t.num_steps) for t in tasks]  # type: ignore[arg-type]
+    }
+    streams = [_cycle(t.batches, t.num_steps) for t in tasks]
     taken = [0] * len(tasks)
     total_loss = [0.0] * len(tasks)
     seen = [0] * len(tasks)

@@ -51,14 +51,15 @@ def per_sample_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torc
 
 def _accepts_logits_to_keep(model: nn.Module) -> bool:
     """Whether the causal LM under ``model`` (peft and Opacus wrappers unwrapped) takes ``logits_to_keep``."""
+    inner: Any = model  # the wrappers' attributes (_module, get_base_model) are not nn.Module's
     while True:
-        if hasattr(model, "_module"):  # opacus GradSampleModule
-            model = model._module
-        elif hasattr(model, "get_base_model"):  # peft
-            model = model.get_base_model()
+        if hasattr(inner, "_module"):  # opacus GradSampleModule
+            inner = inner._module
+        elif hasattr(inner, "get_base_model"):  # peft
+            inner = inner.get_base_model()
         else:
             break
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
+    return "logits_to_keep" in inspect.signature(inner.forward).parameters
 
 
 def shifted_lm_logits(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -231,7 +232,8 @@ class EvalResult:
 def evaluate(model: nn.Module, loader: DataLoader, *, device: torch.device | str = "cpu") -> EvalResult:
     """Mean loss and accuracy (classification: argmax of logits; causal LM: next-token accuracy)."""
     model.eval()
-    total_loss, correct, count = 0.0, 0, 0
+    total_loss, count = 0.0, 0
+    correct: float = 0
     for batch in loader:
         batch = to_device(batch, device)
         labels = batch["labels"]

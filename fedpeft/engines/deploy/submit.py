@@ -232,12 +232,11 @@ def stop_submitted(run_dir: Path, *, timeout: float = 30.0) -> str:
     try:
         done = subprocess.run(cmd, env=flwr_env(run_dir / "flwr-home"), capture_output=True, text=True, timeout=timeout)
     except (OSError, subprocess.TimeoutExpired) as err:
-        done = None
-        reason = str(err)
+        stopped, reason = False, str(err)
     else:
-        reason = (done.stdout + done.stderr).strip().splitlines()[-1:] or [f"exit {done.returncode}"]
-        reason = reason[0]
-    if done is not None and done.returncode == 0:
+        stopped = done.returncode == 0
+        reason = ((done.stdout + done.stderr).strip().splitlines()[-1:] or [f"exit {done.returncode}"])[0]
+    if stopped:
         return f"the deployed run {run_id} was stopped on the SuperLink"
     return f"could not stop the deployed run {run_id} ({reason}); stop it with: FLWR_HOME={run_dir / 'flwr-home'} flwr stop {run_id} fedpeft"
 
