@@ -28,7 +28,7 @@ from omegaconf import OmegaConf
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from fedpeft.config.schema import to_config
+from fedpeft.config.schema import Config, to_config
 from fedpeft.data.encoding import encode_config
 from fedpeft.data.partition import prepare
 from fedpeft.models import adapters as models
@@ -48,7 +48,7 @@ log = logging.getLogger("fedpeft")
 AUDIT_FILE = "audit.json"
 
 
-def load_final_model(cfg, run_dir: Path, *, num_labels: int, device: torch.device) -> torch.nn.Module:
+def load_final_model(cfg: Config, run_dir: Path, *, num_labels: int, device: torch.device) -> torch.nn.Module:
     """The run's final global model: base + ``final_adapter/`` (peft), or ``final_model/`` (FLoRA, merged)."""
     if (run_dir / "final_model").is_dir():
         cls = AutoModelForSequenceClassification if cfg.model.task == "seq_cls" else AutoModelForCausalLM
@@ -63,7 +63,7 @@ def load_final_model(cfg, run_dir: Path, *, num_labels: int, device: torch.devic
     return PeftModel.from_pretrained(base, str(run_dir / "final_adapter")).to(device)
 
 
-def round0_model(cfg, *, num_labels: int, device: torch.device) -> torch.nn.Module:
+def round0_model(cfg: Config, *, num_labels: int, device: torch.device) -> torch.nn.Module:
     """The model every client started from (base, B = 0, seeded A and head): the calibration reference."""
     cm = models.cached_model(cfg.model, num_labels=num_labels, device=device, seed=cfg.seed)
     rank = max(
@@ -134,7 +134,7 @@ def run_audit(run_dir: str | Path, *, cfg=None) -> dict[str, Any]:
     return report
 
 
-def canary_report(model: torch.nn.Module, cfg, tokenizer, *, device: torch.device) -> dict[str, Any]:
+def canary_report(model: torch.nn.Module, cfg: Config, tokenizer, *, device: torch.device) -> dict[str, Any]:
     settings = cfg.audit
     canaries = make_canaries(
         count=settings.canaries, candidates=settings.candidates, digits=settings.canary_digits, seed=cfg.seed

@@ -28,7 +28,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedpeft.config.schema import StrategyConfig
+from fedpeft.config.schema import Config, StrategyConfig
 from fedpeft.protocol import wire as protocol
 from fedpeft.protocol.records import State, resize_rank, split_state, state_nbytes, to_record
 from fedpeft.protocol.wire import BasePlan, ClientPlan, Evaluate, GroupPlan, RunInfo, Source
@@ -287,11 +287,11 @@ class LoRAStrategy(FedAvg):
 
     # ------------------------------------------------------------------ Flower plumbing
     @classmethod
-    def check_config(cls, cfg: Any) -> None:
+    def check_config(cls, cfg: Config) -> None:
         """Refuse, before anything starts, a :class:`fedpeft.config.schema.Config` this rule cannot run (default: any)."""
 
     @classmethod
-    def from_config(cls, cfg: Any, initial_adapter: State) -> LoRAStrategy:
+    def from_config(cls, cfg: Config, initial_adapter: State) -> LoRAStrategy:
         """Build from a :class:`fedpeft.config.schema.Config`; rules with options of their own override this."""
         return cls(initial_adapter, clients_per_round=cfg.clients_per_round, seed=cfg.seed, min_clients=cfg.min_clients)
 

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from fedpeft.config.schema import StrategyConfig
+from fedpeft.config.schema import Config, StrategyConfig
 from fedpeft.protocol.records import State, exact_product, split_state
 from fedpeft.strategies.base import LoRAStrategy
 from fedpeft.strategies.lora_math import check_weights, ideal_delta, relative_residual, residual_parts, weighted_sum
@@ -144,13 +144,13 @@ class FedExLoRA(LoRAStrategy):
         }
 
     @classmethod
-    def check_config(cls, cfg: Any) -> None:
+    def check_config(cls, cfg: Config) -> None:
         from fedpeft.models.adapters import client_ranks  # local: keeps transformers off the import of the rule's math
 
         check_equal_ranks(cls.name, [r for r in client_ranks(cfg) if r is not None], max_rank=None)
 
     @classmethod
-    def from_config(cls, cfg: Any, initial_adapter: State) -> FedExLoRA:
+    def from_config(cls, cfg: Config, initial_adapter: State) -> FedExLoRA:
         return cls(
             initial_adapter,
             clients_per_round=cfg.clients_per_round,

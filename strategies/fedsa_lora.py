@@ -16,11 +16,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 
-from fedpeft.config.schema import StrategyConfig
+from fedpeft.config.schema import Config, StrategyConfig
 from fedpeft.protocol.records import State, resize_factor, split_state
 from fedpeft.protocol.wire import (
     LORA_A,
@@ -119,13 +119,13 @@ class FedSALoRA(LoRAStrategy):
         )
 
     @classmethod
-    def from_config(cls, cfg: Any, initial_adapter: State) -> FedSALoRA:
+    def from_config(cls, cfg: Config, initial_adapter: State) -> FedSALoRA:
         return cls(
             initial_adapter,
             clients_per_round=cfg.clients_per_round,
             seed=cfg.seed,
             min_clients=cfg.min_clients,
-            keep_head=cfg.strategy.keep_head,
+            keep_head=cast(FedSALoRAConfig, cfg.strategy).keep_head,  # composed with this rule's schema
         )
 
     def aggregate(self, updates: list[ClientUpdate], weights: torch.Tensor, server_round: int) -> dict[str, float]:

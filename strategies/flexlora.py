@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from fedpeft.config.schema import StrategyConfig
+from fedpeft.config.schema import Config, StrategyConfig
 from fedpeft.protocol.records import State, exact_product, split_state
 from fedpeft.strategies.base import LoRAStrategy
 from fedpeft.strategies.flora import stack_pair
@@ -150,7 +150,7 @@ class FlexLoRA(LoRAStrategy):
         self.full_rank = state["full_rank"]
 
     @classmethod
-    def from_config(cls, cfg: Any, initial_adapter: State) -> FlexLoRA:
+    def from_config(cls, cfg: Config, initial_adapter: State) -> FlexLoRA:
         return cls(
             initial_adapter,
             clients_per_round=cfg.clients_per_round,

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from fedpeft.config.schema import StrategyConfig
+from fedpeft.config.schema import Config, StrategyConfig
 from fedpeft.protocol.records import State, exact_product, fresh_lora, round_seed, split_state
 from fedpeft.protocol.wire import LORA_A, LORA_B, OTHER, GroupPlan, Source
 from fedpeft.strategies.base import LoRAStrategy
@@ -108,7 +108,7 @@ class FLoRA(LoRAStrategy):
         }
 
     @classmethod
-    def from_config(cls, cfg: Any, initial_adapter: State) -> FLoRA:
+    def from_config(cls, cfg: Config, initial_adapter: State) -> FLoRA:
         return cls(
             initial_adapter,
             clients_per_round=cfg.clients_per_round,

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from fedpeft.config.schema import StrategyConfig
+from fedpeft.config.schema import Config, StrategyConfig
 from fedpeft.protocol.records import State, exact_product, split_state
 from fedpeft.protocol.wire import ClientPlan, ProtocolError, RankPruning
 from fedpeft.strategies.base import LoRAStrategy
@@ -171,7 +171,7 @@ class HetLoRA(LoRAStrategy):
         self.pruned = dict(state.get("pruned", {}))
 
     @classmethod
-    def check_config(cls, cfg: Any) -> None:
+    def check_config(cls, cfg: Config) -> None:
         options = cfg.strategy
         if getattr(options, "prune_decay", None) is None:
             return
@@ -189,7 +189,7 @@ class HetLoRA(LoRAStrategy):
             )
 
     @classmethod
-    def from_config(cls, cfg: Any, initial_adapter: State) -> HetLoRA:
+    def from_config(cls, cfg: Config, initial_adapter: State) -> HetLoRA:
         prune = pruning(cfg.strategy) if getattr(cfg.strategy, "prune_decay", None) is not None else None
         return cls(
             initial_adapter,

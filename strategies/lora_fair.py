@@ -20,11 +20,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 
-from fedpeft.config.schema import StrategyConfig
+from fedpeft.config.schema import Config, StrategyConfig
 from fedpeft.protocol.records import State, split_state
 from fedpeft.strategies.base import LoRAStrategy
 from fedpeft.strategies.fedavg import fedit_pair
@@ -202,8 +202,8 @@ class LoRAFAIR(LoRAStrategy):
         self.method, self.lam, self.steps, self.lr = method, lam, steps, lr
 
     @classmethod
-    def from_config(cls, cfg: Any, initial_adapter: State) -> LoRAFAIR:
-        s = cfg.strategy
+    def from_config(cls, cfg: Config, initial_adapter: State) -> LoRAFAIR:
+        s = cast(LoRAFAIRConfig, cfg.strategy)  # composed with this rule's schema
         return cls(
             initial_adapter,
             clients_per_round=cfg.clients_per_round,

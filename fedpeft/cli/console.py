@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from fedpeft.config.schema import Config
 from fedpeft.models.adapters import client_ranks
 from fedpeft.models.paths import resolve_model_path
 from fedpeft.reporting.lines import hms, pct
@@ -20,7 +21,7 @@ from fedpeft.strategies import get_strategy
 log = logging.getLogger("fedpeft")
 
 
-def header_lines(cfg: Any, run_dir: Path, *, data: Any = None, device: str | None = None) -> list[str]:
+def header_lines(cfg: Config, run_dir: Path, *, data: Any = None, device: str | None = None) -> list[str]:
     """What this run is, before it starts: rule, model, data, clients and ranks, engine, device, DP, run dir."""
     lora = cfg.model.lora
     peft = getattr(cfg.model, "peft", "lora")
@@ -89,7 +90,7 @@ def header_lines(cfg: Any, run_dir: Path, *, data: Any = None, device: str | Non
     return lines
 
 
-def load_hint(cfg: Any, artifact: Path, *, num_labels: int | None = None) -> str:
+def load_hint(cfg: Config, artifact: Path, *, num_labels: int | None = None) -> str:
     """The Python that loads the final model or adapter written by the run."""
     auto = "AutoModelForSequenceClassification" if cfg.model.task == "seq_cls" else "AutoModelForCausalLM"
     if artifact.name == "final_model":
@@ -104,7 +105,7 @@ def load_hint(cfg: Any, artifact: Path, *, num_labels: int | None = None) -> str
 
 
 def summary_lines(
-    rows: list[dict[str, Any]], *, cfg: Any, run_dir: Path, seconds: float, num_labels: int | None = None
+    rows: list[dict[str, Any]], *, cfg: Config, run_dir: Path, seconds: float, num_labels: int | None = None
 ) -> list[str]:
     """The end of a run: final and best accuracy, time, traffic, where everything is and how to load it."""
     if not rows:

@@ -49,6 +49,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fedpeft.config.schema import CompressionConfig
 from fedpeft.protocol.records import seeded_tensors
 from fedpeft.protocol.wire import ClientPlan, Source, keys_with_roles
 
@@ -84,7 +85,7 @@ class ComPEFT:
 COMPRESSIONS = ("none", "compeft")
 
 
-def codec_from_config(cfg) -> ComPEFT | None:
+def codec_from_config(cfg: CompressionConfig) -> ComPEFT | None:
     """The codec a :class:`fedpeft.config.schema.CompressionConfig` asks for (None: dense uploads); checks it."""
     if cfg.name not in COMPRESSIONS:
         raise CompressionError(f"compression must be one of {COMPRESSIONS}, got {cfg.name!r}")

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from fedpeft.config.schema import Config
 from fedpeft.data import instruct
 from fedpeft.data.sources import LABEL, TEXT
 
@@ -78,7 +79,7 @@ def make_loader(
     )
 
 
-def encode_config(cfg: Any, ds: Dataset, tokenizer: Any) -> list[dict[str, Any]]:
+def encode_config(cfg: Config, ds: Dataset, tokenizer: Any) -> list[dict[str, Any]]:
     """Tokenise ``ds`` as the run's config (``cfg.data``, ``cfg.model``) says: an instruction format
     through :mod:`fedpeft.data.instruct` (prompt template, response-only labels), text through :func:`encode`."""
     if cfg.data.format != "text":
@@ -86,7 +87,7 @@ def encode_config(cfg: Any, ds: Dataset, tokenizer: Any) -> list[dict[str, Any]]
     return encode(ds, tokenizer, max_length=cfg.model.max_length, task=cfg.model.task)
 
 
-def collator_for(cfg: Any, tokenizer: Any) -> Callable:
+def collator_for(cfg: Config, tokenizer: Any) -> Callable:
     """The batch collator of the run's data: ``DataCollatorForSeq2Seq`` for instruction formats."""
     if cfg.data.format != "text":
         return instruct.Collator(tokenizer)

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedpeft.config.schema import GenerationEval, MultipleChoiceEval
+from fedpeft.config.schema import Config, GenerationEval, MultipleChoiceEval
 from fedpeft.data import instruct
 from fedpeft.data.partition import FederatedData
 from fedpeft.data.sources import DataError, hf_datasets
@@ -373,7 +373,7 @@ class LLMEvaluator:
     instruction set), ``mc_accuracy`` and ``mc_accuracy_by_subject``, ``exact_match``.
     """
 
-    def __init__(self, cfg: Any, data: FederatedData, tokenizer: Any) -> None:
+    def __init__(self, cfg: Config, data: FederatedData, tokenizer: Any) -> None:
         ev, self.cfg, self.tokenizer = cfg.evaluation, cfg, tokenizer
         self.collate = instruct.Collator(tokenizer)
         instruction_data = cfg.data.format != "text"

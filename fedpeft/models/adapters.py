@@ -30,7 +30,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 from transformers import logging as hf_logging
 
-from fedpeft.config.schema import LoraSettings, ModelConfig
+from fedpeft.config.schema import Config, LoraSettings, ModelConfig
 from fedpeft.models.llm import from_pretrained_kwargs, prepare_for_training
 from fedpeft.models.paths import ModelError, resolve_model_path
 from fedpeft.protocol.records import exact_product
@@ -101,7 +101,7 @@ def load_base_model(cfg: ModelConfig, *, num_labels: int) -> PreTrainedModel:
     return model
 
 
-def tier_rank(cfg, tier: str) -> int:
+def tier_rank(cfg: Config, tier: str) -> int:
     """The rank of resource tier ``tier`` in ``strategy.tiers`` (the one tier lookup)."""
     tiers = cfg.strategy.tiers or {}
     if str(tier) not in tiers:
@@ -109,7 +109,7 @@ def tier_rank(cfg, tier: str) -> int:
     return int(tiers[str(tier)])
 
 
-def client_ranks(cfg) -> list[int | None]:
+def client_ranks(cfg: Config) -> list[int | None]:
     """The LoRA rank of every client of a :class:`fedpeft.config.schema.Config` (None for a peft method without ranks).
 
     ``strategy.ranks`` (one per client), else ``strategy.tiers`` looked up through
@@ -122,6 +122,7 @@ def client_ranks(cfg) -> list[int | None]:
                 f"strategy.ranks / strategy.client_tiers set ranks, and model.peft={cfg.model.peft} has none (only {list(RANKED)} do)"
             )
         return [None] * n
+    ranks: list[int]
     if s.ranks is not None:
         ranks = list(s.ranks)
         if len(ranks) != n:
@@ -139,7 +140,7 @@ def client_ranks(cfg) -> list[int | None]:
         ranks = [cfg.model.lora.r] * n
     if any(r < 1 for r in ranks):
         raise ValueError(f"LoRA ranks must all be >= 1, got {ranks}")
-    return ranks
+    return [*ranks]  # as list[int | None]: a list is invariant
 
 
 def adapter_name(rank: int | None) -> str:

@@ -28,7 +28,7 @@ from peft import prepare_model_for_kbit_training
 from torch import nn
 from transformers import BitsAndBytesConfig
 
-from fedpeft.config.schema import ModelConfig
+from fedpeft.config.schema import Config, ModelConfig
 
 QUANTIZATIONS = ("none", "4bit", "8bit")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -150,7 +150,7 @@ def hub_available(repo_id: str, *, repo_type: str, timeout: float = 5.0) -> bool
         return False
 
 
-def check_assets(cfg: Any) -> None:
+def check_assets(cfg: Config) -> None:
     """Fail at start, in one line, when a hub id the run needs is neither cached nor reachable:
     say what to download and which override points at a local copy."""
     wanted = [

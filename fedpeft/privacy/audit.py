@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedpeft.config.schema import Config
 from fedpeft.data import instruct
 from fedpeft.data.encoding import make_loader
 from fedpeft.data.sources import LABEL, TEXT, hf_datasets
@@ -144,7 +145,7 @@ def plant_canaries(train, canaries: Canaries, *, repeats: int):
     return hf.concatenate_datasets([train, hf.Dataset.from_dict(rows, features=train.features)])
 
 
-def canary_examples(cfg, tokenizer, canaries: Canaries, secrets: Sequence[str]) -> list[dict[str, list[int]]]:
+def canary_examples(cfg: Config, tokenizer, canaries: Canaries, secrets: Sequence[str]) -> list[dict[str, list[int]]]:
     """``secrets`` tokenised as the run trains on them (labels: the tokens whose NLL is scored)."""
     if cfg.data.format == "text":
         ids = tokenizer([canaries.text(s) for s in secrets], truncation=True, max_length=cfg.model.max_length)[
@@ -156,7 +157,7 @@ def canary_examples(cfg, tokenizer, canaries: Canaries, secrets: Sequence[str]) 
     )[0]
 
 
-def check_audit_config(cfg) -> None:
+def check_audit_config(cfg: Config) -> None:
     """Audit settings that cannot work, refused before training (``ValueError`` naming the key)."""
     a = cfg.audit
     if a.enabled and cfg.mode in ("centralized", "local"):
@@ -183,7 +184,7 @@ def check_audit_config(cfg) -> None:
         )  # space large enough
 
 
-def client_train_split(cfg, data, partition_id: int):
+def client_train_split(cfg: Config, data, partition_id: int):
     """Client ``partition_id``'s training set as it trains on it: with the canaries if it is the canary client."""
     train, _ = data.client_split(partition_id)
     a = cfg.audit
