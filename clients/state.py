@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save
 
 from fedpeft.reporting.files import atomic_torch_save, atomic_write_bytes
 
@@ -50,7 +52,6 @@ class NodeStore:
     # --- the merged base: W_0 + all updates so far, so a new process need not replay them
     def save_merged_base(self, lineage: str, version: int, weights: dict[str, torch.Tensor]) -> None:
         """The adapted layers' merged weights at ``version`` (safetensors: memory-mapped on load)."""
-        from safetensors.torch import save
 
         data = save(
             {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}, metadata={"version": str(version)}
@@ -58,7 +59,6 @@ class NodeStore:
         atomic_write_bytes(self.root / lineage / "merged-base.safetensors", data)
 
     def load_merged_base(self, lineage: str) -> tuple[int, dict[str, torch.Tensor]] | None:
-        from safetensors import safe_open
 
         path = self.root / lineage / "merged-base.safetensors"
         if not path.exists():
@@ -70,20 +70,17 @@ class NodeStore:
     # --- adapter tensors a plan keeps on the node between rounds (``GroupPlan.keep``)
     def save_kept(self, lineage: str, tensors: dict[str, torch.Tensor]) -> None:
         """Merge ``tensors`` into what the node keeps for run ``lineage`` (a key sent again replaces the old value)."""
-        from safetensors.torch import save
 
         kept = {**(self.load_kept(lineage) or {}), **{k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}}
         atomic_write_bytes(self.root / lineage / "kept.safetensors", save(kept))
 
     def load_kept(self, lineage: str) -> dict[str, torch.Tensor] | None:
-        from safetensors.torch import load_file
 
         path = self.root / lineage / "kept.safetensors"
         return load_file(str(path)) if path.exists() else None
 
     # --- what uplink compression dropped, added back next round (``compression.error_feedback``)
     def save_residual(self, lineage: str, tensors: dict[str, torch.Tensor]) -> None:
-        from safetensors.torch import save
 
         atomic_write_bytes(
             self.root / lineage / "compression-residual.safetensors",
@@ -91,7 +88,6 @@ class NodeStore:
         )
 
     def load_residual(self, lineage: str) -> dict[str, torch.Tensor] | None:
-        from safetensors.torch import load_file
 
         path = self.root / lineage / "compression-residual.safetensors"
         return load_file(str(path)) if path.exists() else None

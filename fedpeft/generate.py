@@ -27,6 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fedpeft.config.schema import Config, ModelConfig, to_config
 from fedpeft.data import instruct
+from fedpeft.data.partition import prepare
 from fedpeft.evaluation import llm as llm_eval
 from fedpeft.models import llm
 from fedpeft.models.paths import resolve_model_path
@@ -114,7 +115,6 @@ def generate_texts(
 def evaluate_run(run_dir: Path, *, device: str = "cpu") -> dict[str, Any]:
     """The run's LLM metrics (``evaluation.*``) recomputed from its saved final model on the same
     held-out split: what the last row of ``metrics.jsonl`` reports, from plain transformers + peft."""
-    from fedpeft.data.partition import prepare
 
     cfg, model, tokenizer = load_run(run_dir, device=device)
     data = prepare(cfg.data, seed=cfg.seed, num_clients=cfg.num_clients, need_labels=False)

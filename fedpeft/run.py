@@ -26,8 +26,10 @@ from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import _save_config
 from omegaconf import DictConfig, OmegaConf
 
+from fedpeft.audit import run_audit, summary
 from fedpeft.cli import console, signals
 from fedpeft.cli.checks import check_config, check_run  # noqa: F401  (check_config: for callers of fedpeft.run)
 from fedpeft.cli.configs import register_configs
@@ -35,8 +37,15 @@ from fedpeft.cli.errors import composition_error, one_line
 from fedpeft.cli.help import help_text
 from fedpeft.cli.resume import resume_advice
 from fedpeft.config.schema import Config, to_config
+from fedpeft.data.partition import prepare
+from fedpeft.engines.deploy.submit import stop_submitted, submit
+from fedpeft.engines.ray import run_simulation
+from fedpeft.models.adapters import resolve_device
 from fedpeft.reporting import logs
 from fedpeft.reporting.lines import pct
+from fedpeft.reporting.status import write_partition_report
+from fedpeft.server.baselines import run_centralized, run_local_only
+from fedpeft.server.checkpoint import load_checkpoint
 
 log = logging.getLogger("fedpeft")
 
@@ -102,9 +111,6 @@ def claim_run_dir(cfg: Config, run_dir: Path) -> Path:
             raise RunDirError(f"resume={cfg.resume!r}: no such run directory")
         if cfg.mode in ("centralized", "local"):
             raise RunDirError("resume works for federated runs (mode=simulation or mode=deploy)")
-        from fedpeft.server.checkpoint import (
-            load_checkpoint,  # imported when a run starts, not when fedpeft.run loads (--help, config errors)
-        )
 
         state = load_checkpoint(run_dir, run_config(cfg))  # fails now, not after Ray started, if it does not fit
         if finished(state, cfg):
@@ -137,9 +143,6 @@ def launch(cfg: Config, run_dir: Path, *, data: Any = None) -> list[dict[str, An
     # a resumed run's config is the checkpoint's (or, with another num_rounds, the lengthened one)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(dataclasses.replace(cfg, resume=None))))
     if cfg.mode == "simulation":
-        from fedpeft.data.partition import prepare
-        from fedpeft.reporting.status import write_partition_report
-
         data = (
             data
             if data is not None
@@ -147,31 +150,15 @@ def launch(cfg: Config, run_dir: Path, *, data: Any = None) -> list[dict[str, An
         )
         write_partition_report(data, cfg, run_dir)
     if cfg.mode == "centralized":
-        from fedpeft.server.baselines import (
-            run_centralized,  # imported when a run starts, not when fedpeft.run loads (--help, config errors)
-        )
-
         return run_centralized(cfg, run_dir)
     if cfg.mode == "local":
-        from fedpeft.server.baselines import (
-            run_local_only,  # imported when a run starts, not when fedpeft.run loads (--help, config errors)
-        )
-
         return run_local_only(cfg, run_dir)
     if cfg.mode == "deploy":
-        from fedpeft.engines.deploy.submit import (
-            submit,  # imported when a run starts, not when fedpeft.run loads (--help, config errors)
-        )
-
         rows = submit(cfg, run_dir)
         results_dir = Path(cfg.deploy.run_dir or run_dir)
     else:
-        from fedpeft.engines.ray import run_simulation
-
         rows, results_dir = run_simulation(cfg, run_dir), run_dir
     if cfg.audit.enabled and rows:
-        from fedpeft.audit import run_audit, summary
-
         log.info("privacy audit:\n%s", summary(run_audit(results_dir, cfg=cfg)))
     return rows
 
@@ -199,7 +186,6 @@ def discard(path: Path) -> None:
 
 def save_hydra_files(run_dir: Path, dcfg: DictConfig) -> None:
     """Hydra's own record of the run (``.hydra/``: the composed config, Hydra's config, the overrides)."""
-    from hydra.core.utils import _save_config
 
     hydra_cfg = HydraConfig.get()
     out = run_dir / ".hydra"
@@ -260,7 +246,6 @@ def main(dcfg: DictConfig) -> float | None:
     logs.setup_logging(run_log, verbose=verbose)
     if not cfg.resume:
         save_hydra_files(run_dir, dcfg)
-    from fedpeft.models.adapters import resolve_device
 
     console.show(
         console.header_lines(
@@ -271,10 +256,6 @@ def main(dcfg: DictConfig) -> float | None:
     def stopped() -> list[tuple[str, Path | None]]:
         lines = [("stopped by Ctrl-C", run_log)]
         if cfg.mode == "deploy":
-            from fedpeft.engines.deploy.submit import (
-                stop_submitted,  # imported when a run starts, not when fedpeft.run loads (--help, config errors)
-            )
-
             lines.append((stop_submitted(run_dir), run_log))
         if cfg.mode in ("centralized", "local"):
             return [

@@ -24,6 +24,7 @@ from dataclasses import fields
 
 import torch
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from fedpeft.clients.dp import MODES as DP_MODES
 from fedpeft.clients.job import dp_noise  # the clients' own calibration, so the check cannot drift from it
@@ -246,7 +247,6 @@ def positions(config) -> int | None:
 
 def skeleton(cfg: Config) -> nn.Module:
     """The configured model's modules on the ``meta`` device: its architecture, no weights read."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     path = resolve_model_path(cfg.model.name_or_path)
     try:

@@ -28,11 +28,13 @@ import torch
 from flwr.app import Context, Error, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
 
 from fedpeft.clients.app import app as client_app
 from fedpeft.clients.batched import passes, train_pass
 from fedpeft.clients.job import Job, JobResult, decode, encode, run_job
 from fedpeft.config.schema import Config
+from fedpeft.server.loop import run_federated
 
 log = logging.getLogger("fedpeft")
 
@@ -166,9 +168,6 @@ def check_batched(cfg: Config) -> None:
 
 def run_batched(cfg: Config, run_dir: Path) -> list[dict[str, Any]]:
     """Run the federated loop over a :class:`BatchedGrid`; returns the metrics rows."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    from fedpeft.server.loop import run_federated
 
     check_batched(cfg)
     saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)

@@ -16,8 +16,11 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from fedpeft.clients.app import app as client_app
 from fedpeft.config.schema import ENGINES, Config
+from fedpeft.engines.batched import check_batched, run_batched
 from fedpeft.reporting import logs
+from fedpeft.server.loop import run_federated
 
 log = logging.getLogger("fedpeft")
 
@@ -45,8 +48,6 @@ def check_engine(cfg: Config) -> None:
     if cfg.engine.clients_per_pass < 1:
         raise ValueError(f"engine.clients_per_pass must be >= 1, got {cfg.engine.clients_per_pass}")
     if cfg.engine.name == "batched":
-        from fedpeft.engines.batched import check_batched  # imports the ClientApp's modules: only when chosen
-
         check_batched(cfg)
 
 
@@ -90,7 +91,7 @@ def start_ray(address: str | None = None) -> None:
     :func:`fedpeft.reporting.logs.worker_setup` first, which sends its output to the run's ``run.log``,
     and nothing of the workers is forwarded to this console.
     """
-    import ray
+    import ray  # start-up: Ray (~2 s to import) only for a run on the Ray engine
 
     quiet = os.environ.get(logs.ENV_VERBOSE) == "0"
     # Ray subprocesses inherit environment variables, not this process's sys.path (Flower does the same).
@@ -117,14 +118,9 @@ def run_simulation(cfg: Config, run_dir: Path) -> list[dict[str, Any]]:
     never come, so the caller must end the process (:func:`fedpeft.cli.signals.stop_now`), not return.
     """
     if cfg.engine.name == "batched":
-        from fedpeft.engines.batched import run_batched
-
         return run_batched(cfg, run_dir)
-    import ray
+    import ray  # start-up: Ray and Flower's simulation (which imports Ray) only for a run on the Ray engine
     from flwr.simulation import run_simulation as flwr_run_simulation
-
-    from fedpeft.clients.app import app as client_app
-    from fedpeft.server.loop import run_federated
 
     outcome: dict[str, Any] = {}
     server_app = ServerApp()

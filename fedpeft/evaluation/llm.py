@@ -20,6 +20,7 @@ from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -119,7 +120,6 @@ def _answer_index(value: Any, num_choices: int, *, row: int) -> int:
 
 def _load(name: str, *, split: str, subset: str | None, what: str, override: str):
     """A local JSON/JSONL/CSV file or a HF dataset; a missing one fails with what to download and which override."""
-    from pathlib import Path
 
     hf = hf_datasets()
     path = Path(name).expanduser()
