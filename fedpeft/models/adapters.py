@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from peft import (
@@ -27,7 +26,13 @@ from peft import (
 from peft.tuners.lora import LoraLayer
 from peft.utils.other import transpose
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 from transformers import logging as hf_logging
 
 from fedpeft.config.schema import Config, LoraSettings, ModelConfig
@@ -50,7 +55,8 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 # How many times this process loaded base weights from disk: once per process when the model cache
 # works (the end-to-end tests check it in the worker; it never travels in a reply).
 BASE_MODEL_LOADS = 0
-_CACHE: dict[tuple, Any] = {}  # CachedModels and tokenizers, keyed by kind first
+_MODELS: dict[tuple, CachedModel] = {}
+_TOKENIZERS: dict[str, PreTrainedTokenizerBase] = {}
 _LOCK = threading.Lock()
 
 
@@ -71,15 +77,15 @@ def check_model_config(cfg: ModelConfig) -> None:
     resolve_model_path(cfg.name_or_path)
 
 
-def load_tokenizer(cfg: ModelConfig):
-    key = ("tokenizer", cfg.name_or_path)
+def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    key = cfg.name_or_path
     with _LOCK:
-        if key not in _CACHE:
+        if key not in _TOKENIZERS:
             tok = AutoTokenizer.from_pretrained(resolve_model_path(cfg.name_or_path))
             if tok.pad_token is None:  # causal LMs often ship without one
                 tok.pad_token = tok.eos_token
-            _CACHE[key] = tok
-        return _CACHE[key]
+            _TOKENIZERS[key] = tok
+        return _TOKENIZERS[key]
 
 
 def load_base_model(cfg: ModelConfig, *, num_labels: int) -> PreTrainedModel:
@@ -384,7 +390,7 @@ def cached_model(cfg: ModelConfig, *, num_labels: int, device: torch.device, see
         _lora_key(cfg.lora),
     )
     with _LOCK:
-        if key not in _CACHE:
+        if key not in _MODELS:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 base = load_base_model(cfg, num_labels=num_labels)
@@ -394,8 +400,8 @@ def cached_model(cfg: ModelConfig, *, num_labels: int, device: torch.device, see
                 peft_model.to(device)
             if cfg.autocast is not None:  # read by fedpeft.training.local.outputs, wherever the model runs
                 setattr(peft_model, AUTOCAST, AUTOCAST_DTYPES[cfg.autocast])
-            _CACHE[key] = CachedModel(model=peft_model, cfg=cfg, device=device)
-        return _CACHE[key]
+            _MODELS[key] = CachedModel(model=peft_model, cfg=cfg, device=device)
+        return _MODELS[key]
 
 
 def _lora_key(lora: LoraSettings) -> tuple:
@@ -404,4 +410,5 @@ def _lora_key(lora: LoraSettings) -> tuple:
 
 def clear_cache() -> None:
     with _LOCK:
-        _CACHE.clear()
+        _MODELS.clear()
+        _TOKENIZERS.clear()
