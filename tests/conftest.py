@@ -58,4 +58,4 @@ def worker_counters(monkeypatch):
     (``base_loads``, ``worker_pid``, ``lora_a_crc32`` in metrics.jsonl's client rows)."""
     from tests import counters  # imports the ClientApp's whole stack: only for the tests that ask
 
-    monkeypatch.setattr("fedpeft.clients.app.app", counters.app)
+    monkeypatch.setattr("fedpeft.engines.ray.client_app", counters.app)  # the ClientApp the Ray engine runs
