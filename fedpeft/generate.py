@@ -25,6 +25,7 @@ from omegaconf import OmegaConf
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from fedpeft import strategies  # noqa: F401  (registers the rules' config classes, which type a run's strategy.*)
 from fedpeft.config.schema import Config, ModelConfig, to_config
 from fedpeft.data import instruct
 from fedpeft.data.partition import prepare

@@ -516,6 +516,8 @@ def strategy_schema(name: str, *, strict: bool = True) -> type:
     configs = rule_schemas()
     if name in configs:
         return configs[name]
+    if strict and not configs:
+        raise ValueError(f"strategy {name!r} cannot be typed: no rule registry is loaded (import fedpeft.strategies)")
     if strict:
         raise ValueError(f"unknown strategy {name!r}; valid: {sorted(configs)}")
     return StrategyConfig
