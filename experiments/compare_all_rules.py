@@ -32,17 +32,15 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from fedpeft import report
+from fedpeft.config.schema import to_config
+from fedpeft.reporting.metrics import read_metrics
 
-from fedpeft import report  # noqa: E402  (the table and curves: fedpeft.report over the run directories)
-from fedpeft.config.schema import to_config  # noqa: E402
-from fedpeft.reporting.metrics import read_metrics  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 RULES = [
     "fedavg",
