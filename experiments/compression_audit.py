@@ -197,7 +197,10 @@ def audit_sweep(args, out: Path) -> list[str]:
         f"client.batch_size={args.audit_batch}",
         *([f"data.max_samples={args.audit_max_samples}"] if args.audit_max_samples else []),
     ]
-    privacy = lambda eps: ["client.dp.enabled=false" if math.isinf(eps) else f"client.dp.target_epsilon={eps}"]  # noqa: E731
+
+    def privacy(eps: float) -> list[str]:
+        return ["client.dp.enabled=false" if math.isinf(eps) else f"client.dp.target_epsilon={eps}"]
+
     for eps, seed, run_dir, rows in privacy_runs(
         args, out, f"audit-n{args.audit_max_samples or 0}-b{args.audit_batch}", base, privacy
     ):

@@ -52,8 +52,11 @@ def submit(fed: LocalFederation, run_dir: Path, *extra: str) -> subprocess.Popen
         f"deploy.superlink={deploy['superlink']}", f"deploy.root_certificates={deploy['root_certificates']}", "deploy.timeout=500",
         f"hydra.run.dir={run_dir}", *extra,
     ]  # fmt: skip
-    # SIGINT as a terminal's Ctrl-C delivers it (a background job may inherit it ignored)
-    restore = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+
+    def restore() -> None:
+        """SIGINT as a terminal's Ctrl-C delivers it (a background job may inherit it ignored)."""
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
     return subprocess.Popen(
         cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, preexec_fn=restore
     )
