@@ -30,6 +30,7 @@ script can be stopped and restarted, and its finished runs committed as it goes.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shutil
 import time
@@ -558,6 +559,11 @@ def main() -> None:
             "centralized": ("reference", lambda rows: -rows[-1]["train_loss"]),
             "local-only": ("local", lambda rows: rows[-1]["client_val_accuracy_mean"]),
         }
+
+        def bound_score(setting: str, score: Callable[[list[dict]], float], lr: float) -> float:
+            """A bound's score at ``lr``: ``score`` of its run's rows (seed 0)."""
+            return score(read_metrics(run(setting, None, args.seeds[0], lr)))
+
         found = {}
         for name, (setting, score) in picks.items():
             if picked is not None:
@@ -568,7 +574,7 @@ def main() -> None:
                 continue
             grid = args.local_lrs if setting == "local" and args.local_lrs else args.lrs
             lrs[name], scores = pick_rate(
-                lambda lr: score(read_metrics(run(setting, None, args.seeds[0], lr))),  # noqa: B023  (called at once)
+                functools.partial(bound_score, setting, score),
                 grid,
                 widen=args.widen,
             )
@@ -589,6 +595,11 @@ def main() -> None:
     sweeps = [("homogeneous", r) for r in args.rules] + [
         ("dp", r) for r in DP_RULES if r in args.rules and "dp" in args.settings
     ]
+
+    def rule_score(setting: str, rule: str, lr: float) -> tuple[float, float]:
+        """A rule's sweep score at ``lr``: its run over --sweep-rounds (seed 0)."""
+        return sweep_score(run(setting, rule, args.seeds[0], lr, rounds=args.sweep_rounds), args.sweep_rounds)
+
     for setting, rule in sweeps:
         name = lr_name(setting, rule)
         if picked is not None:
@@ -598,7 +609,7 @@ def main() -> None:
             continue
         # accuracy first, loss breaks ties; a non-DP pick goes on to --rounds in step 2
         lrs[name], scores = pick_rate(
-            lambda lr: sweep_score(run(setting, rule, args.seeds[0], lr, rounds=args.sweep_rounds), args.sweep_rounds),  # noqa: B023  (called at once)
+            functools.partial(rule_score, setting, rule),
             args.lrs,
             widen=args.widen,
         )
