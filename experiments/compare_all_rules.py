@@ -1,7 +1,7 @@
 """The ten-rule table: every rule at its own best learning rate, homogeneous and heterogeneous ranks, DP.
 
-Settings (issue 12): MiniLM + BBC News, 10 clients, all of them every round (``--clients-per-round``), Dirichlet(0.5); rank 8 everywhere
-("homogeneous") and ranks [16, 8, 4, 4, 2, 2, 1, 1, 1, 1] ("heterogeneous", for the rules that
+Settings (issue 12): MiniLM + BBC News, 10 clients, all of them every round
+(``--clients-per-round``), Dirichlet(0.5); rank 8 everywhere ("homogeneous") and ranks [16, 8, 4, 4, 2, 2, 1, 1, 1, 1] ("heterogeneous", for the rules that
 take them); FedIT, FFA-LoRA, FedSVD and RoLoRA also under DP-SGD at ε = 3; the centralised
 reference. Steps:
 
@@ -87,7 +87,8 @@ def pick_rate(
 
 
 def rounds_of(setting: str, args: argparse.Namespace) -> int:
-    """The rounds of a setting: ``--dp-rounds`` for DP (its noise is calibrated to ε over them), ``--rounds`` otherwise."""
+    """The rounds of a setting: ``--dp-rounds`` for DP (its noise is calibrated to ε over them),
+    ``--rounds`` otherwise."""
     return args.dp_rounds if setting == "dp" and args.dp_rounds else args.rounds
 
 
@@ -185,7 +186,8 @@ def finished(run_dir: Path, rounds: int) -> bool:
 
 
 def lengthens(run_dir: Path, cfg_dict: dict) -> bool:
-    """Whether the finished run in ``run_dir`` can go on to ``cfg_dict``'s rounds (same config otherwise, no DP target)."""
+    """Whether the finished run in ``run_dir`` can go on to ``cfg_dict``'s rounds (same config
+    otherwise, no DP target)."""
     from fedpeft.run import run_config
     from fedpeft.server.checkpoint import load_checkpoint
     from fedpeft.server.errors import RunError
@@ -201,7 +203,8 @@ def lengthens(run_dir: Path, cfg_dict: dict) -> bool:
 
 
 def wall_sittings(wall_file: Path) -> list[list[float]]:
-    """[start, end] of each sitting of a run (a run written before sittings were kept: one, ending at the file's time)."""
+    """[start, end] of each sitting of a run (a run written before sittings were kept: one, ending
+    at the file's time)."""
     wall = json.loads(wall_file.read_text())
     if "sittings" in wall:
         return wall["sittings"]
@@ -266,7 +269,8 @@ def sweep_score(run_dir: Path, rounds: int) -> tuple[float, float]:
 
 
 def sweep_span(run_dirs: list[Path]) -> float:
-    """Wall-clock seconds during which at least one of the runs was going (runs overlap; a sweep may pause between parts)."""
+    """Wall-clock seconds during which at least one of the runs was going (runs overlap; a sweep
+    may pause between parts)."""
     spans = sorted(span for d in run_dirs for span in wall_sittings(d / "wall.json"))
     total, end = 0.0, float("-inf")
     for start, stop in spans:
@@ -354,7 +358,8 @@ def table(
 
 
 def plot(out: Path, results: dict[tuple[str, str], list[Path]]) -> None:
-    """accuracy_vs_round.png and accuracy_vs_bytes.png: one panel per setting, one line per rule (mean over seeds); the bounds dashed."""
+    """accuracy_vs_round.png and accuracy_vs_bytes.png: one panel per setting, one line per rule
+    (mean over seeds); the bounds dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
