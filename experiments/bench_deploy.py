@@ -29,7 +29,6 @@ from pathlib import Path
 from fedpeft.protocol.wire import NODE_DATA_PATH, NODE_PARTITION_ID, NODE_STATE_DIR
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 NODE_CFG = {"seed": 0, "num_clients": 10, "strategy": {"name": "flora"}}
 

@@ -14,18 +14,16 @@ import argparse
 import functools
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from fedpeft.clients.dp import train_local_dp
+from fedpeft.data.encoding import Collator
+from fedpeft.training.local import train_local
 
-from fedpeft.clients.dp import train_local_dp  # noqa: E402
-from fedpeft.data.encoding import Collator  # noqa: E402
-from fedpeft.training.local import train_local  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 BATCH, SEQ = 8, 128
 

@@ -44,16 +44,15 @@ from typing import Any
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from fedpeft.cli.configs import compose_config
+from fedpeft.config.schema import Config
+from fedpeft.data.encoding import encode, make_loader
+from fedpeft.data.partition import prepare
+from fedpeft.models import adapters as models
+from fedpeft.training.batched import ClientTask, train_batched
+from fedpeft.training.local import _cycle, num_local_steps, train_local
 
-from fedpeft.cli.configs import compose_config  # noqa: E402
-from fedpeft.config.schema import Config  # noqa: E402
-from fedpeft.data.encoding import encode, make_loader  # noqa: E402
-from fedpeft.data.partition import prepare  # noqa: E402
-from fedpeft.models import adapters as models  # noqa: E402
-from fedpeft.training.batched import ClientTask, train_batched  # noqa: E402
-from fedpeft.training.local import _cycle, num_local_steps, train_local  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 RESULTS = REPO / "experiments" / "results"
 

@@ -14,24 +14,22 @@ import argparse
 import json
 import os
 import random
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from fedpeft.config.schema import Config, to_config
+from fedpeft.data.encoding import encode, make_loader
+from fedpeft.data.partition import prepare
+from fedpeft.models import adapters as models
+from fedpeft.server.evaluation import ServerEvaluator, initial_adapter
+from fedpeft.strategies.fedavg import fedit
+from fedpeft.strategies.types import GlobalModel
+from fedpeft.training.local import num_local_steps, train_local
 
-from fedpeft.config.schema import Config, to_config  # noqa: E402
-from fedpeft.data.encoding import encode, make_loader  # noqa: E402
-from fedpeft.data.partition import prepare  # noqa: E402
-from fedpeft.models import adapters as models  # noqa: E402
-from fedpeft.server.evaluation import ServerEvaluator, initial_adapter  # noqa: E402
-from fedpeft.strategies.fedavg import fedit  # noqa: E402
-from fedpeft.strategies.types import GlobalModel  # noqa: E402
-from fedpeft.training.local import num_local_steps, train_local  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def bench_config(rounds: int) -> Config:

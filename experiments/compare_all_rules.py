@@ -1,7 +1,7 @@
 """The ten-rule table: every rule at its own best learning rate, homogeneous and heterogeneous ranks, DP.
 
-Settings (issue 12): MiniLM + BBC News, 10 clients, all of them every round (``--clients-per-round``), Dirichlet(0.5); rank 8 everywhere
-("homogeneous") and ranks [16, 8, 4, 4, 2, 2, 1, 1, 1, 1] ("heterogeneous", for the rules that
+Settings (issue 12): MiniLM + BBC News, 10 clients, all of them every round
+(``--clients-per-round``), Dirichlet(0.5); rank 8 everywhere ("homogeneous") and ranks [16, 8, 4, 4, 2, 2, 1, 1, 1, 1] ("heterogeneous", for the rules that
 take them); FedIT, FFA-LoRA, FedSVD and RoLoRA also under DP-SGD at ε = 3; the centralised
 reference. Steps:
 
@@ -30,19 +30,18 @@ script can be stopped and restarted, and its finished runs committed as it goes.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shutil
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from fedpeft import report
+from fedpeft.config.schema import to_config
+from fedpeft.reporting.metrics import read_metrics
 
-from fedpeft import report  # noqa: E402  (the table and curves: fedpeft.report over the run directories)
-from fedpeft.config.schema import to_config  # noqa: E402
-from fedpeft.reporting.metrics import read_metrics  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 RULES = [
     "fedavg",
@@ -88,7 +87,8 @@ def pick_rate(
 
 
 def rounds_of(setting: str, args: argparse.Namespace) -> int:
-    """The rounds of a setting: ``--dp-rounds`` for DP (its noise is calibrated to ε over them), ``--rounds`` otherwise."""
+    """The rounds of a setting: ``--dp-rounds`` for DP (its noise is calibrated to ε over them),
+    ``--rounds`` otherwise."""
     return args.dp_rounds if setting == "dp" and args.dp_rounds else args.rounds
 
 
@@ -186,7 +186,8 @@ def finished(run_dir: Path, rounds: int) -> bool:
 
 
 def lengthens(run_dir: Path, cfg_dict: dict) -> bool:
-    """Whether the finished run in ``run_dir`` can go on to ``cfg_dict``'s rounds (same config otherwise, no DP target)."""
+    """Whether the finished run in ``run_dir`` can go on to ``cfg_dict``'s rounds (same config
+    otherwise, no DP target)."""
     from fedpeft.run import run_config
     from fedpeft.server.checkpoint import load_checkpoint
     from fedpeft.server.errors import RunError
@@ -202,7 +203,8 @@ def lengthens(run_dir: Path, cfg_dict: dict) -> bool:
 
 
 def wall_sittings(wall_file: Path) -> list[list[float]]:
-    """[start, end] of each sitting of a run (a run written before sittings were kept: one, ending at the file's time)."""
+    """[start, end] of each sitting of a run (a run written before sittings were kept: one, ending
+    at the file's time)."""
     wall = json.loads(wall_file.read_text())
     if "sittings" in wall:
         return wall["sittings"]
@@ -267,7 +269,8 @@ def sweep_score(run_dir: Path, rounds: int) -> tuple[float, float]:
 
 
 def sweep_span(run_dirs: list[Path]) -> float:
-    """Wall-clock seconds during which at least one of the runs was going (runs overlap; a sweep may pause between parts)."""
+    """Wall-clock seconds during which at least one of the runs was going (runs overlap; a sweep
+    may pause between parts)."""
     spans = sorted(span for d in run_dirs for span in wall_sittings(d / "wall.json"))
     total, end = 0.0, float("-inf")
     for start, stop in spans:
@@ -355,7 +358,8 @@ def table(
 
 
 def plot(out: Path, results: dict[tuple[str, str], list[Path]]) -> None:
-    """accuracy_vs_round.png and accuracy_vs_bytes.png: one panel per setting, one line per rule (mean over seeds); the bounds dashed."""
+    """accuracy_vs_round.png and accuracy_vs_bytes.png: one panel per setting, one line per rule
+    (mean over seeds); the bounds dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -560,6 +564,11 @@ def main() -> None:
             "centralized": ("reference", lambda rows: -rows[-1]["train_loss"]),
             "local-only": ("local", lambda rows: rows[-1]["client_val_accuracy_mean"]),
         }
+
+        def bound_score(setting: str, score: Callable[[list[dict]], float], lr: float) -> float:
+            """A bound's score at ``lr``: ``score`` of its run's rows (seed 0)."""
+            return score(read_metrics(run(setting, None, args.seeds[0], lr)))
+
         found = {}
         for name, (setting, score) in picks.items():
             if picked is not None:
@@ -570,7 +579,7 @@ def main() -> None:
                 continue
             grid = args.local_lrs if setting == "local" and args.local_lrs else args.lrs
             lrs[name], scores = pick_rate(
-                lambda lr: score(read_metrics(run(setting, None, args.seeds[0], lr))),  # noqa: B023  (called at once)
+                functools.partial(bound_score, setting, score),
                 grid,
                 widen=args.widen,
             )
@@ -591,6 +600,11 @@ def main() -> None:
     sweeps = [("homogeneous", r) for r in args.rules] + [
         ("dp", r) for r in DP_RULES if r in args.rules and "dp" in args.settings
     ]
+
+    def rule_score(setting: str, rule: str, lr: float) -> tuple[float, float]:
+        """A rule's sweep score at ``lr``: its run over --sweep-rounds (seed 0)."""
+        return sweep_score(run(setting, rule, args.seeds[0], lr, rounds=args.sweep_rounds), args.sweep_rounds)
+
     for setting, rule in sweeps:
         name = lr_name(setting, rule)
         if picked is not None:
@@ -600,7 +614,7 @@ def main() -> None:
             continue
         # accuracy first, loss breaks ties; a non-DP pick goes on to --rounds in step 2
         lrs[name], scores = pick_rate(
-            lambda lr: sweep_score(run(setting, rule, args.seeds[0], lr, rounds=args.sweep_rounds), args.sweep_rounds),  # noqa: B023  (called at once)
+            functools.partial(rule_score, setting, rule),
             args.lrs,
             widen=args.widen,
         )

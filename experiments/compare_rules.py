@@ -19,15 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from fedpeft.config.schema import to_config
+from fedpeft.reporting.metrics import read_metrics
 
-from fedpeft.config.schema import to_config  # noqa: E402
-from fedpeft.reporting.metrics import read_metrics  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 RULES = ["fedavg", "ffa_lora", "flora", "lora_fair"]
 HETERO = [16, 8, 4, 4, 2, 2, 1, 1, 1, 1]

@@ -21,15 +21,13 @@ import argparse
 import json
 import math
 import statistics
-import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from fedpeft import report
+from fedpeft.reporting.metrics import read_metrics
 
-from fedpeft import report  # noqa: E402
-from fedpeft.reporting.metrics import read_metrics  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 RULES = ["fedavg", "ffa_lora"]
 
@@ -199,7 +197,10 @@ def audit_sweep(args, out: Path) -> list[str]:
         f"client.batch_size={args.audit_batch}",
         *([f"data.max_samples={args.audit_max_samples}"] if args.audit_max_samples else []),
     ]
-    privacy = lambda eps: ["client.dp.enabled=false" if math.isinf(eps) else f"client.dp.target_epsilon={eps}"]  # noqa: E731
+
+    def privacy(eps: float) -> list[str]:
+        return ["client.dp.enabled=false" if math.isinf(eps) else f"client.dp.target_epsilon={eps}"]
+
     for eps, seed, run_dir, rows in privacy_runs(
         args, out, f"audit-n{args.audit_max_samples or 0}-b{args.audit_batch}", base, privacy
     ):

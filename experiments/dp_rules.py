@@ -14,15 +14,13 @@ import argparse
 import json
 import math
 import statistics
-import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from fedpeft import report
+from fedpeft.reporting.metrics import read_metrics
 
-from fedpeft import report  # noqa: E402
-from fedpeft.reporting.metrics import read_metrics  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 RULES = ["fedavg", "ffa_lora"]
 

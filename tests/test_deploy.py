@@ -52,8 +52,11 @@ def submit(fed: LocalFederation, run_dir: Path, *extra: str) -> subprocess.Popen
         f"deploy.superlink={deploy['superlink']}", f"deploy.root_certificates={deploy['root_certificates']}", "deploy.timeout=500",
         f"hydra.run.dir={run_dir}", *extra,
     ]  # fmt: skip
-    # SIGINT as a terminal's Ctrl-C delivers it (a background job may inherit it ignored)
-    restore = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+
+    def restore() -> None:
+        """SIGINT as a terminal's Ctrl-C delivers it (a background job may inherit it ignored)."""
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
     return subprocess.Popen(
         cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, preexec_fn=restore
     )
@@ -89,7 +92,8 @@ def federation(tmp_path_factory):
 
 
 def test_two_supernodes_with_tls_and_auth_run_flora_and_the_console_follows_the_rounds(federation):
-    """A deployed FLoRA run with ComPEFT uploads (error feedback on the nodes' disks) and the privacy audit at the end."""
+    """A deployed FLoRA run with ComPEFT uploads (error feedback on the nodes' disks) and the
+    privacy audit at the end."""
     fed, root = federation
     run_dir = root / "run"
     compressed = [
@@ -130,7 +134,8 @@ def test_two_supernodes_with_tls_and_auth_run_flora_and_the_console_follows_the_
     assert all(0.0 <= r["test_accuracy"] <= 1.0 for r in rows)
     assert sorted(c["rank"] for c in rows[-1]["clients"]) == [2, 4]
     assert (run_dir / "final_model" / "config.json").exists() and (run_dir / "plots" / "accuracy_loss.png").exists()
-    # ComPEFT: every upload accepted and far below its dense size (A and B of query/value in 6 layers at the node's rank, 4 bytes each)
+    # ComPEFT: every upload accepted and far below its dense size (A and B of query/value in 6
+    # layers at the node's rank, 4 bytes each)
     assert all(r["clients_rejected"] == 0 for r in rows)
     for c in (c for r in rows for c in r["clients"]):
         assert 0 < c["bytes_up"] < c["rank"] * (384 + 384) * 12 * 4 / 8

@@ -37,7 +37,8 @@ TINY = [
 
 @pytest.fixture(scope="module")
 def tiny_bert_dir(tmp_path_factory) -> Path:
-    """A 2-layer random-init BERT (no head: each run adds one for its labels) with the embedded model's tokenizer, all dropout off."""
+    """A 2-layer random-init BERT (no head: each run adds one for its labels) with the embedded
+    model's tokenizer, all dropout off."""
     from transformers import BertConfig, BertModel
 
     path = tmp_path_factory.mktemp("tiny-bert")

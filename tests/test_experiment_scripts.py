@@ -9,6 +9,7 @@ import os
 
 import pytest
 
+import fedpeft.strategies  # noqa: F401  (registers the rules' config classes, which to_config reads)
 from tests.conftest import REPO
 
 

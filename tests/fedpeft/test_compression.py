@@ -146,7 +146,8 @@ def test_hand_worked_example():
     ct = compress(delta, ComPEFT(density=0.25, scale="mean"))
     assert ct.positions.tolist() == [1, 3] and ct.negative.tolist() == [True, False] and ct.values.tolist() == [2.5]
     buf = pack(ct)
-    # header 4 + shape 4 + count 4, scale 8, signs 1, gaps [1, 1] as 2 varint bytes (< 1-byte bitmask? no: bitmask is 1 byte)
+    # header 4 + shape 4 + count 4, scale 8, signs 1, gaps [1, 1] as 2 varint bytes (< 1-byte
+    # bitmask? no: bitmask is 1 byte)
     assert buf.tobytes()[:12] == struct.pack("<4BII", 1, 0, 1, 1, 8, 2)
     assert buf.size == 12 + 8 + 1 + 1  # the 1-byte bitmask beats 2 bytes of run lengths
     assert buf.tobytes()[-1] == 0b00001010 and buf.tobytes()[-2] == 0b01
