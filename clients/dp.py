@@ -59,7 +59,8 @@ class LinearGradSampler:
                 continue
             if not isinstance(module, nn.Linear):
                 raise DPError(
-                    f"mode='lora' handles trainable nn.Linear layers only, found a trainable {type(module).__name__}; use client.dp.grad_sample_mode=loop (any peft method)"
+                    f"mode='lora' handles trainable nn.Linear layers only, found a trainable {type(module).__name__}; "
+                    "use client.dp.grad_sample_mode=loop (any peft method)"
                 )
             owners[module] = own
         self.layers = list(owners)

@@ -1,4 +1,5 @@
-"""The client in three steps: :func:`decode` a message into a :class:`Job`, :func:`train_jobs`, :func:`encode` the reply.
+"""The client in three steps: :func:`decode` a message into a :class:`Job`, :func:`train_jobs`,
+:func:`encode` the reply.
 
 * :func:`decode` reads the message's plan (:mod:`fedpeft.protocol.wire`), the node's data and the
   node's kept state, and resolves the adapter the job starts from, tensor by tensor, as the plan
@@ -103,7 +104,8 @@ def start_state(
                 continue
             if have:
                 raise ProtocolError(
-                    f"the node keeps {len(have)} of the {len(keys)} tensors of group {sorted(group.roles)}: its state is incomplete"
+                    f"the node keeps {len(have)} of the {len(keys)} tensors of group {sorted(group.roles)}: "
+                    "its state is incomplete"
                 )
             if group.fallback is None:
                 raise ProtocolError(f"group {sorted(group.roles)} comes from the node and has no fallback")
@@ -472,7 +474,8 @@ def dp_train(
         spent = epsilon(ledger, delta=dp.delta, accountant=dp.accountant)
         after = epsilon([*ledger, (noise, sample_rate, steps)], delta=dp.delta, accountant=dp.accountant)
         raise BudgetExhausted(
-            f"privacy budget: client {pid} declines to train: another round would take ε from {spent:.3f} to {after:.3f} > target {dp.target_epsilon} (δ={dp.delta})"
+            f"privacy budget: client {pid} declines to train: another round would take ε from {spent:.3f} to "
+            f"{after:.3f} > target {dp.target_epsilon} (δ={dp.delta})"
         )
     result = train_local_dp(
         model,

@@ -40,7 +40,8 @@ def node_rank(cfg: Config, partition_id: int, node_config: dict[str, Any]) -> in
 def partition_id(context: Context) -> int:
     if protocol.NODE_PARTITION_ID not in context.node_config:
         raise ValueError(
-            f'node_config has no {protocol.NODE_PARTITION_ID!r}: start the SuperNode with --node-config "{protocol.NODE_PARTITION_ID}=<k> ..."'
+            f"node_config has no {protocol.NODE_PARTITION_ID!r}: start the SuperNode with --node-config "
+            f'"{protocol.NODE_PARTITION_ID}=<k> ..."'
         )
     return int(context.node_config[protocol.NODE_PARTITION_ID])
 
@@ -50,7 +51,8 @@ def node_store(context: Context, run: RunInfo) -> NodeStore:
     root = context.node_config.get(protocol.NODE_STATE_DIR) or run.sim_state_dir
     if not root:
         raise ValueError(
-            f"no node state folder: start the SuperNode with --node-config \"{protocol.NODE_STATE_DIR}='<folder>' ...\" "
+            "no node state folder: start the SuperNode with "
+            f"--node-config \"{protocol.NODE_STATE_DIR}='<folder>' ...\" "
             "(the moving base, kept adapter tensors and the DP ledger live there)"
         )
     return NodeStore(Path(str(root)) / f"node-{partition_id(context)}")
@@ -71,7 +73,8 @@ def local_data(cfg: Config, pid: int, context: Context, run: RunInfo) -> tuple[i
     if path:
         if need_labels and not names:
             raise ValueError(
-                f"the server sent no {protocol.LABEL_NAMES!r}; a node with its own data-path needs them to number its labels"
+                f"the server sent no {protocol.LABEL_NAMES!r}; a node with its own data-path needs them "
+                "to number its labels"
             )
         source = Path(str(path)).expanduser()
         files = (
