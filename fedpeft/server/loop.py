@@ -87,7 +87,8 @@ def run_federated(cfg: Config, grid: Grid, run_dir: Path) -> list[dict[str, Any]
                 )
                 continue
             raise RunError(
-                f"round {server_round}: {len(report.clients)} accepted updates, fewer than min_clients={max(cfg.min_clients, 1)}; "
+                f"round {server_round}: {len(report.clients)} accepted updates, fewer than "
+                f"min_clients={max(cfg.min_clients, 1)}; "
                 f"reasons: {reasons[:3]}"  # fedpeft.run says how to resume, if a round finished
             )
         evaluate_now = evaluates(cfg, server_round)
