@@ -160,7 +160,8 @@ def check_batched(cfg: Config) -> None:
         )
     if cfg.faults.crash_prob > 0 or cfg.faults.hang_prob > 0:
         raise ValueError(
-            "engine=batched runs the clients in the server process: faults.crash_prob / faults.hang_prob would kill or stall the server; use engine=ray"
+            "engine=batched runs the clients in the server process: faults.crash_prob / faults.hang_prob would kill "
+            "or stall the server; use engine=ray"
         )
     if cfg.ray.address:
         raise ValueError("ray.address is for engine=ray; engine=batched runs in the server process")
