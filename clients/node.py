@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flwr.app import Context
 
@@ -21,6 +21,9 @@ from fedpeft.models import adapters as models
 from fedpeft.privacy.audit import client_train_split
 from fedpeft.protocol import wire as protocol
 from fedpeft.protocol.wire import RunInfo
+
+if TYPE_CHECKING:  # annotations only
+    from datasets import Dataset
 
 _ENCODED: dict[str, tuple[int, list, list]] = {}
 
@@ -124,6 +127,6 @@ def local_data(cfg: Config, pid: int, context: Context, run: RunInfo) -> tuple[i
     return _ENCODED[key]
 
 
-def encode_split(cfg: Config, train_ds, val_ds) -> tuple[list, list]:
+def encode_split(cfg: Config, train_ds: Dataset, val_ds: Dataset) -> tuple[list, list]:
     tokenizer = models.load_tokenizer(cfg.model)  # instruction formats: prompt template, response-only labels
     return encode_config(cfg, train_ds, tokenizer), encode_config(cfg, val_ds, tokenizer)

@@ -74,7 +74,7 @@ def round0_model(cfg: Config, *, num_labels: int, device: torch.device) -> torch
     return cm.model
 
 
-def run_audit(run_dir: str | Path, *, cfg=None) -> dict[str, Any]:
+def run_audit(run_dir: str | Path, *, cfg: Config | None = None) -> dict[str, Any]:
     """Audit a finished run directory (its final model; the config from ``config.yaml`` unless given).
 
     Writes and returns ``audit.json``. Members are the clients' examples as the run's own

@@ -21,10 +21,11 @@ import importlib.util
 import math
 import os
 from dataclasses import fields
+from typing import cast
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, PretrainedConfig
 
 from fedpeft.clients.dp import MODES as DP_MODES
 from fedpeft.clients.job import dp_noise  # the clients' own calibration, so the check cannot drift from it
@@ -245,7 +246,7 @@ def machine_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def positions(config) -> int | None:
+def positions(config: PretrainedConfig) -> int | None:
     """The longest input the model's position embeddings allow (None: no fixed limit)."""
     for key in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length"):
         value = getattr(config, key, None)
@@ -283,7 +284,8 @@ def check_model(cfg: Config, model: nn.Module | None = None) -> None:
     """Target modules, ranks and ``max_length`` against the model's architecture (``model``: a skeleton)."""
     model = skeleton(cfg) if model is None else model
     lora = cfg.model.lora
-    limit = positions(model.config) if hasattr(model, "config") else None
+    # torch types a module's attributes as Tensor | Module; a transformers model's .config is its PretrainedConfig
+    limit = positions(cast(PretrainedConfig, model.config)) if hasattr(model, "config") else None
     if limit is not None and cfg.model.max_length > limit:
         raise ConfigError(
             f"model.max_length={cfg.model.max_length} exceeds the {limit} positions of model {cfg.model.name_or_path!r}"

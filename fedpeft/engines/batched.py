@@ -20,7 +20,7 @@ import logging
 import os
 import random
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +65,7 @@ class BatchedGrid(Grid):
 
     # --- the Grid interface
     @property
-    def run(self):
+    def run(self) -> Run:
         raise NotImplementedError("BatchedGrid has no Flower run object: fedpeft's server loop does not need one")
 
     def set_run(self, run: Run) -> None:
@@ -140,7 +140,7 @@ class BatchedGrid(Grid):
         return replies  # type: ignore[return-value]
 
     @staticmethod
-    def _guard(msg: Message, make) -> Message:
+    def _guard(msg: Message, make: Callable[[], Message]) -> Message:
         try:
             return make()
         except Exception as err:  # noqa: BLE001
