@@ -63,7 +63,10 @@ def passes(jobs: Sequence[Job], *, clients_per_pass: int) -> list[list[int]]:
 
 
 def train_pass(jobs: Sequence[Job]) -> list[JobResult]:
-    """Train ``jobs`` (all :func:`passable`, one :func:`pass_key`) in one pass; metrics as :func:`fedpeft.clients.job.run_job` writes them."""
+    """Train ``jobs`` (all :func:`passable`, one :func:`pass_key`) in one pass.
+
+    The metrics are those :func:`fedpeft.clients.job.run_job` writes.
+    """
     if len({pass_key(j) for j in jobs}) > 1:
         raise ValueError("jobs of one pass must share model, seed and base version")
     cfg = jobs[0].cfg

@@ -59,7 +59,8 @@ class LinearGradSampler:
                 continue
             if not isinstance(module, nn.Linear):
                 raise DPError(
-                    f"mode='lora' handles trainable nn.Linear layers only, found a trainable {type(module).__name__}; use client.dp.grad_sample_mode=loop (any peft method)"
+                    f"mode='lora' handles trainable nn.Linear layers only, found a trainable {type(module).__name__}; "
+                    "use client.dp.grad_sample_mode=loop (any peft method)"
                 )
             owners[module] = own
         self.layers = list(owners)
@@ -248,7 +249,18 @@ def train_local_dp(
 
 
 def _train_opacus(
-    model, dataset, collate_fn, plan, *, lr, weight_decay, noise_multiplier, max_grad_norm, expected, generator, device
+    model: nn.Module,
+    dataset: Sequence[dict[str, Any]],
+    collate_fn: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]],
+    plan: Sequence[Sequence[int]],
+    *,
+    lr: float,
+    weight_decay: float,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    expected: float,
+    generator: torch.Generator,
+    device: torch.device | str,
 ) -> TrainResult:
     """The reference path: Opacus GradSampleModule (hooks) + DPOptimizer, adapter keys untouched."""
     from opacus import GradSampleModule  # start-up: opacus only when this path runs (see fedpeft.privacy.accounting)

@@ -1,4 +1,5 @@
-"""The client in three steps: :func:`decode` a message into a :class:`Job`, :func:`train_jobs`, :func:`encode` the reply.
+"""The client in three steps: :func:`decode` a message into a :class:`Job`, :func:`train_jobs`,
+:func:`encode` the reply.
 
 * :func:`decode` reads the message's plan (:mod:`fedpeft.protocol.wire`), the node's data and the
   node's kept state, and resolves the adapter the job starts from, tensor by tensor, as the plan
@@ -24,6 +25,7 @@ from typing import Any
 
 import torch
 from flwr.app import Context, Message, MessageType
+from torch import nn
 
 from fedpeft.clients.dp import train_local_dp
 from fedpeft.clients.node import local_data, node_store, partition_id
@@ -103,7 +105,8 @@ def start_state(
                 continue
             if have:
                 raise ProtocolError(
-                    f"the node keeps {len(have)} of the {len(keys)} tensors of group {sorted(group.roles)}: its state is incomplete"
+                    f"the node keeps {len(have)} of the {len(keys)} tensors of group {sorted(group.roles)}: "
+                    "its state is incomplete"
                 )
             if group.fallback is None:
                 raise ProtocolError(f"group {sorted(group.roles)} comes from the node and has no fallback")
@@ -293,7 +296,7 @@ def run_job(job: Job) -> JobResult:
 
 
 # ------------------------------------------------------------------------------ rank self-pruning
-def lora_factors(model, rank: int | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def lora_factors(model: nn.Module, rank: int | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(A, B) parameters of every LoRA layer of the rank-``rank`` adapter, live (not copies)."""
     name = models.adapter_name(rank)
     params = dict(model.named_parameters())
@@ -308,7 +311,9 @@ def tail_norm(factors: Sequence[tuple[torch.Tensor, torch.Tensor]], start: int) 
     return sum(torch.linalg.norm(b[:, start:]) * torch.linalg.norm(a[start:, :]) for a, b in factors)
 
 
-def evaluate_metrics(model, job: Job, pad_id: int, *, device, which: Evaluate) -> dict[str, Any]:
+def evaluate_metrics(
+    model: nn.Module, job: Job, pad_id: int, *, device: torch.device, which: Evaluate
+) -> dict[str, Any]:
     """Loss and accuracy on the node's validation slice (nothing when it has none)."""
     if not job.val_examples:
         return {}
@@ -451,7 +456,7 @@ def dp_noise(cfg: Config, *, num_examples: int, steps: int) -> tuple[float, floa
 
 def dp_train(
     cfg: Config,
-    model,
+    model: nn.Module,
     examples: list,
     pad_id: int,
     store: NodeStore,
@@ -459,7 +464,7 @@ def dp_train(
     pid: int,
     steps: int,
     seed: int,
-    device,
+    device: torch.device,
     lr: float,
 ) -> tuple[Any, dict[str, Any]]:
     """A DP-SGD round whose privacy cost is added to the node's persistent ledger."""
@@ -472,7 +477,8 @@ def dp_train(
         spent = epsilon(ledger, delta=dp.delta, accountant=dp.accountant)
         after = epsilon([*ledger, (noise, sample_rate, steps)], delta=dp.delta, accountant=dp.accountant)
         raise BudgetExhausted(
-            f"privacy budget: client {pid} declines to train: another round would take ε from {spent:.3f} to {after:.3f} > target {dp.target_epsilon} (δ={dp.delta})"
+            f"privacy budget: client {pid} declines to train: another round would take ε from {spent:.3f} to "
+            f"{after:.3f} > target {dp.target_epsilon} (δ={dp.delta})"
         )
     result = train_local_dp(
         model,

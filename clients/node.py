@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flwr.app import Context
 
@@ -21,6 +21,9 @@ from fedpeft.models import adapters as models
 from fedpeft.privacy.audit import client_train_split
 from fedpeft.protocol import wire as protocol
 from fedpeft.protocol.wire import RunInfo
+
+if TYPE_CHECKING:  # annotations only
+    from datasets import Dataset
 
 _ENCODED: dict[str, tuple[int, list, list]] = {}
 
@@ -40,7 +43,8 @@ def node_rank(cfg: Config, partition_id: int, node_config: dict[str, Any]) -> in
 def partition_id(context: Context) -> int:
     if protocol.NODE_PARTITION_ID not in context.node_config:
         raise ValueError(
-            f'node_config has no {protocol.NODE_PARTITION_ID!r}: start the SuperNode with --node-config "{protocol.NODE_PARTITION_ID}=<k> ..."'
+            f"node_config has no {protocol.NODE_PARTITION_ID!r}: start the SuperNode with --node-config "
+            f'"{protocol.NODE_PARTITION_ID}=<k> ..."'
         )
     return int(context.node_config[protocol.NODE_PARTITION_ID])
 
@@ -50,7 +54,8 @@ def node_store(context: Context, run: RunInfo) -> NodeStore:
     root = context.node_config.get(protocol.NODE_STATE_DIR) or run.sim_state_dir
     if not root:
         raise ValueError(
-            f"no node state folder: start the SuperNode with --node-config \"{protocol.NODE_STATE_DIR}='<folder>' ...\" "
+            "no node state folder: start the SuperNode with "
+            f"--node-config \"{protocol.NODE_STATE_DIR}='<folder>' ...\" "
             "(the moving base, kept adapter tensors and the DP ledger live there)"
         )
     return NodeStore(Path(str(root)) / f"node-{partition_id(context)}")
@@ -71,7 +76,8 @@ def local_data(cfg: Config, pid: int, context: Context, run: RunInfo) -> tuple[i
     if path:
         if need_labels and not names:
             raise ValueError(
-                f"the server sent no {protocol.LABEL_NAMES!r}; a node with its own data-path needs them to number its labels"
+                f"the server sent no {protocol.LABEL_NAMES!r}; a node with its own data-path needs them "
+                "to number its labels"
             )
         source = Path(str(path)).expanduser()
         files = (
@@ -121,6 +127,6 @@ def local_data(cfg: Config, pid: int, context: Context, run: RunInfo) -> tuple[i
     return _ENCODED[key]
 
 
-def encode_split(cfg: Config, train_ds, val_ds) -> tuple[list, list]:
+def encode_split(cfg: Config, train_ds: Dataset, val_ds: Dataset) -> tuple[list, list]:
     tokenizer = models.load_tokenizer(cfg.model)  # instruction formats: prompt template, response-only labels
     return encode_config(cfg, train_ds, tokenizer), encode_config(cfg, val_ds, tokenizer)

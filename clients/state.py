@@ -22,8 +22,9 @@ from fedpeft.reporting.files import atomic_torch_save, atomic_write_bytes
 
 class NodeStore:
     """A folder owned by one node: ``<lineage>/base-update-<round>.pt``, ``<lineage>/merged-base.safetensors``,
-    ``<lineage>/kept.safetensors`` (adapter tensors a plan keeps on the node), ``<lineage>/compression-residual.safetensors``
-    (what uplink compression dropped, with error feedback), ``cache/`` and ``<name>.json``."""
+    ``<lineage>/kept.safetensors`` (adapter tensors a plan keeps on the node),
+    ``<lineage>/compression-residual.safetensors`` (what uplink compression dropped, with error feedback),
+    ``cache/`` and ``<name>.json``."""
 
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)

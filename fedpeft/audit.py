@@ -74,7 +74,7 @@ def round0_model(cfg: Config, *, num_labels: int, device: torch.device) -> torch
     return cm.model
 
 
-def run_audit(run_dir: str | Path, *, cfg=None) -> dict[str, Any]:
+def run_audit(run_dir: str | Path, *, cfg: Config | None = None) -> dict[str, Any]:
     """Audit a finished run directory (its final model; the config from ``config.yaml`` unless given).
 
     Writes and returns ``audit.json``. Members are the clients' examples as the run's own
@@ -185,7 +185,8 @@ def summary(report: dict[str, Any]) -> str:
     """A few lines for the console and the run's report."""
     overall = report["membership"]["overall"]
     lines = [
-        f"membership AUC {overall['auc']:.3f} (calibrated {overall['calibrated_auc']:.3f}), {overall['members']} members vs {overall['nonmembers']} held out"
+        f"membership AUC {overall['auc']:.3f} (calibrated {overall['calibrated_auc']:.3f}), {overall['members']} "
+        f"members vs {overall['nonmembers']} held out"
     ]
     per = report["membership"]["per_client"]
     if per:
@@ -194,7 +195,8 @@ def summary(report: dict[str, Any]) -> str:
     if "canaries" in report:
         c = report["canaries"]
         lines.append(
-            f"canary exposure: mean {c['mean_exposure']:.2f} bits of at most {c['max_exposure']:.2f} ({c['count']} canaries x {c['repeats']} in client {c['client']})"
+            f"canary exposure: mean {c['mean_exposure']:.2f} bits of at most {c['max_exposure']:.2f} ({c['count']} "
+            f"canaries x {c['repeats']} in client {c['client']})"
         )
     return "\n".join(lines)
 

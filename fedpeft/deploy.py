@@ -4,7 +4,8 @@ The helpers for the security set-up and the nodes (docs/deployment.md)::
 
     python -m fedpeft.deploy certs certs/ --host 127.0.0.1 --host superlink.example.org
     python -m fedpeft.deploy node-key keys/node0
-    python -m fedpeft.deploy supernode --superlink HOST:PORT --node-config "partition-id=0 ..." [flower-supernode options]
+    python -m fedpeft.deploy supernode --superlink HOST:PORT --node-config "partition-id=0 ..." \\
+        [flower-supernode options]
     python -m fedpeft.deploy partitions parts/ num_clients=2 data.max_samples=600
 
 Submitting a run is ``python -m fedpeft.run ... mode=deploy`` (:mod:`fedpeft.engines.deploy.submit`).
@@ -36,7 +37,8 @@ def cli(argv: list[str] | None = None) -> None:
     node.add_argument("path", type=Path)
     sub.add_parser(
         "supernode",
-        help="check a node config (partition-id, data-path, state-dir, rank), then start flower-supernode with these arguments",
+        help="check a node config (partition-id, data-path, state-dir, rank), "
+        "then start flower-supernode with these arguments",
         add_help=False,
     )
     parts = sub.add_parser("partitions", help="write each client's partition of a run config as a node data folder")

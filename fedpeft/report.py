@@ -55,7 +55,8 @@ class Run:
 
     @property
     def accuracy_key(self) -> str:
-        """``test_accuracy``, or the clients' own models (``client_val_accuracy_mean``) for a run that never had a global one."""
+        """``test_accuracy``, or the clients' own models (``client_val_accuracy_mean``) for a run that never
+        had a global one."""
         if any(r.get("test_accuracy") is not None for r in self.rows) or not any(
             r.get(PERSONAL_ACCURACY) is not None for r in self.rows
         ):
@@ -323,7 +324,8 @@ def markdown(
     if any(s["accuracy"] == PERSONAL_ACCURACY for s in summaries):
         lines += [
             "",
-            "† no global model: the clients' own models on their validation slices (`client_val_accuracy_mean`), weighted by examples.",
+            "† no global model: the clients' own models on their validation slices (`client_val_accuracy_mean`), "
+            "weighted by examples.",
         ]
     return "\n".join(lines) + "\n"
 
@@ -352,7 +354,8 @@ def report(
     text = markdown(columns, groups, summaries, target_label=target_label)
     sources = "\n".join(f"- {g.label}: " + ", ".join(str(r.path) for r in g.runs) for g in groups)
     (out_dir / "report.md").write_text(
-        f"{len(runs)} runs, grouped by {', '.join(columns) or 'nothing (all runs alike)'}; mean ± std over seeds.\n\n{text}\nRuns:\n{sources}\n"
+        f"{len(runs)} runs, grouped by {', '.join(columns) or 'nothing (all runs alike)'}; mean ± std over "
+        f"seeds.\n\n{text}\nRuns:\n{sources}\n"
     )
     with (out_dir / "report.csv").open("w", newline="") as fh:
         writer = csv.DictWriter(
@@ -366,7 +369,10 @@ def report(
 
 
 def plot_rows(run: Run) -> list[dict[str, Any]]:
-    """The run's rows with its accuracy (test, or the clients' own for a run without a global model) as ``test_accuracy``."""
+    """The run's rows with its accuracy as ``test_accuracy``.
+
+    The accuracy is the test accuracy, or the clients' own for a run without a global model.
+    """
     if run.accuracy_key == "test_accuracy":
         return run.rows
     return [{**row, "test_accuracy": row.get(run.accuracy_key)} for row in run.rows]
@@ -393,7 +399,8 @@ def cli(argv: Sequence[str] | None = None) -> int:
         "--reference",
         nargs="+",
         default=(),
-        help="runs whose mean final accuracy is the target of a 'rounds to target' column (e.g. a mode=centralized run)",
+        help="runs whose mean final accuracy is the target of a 'rounds to target' column "
+        "(e.g. a mode=centralized run)",
     )
     parser.add_argument(
         "--fraction",

@@ -261,7 +261,8 @@ def main(dcfg: DictConfig) -> float | None:
             return [
                 *lines,
                 (
-                    f"a {'centralised' if cfg.mode == 'centralized' else 'local-only'} run cannot be resumed; its metrics so far are in {run_dir}",
+                    f"a {'centralised' if cfg.mode == 'centralized' else 'local-only'} run cannot be resumed; its "
+                    f"metrics so far are in {run_dir}",
                     run_log,
                 ),
             ]

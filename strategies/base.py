@@ -72,7 +72,8 @@ class LoRAStrategy(FedAvg):
             raise ValueError("the initial adapter holds no trainable tensors")
         if not pairs and self.peft_methods is not None and "lora" in self.peft_methods:
             raise ValueError(
-                f"strategy {self.name!r} works on LoRA factors and the initial adapter has none (no '.lora_A.weight' keys)"
+                f"strategy {self.name!r} works on LoRA factors and the initial adapter has none "
+                "(no '.lora_A.weight' keys)"
             )
         self.adapter: State = {k: v.detach().clone() for k, v in initial_adapter.items()}
         # Ranks exist only where there are LoRA factors; other peft methods have none.
@@ -288,7 +289,10 @@ class LoRAStrategy(FedAvg):
     # ------------------------------------------------------------------ Flower plumbing
     @classmethod
     def check_config(cls, cfg: Config) -> None:
-        """Refuse, before anything starts, a :class:`fedpeft.config.schema.Config` this rule cannot run (default: any)."""
+        """Refuse, before anything starts, a :class:`fedpeft.config.schema.Config` this rule cannot run.
+
+        The default refuses none.
+        """
 
     @classmethod
     def from_config(cls, cfg: Config, initial_adapter: State) -> LoRAStrategy:
@@ -313,7 +317,10 @@ class LoRAStrategy(FedAvg):
         return self.nodes[node_id].partition_id
 
     def check_reply(self, msg: Message, server_round: int) -> ClientUpdate:
-        """Turn a reply into a :class:`ClientUpdate`, or raise :class:`RejectedUpdate` saying why (:func:`fedpeft.strategies.validation.check_reply`)."""
+        """Turn a reply into a :class:`ClientUpdate`, or raise :class:`RejectedUpdate` saying why.
+
+        The checks are :func:`fedpeft.strategies.validation.check_reply`.
+        """
         node_id = msg.metadata.src_node_id
         node = self.nodes.get(node_id)
         plan = self.sent.get(node_id)

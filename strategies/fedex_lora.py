@@ -90,7 +90,10 @@ def fedex_pair(
 # ---------------------------------------------------------------------------------- the strategy
 @dataclass
 class FedExLoRAConfig(StrategyConfig):
-    """FedEx-LoRA has no options of its own (its scaling is the model's ``lora.alpha / lora.r``; ranks must be equal)."""
+    """FedEx-LoRA has no options of its own.
+
+    Its scaling is the model's ``lora.alpha / lora.r``; ranks must be equal.
+    """
 
     name: str = "fedex_lora"
 

@@ -90,7 +90,8 @@ class FedSVD(LoRAStrategy):
         narrow = sorted({pair.module for pair in pairs if self.adapter[pair.a_key].shape[1] < self.max_rank})
         if narrow:
             raise ValueError(
-                f"fedsvd needs rank <= d_in of every adapted layer (r orthonormal rows of A); rank {self.max_rank} is too large for {narrow[:3]}"
+                f"fedsvd needs rank <= d_in of every adapted layer (r orthonormal rows of A); rank {self.max_rank} is "
+                f"too large for {narrow[:3]}"
             )
         self.a_seed = self.seed + 7919  # every client regenerates round 1's A from it
         self.adapter.update(seeded_tensors(self.adapter, [p.a_key for p in pairs], seed=self.a_seed))

@@ -124,7 +124,8 @@ class HetLoRA(LoRAStrategy):
         super().__init__(initial_adapter, **kwargs)
         if self.max_rank is None:
             raise ValueError(
-                "hetlora weights clients by their LoRA update and the adapter has none; use fedavg for other peft methods"
+                "hetlora weights clients by their LoRA update and the adapter has none; "
+                "use fedavg for other peft methods"
             )
         self.scaling = scaling
         self.prune = prune
@@ -181,11 +182,13 @@ class HetLoRA(LoRAStrategy):
             raise ValueError(f"strategy.prune_*: {err}") from None
         if cfg.client.dp.enabled:
             raise ValueError(
-                "strategy.prune_decay (rank self-pruning) with client.dp: the tail-norm penalty is not a per-sample loss, so DP-SGD cannot clip it; turn one off"
+                "strategy.prune_decay (rank self-pruning) with client.dp: the tail-norm penalty is not a per-sample "
+                "loss, so DP-SGD cannot clip it; turn one off"
             )
         if cfg.compression.name != "none":
             raise ValueError(
-                f"strategy.prune_decay (rank self-pruning) with compression={cfg.compression.name}: a pruned reply's update has no start of its rank to be compressed against; turn one off"
+                f"strategy.prune_decay (rank self-pruning) with compression={cfg.compression.name}: a pruned reply's "
+                "update has no start of its rank to be compressed against; turn one off"
             )
 
     @classmethod

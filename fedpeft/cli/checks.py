@@ -21,10 +21,11 @@ import importlib.util
 import math
 import os
 from dataclasses import fields
+from typing import cast
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, PretrainedConfig
 
 from fedpeft.clients.dp import MODES as DP_MODES
 from fedpeft.clients.job import dp_noise  # the clients' own calibration, so the check cannot drift from it
@@ -69,7 +70,8 @@ def check_config(cfg: Config) -> None:
     check_dp_settings(cfg.client.dp, peft=cfg.model.peft)
     if cfg.mode in ("centralized", "local") and cfg.client.dp.enabled:
         raise ConfigError(
-            f"client.dp.enabled: DP-SGD runs in the federated clients; mode={cfg.mode} trains without it (drop client=dp)"
+            f"client.dp.enabled: DP-SGD runs in the federated clients; mode={cfg.mode} trains without it "
+            "(drop client=dp)"
         )
     if cfg.model.max_length < 1:
         raise ConfigError(f"model.max_length must be >= 1, got {cfg.model.max_length}")
@@ -83,7 +85,8 @@ def check_config(cfg: Config) -> None:
         raise ConfigError(f"logger must be one of {LOGGERS}, got {cfg.logger!r}")
     if cfg.logger == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
         raise ConfigError(
-            "logger=tensorboard needs the tensorboard package: pip install tensorboard (or pip install -e '.[tensorboard]')"
+            "logger=tensorboard needs the tensorboard package: pip install tensorboard (or pip install -e "
+            "'.[tensorboard]')"
         )
     if cfg.mode == "deploy":
         check_deploy_config(cfg)
@@ -96,7 +99,8 @@ def check_config(cfg: Config) -> None:
         ]
         if changed:
             raise ConfigError(
-                f"{' '.join(changed)} has no effect with mode={cfg.mode}: add mode=deploy to submit the run to a SuperLink"
+                f"{' '.join(changed)} has no effect with mode={cfg.mode}: add mode=deploy to submit "
+                "the run to a SuperLink"
             )
     check_model_config(cfg.model)
     rule = get_strategy(cfg.strategy.name)
@@ -105,7 +109,8 @@ def check_config(cfg: Config) -> None:
             name for name, r in STRATEGIES.items() if r.peft_methods is None or cfg.model.peft in r.peft_methods
         )
         raise ConfigError(
-            f"strategy={cfg.strategy.name} federates {'/'.join(rule.peft_methods)} adapters only, not model.peft={cfg.model.peft}; rules that accept it: {accepting}"
+            f"strategy={cfg.strategy.name} federates {'/'.join(rule.peft_methods)} adapters only, not "
+            f"model.peft={cfg.model.peft}; rules that accept it: {accepting}"
         )
     client_ranks(cfg)
     rule.check_config(cfg)
@@ -121,20 +126,24 @@ def check_config(cfg: Config) -> None:
             )
         if cfg.model.dtype != "float32":
             raise ConfigError(
-                f"model.autocast={cfg.model.autocast} with model.dtype={cfg.model.dtype}: autocast is mixed precision over a float32 base; a {cfg.model.dtype} base already computes in {cfg.model.dtype}"
+                f"model.autocast={cfg.model.autocast} with model.dtype={cfg.model.dtype}: autocast is mixed precision "
+                f"over a float32 base; a {cfg.model.dtype} base already computes in {cfg.model.dtype}"
             )
         if cfg.client.dp.enabled and cfg.client.dp.grad_sample_mode == "opacus":
             raise ConfigError(
-                f"model.autocast={cfg.model.autocast} with client.dp.grad_sample_mode=opacus: Opacus' hooks would compute the per-sample gradients in bf16; "
-                "use grad_sample_mode=lora or loop (per-sample gradients, clipping and noise in float32) or drop model.autocast"
+                f"model.autocast={cfg.model.autocast} with client.dp.grad_sample_mode=opacus: Opacus' hooks would "
+                "compute the per-sample gradients in bf16; use grad_sample_mode=lora or loop (per-sample gradients, "
+                "clipping and noise in float32) or drop model.autocast"
             )
     if cfg.model.dtype == "float16" and cfg.client.dp.enabled:
         raise ConfigError(
-            "model.dtype=float16 with client.dp: DP-SGD's per-sample gradients get no loss scaling and underflow in float16; use model.dtype=bfloat16"
+            "model.dtype=float16 with client.dp: DP-SGD's per-sample gradients get no loss scaling and underflow in "
+            "float16; use model.dtype=bfloat16"
         )
     if cfg.model.dtype == "float16" and cfg.mode == "simulation" and cfg.engine.name == "batched":
         raise ConfigError(
-            "model.dtype=float16 with engine=batched: the batched pass has no loss scaler; use model.dtype=bfloat16 or engine=ray"
+            "model.dtype=float16 with engine=batched: the batched pass has no loss scaler; use model.dtype=bfloat16 "
+            "or engine=ray"
         )
     check_quantized_base(
         cfg.model,
@@ -190,7 +199,8 @@ def check_dp_settings(dp: DPConfig, *, peft: str = "lora") -> None:
         raise ConfigError(f"client.dp.grad_sample_mode must be one of {DP_MODES}, got {dp.grad_sample_mode!r}")
     if peft != "lora" and dp.grad_sample_mode == "lora":
         raise ConfigError(
-            f"client.dp.grad_sample_mode=lora computes per-sample gradients of LoRA layers only; model.peft={peft} needs grad_sample_mode=loop"
+            f"client.dp.grad_sample_mode=lora computes per-sample gradients of LoRA layers only; model.peft={peft} "
+            "needs grad_sample_mode=loop"
         )
     if dp.accountant not in ACCOUNTANTS:
         raise ConfigError(f"client.dp.accountant must be one of {ACCOUNTANTS}, got {dp.accountant!r}")
@@ -236,7 +246,7 @@ def machine_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def positions(config) -> int | None:
+def positions(config: PretrainedConfig) -> int | None:
     """The longest input the model's position embeddings allow (None: no fixed limit)."""
     for key in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length"):
         value = getattr(config, key, None)
@@ -274,7 +284,8 @@ def check_model(cfg: Config, model: nn.Module | None = None) -> None:
     """Target modules, ranks and ``max_length`` against the model's architecture (``model``: a skeleton)."""
     model = skeleton(cfg) if model is None else model
     lora = cfg.model.lora
-    limit = positions(model.config) if hasattr(model, "config") else None
+    # torch types a module's attributes as Tensor | Module; a transformers model's .config is its PretrainedConfig
+    limit = positions(cast(PretrainedConfig, model.config)) if hasattr(model, "config") else None
     if limit is not None and cfg.model.max_length > limit:
         raise ConfigError(
             f"model.max_length={cfg.model.max_length} exceeds the {limit} positions of model {cfg.model.name_or_path!r}"
@@ -287,7 +298,8 @@ def check_model(cfg: Config, model: nn.Module | None = None) -> None:
         if unmatched:
             leaves = sorted({n.rsplit(".", 1)[-1] for n, m in named.items() if isinstance(m, nn.Linear)})
             raise ConfigError(
-                f"model.lora.target_modules {unmatched} match no module of {cfg.model.name_or_path!r}; its linear layers are named {leaves}"
+                f"model.lora.target_modules {unmatched} match no module of {cfg.model.name_or_path!r}; its linear "
+                f"layers are named {leaves}"
             )
     for target in lora.modules_to_save:
         if not any(matches(n, target) for n in named):
@@ -305,7 +317,8 @@ def check_model(cfg: Config, model: nn.Module | None = None) -> None:
         rank = max(r for r in client_ranks(cfg) if r is not None)
         if rank > widths[name]:
             raise ConfigError(
-                f"LoRA rank {rank} exceeds the smallest adapted dimension, {widths[name]} ({name} is {tuple(adapted[name].weight.shape)}); "
+                f"LoRA rank {rank} exceeds the smallest adapted dimension, {widths[name]} ({name} is "
+                f"{tuple(adapted[name].weight.shape)}); "
                 f"use ranks <= {widths[name]}"
             )
 

@@ -29,7 +29,10 @@ def header_lines(cfg: Config, run_dir: Path, *, data: Any = None, device: str | 
     if cfg.mode == "centralized":
         head = f"fedpeft: centralised LoRA reference (mode=centralized), {cfg.num_rounds} rounds, seed {cfg.seed}"
     elif cfg.mode == "local":
-        head = f"fedpeft: local-only bound (mode=local: each client trains alone), {cfg.num_rounds} rounds, seed {cfg.seed}"
+        head = (
+            f"fedpeft: local-only bound (mode=local: each client trains alone), {cfg.num_rounds} rounds, "
+            f"seed {cfg.seed}"
+        )
     else:
         head = f"fedpeft: {rule} (strategy={cfg.strategy.name}), {cfg.num_rounds} rounds, seed {cfg.seed}"
     lines = [head]
@@ -82,7 +85,8 @@ def header_lines(cfg: Config, run_dir: Path, *, data: Any = None, device: str | 
             else f"noise multiplier {dp.noise_multiplier:g}"
         )
         lines.append(
-            f"  DP      DP-SGD, {budget}, delta {dp.delta:g}, clip {dp.max_grad_norm:g} ({dp.grad_sample_mode} per-sample gradients)"
+            f"  DP      DP-SGD, {budget}, delta {dp.delta:g}, clip {dp.max_grad_norm:g} ({dp.grad_sample_mode} "
+            "per-sample gradients)"
         )
     else:
         lines.append("  DP      off")
@@ -110,7 +114,8 @@ def summary_lines(
     """The end of a run: final and best accuracy, time, traffic, where everything is and how to load it."""
     if not rows:
         return [
-            f"done in {hms(seconds)}; no rounds recorded here (a deployed run writes its results on the SuperLink's machine)"
+            f"done in {hms(seconds)}; no rounds recorded here (a deployed run writes its results "
+            "on the SuperLink's machine)"
         ]
     last = rows[-1]
     scored = [r for r in rows if r.get("test_accuracy") is not None]
@@ -118,7 +123,10 @@ def summary_lines(
     accuracy = f"final accuracy {pct(last.get('test_accuracy'))}"
     if best is not None:
         accuracy += f", best {pct(best['test_accuracy'])} (round {best['round']})"
-    traffic = f"{last.get('cumulative_bytes_up', 0) / 1e6:.2f} MB up, {last.get('cumulative_bytes_down', 0) / 1e6:.2f} MB down"
+    traffic = (
+        f"{last.get('cumulative_bytes_up', 0) / 1e6:.2f} MB up, "
+        f"{last.get('cumulative_bytes_down', 0) / 1e6:.2f} MB down"
+    )
     lines = [f"done: {len(rows)} rounds in {hms(seconds)}; {accuracy}; {traffic}"]
     lines.append(f"  metrics {run_dir / 'metrics.csv'} (per round), metrics.jsonl (and per client)")
     for name in ("final_adapter", "final_model"):

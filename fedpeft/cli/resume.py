@@ -29,4 +29,7 @@ def resume_advice(run_dir: Path, overrides: list[str]) -> str:
     done = checkpoint_round(run_dir)
     if done == 0:
         return f"no round finished, so there is nothing to resume (the config and run.log are in {run_dir})"
-    return f"round {done} is the last complete one (checkpointed in {run_dir}); continue with: {resume_command(run_dir, overrides)}"
+    return (
+        f"round {done} is the last complete one (checkpointed in {run_dir}); "
+        f"continue with: {resume_command(run_dir, overrides)}"
+    )

@@ -20,7 +20,7 @@ import logging
 import os
 import random
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +65,7 @@ class BatchedGrid(Grid):
 
     # --- the Grid interface
     @property
-    def run(self):
+    def run(self) -> Run:
         raise NotImplementedError("BatchedGrid has no Flower run object: fedpeft's server loop does not need one")
 
     def set_run(self, run: Run) -> None:
@@ -140,7 +140,7 @@ class BatchedGrid(Grid):
         return replies  # type: ignore[return-value]
 
     @staticmethod
-    def _guard(msg: Message, make) -> Message:
+    def _guard(msg: Message, make: Callable[[], Message]) -> Message:
         try:
             return make()
         except Exception as err:  # noqa: BLE001
@@ -160,7 +160,8 @@ def check_batched(cfg: Config) -> None:
         )
     if cfg.faults.crash_prob > 0 or cfg.faults.hang_prob > 0:
         raise ValueError(
-            "engine=batched runs the clients in the server process: faults.crash_prob / faults.hang_prob would kill or stall the server; use engine=ray"
+            "engine=batched runs the clients in the server process: faults.crash_prob / faults.hang_prob would kill "
+            "or stall the server; use engine=ray"
         )
     if cfg.ray.address:
         raise ValueError("ray.address is for engine=ray; engine=batched runs in the server process")

@@ -1,4 +1,5 @@
-"""The server's checkpoint: the complete server state after a round (``checkpoint.pt``), which ``resume=`` continues from.
+"""The server's checkpoint: the complete server state after a round (``checkpoint.pt``), which ``resume=``
+continues from.
 
 A resumed run ends exactly as an uninterrupted one would; its config must be the checkpoint's, or
 differ in ``num_rounds`` alone (:func:`check_extension`).
@@ -35,7 +36,8 @@ def load_checkpoint(run_dir: Path, cfg: Config) -> dict[str, Any]:
     path = run_dir / CHECKPOINT
     if not path.exists():
         raise RunError(
-            f"resume={str(run_dir)!r}: no {CHECKPOINT} there (the run finished no round, or this is not a run directory)"
+            f"resume={str(run_dir)!r}: no {CHECKPOINT} there (the run finished no round, or this "
+            "is not a run directory)"
         )
     state = torch.load(path, map_location="cpu", weights_only=False)  # our own file, written above
     saved, wanted = state["config"], config_json(cfg)
@@ -58,7 +60,8 @@ def check_extension(run_dir: Path, cfg: Config, *, planned: int) -> None:
     dp = cfg.client.dp
     if cfg.num_rounds > planned and dp.enabled and dp.noise_multiplier is None:
         raise RunError(
-            f"resume={str(run_dir)!r} with num_rounds={cfg.num_rounds}: its DP noise was calibrated to reach ε={dp.target_epsilon} "
-            f"over {planned} rounds, so more rounds would exceed that budget; start a new run with num_rounds={cfg.num_rounds}, "
+            f"resume={str(run_dir)!r} with num_rounds={cfg.num_rounds}: its DP noise was calibrated to reach "
+            f"ε={dp.target_epsilon} over {planned} rounds, so more rounds would exceed that budget; start a new run "
+            f"with num_rounds={cfg.num_rounds}, "
             f"or resume it with num_rounds={planned}"
         )

@@ -31,6 +31,7 @@ from fedpeft.server.export import save_final
 from fedpeft.server.rows import eval_fields, round_row
 from fedpeft.server.transport import exchange, handshake
 from fedpeft.strategies import LoRAStrategy, get_strategy
+from fedpeft.strategies.types import RoundReport
 from fedpeft.strategies.validation import short_reason
 
 log = logging.getLogger("fedpeft")
@@ -87,7 +88,8 @@ def run_federated(cfg: Config, grid: Grid, run_dir: Path) -> list[dict[str, Any]
                 )
                 continue
             raise RunError(
-                f"round {server_round}: {len(report.clients)} accepted updates, fewer than min_clients={max(cfg.min_clients, 1)}; "
+                f"round {server_round}: {len(report.clients)} accepted updates, fewer than "
+                f"min_clients={max(cfg.min_clients, 1)}; "
                 f"reasons: {reasons[:3]}"  # fedpeft.run says how to resume, if a round finished
             )
         evaluate_now = evaluates(cfg, server_round)
@@ -130,7 +132,9 @@ def evaluate_round(strategy: LoRAStrategy, grid: Grid, server_round: int, *, tim
         strategy.aggregate_evaluate(server_round, [reply for _, reply in exchange(grid, messages, timeout=timeout)])
 
 
-def train_round(strategy: LoRAStrategy, grid: Grid, server_round: int, *, attempt: int = 0, timeout: float):
+def train_round(
+    strategy: LoRAStrategy, grid: Grid, server_round: int, *, attempt: int = 0, timeout: float
+) -> RoundReport:
     """Send one round's train messages, collect what comes back in time, aggregate; returns the report."""
     strategy.reports.pop(server_round, None)  # a retried round starts a fresh report
     messages = list(

@@ -80,5 +80,8 @@ def round_row(
 
 
 def eval_fields(result: EvalResult) -> dict[str, float]:
-    """The test-split fields of a row, for a round scored after its row was built (the last round of a communication budget)."""
+    """The test-split fields of a row, for a round scored after its row was built.
+
+    That is the last round of a communication budget.
+    """
     return {"test_accuracy": result.accuracy, "test_loss": result.loss}

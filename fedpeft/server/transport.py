@@ -1,4 +1,7 @@
-"""Messages between the server and its nodes over a Flower ``Grid``: one exchange, and the handshake that opens a run."""
+"""Messages between the server and its nodes over a Flower ``Grid``.
+
+One exchange, and the handshake that opens a run.
+"""
 
 from __future__ import annotations
 

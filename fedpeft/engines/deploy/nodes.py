@@ -64,7 +64,8 @@ def check_node_config(node_config: dict[str, Any]) -> None:
             raise NodeConfigError(f"data-path {str(path)!r} is an empty folder (expected <label>/<doc>.txt files)")
     if "state-dir" not in node_config:
         raise NodeConfigError(
-            "no state-dir (the node's disk state: base updates of a rule that moves the base, kept tensors, the DP ledger, its data cache)"
+            "no state-dir (the node's disk state: base updates of a rule that moves the base, kept tensors, the DP "
+            "ledger, its data cache)"
         )
     state = Path(str(node_config["state-dir"])).expanduser()
     if not state.is_dir():

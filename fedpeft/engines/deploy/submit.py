@@ -95,7 +95,8 @@ def check_deploy_config(cfg: Config) -> None:
     if not dep.insecure:
         if not dep.root_certificates:
             raise ValueError(
-                "mode=deploy uses TLS: set deploy.root_certificates=<CA certificate> (or deploy.insecure=true on a trusted network)"
+                "mode=deploy uses TLS: set deploy.root_certificates=<CA certificate> (or deploy.insecure=true on a "
+                "trusted network)"
             )
         if not Path(dep.root_certificates).expanduser().is_file():
             raise ValueError(f"deploy.root_certificates: no such file {dep.root_certificates!r}")
@@ -207,7 +208,8 @@ def wait_for_run(cfg: Config, proc: subprocess.Popen, run_dir: Path, results_dir
             ended = ended or time.monotonic()
             if time.monotonic() - ended > 60:
                 raise DeployError(
-                    f"the run ended without finishing its rounds (see {run_dir / 'flwr-run.log'}): {tail(run_dir / 'flwr-run.log')}"
+                    f"the run ended without finishing its rounds (see {run_dir / 'flwr-run.log'}): "
+                    f"{tail(run_dir / 'flwr-run.log')}"
                 )
         if time.monotonic() > deadline:
             raise DeployError(f"the deployed run did not finish within deploy.timeout={cfg.deploy.timeout} s")
@@ -238,7 +240,10 @@ def stop_submitted(run_dir: Path, *, timeout: float = 30.0) -> str:
         reason = ((done.stdout + done.stderr).strip().splitlines()[-1:] or [f"exit {done.returncode}"])[0]
     if stopped:
         return f"the deployed run {run_id} was stopped on the SuperLink"
-    return f"could not stop the deployed run {run_id} ({reason}); stop it with: FLWR_HOME={run_dir / 'flwr-home'} flwr stop {run_id} fedpeft"
+    return (
+        f"could not stop the deployed run {run_id} ({reason}); "
+        f"stop it with: FLWR_HOME={run_dir / 'flwr-home'} flwr stop {run_id} fedpeft"
+    )
 
 
 def tail(path: Path, lines: int = 15) -> str:
